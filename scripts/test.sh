@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up .venv (CPU build of torch where there is no GPU, then tinkerd[dev]) and run the tests.
+# Extra arguments go to pytest. TORCH_INDEX_URL, if set, is where pip looks for torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  # torch is installed on its own first: left to a dependency resolver, a bare `torch`
+  # requirement pulls a multi-GB CUDA build even on a machine with no GPU.
+  "${pip[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
+fi
+"${pip[@]}" -e '.[dev]'
+exec .venv/bin/python -m pytest "$@"

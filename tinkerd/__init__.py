@@ -1,0 +1,21 @@
+"""tinkerd: a self-hosted, Tinker-compatible LoRA fine-tuning service and SDK."""
+
+from tinkerd import types
+from tinkerd.client import APIFuture, ServiceClient, TrainingClient
+from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
+from tinkerd.types import (
+    AdamParams,
+    Datum,
+    EncodedTextChunk,
+    ForwardBackwardOutput,
+    ModelInput,
+    TensorData,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIFuture", "AdamParams", "Datum", "EncodedTextChunk", "ForwardBackwardOutput",
+    "InvalidRequestError", "ModelInput", "NotFoundError", "ServiceClient", "TensorData",
+    "TinkerdError", "TrainingClient", "types",
+]

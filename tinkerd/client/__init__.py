@@ -1,0 +1,5 @@
+from tinkerd.client.futures import APIFuture
+from tinkerd.client.service_client import ServiceClient
+from tinkerd.client.training_client import TrainingClient
+
+__all__ = ["APIFuture", "ServiceClient", "TrainingClient"]

@@ -1,0 +1,74 @@
+"""ServiceClient: the entry point. With no base URL it runs the engine in-process."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tinkerd.client.futures import APIFuture
+from tinkerd.client.training_client import TrainingClient
+from tinkerd.client.transport import InProcessTransport, Transport
+from tinkerd.types import GetServerCapabilitiesResponse, LoraConfig
+
+
+class ServiceClient:
+    """Creates training clients.
+
+    `ServiceClient()` runs an embedded engine in this process (shared by every embedded
+    client, so a base model is loaded once). `ServiceClient(base_url=...)` (or the env
+    var `TINKERD_BASE_URL`) talks to a server over HTTP. A custom `transport` may be given.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        transport: Transport | None = None,
+        **_: Any,
+    ):
+        base_url = base_url or os.environ.get("TINKERD_BASE_URL")
+        if transport is not None:
+            self._transport = transport
+        elif base_url:
+            from tinkerd.client.http_transport import HttpTransport
+
+            self._transport = HttpTransport(base_url, api_key or os.environ.get("TINKER_API_KEY"))
+        else:
+            self._transport = InProcessTransport()
+
+    @property
+    def transport(self) -> Transport:
+        return self._transport
+
+    def get_server_capabilities(self) -> GetServerCapabilitiesResponse:
+        return self._transport.get_server_capabilities().result()
+
+    async def get_server_capabilities_async(self) -> GetServerCapabilitiesResponse:
+        return await APIFuture(self._transport.get_server_capabilities())
+
+    def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = True,
+        user_metadata: dict[str, str] | None = None,
+    ) -> TrainingClient:
+        """A new LoRA run on `base_model` (loaded once and shared with other runs)."""
+        lora = LoraConfig(
+            rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
+            train_unembed=train_unembed,
+        )
+        model_id = self._transport.create_model(base_model, lora).result()
+        return TrainingClient(self._transport, model_id, base_model, lora)
+
+    async def create_lora_training_client_async(self, *args: Any, **kwargs: Any) -> TrainingClient:
+        import asyncio
+
+        return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
+
+    def close(self) -> None:
+        self._transport.close()

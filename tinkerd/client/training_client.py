@@ -1,0 +1,152 @@
+"""TrainingClient: the Tinker training API on one LoRA run.
+
+Every request method returns an `APIFuture` at once and requests run in submission
+order, so a loop can queue `forward_backward` and `optim_step` before waiting on either.
+The `_async` twins do the same from async code (they return once the request is queued).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tinkerd.client.futures import APIFuture, failed
+from tinkerd.client.transport import Transport
+from tinkerd.errors import InvalidRequestError, ModelUnloadedError
+from tinkerd.types import (
+    AdamParams,
+    Datum,
+    EncodedTextChunk,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    LoraConfig,
+    ModelInput,
+    OptimStepResponse,
+    TensorData,
+    UnloadModelResponse,
+)
+
+
+def coerce_datum(item: Any) -> Datum:
+    """Accept our Datum, a dict, or any Datum-like object (e.g. the official SDK's)."""
+    if isinstance(item, Datum):
+        return item
+    if isinstance(item, Mapping):
+        return Datum.model_validate(item)
+    model_input = getattr(item, "model_input", None)
+    inputs = getattr(item, "loss_fn_inputs", None)
+    if model_input is None or inputs is None:
+        raise InvalidRequestError(f"expected a Datum, got {type(item).__name__}")
+    chunks = [EncodedTextChunk(tokens=list(c.tokens)) for c in model_input.chunks]
+    converted = {
+        k: v if isinstance(v, TensorData) else (v.to_numpy() if hasattr(v, "to_numpy") else v)
+        for k, v in inputs.items()
+    }
+    return Datum(model_input=ModelInput(chunks=chunks), loss_fn_inputs=converted)
+
+
+def coerce_data(data: Sequence[Any]) -> list[Datum]:
+    if isinstance(data, (Datum, str, bytes)) or not isinstance(data, Sequence):
+        raise InvalidRequestError("data must be a list of Datum")
+    return [coerce_datum(d) for d in data]
+
+
+class TrainingClient:
+    def __init__(self, transport: Transport, model_id: str, base_model: str, lora: LoraConfig):
+        self._transport = transport
+        self.model_id = model_id
+        self.base_model = base_model
+        self.lora_config = lora
+        self._unloaded = False
+        self._tokenizer = None
+        self._tokenizer_lock = threading.Lock()
+
+    def _submit(self, method: str, *args: Any) -> APIFuture[Any]:
+        if self._unloaded:
+            return failed(ModelUnloadedError(f"model {self.model_id!r} was unloaded"))
+        try:
+            return APIFuture(getattr(self._transport, method)(self.model_id, *args))
+        except InvalidRequestError as e:
+            return failed(e)
+
+    def _submit_loss(
+        self, method: str, data: Sequence[Any], loss_fn: str,
+        loss_fn_config: Mapping[str, float] | None,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        try:
+            data = coerce_data(data)
+        except (ValueError, TypeError) as e:  # pydantic's ValidationError is a ValueError
+            return failed(InvalidRequestError(str(e)))
+        return self._submit(method, data, loss_fn, loss_fn_config)
+
+    # ---------------------------------------------------------------- training
+
+    def forward(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, float] | None = None,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Per-token `logprobs` `[seq_len]` and the loss (`loss:sum`), with no gradient."""
+        return self._submit_loss("forward", data, loss_fn, loss_fn_config)
+
+    def forward_backward(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, float] | None = None,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Like `forward`, and adds the gradient of the summed loss to the run's gradient
+        (gradients accumulate across calls until `optim_step`)."""
+        return self._submit_loss("forward_backward", data, loss_fn, loss_fn_config)
+
+    def optim_step(
+        self, optim_params: AdamParams | None = None, *, adam_params: AdamParams | None = None
+    ) -> APIFuture[OptimStepResponse]:
+        """One Adam step on the accumulated gradient; metrics carry the pre-clip `grad_norm`."""
+        if optim_params is not None and adam_params is not None:
+            return failed(InvalidRequestError("pass optim_params or adam_params, not both"))
+        params = optim_params or adam_params or AdamParams()
+        return self._submit("optim_step", params)
+
+    def unload_model(self) -> APIFuture[UnloadModelResponse]:
+        """Free this run's adapter and optimizer state on the engine; later calls fail."""
+        future = self._submit("unload_model")
+        self._unloaded = True
+        return future
+
+    async def forward_async(self, *args: Any, **kwargs: Any) -> APIFuture[ForwardBackwardOutput]:
+        return self.forward(*args, **kwargs)
+
+    async def forward_backward_async(
+        self, *args: Any, **kwargs: Any
+    ) -> APIFuture[ForwardBackwardOutput]:
+        return self.forward_backward(*args, **kwargs)
+
+    async def optim_step_async(self, *args: Any, **kwargs: Any) -> APIFuture[OptimStepResponse]:
+        return self.optim_step(*args, **kwargs)
+
+    async def unload_model_async(self) -> APIFuture[UnloadModelResponse]:
+        return self.unload_model()
+
+    # ---------------------------------------------------------------- info
+
+    def get_info(self) -> GetInfoResponse:
+        return self._submit("get_info").result()
+
+    async def get_info_async(self) -> GetInfoResponse:
+        return await self._submit("get_info")
+
+    def get_tokenizer(self) -> Any:
+        """The base model's Hugging Face tokenizer (loaded once per client)."""
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                self._tokenizer = self._transport.get_tokenizer(self.base_model)
+            return self._tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.get_tokenizer().encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, tokens: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.get_tokenizer().decode(list(tokens), skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,123 @@
+"""Transports: how a client's requests reach an engine.
+
+Every request method returns a `concurrent.futures.Future` at once; the clients wrap it
+in an `APIFuture`. `InProcessTransport` queues work on an engine in this process; the
+HTTP transport speaks Tinker's wire protocol to a `tinkerd serve` (or any Tinker) server.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Protocol
+
+from tinkerd.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    GetServerCapabilitiesResponse,
+    LoraConfig,
+    OptimStepResponse,
+    UnloadModelResponse,
+)
+
+
+class Transport(Protocol):
+    def get_server_capabilities(self) -> Future[GetServerCapabilitiesResponse]: ...
+
+    def create_model(self, base_model: str, lora_config: LoraConfig) -> Future[str]: ...
+
+    def get_info(self, model_id: str) -> Future[GetInfoResponse]: ...
+
+    def forward(
+        self, model_id: str, data: list[Datum], loss_fn: str,
+        loss_fn_config: Mapping[str, float] | None,
+    ) -> Future[ForwardBackwardOutput]: ...
+
+    def forward_backward(
+        self, model_id: str, data: list[Datum], loss_fn: str,
+        loss_fn_config: Mapping[str, float] | None,
+    ) -> Future[ForwardBackwardOutput]: ...
+
+    def optim_step(self, model_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]: ...
+
+    def unload_model(self, model_id: str) -> Future[UnloadModelResponse]: ...
+
+    def get_tokenizer(self, base_model: str) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+_default_engine = None
+_default_lock = threading.Lock()
+
+
+def default_engine():
+    """The process-wide embedded engine: every in-process client shares its base models."""
+    global _default_engine
+    with _default_lock:
+        if _default_engine is None:
+            from tinkerd.engine.trainer import Engine
+
+            _default_engine = Engine()
+        return _default_engine
+
+
+class InProcessTransport:
+    """Runs requests on an engine in this process, through the same FIFO scheduler the
+    server uses: one lane per base model, so a client's requests run in order."""
+
+    def __init__(self, engine=None, cache_dir: Path | None = None):
+        from tinkerd.engine.trainer import Engine
+        from tinkerd.server.scheduler import Scheduler
+
+        self.engine = engine or (Engine(cache_dir=cache_dir) if cache_dir else default_engine())
+        self.scheduler = Scheduler()
+        self._lanes: dict[str, str] = {}
+
+    def _lane(self, model_id: str) -> str:
+        return self._lanes.get(model_id, "default")
+
+    def get_server_capabilities(self) -> Future[GetServerCapabilitiesResponse]:
+        return self.scheduler.submit("control", self.engine.get_server_capabilities)
+
+    def create_model(self, base_model: str, lora_config: LoraConfig) -> Future[str]:
+        def create() -> str:
+            model_id = self.engine.create_model(base_model, lora_config)
+            self._lanes[model_id] = base_model  # before the caller can see the id
+            return model_id
+
+        return self.scheduler.submit(base_model, create)
+
+    def get_info(self, model_id: str) -> Future[GetInfoResponse]:
+        return self.scheduler.submit(self._lane(model_id), self.engine.get_info, model_id)
+
+    def forward(self, model_id, data, loss_fn, loss_fn_config) -> Future[ForwardBackwardOutput]:
+        return self.scheduler.submit(
+            self._lane(model_id), self.engine.forward, model_id, data, loss_fn, loss_fn_config
+        )
+
+    def forward_backward(
+        self, model_id, data, loss_fn, loss_fn_config
+    ) -> Future[ForwardBackwardOutput]:
+        return self.scheduler.submit(
+            self._lane(model_id), self.engine.forward_backward, model_id, data, loss_fn,
+            loss_fn_config,
+        )
+
+    def optim_step(self, model_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]:
+        return self.scheduler.submit(
+            self._lane(model_id), self.engine.optim_step, model_id, adam_params
+        )
+
+    def unload_model(self, model_id: str) -> Future[UnloadModelResponse]:
+        return self.scheduler.submit(self._lane(model_id), self.engine.unload_model, model_id)
+
+    def get_tokenizer(self, base_model: str) -> Any:
+        return self.engine.base_model(base_model).tokenizer
+
+    def close(self) -> None:
+        self.scheduler.shutdown(wait=True)

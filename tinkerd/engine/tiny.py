@@ -1,0 +1,106 @@
+"""The built-in model `tinkerd/tiny`: a small Llama with a byte-level tokenizer.
+
+It is made from a fixed seed on first use and saved in Hugging Face format, then loaded
+through the same `from_pretrained` path as any real model. No download is involved, so
+everything in tinkerd runs on a laptop CPU with nothing but pip packages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+TINY_MODEL_NAME = "tinkerd/tiny"
+TINY_VERSION = 1  # bump when the recipe below changes, so caches are rebuilt
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+NUM_BYTES = 256
+VOCAB_SIZE = 320  # 256 bytes + 3 specials, rounded up to a multiple of 64
+
+TINY_CONFIG = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    bos_token_id=NUM_BYTES,
+    eos_token_id=NUM_BYTES + 1,
+    pad_token_id=NUM_BYTES + 2,
+)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("TINKERD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tinkerd"
+    )
+    return Path(root)
+
+
+def tiny_model_dir(cache_dir: Path | None = None) -> Path:
+    """Directory holding `tinkerd/tiny`, created (atomically) if it is not there yet."""
+    target = (cache_dir or default_cache_dir()) / f"tiny-v{TINY_VERSION}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    _write_tiny_model(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race; its copy is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def build_tokenizer():
+    """A byte-level fast tokenizer: token id == byte value, plus bos/eos/pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: b for b, ch in _byte_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([BOS, EOS, PAD])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        model_max_length=TINY_CONFIG["max_position_embeddings"],
+    )
+
+
+def _write_tiny_model(out: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**TINY_CONFIG)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
+    (out / "tinkerd.json").write_text(json.dumps({"name": TINY_MODEL_NAME, "version": TINY_VERSION}))

@@ -1,0 +1,270 @@
+"""Wire types, with the names and fields of the official `tinker` SDK.
+
+Every type here serialises to the same JSON as its namesake in the SDK, so a request
+built by either client parses on the tinkerd server and vice versa. Conventions:
+- token sequences are `[seq_len]`; a datum's `loss_fn_inputs` tensors are aligned with
+  its `model_input` (position i predicts target i);
+- losses are summed over tokens and data, never averaged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TensorDtype = Literal["int64", "float32"]
+LossFnType = Literal[
+    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "custom"
+]
+ModelID = str
+
+
+class StrictBase(BaseModel):
+    """Request-side base: unknown fields are an error, as in the SDK."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ResponseBase(BaseModel):
+    """Response-side base: tolerate fields a newer server may add."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+# ---------------------------------------------------------------- tensors
+
+_NUMPY_DTYPE = {"int64": np.int64, "float32": np.float32}
+_TORCH_DTYPE = {"int64": torch.int64, "float32": torch.float32}
+
+# Dtype of a plain Python list given for a known loss_fn_inputs key (as in the SDK).
+_KEY_DTYPE: dict[str, TensorDtype] = {
+    "target_tokens": "int64",
+    "weights": "float32",
+    "advantages": "float32",
+    "logprobs": "float32",
+    "clip_low_threshold": "float32",
+    "clip_high_threshold": "float32",
+}
+
+
+def _dtype_of(kind_is_float: bool) -> TensorDtype:
+    return "float32" if kind_is_float else "int64"
+
+
+class TensorData(StrictBase):
+    """A dense (or CSR-sparse 2-D) tensor as flat numbers plus a shape."""
+
+    data: Union[list[int], list[float]]
+    """Flattened values, row-major. For a sparse tensor: only the stored values."""
+    dtype: TensorDtype
+    shape: list[int] | None = None
+    """Dense shape; None means 1-D of len(data)."""
+    sparse_crow_indices: list[int] | None = None
+    """CSR row pointers (nrows + 1) when sparse; unlisted entries take `pad_value`."""
+    sparse_col_indices: list[int] | None = None
+    """CSR column index of each stored value when sparse."""
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray) -> TensorData:
+        if array.dtype.kind not in "fiub":
+            raise ValueError(f"unsupported numpy dtype {array.dtype}")
+        return cls(
+            data=array.reshape(-1).tolist(),
+            dtype=_dtype_of(array.dtype.kind == "f"),
+            shape=list(array.shape),
+        )
+
+    @classmethod
+    def from_torch(cls, tensor: torch.Tensor) -> TensorData:
+        tensor = tensor.detach().cpu()
+        if tensor.dtype == torch.bfloat16 or tensor.dtype == torch.float16:
+            tensor = tensor.float()
+        return cls(
+            data=tensor.reshape(-1).tolist(),
+            dtype=_dtype_of(tensor.is_floating_point()),
+            shape=list(tensor.shape),
+        )
+
+    def to_torch(self, pad_value: int = 0) -> torch.Tensor:
+        dtype = _TORCH_DTYPE[self.dtype]
+        if self.sparse_crow_indices is not None:
+            if self.sparse_col_indices is None or self.shape is None or len(self.shape) != 2:
+                raise ValueError("sparse TensorData needs sparse_col_indices and a 2-D shape")
+            dense = torch.full(self.shape, pad_value, dtype=dtype)
+            crow = torch.tensor(self.sparse_crow_indices, dtype=torch.int64)
+            rows = torch.repeat_interleave(torch.arange(self.shape[0]), crow.diff())
+            cols = torch.tensor(self.sparse_col_indices, dtype=torch.int64)
+            dense[rows, cols] = torch.tensor(self.data, dtype=dtype)
+            return dense
+        tensor = torch.tensor(self.data, dtype=dtype)
+        return tensor.reshape(self.shape) if self.shape is not None else tensor
+
+    def to_numpy(self, pad_value: int = 0) -> np.ndarray:
+        if self.sparse_crow_indices is not None:
+            return self.to_torch(pad_value).numpy()
+        array = np.asarray(self.data, dtype=_NUMPY_DTYPE[self.dtype])
+        return array.reshape(self.shape) if self.shape is not None else array
+
+    def tolist(self, pad_value: int = 0) -> list[Any]:
+        return self.to_numpy(pad_value).tolist()
+
+
+def to_tensor_data(key: str, value: Any) -> TensorData:
+    """Coerce what a user may put in `loss_fn_inputs` (TensorData, numpy, torch, list)."""
+    if isinstance(value, TensorData):
+        return value
+    if isinstance(value, torch.Tensor):
+        return TensorData.from_torch(value)
+    if isinstance(value, np.ndarray):
+        return TensorData.from_numpy(value)
+    if isinstance(value, dict):
+        return TensorData.model_validate(value)
+    if isinstance(value, (list, tuple)):
+        try:
+            array = np.asarray(value)
+        except ValueError as e:
+            raise ValueError(f"loss_fn_inputs[{key!r}] must be a rectangular array") from e
+        if array.dtype.kind not in "fiub" and array.size:
+            raise ValueError(f"loss_fn_inputs[{key!r}] must be numeric, got {array.dtype}")
+        dtype = _KEY_DTYPE.get(key) or _dtype_of(array.dtype.kind == "f")
+        return TensorData.from_numpy(array.astype(_NUMPY_DTYPE[dtype]))
+    raise TypeError(f"loss_fn_inputs[{key!r}]: unsupported type {type(value).__name__}")
+
+
+# ---------------------------------------------------------------- model input
+
+
+class EncodedTextChunk(StrictBase):
+    tokens: list[int]
+    """Token ids, `[n]`."""
+    type: Literal["encoded_text"] = "encoded_text"
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+ModelInputChunk = EncodedTextChunk
+
+
+class ModelInput(StrictBase):
+    """The tokens a model reads, as a list of chunks (all chunks are read, in order)."""
+
+    chunks: list[ModelInputChunk]
+
+    @classmethod
+    def from_ints(cls, tokens: list[int]) -> ModelInput:
+        return cls(chunks=[EncodedTextChunk(tokens=list(tokens))])
+
+    @classmethod
+    def empty(cls) -> ModelInput:
+        return cls(chunks=[])
+
+    def to_ints(self) -> list[int]:
+        return [t for chunk in self.chunks for t in chunk.tokens]
+
+    @property
+    def length(self) -> int:
+        return sum(chunk.length for chunk in self.chunks)
+
+    def append(self, chunk: ModelInputChunk) -> ModelInput:
+        return ModelInput(chunks=[*self.chunks, chunk])
+
+    def append_int(self, token: int) -> ModelInput:
+        return self.append(EncodedTextChunk(tokens=[token]))
+
+
+class Datum(StrictBase):
+    """One training sequence: its input tokens and the per-token tensors its loss needs."""
+
+    model_input: ModelInput
+    loss_fn_inputs: dict[str, TensorData] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coerce_loss_fn_inputs(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(values.get("loss_fn_inputs"), dict):
+            values = dict(values)
+            values["loss_fn_inputs"] = {
+                k: to_tensor_data(k, v) for k, v in values["loss_fn_inputs"].items()
+            }
+        return values
+
+
+# ---------------------------------------------------------------- training
+
+
+class LoraConfig(StrictBase):
+    rank: int = 32
+    seed: int | None = None
+    """Seed of the adapter's initial weights; None draws one at random."""
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+LossFnOutput = dict[str, TensorData]
+
+
+class ForwardBackwardOutput(ResponseBase):
+    loss_fn_output_type: str
+    loss_fn_outputs: list[LossFnOutput]
+    """Per datum, in input order: `logprobs` `[seq_len]` and `elementwise_loss` `[seq_len]`."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """E.g. `loss:sum` (summed over every token of every datum)."""
+
+
+class AdamParams(StrictBase):
+    """One Adam step, exactly torch.optim.AdamW (decoupled weight decay)."""
+
+    learning_rate: float = 0.0001
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+class OptimStepResponse(ResponseBase):
+    metrics: dict[str, float] | None = None
+    """`grad_norm` (global L2 norm before clipping), `learning_rate`, `step`."""
+
+
+class ModelData(ResponseBase):
+    arch: str | None = None
+    model_name: str | None = None
+    tokenizer_id: str | None = None
+
+
+class AdamOptimizerConfig(ResponseBase):
+    type: Literal["adamw"] = "adamw"
+
+
+class GetInfoResponse(ResponseBase):
+    type: Literal["get_info"] | None = None
+    model_data: ModelData
+    model_id: ModelID
+    optimizer_config: AdamOptimizerConfig = Field(default_factory=AdamOptimizerConfig)
+    is_lora: bool | None = None
+    lora_rank: int | None = None
+    model_name: str | None = None
+
+
+class UnloadModelResponse(ResponseBase):
+    model_id: ModelID
+    type: Literal["unload_model"] | None = None
+
+
+class SupportedModel(ResponseBase):
+    model_name: str | None = None
+    max_context_length: int | None = None
+    trainable: bool | None = None
+    sampleable: bool | None = None
+
+
+class GetServerCapabilitiesResponse(ResponseBase):
+    supported_models: list[SupportedModel]
