@@ -15,7 +15,17 @@ from tinkerd.types import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "APIFuture", "AdamParams", "Datum", "EncodedTextChunk", "ForwardBackwardOutput",
-    "InvalidRequestError", "ModelInput", "NotFoundError", "ServiceClient", "TensorData",
-    "TinkerdError", "TrainingClient", "types",
+    "APIFuture",
+    "AdamParams",
+    "Datum",
+    "EncodedTextChunk",
+    "ForwardBackwardOutput",
+    "InvalidRequestError",
+    "ModelInput",
+    "NotFoundError",
+    "ServiceClient",
+    "TensorData",
+    "TinkerdError",
+    "TrainingClient",
+    "types",
 ]

@@ -90,9 +90,7 @@ LOSSES: dict[str, LossSpec] = {
 
 def get_loss(name: str) -> LossSpec:
     if name not in LOSSES:
-        raise InvalidRequestError(
-            f"unknown loss_fn {name!r}; built-in losses are {sorted(LOSSES)}"
-        )
+        raise InvalidRequestError(f"unknown loss_fn {name!r}; built-in losses are {sorted(LOSSES)}")
     return LOSSES[name]
 
 

@@ -9,16 +9,14 @@ built by either client parses on the tinkerd server and vice versa. Conventions:
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TensorDtype = Literal["int64", "float32"]
-LossFnType = Literal[
-    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "custom"
-]
+LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "custom"]
 ModelID = str
 
 
@@ -57,7 +55,7 @@ def _dtype_of(kind_is_float: bool) -> TensorDtype:
 class TensorData(StrictBase):
     """A dense (or CSR-sparse 2-D) tensor as flat numbers plus a shape."""
 
-    data: Union[list[int], list[float]]
+    data: list[int] | list[float]
     """Flattened values, row-major. For a sparse tensor: only the stored values."""
     dtype: TensorDtype
     shape: list[int] | None = None

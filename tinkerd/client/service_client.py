@@ -59,7 +59,10 @@ class ServiceClient:
     ) -> TrainingClient:
         """A new LoRA run on `base_model` (loaded once and shared with other runs)."""
         lora = LoraConfig(
-            rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
+            rank=rank,
+            seed=seed,
+            train_mlp=train_mlp,
+            train_attn=train_attn,
             train_unembed=train_unembed,
         )
         model_id = self._transport.create_model(base_model, lora).result()

@@ -71,7 +71,10 @@ class TrainingClient:
             return failed(e)
 
     def _submit_loss(
-        self, method: str, data: Sequence[Any], loss_fn: str,
+        self,
+        method: str,
+        data: Sequence[Any],
+        loss_fn: str,
         loss_fn_config: Mapping[str, float] | None,
     ) -> APIFuture[ForwardBackwardOutput]:
         try:

@@ -33,12 +33,18 @@ class Transport(Protocol):
     def get_info(self, model_id: str) -> Future[GetInfoResponse]: ...
 
     def forward(
-        self, model_id: str, data: list[Datum], loss_fn: str,
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str,
         loss_fn_config: Mapping[str, float] | None,
     ) -> Future[ForwardBackwardOutput]: ...
 
     def forward_backward(
-        self, model_id: str, data: list[Datum], loss_fn: str,
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str,
         loss_fn_config: Mapping[str, float] | None,
     ) -> Future[ForwardBackwardOutput]: ...
 
@@ -104,7 +110,11 @@ class InProcessTransport:
         self, model_id, data, loss_fn, loss_fn_config
     ) -> Future[ForwardBackwardOutput]:
         return self.scheduler.submit(
-            self._lane(model_id), self.engine.forward_backward, model_id, data, loss_fn,
+            self._lane(model_id),
+            self.engine.forward_backward,
+            model_id,
+            data,
+            loss_fn,
             loss_fn_config,
         )
 

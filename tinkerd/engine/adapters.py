@@ -35,9 +35,7 @@ class Run:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """This run's LoRA weights by parameter name (detached views)."""
         tag = f".{self.model_id}."
-        return {
-            n: p.detach() for n, p in self.base.peft_model.named_parameters() if tag in n
-        }
+        return {n: p.detach() for n, p in self.base.peft_model.named_parameters() if tag in n}
 
 
 def validate_lora_config(lora: LoraConfig) -> None:
@@ -61,7 +59,10 @@ def create_run(base: BaseModel, model_id: str, lora: LoraConfig) -> Run:
     if not targets:
         raise InvalidRequestError(f"{base.name} has no Linear modules for these train_* flags")
     config = PeftLoraConfig(
-        r=lora.rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
+        r=lora.rank,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=0.0,
+        bias="none",
         target_modules=targets,
     )
     seed = lora.seed if lora.seed is not None else secrets.randbits(63)
@@ -89,6 +90,8 @@ def delete_run(run: Run) -> None:
             p.grad = None
         base.adapters.discard(run.model_id)
         base.peft_model.delete_adapter(run.model_id)
+        if base.adapters:  # keep PEFT's notion of the active adapter pointing at a live one
+            base.peft_model.set_adapter(next(iter(base.adapters)))
 
 
 def validate_adam_params(adam: AdamParams) -> None:
@@ -126,7 +129,9 @@ def adam_step(run: Run, adam: AdamParams) -> dict[str, float]:
         )
     for group in run.optimizer.param_groups:
         group.update(
-            lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
+            lr=adam.learning_rate,
+            betas=(adam.beta1, adam.beta2),
+            eps=adam.eps,
             weight_decay=adam.weight_decay,
         )
     run.optimizer.step()

@@ -54,13 +54,16 @@ def collate(
             raise _fail(i, f"model_input has {n} tokens; this model's limit is {max_len}")
         if min(tokens) < 0 or max(tokens) >= vocab_size:
             bad = next(t for t in tokens if not 0 <= t < vocab_size)
-            raise _fail(i, f"model_input token id {bad} is outside the vocabulary [0, {vocab_size})")
+            raise _fail(
+                i, f"model_input token id {bad} is outside the vocabulary [0, {vocab_size})"
+            )
         given = set(datum.loss_fn_inputs)
         if missing := ({"target_tokens", *loss.required} - given):
             raise _fail(i, f"{loss_name} needs loss_fn_inputs {sorted(missing)}")
         if unknown := (given - allowed):
             raise _fail(
-                i, f"loss_fn_inputs {sorted(unknown)} not used by {loss_name} "
+                i,
+                f"loss_fn_inputs {sorted(unknown)} not used by {loss_name} "
                 f"(accepted: {sorted(allowed)})",
             )
         target = _tensor(datum, i, "target_tokens", "int64")
@@ -84,7 +87,8 @@ def collate(
             value = _tensor(datum, i, key, "float32")
             if value.shape != target.shape:
                 raise _fail(
-                    i, f"loss_fn_inputs[{key!r}] has shape {list(value.shape)}, "
+                    i,
+                    f"loss_fn_inputs[{key!r}] has shape {list(value.shape)}, "
                     f"target_tokens has {list(target.shape)}",
                 )
             if not torch.isfinite(value).all():
@@ -105,7 +109,10 @@ def collate(
         input_ids[row, : len(tokens)] = torch.tensor(tokens)
     mask = torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]
     return Batch(
-        input_ids=input_ids, mask=mask, lengths=lengths, targets=torch.cat(targets),
+        input_ids=input_ids,
+        mask=mask,
+        lengths=lengths,
+        targets=torch.cat(targets),
         inputs={k: torch.cat(v) for k, v in inputs.items()},
     )
 

@@ -21,12 +21,35 @@ from tinkerd.engine.tiny import TINY_MODEL_NAME, tiny_model_dir
 # Module names by role, across common architectures (Llama/Qwen/Mistral, GPT-2, NeoX,
 # Phi, OPT/Falcon). Matching is on the last component of the module's dotted name.
 ATTENTION_MODULES = {
-    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query_key_value",
-    "Wqkv", "out_proj", "dense", "query", "key", "value",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "c_attn",
+    "query_key_value",
+    "Wqkv",
+    "out_proj",
+    "dense",
+    "query",
+    "key",
+    "value",
 }
 MLP_MODULES = {
-    "gate_proj", "up_proj", "down_proj", "gate_up_proj", "c_fc", "fc1", "fc2", "w1", "w2",
-    "w3", "dense_h_to_4h", "dense_4h_to_h", "fc_in", "fc_out",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "gate_up_proj",
+    "c_fc",
+    "fc1",
+    "fc2",
+    "w1",
+    "w2",
+    "w3",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+    "fc_in",
+    "fc_out",
 }
 
 
@@ -111,7 +134,10 @@ def load_base_model(
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return BaseModel(
-        name=name, path=Path(path), model=model, tokenizer=tokenizer,
+        name=name,
+        path=Path(path),
+        model=model,
+        tokenizer=tokenizer,
         linear_roles=classify_linears(model),
     )
 

@@ -89,7 +89,10 @@ def build_tokenizer():
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([BOS, EOS, PAD])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
         model_max_length=TINY_CONFIG["max_position_embeddings"],
     )
 
@@ -103,4 +106,6 @@ def _write_tiny_model(out: Path) -> None:
         model = LlamaForCausalLM(config)
     model.save_pretrained(out)
     build_tokenizer().save_pretrained(out)
-    (out / "tinkerd.json").write_text(json.dumps({"name": TINY_MODEL_NAME, "version": TINY_VERSION}))
+    (out / "tinkerd.json").write_text(
+        json.dumps({"name": TINY_MODEL_NAME, "version": TINY_VERSION})
+    )

@@ -180,13 +180,12 @@ def _output(
     batch: Batch, logprobs: Tensor, elementwise: Tensor, loss: float
 ) -> ForwardBackwardOutput:
     outputs = []
-    for lp, el in zip(
-        logprobs.cpu().split(batch.lengths), elementwise.cpu().split(batch.lengths)
-    ):
+    for lp, el in zip(logprobs.cpu().split(batch.lengths), elementwise.cpu().split(batch.lengths)):
         outputs.append(
             {"logprobs": TensorData.from_torch(lp), "elementwise_loss": TensorData.from_torch(el)}
         )
     return ForwardBackwardOutput(
-        loss_fn_output_type="TorchLossReturn", loss_fn_outputs=outputs,
+        loss_fn_output_type="TorchLossReturn",
+        loss_fn_outputs=outputs,
         metrics={"loss:sum": loss},
     )
