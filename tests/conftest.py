@@ -39,3 +39,74 @@ def batch() -> list[Datum]:
         make_datum([256, *b"abc"], [0.0, 1.0, 1.0]),
         make_datum([256, *b"tinkerd trains lora"]),
     ]
+
+
+# ---------------------------------------------------------------- a real server on loopback
+
+KEYS = ("tml-alice-key", "tml-bob-key")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`tinkerd serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, data_dir, *extra: str):
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [
+            sys.executable,
+            "-m",
+            "tinkerd.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(data_dir),
+            "--poll-timeout",
+            "2",
+            *extra,
+        ]
+        for key in KEYS:
+            args += ["--api-key", key]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read().decode()}")
+            try:
+                if httpx.get(f"{self.url}/api/v1/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("server did not start")
+
+    def stop(self, kill: bool = False) -> None:
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    proc = ServerProcess(tmp_path_factory.mktemp("server-data"))
+    yield proc
+    proc.stop()

@@ -5,7 +5,7 @@ import math
 import threading
 
 import pytest
-from conftest import TINY, make_datum
+from conftest import KEYS, TINY, make_datum
 
 from tinkerd import AdamParams, Datum, ModelInput, ServiceClient, TensorData
 from tinkerd.client.transport import InProcessTransport
@@ -14,9 +14,12 @@ from tinkerd.errors import InvalidRequestError, ModelUnloadedError
 ADAM = AdamParams(learning_rate=3e-3)
 
 
-@pytest.fixture(params=["embedded"])
+@pytest.fixture(params=["embedded", "http"])
 def service(request, engine):
-    client = ServiceClient(transport=InProcessTransport(engine=engine))
+    if request.param == "embedded":
+        client = ServiceClient(transport=InProcessTransport(engine=engine))
+    else:
+        client = ServiceClient(base_url=request.getfixturevalue("server").url, api_key=KEYS[0])
     yield client
     client.close()
 
@@ -297,3 +300,11 @@ def test_tokenizer_encode_decode(service):
     assert tokens == list(text.encode())  # byte-level: one token per UTF-8 byte
     assert client.decode(tokens) == text
     assert client.get_tokenizer().eos_token_id == 257
+
+
+def test_both_transports_give_the_same_losses(engine, server, batch):
+    embedded = ServiceClient(transport=InProcessTransport(engine=engine))
+    http = ServiceClient(base_url=server.url, api_key=KEYS[0])
+    expected = train(new_run(embedded, seed=41), batch, 3)
+    assert train(new_run(http, seed=41), batch, 3) == pytest.approx(expected, rel=1e-5)
+    http.close()

@@ -1,4 +1,4 @@
-"""Command line: `tinkerd demo` (and, as they land, serve / runs / checkpoints)."""
+"""Command line: `tinkerd demo`, `tinkerd serve`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,47 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if after.loss_per_token < before.loss_per_token else 1
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import ipaddress
+    import os
+    from pathlib import Path
+
+    import uvicorn
+
+    from tinkerd.engine.tiny import TINY_MODEL_NAME
+    from tinkerd.engine.trainer import Engine
+    from tinkerd.server.app import Server, create_app
+
+    keys = list(args.api_key or [])
+    keys += [k.strip() for k in os.environ.get("TINKERD_API_KEYS", "").split(",") if k.strip()]
+    try:
+        loopback = args.host in LOOPBACK or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not keys and not loopback:
+        print(
+            f"refusing to serve on {args.host} without an API key: pass --api-key or set "
+            "TINKERD_API_KEYS (with no key, tinkerd only binds to loopback)",
+            file=sys.stderr,
+        )
+        return 2
+    models = [TINY_MODEL_NAME, *(args.model or [])]
+    engine = Engine(extra_models=args.model)
+    server = Server(
+        engine, Path(args.data_dir).expanduser(), keys, models, poll_timeout=args.poll_timeout
+    )
+    print(
+        f"tinkerd serving {models} on http://{args.host}:{args.port} "
+        f"({len(keys)} API key(s); data in {server.store.path})",
+        flush=True,
+    )
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinkerd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
+
+    serve = sub.add_parser("serve", help="serve the Tinker wire protocol over HTTP")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data-dir", default="~/.tinkerd", help="SQLite store and checkpoints")
+    serve.add_argument(
+        "--api-key", action="append", help="accepted API key (repeatable; also TINKERD_API_KEYS)"
+    )
+    serve.add_argument(
+        "--model", action="append", help="also serve this base model (HF hub id or local dir)"
+    )
+    serve.add_argument(
+        "--poll-timeout",
+        type=float,
+        default=25.0,
+        help="seconds retrieve_future waits for a result before answering try_again",
+    )
+    serve.add_argument("--log-level", default="warning")
+    serve.set_defaults(func=_serve)
     return parser
 
 

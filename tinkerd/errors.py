@@ -31,3 +31,30 @@ class ModelUnloadedError(InvalidRequestError):
     """The training client's model was unloaded; it takes no more requests."""
 
     status_code = 409
+
+
+class AuthenticationError(TinkerdError):
+    """No API key, or one the server does not know."""
+
+    status_code = 401
+    category = "user"
+
+
+class RequestFailedError(TinkerdError):
+    """A queued request failed on the server for a reason of the server's own."""
+
+    status_code = 500
+    category = "server"
+
+
+def error_for_status(status: int, message: str) -> TinkerdError:
+    """The tinkerd error a client raises for an HTTP error status."""
+    by_status = {
+        400: InvalidRequestError,
+        401: AuthenticationError,
+        403: AuthenticationError,
+        404: NotFoundError,
+        409: ModelUnloadedError,
+        422: InvalidRequestError,
+    }
+    return by_status.get(status, RequestFailedError)(message)

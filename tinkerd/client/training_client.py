@@ -135,6 +135,11 @@ class TrainingClient:
 
     # ---------------------------------------------------------------- info
 
+    def result(self, timeout: float | None = None) -> TrainingClient:
+        """This client. Code written for the official SDK, whose
+        `create_lora_training_client` returns a future, can call `.result()` unchanged."""
+        return self
+
     def get_info(self) -> GetInfoResponse:
         return self._submit("get_info").result()
 
@@ -145,7 +150,7 @@ class TrainingClient:
         """The base model's Hugging Face tokenizer (loaded once per client)."""
         with self._tokenizer_lock:
             if self._tokenizer is None:
-                self._tokenizer = self._transport.get_tokenizer(self.base_model)
+                self._tokenizer = self._transport.get_tokenizer(self.model_id, self.base_model)
             return self._tokenizer
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:

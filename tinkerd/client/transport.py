@@ -52,7 +52,7 @@ class Transport(Protocol):
 
     def unload_model(self, model_id: str) -> Future[UnloadModelResponse]: ...
 
-    def get_tokenizer(self, base_model: str) -> Any: ...
+    def get_tokenizer(self, model_id: str, base_model: str) -> Any: ...
 
     def close(self) -> None: ...
 
@@ -126,7 +126,7 @@ class InProcessTransport:
     def unload_model(self, model_id: str) -> Future[UnloadModelResponse]:
         return self.scheduler.submit(self._lane(model_id), self.engine.unload_model, model_id)
 
-    def get_tokenizer(self, base_model: str) -> Any:
+    def get_tokenizer(self, model_id: str, base_model: str) -> Any:
         return self.engine.base_model(base_model).tokenizer
 
     def close(self) -> None:

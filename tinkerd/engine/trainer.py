@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -120,7 +121,7 @@ class Engine:
         loss_fn_config: Mapping[str, float] | None = None,
     ) -> ForwardBackwardOutput:
         """Loss and per-token logprobs, with no gradient."""
-        return self._run_loss(model_id, data, loss_fn, loss_fn_config, backward=False)
+        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), False)
 
     def forward_backward(
         self,
@@ -130,40 +131,57 @@ class Engine:
         loss_fn_config: Mapping[str, float] | None = None,
     ) -> ForwardBackwardOutput:
         """Loss, logprobs, and the loss's gradient added to the run's accumulated one."""
-        return self._run_loss(model_id, data, loss_fn, loss_fn_config, backward=True)
+        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), True)
 
     def optim_step(self, model_id: str, adam_params: AdamParams) -> OptimStepResponse:
         run = self.run(model_id)
         with run.base.lock:
             return OptimStepResponse(metrics=adam_step(run, adam_params))
 
-    def _run_loss(
+    def prepare(
         self,
         model_id: str,
         data: list[Datum],
         loss_fn: str,
         loss_fn_config: Mapping[str, float] | None,
-        backward: bool,
-    ) -> ForwardBackwardOutput:
+    ) -> LossRequest:
+        """Validate a loss request completely (no model compute): callers such as the HTTP
+        server use this to reject bad input before queueing it."""
         run = self.run(model_id)
         spec = losses.get_loss(loss_fn)
         config = losses.resolve_config(loss_fn, loss_fn_config)
         base = run.base
         batch = collate(data, spec, loss_fn, base.vocab_size, base.max_context_length)
+        return LossRequest(model_id, loss_fn, spec, config, batch)
+
+    def run_loss(self, request: LossRequest, backward: bool) -> ForwardBackwardOutput:
+        run = self.run(request.model_id)  # may have been unloaded while queued
+        base, batch = run.base, request.batch
         with base.lock, torch.set_grad_enabled(backward):
             run.activate()
             logprobs = token_logprobs(base.peft_model, batch, base.device)
             inputs = {k: v.to(logprobs.device) for k, v in batch.inputs.items()}
-            elementwise = spec.fn(logprobs, inputs, config)
+            elementwise = request.spec.fn(logprobs, inputs, request.config)
             loss = elementwise.sum()
             if not torch.isfinite(loss):
                 raise InvalidRequestError(
-                    f"{loss_fn} loss is {loss.item()}; no gradient was applied "
+                    f"{request.loss_fn} loss is {loss.item()}; no gradient was applied "
                     "(check advantages and sampling logprobs)"
                 )
             if backward:
                 loss.backward()
         return _output(batch, logprobs.detach(), elementwise.detach(), loss.item())
+
+
+@dataclass
+class LossRequest:
+    """A validated forward / forward_backward request, ready to run."""
+
+    model_id: str
+    loss_fn: str
+    spec: losses.LossSpec
+    config: dict[str, float]
+    batch: Batch
 
 
 def token_logprobs(model: torch.nn.Module, batch: Batch, device: torch.device) -> Tensor:

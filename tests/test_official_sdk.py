@@ -1,0 +1,273 @@
+"""The official `tinker` SDK, unmodified, against `tinkerd serve` on loopback."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import tinker
+import torch
+from conftest import KEYS, TINY, ServerProcess
+from tinker import types
+
+from tinkerd import wire_proto
+from tinkerd.types import AdamParams, Datum, ModelInput
+
+ADAM = types.AdamParams(learning_rate=3e-3)
+
+
+def sdk_datum(text: bytes, weights=None) -> types.Datum:
+    tokens = [256, *text]
+    n = len(tokens) - 1
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights or [1.0] * n},
+    )
+
+
+@pytest.fixture
+def sdk(server):
+    client = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
+    yield client
+    client.close("success").result()
+
+
+def new_run(sdk, seed=0):
+    return sdk.create_lora_training_client(base_model=TINY, rank=8, seed=seed).result()
+
+
+def post(server, path, key=KEYS[0], **kwargs):
+    return httpx.post(f"{server.url}/api/v1/{path}", headers={"X-API-Key": key}, **kwargs)
+
+
+def test_sdk_trains_and_the_loss_falls(sdk):
+    client = new_run(sdk)
+    data = [sdk_datum(b"hello tinkerd"), sdk_datum(b"official sdk")]
+    losses = []
+    for _ in range(10):
+        fwd_bwd = client.forward_backward(data, "cross_entropy")
+        optim = client.optim_step(ADAM)
+        losses.append(fwd_bwd.result().metrics["loss:sum"])
+        assert optim.result().metrics["grad_norm"] > 0
+    assert losses[-1] < 0.4 * losses[0], losses
+    out = client.forward(data, "cross_entropy").result()
+    assert len(out.loss_fn_outputs) == 2
+    assert len(out.loss_fn_outputs[0]["logprobs"].tolist()) == 13
+
+
+def test_sdk_async_api_pipelines(sdk):
+    data = [sdk_datum(b"async pipelining")]
+
+    async def main():
+        client = await sdk.create_lora_training_client_async(base_model=TINY, rank=8, seed=1)
+        futures = []
+        for _ in range(3):  # queue everything, then wait
+            futures.append(await client.forward_backward_async(data, "cross_entropy"))
+            futures.append(await client.optim_step_async(ADAM))
+        results = [await f for f in futures]
+        return [r.metrics["loss:sum"] for r in results[::2]], results[-1].metrics["step"]
+
+    losses, steps = asyncio.run(main())
+    assert steps == 3.0
+    assert losses[2] < losses[1] < losses[0]
+
+
+def test_sdk_forward_backward_custom_gives_the_built_in_gradient(sdk):
+    """A custom loss sum(-w * logprobs) run by the SDK's two-phase protocol moves the model
+    exactly like the built-in cross_entropy with weights w."""
+    weights = [1.0, -0.5, 2.0, 0.0, 0.25, 1.5, -1.0, 0.75, 1.0]
+    data = [sdk_datum(b"custom is", weights)]
+    custom_weights = torch.tensor(weights)
+
+    def loss_fn(batch, logprobs_list):
+        loss = sum((-custom_weights * lp).sum() for lp in logprobs_list)
+        return loss, {"custom_metric:sum": 1.0}
+
+    custom, builtin = new_run(sdk, seed=5), new_run(sdk, seed=5)
+    custom_out = custom.forward_backward_custom(data, loss_fn).result()
+    builtin_out = builtin.forward_backward(data, "cross_entropy").result()
+    assert custom_out.metrics["loss:sum"] == pytest.approx(builtin_out.metrics["loss:sum"], 1e-5)
+    norm_custom = custom.optim_step(ADAM).result().metrics["grad_norm"]
+    norm_builtin = builtin.optim_step(ADAM).result().metrics["grad_norm"]
+    assert norm_custom == pytest.approx(norm_builtin, rel=1e-5)
+    after_custom = custom.forward(data, "cross_entropy").result().loss_fn_outputs[0]
+    after_builtin = builtin.forward(data, "cross_entropy").result().loss_fn_outputs[0]
+    assert after_custom["logprobs"].tolist() == pytest.approx(
+        after_builtin["logprobs"].tolist(), abs=1e-5
+    )
+
+
+def test_sdk_get_tokenizer_works_offline(sdk):
+    tokenizer = new_run(sdk).get_tokenizer()
+    assert tokenizer.encode("tinkerd", add_special_tokens=False) == list(b"tinkerd")
+    assert tokenizer.decode(list("héllo".encode())) == "héllo"
+
+
+def test_sdk_sees_the_served_models(server):
+    rest = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0]).create_rest_client()
+    caps = rest.get_server_capabilities().result()
+    assert [m.model_name for m in caps.supported_models] == [TINY]
+
+
+def test_sdk_bad_tokens_fail_clearly_and_the_server_keeps_serving(sdk):
+    client = new_run(sdk)
+    bad = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2, 99999]),
+        loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]},
+    )
+    with pytest.raises(tinker.BadRequestError, match="outside the vocabulary"):
+        client.forward_backward([bad], "cross_entropy").result()
+    # The run (and its seq_id order) is intact: the next request runs normally.
+    out = client.forward_backward([sdk_datum(b"still fine")], "cross_entropy").result()
+    assert out.metrics["loss:sum"] > 0
+
+
+@pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        ("create_session", b"{not json", 422, "JSON"),
+        (
+            "create_model",
+            {
+                "session_id": "x",
+                "model_seq_id": 0,
+                "base_model": TINY,
+                "lora_config": {"rank": "big"},
+            },
+            422,
+            "lora_config.rank",
+        ),
+        ("optim_step", {"model_id": "session-nope:train:0", "seq_id": 1}, 404, "no training run"),
+        ("get_info", {"model_id": "nope"}, 404, "no training run"),
+        ("forward_backward", b"\x0a\x05hello\x99", 400, "ForwardBackwardRequest"),
+        ("retrieve_future", {"request_id": "req-unknown"}, 404, "no request"),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_message(server, path, body, status, message):
+    if isinstance(body, bytes):
+        content_type = (
+            "application/x-protobuf" if path == "forward_backward" else "application/json"
+        )
+        response = httpx.post(
+            f"{server.url}/api/v1/{path}",
+            content=body,
+            headers={"X-API-Key": KEYS[0], "Content-Type": content_type},
+        )
+    else:
+        response = post(server, path, json=body)
+    assert response.status_code == status
+    assert message in response.json()["detail"]
+    assert httpx.get(f"{server.url}/api/v1/healthz").status_code == 200
+
+
+def test_api_keys_are_required_and_runs_are_private(server, sdk):
+    assert post(server, "create_session", key="", json={}).status_code == 401
+    assert post(server, "create_session", key="tml-wrong", json={}).status_code == 401
+    alice = new_run(sdk)
+    model_id = alice.model_id
+    bob = {"key": KEYS[1]}
+    assert post(server, "get_info", json={"model_id": model_id}, **bob).status_code == 404
+    assert (
+        post(server, "optim_step", json={"model_id": model_id, "seq_id": 99}, **bob).status_code
+        == 404
+    )
+    request_id = post(server, "unload_model", json={"model_id": model_id}, **bob)
+    assert request_id.status_code == 404
+    listed = httpx.get(f"{server.url}/api/v1/training_runs", headers={"X-API-Key": KEYS[1]})
+    assert model_id not in json.dumps(listed.json())
+    mine = httpx.get(
+        f"{server.url}/api/v1/training_runs?limit=1000", headers={"X-API-Key": KEYS[0]}
+    )
+    assert model_id in [r["training_run_id"] for r in mine.json()["training_runs"]]
+    # Alice's future is invisible to Bob.
+    fb = post(server, "optim_step", json={"model_id": model_id, "seq_id": 1})
+    request_id = fb.json()["request_id"]
+    assert (
+        post(server, "retrieve_future", json={"request_id": request_id}, **bob).status_code == 404
+    )
+    assert post(server, "retrieve_future", json={"request_id": request_id}).status_code == 200
+
+
+def raw_session(server, key=KEYS[0]) -> str:
+    return post(server, "create_session", key=key, json={}).json()["session_id"]
+
+
+def raw_model(server, seq: int = 0) -> str:
+    session = raw_session(server)
+    body = {
+        "session_id": session,
+        "model_seq_id": seq,
+        "base_model": TINY,
+        "lora_config": {"rank": 4, "seed": 0},
+    }
+    request_id = post(server, "create_model", json=body).json()["request_id"]
+    result = post(server, "retrieve_future", json={"request_id": request_id}, timeout=60)
+    return result.json()["model_id"]
+
+
+def fwd_bwd_body(model_id: str, seq_id: int) -> bytes:
+    data = [
+        Datum(
+            model_input=ModelInput.from_ints([256, 1, 2]),
+            loss_fn_inputs={"target_tokens": [1, 2, 3], "weights": [1.0, 1.0, 1.0]},
+        )
+    ]
+    return wire_proto.encode_forward_backward_request(
+        model_id, seq_id, data, "cross_entropy", None, False
+    )
+
+
+def test_requests_run_in_seq_id_order_and_resends_are_deduplicated(server):
+    model_id = raw_model(server)
+    adam = AdamParams(learning_rate=1e-3).model_dump()
+    # seq 2 (optim_step) arrives before seq 1 (forward_backward) but must run after it.
+    step = post(
+        server, "optim_step", json={"model_id": model_id, "seq_id": 2, "adam_params": adam}
+    ).json()["request_id"]
+    fb = post(server, "forward_backward", content=fwd_bwd_body(model_id, 1)).json()["request_id"]
+    again = post(server, "forward_backward", content=fwd_bwd_body(model_id, 1)).json()
+    assert again["request_id"] == fb
+    result = post(server, "retrieve_future", json={"request_id": step}, timeout=60).json()
+    assert result["metrics"]["grad_norm"] > 0  # it saw the gradient of seq 1
+
+
+def test_pending_futures_answer_408_try_again(server):
+    model_id = raw_model(server)
+    # seq 5 waits for seqs 1-4, which never come: the poll answers try_again.
+    waiting = post(server, "optim_step", json={"model_id": model_id, "seq_id": 5}).json()
+    response = post(server, "retrieve_future", json={"request_id": waiting["request_id"]})
+    assert response.status_code == 408
+    assert response.json()["type"] == "try_again" and response.json()["queue_state"] == "active"
+
+
+def test_finished_results_survive_reconnects_and_restarts(tmp_path):
+    first = ServerProcess(tmp_path)
+    try:
+        model_id = raw_model(first)
+        request_id = post(first, "optim_step", json={"model_id": model_id, "seq_id": 1}).json()[
+            "request_id"
+        ]
+        result = post(first, "retrieve_future", json={"request_id": request_id}, timeout=60)
+        assert result.status_code == 200
+    finally:
+        first.stop()
+    second = ServerProcess(tmp_path)
+    try:
+        again = post(second, "retrieve_future", json={"request_id": request_id})
+        assert again.status_code == 200 and again.content == result.content
+    finally:
+        second.stop()
+
+
+def test_serve_refuses_open_non_loopback_binding():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tinkerd.cli", "serve", "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "TINKERD_API_KEYS": ""},
+    )
+    assert result.returncode == 2 and "without an API key" in result.stderr

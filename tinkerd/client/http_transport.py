@@ -1,0 +1,238 @@
+"""HTTP transport: Tinker's wire protocol, as a `tinkerd serve` (or Tinker) server speaks it.
+
+A request is posted in the caller's thread, so requests reach the server in call order
+(and carry per-model `seq_id`s so the server runs them in that order regardless); its
+result is long-polled on a background thread and delivered through a Future.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import httpx
+
+from tinkerd import wire_proto
+from tinkerd.errors import InvalidRequestError, RequestFailedError, TinkerdError, error_for_status
+from tinkerd.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    GetServerCapabilitiesResponse,
+    LoraConfig,
+    OptimStepResponse,
+    UnloadModelResponse,
+)
+
+T = TypeVar("T")
+API = "/api/v1"
+PROTOBUF = "application/x-protobuf"
+HEARTBEAT_SECONDS = 10.0
+
+
+class HttpTransport:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0):
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self._pollers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="tinkerd-poll")
+        self._lock = threading.Lock()
+        self._session_id: str | None = None
+        self._model_seq = 0
+        self._seq: dict[str, int] = {}
+        self._closed = threading.Event()
+        self._tokenizers: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _post(self, path: str, payload: Any = None, content: bytes | None = None) -> httpx.Response:
+        if content is not None:
+            response = self._http.post(
+                API + path, content=content, headers={"Content-Type": PROTOBUF}
+            )
+        else:
+            response = self._http.post(API + path, json=payload or {})
+        _raise_for_status(response)
+        return response
+
+    def _session(self) -> str:
+        with self._lock:
+            if self._session_id is None:
+                self._post("/client/config", {"sdk_version": "tinkerd"})
+                body = self._post("/create_session", {"tags": [], "user_metadata": {}}).json()
+                self._session_id = body["session_id"]
+                threading.Thread(target=self._heartbeat, daemon=True).start()
+            return self._session_id
+
+    def _heartbeat(self) -> None:
+        while not self._closed.wait(HEARTBEAT_SECONDS):
+            # A missed beat is retried by the next; a dead server shows up in requests.
+            with contextlib.suppress(httpx.HTTPError, TinkerdError):
+                self._post("/session_heartbeat", {"session_id": self._session_id})
+
+    def _next_seq(self, model_id: str) -> int:
+        with self._lock:
+            self._seq[model_id] = self._seq.get(model_id, 0) + 1
+            return self._seq[model_id]
+
+    def _submit(
+        self,
+        path: str,
+        decode: Callable[[httpx.Response], T],
+        payload: Any = None,
+        content: bytes | None = None,
+    ) -> Future[T]:
+        """Post now (so the server sees calls in order), poll for the result in background."""
+        try:
+            request_id = self._post(path, payload, content).json()["request_id"]
+        except (TinkerdError, httpx.HTTPError) as e:
+            failed: Future[T] = Future()
+            failed.set_exception(e if isinstance(e, TinkerdError) else RequestFailedError(str(e)))
+            return failed
+        return self._pollers.submit(self._poll, request_id, decode)
+
+    def _poll(self, request_id: str, decode: Callable[[httpx.Response], T]) -> T:
+        backoff = 0.1
+        while True:
+            try:
+                response = self._http.post(
+                    API + "/retrieve_future", json={"request_id": request_id}, timeout=90.0
+                )
+            except httpx.TransportError:  # server restarting or network blip: retry
+                if self._closed.is_set():
+                    raise
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if response.status_code == 408:
+                continue  # still running; the server long-polls, so no sleep is needed
+            _raise_for_status(response)
+            if PROTOBUF not in response.headers.get("content-type", ""):
+                body = response.json()
+                if isinstance(body, dict) and "error" in body:
+                    category = body.get("category")
+                    cls = InvalidRequestError if category == "user" else RequestFailedError
+                    raise cls(body["error"])
+            return decode(response)
+
+    # ---------------------------------------------------------------- Transport
+
+    def get_server_capabilities(self) -> Future[GetServerCapabilitiesResponse]:
+        return self._pollers.submit(
+            lambda: GetServerCapabilitiesResponse.model_validate(
+                _raise_for_status(self._http.get(API + "/get_server_capabilities")).json()
+            )
+        )
+
+    def create_model(self, base_model: str, lora_config: LoraConfig) -> Future[str]:
+        session_id = self._session()
+        with self._lock:
+            model_seq_id, self._model_seq = self._model_seq, self._model_seq + 1
+        payload = {
+            "session_id": session_id,
+            "model_seq_id": model_seq_id,
+            "base_model": base_model,
+            "lora_config": lora_config.model_dump(exclude_none=True),
+            "type": "create_model",
+        }
+        return self._submit("/create_model", lambda r: r.json()["model_id"], payload)
+
+    def get_info(self, model_id: str) -> Future[GetInfoResponse]:
+        return self._pollers.submit(
+            lambda: GetInfoResponse.model_validate(
+                self._post("/get_info", {"model_id": model_id, "type": "get_info"}).json()
+            )
+        )
+
+    def _loss(self, model_id, data, loss_fn, loss_fn_config, forward_only):
+        body = wire_proto.encode_forward_backward_request(
+            model_id, self._next_seq(model_id), data, loss_fn, loss_fn_config, forward_only
+        )
+        return self._submit(
+            "/forward_backward",
+            lambda r: wire_proto.decode_forward_backward_output(r.content),
+            content=body,
+        )
+
+    def forward(
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, float] | None,
+    ) -> Future[ForwardBackwardOutput]:
+        return self._loss(model_id, data, loss_fn, loss_fn_config, forward_only=True)
+
+    def forward_backward(
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, float] | None,
+    ) -> Future[ForwardBackwardOutput]:
+        return self._loss(model_id, data, loss_fn, loss_fn_config, forward_only=False)
+
+    def optim_step(self, model_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]:
+        payload = {
+            "model_id": model_id,
+            "seq_id": self._next_seq(model_id),
+            "type": "optim_step",
+            "adam_params": adam_params.model_dump(),
+        }
+        return self._submit(
+            "/optim_step", lambda r: OptimStepResponse.model_validate(r.json()), payload
+        )
+
+    def unload_model(self, model_id: str) -> Future[UnloadModelResponse]:
+        payload = {"model_id": model_id, "type": "unload_model"}
+        return self._submit(
+            "/unload_model", lambda r: UnloadModelResponse.model_validate(r.json()), payload
+        )
+
+    def get_tokenizer(self, model_id: str, base_model: str) -> Any:
+        """The tokenizer the server names in get_info: a local directory when client and
+        server share a machine; `tinkerd/tiny`'s is rebuilt locally (it is deterministic);
+        otherwise a Hugging Face hub id."""
+        if base_model not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            from tinkerd.engine.tiny import TINY_MODEL_NAME, build_tokenizer
+
+            tokenizer_id = self.get_info(model_id).result().model_data.tokenizer_id
+            if tokenizer_id and os.path.isdir(tokenizer_id):
+                self._tokenizers[base_model] = AutoTokenizer.from_pretrained(tokenizer_id)
+            elif base_model == TINY_MODEL_NAME:
+                self._tokenizers[base_model] = build_tokenizer()
+            else:
+                self._tokenizers[base_model] = AutoTokenizer.from_pretrained(
+                    tokenizer_id or base_model
+                )
+        return self._tokenizers[base_model]
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._session_id is not None:
+            with contextlib.suppress(httpx.HTTPError, TinkerdError):
+                self._post(f"/sessions/{self._session_id}/finish", {"reason": {"type": "success"}})
+        self._pollers.shutdown(wait=False, cancel_futures=True)
+        self._http.close()
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, ValueError):
+        return response.text or response.reason_phrase
+    return str(body.get("detail", body)) if isinstance(body, dict) else str(body)
+
+
+def _raise_for_status(response: httpx.Response) -> httpx.Response:
+    if response.status_code >= 400:
+        raise error_for_status(response.status_code, _detail(response))
+    return response

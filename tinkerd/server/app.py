@@ -1,0 +1,350 @@
+"""The HTTP server: Tinker's wire protocol (see docs/wire-protocol.md) over the engine.
+
+Mutating calls answer `{"request_id"}` at once; `retrieve_future` long-polls for the
+result (HTTP 408 `try_again` while it runs). forward/forward_backward travel as
+protobuf, everything else as JSON. Every request needs an API key (`X-API-Key`), and a
+key sees only the sessions, runs and futures it created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from tinkerd import wire_proto
+from tinkerd.engine.adapters import validate_adam_params, validate_lora_config
+from tinkerd.engine.trainer import Engine
+from tinkerd.errors import AuthenticationError, InvalidRequestError, NotFoundError, TinkerdError
+from tinkerd.server.futures import PROTOBUF, FutureTable
+from tinkerd.server.scheduler import Scheduler
+from tinkerd.server.store import Store
+from tinkerd.types import AdamParams, LoraConfig
+
+API = "/api/v1"
+
+# What the official SDK reads from client/config: stay on plain HTTP/JSON where it can.
+CLIENT_CONFIG = {
+    "pjwt_auth_enabled": False,
+    "use_pyqwest_transport": False,
+    "proto_compress_fwdbwd": False,
+    "parallel_fwdbwd_chunks": False,
+    "sample_use_retrieve_futures": False,
+    "custom_loss_server_side": False,
+    "sample_join_sampling_session": False,
+}
+
+
+class Body(BaseModel):
+    """Request bodies: unknown fields (newer SDKs) are ignored."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class CreateSessionRequest(Body):
+    tags: list[str] = Field(default_factory=list)
+    user_metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class SessionRequest(Body):
+    session_id: str
+
+
+class CreateModelRequest(Body):
+    session_id: str
+    model_seq_id: int = Field(ge=0)
+    base_model: str
+    lora_config: LoraConfig
+    user_metadata: dict[str, Any] | None = None
+
+
+class ModelRequest(Body):
+    model_id: str
+
+
+class OptimStepRequest(Body):
+    model_id: str
+    seq_id: int | None = None
+    adam_params: AdamParams | None = None
+    optimizer_params: AdamParams | None = None
+
+
+class RetrieveFutureRequest(Body):
+    request_id: str
+
+
+def fingerprint(key: str) -> str:
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class Server:
+    """State behind the routes: engine, scheduler, futures, store, keys."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        data_dir: Path,
+        api_keys: list[str],
+        served_models: list[str],
+        poll_timeout: float = 25.0,
+    ):
+        self.engine = engine
+        self.store = Store(data_dir)
+        self.store.fail_unfinished("the server restarted before this request finished")
+        self.scheduler = Scheduler()
+        self.futures = FutureTable(self.store, self.scheduler)
+        self.api_keys = [k.encode() for k in api_keys]
+        self.served_models = served_models
+        self.poll_timeout = poll_timeout
+
+    def owner(self, request: Request) -> str:
+        """The caller's identity: a fingerprint of its API key (keys are never stored)."""
+        key = request.headers.get("x-api-key") or ""
+        if self.api_keys:
+            # Compare against every key in constant time: no early exit that leaks which.
+            matches = [hmac.compare_digest(key.encode(), k) for k in self.api_keys]
+            if not key or not any(matches):
+                raise AuthenticationError("missing or unknown API key (send it as X-API-Key)")
+        return fingerprint(key) if key else "anonymous"
+
+    def check_run(self, model_id: str, owner: str) -> None:
+        if self.store.run_owner(model_id) != owner:  # another key's run looks absent
+            raise NotFoundError(f"no training run {model_id!r}")
+
+    @contextlib.contextmanager
+    def releasing_seq_on_error(self, model_id: str, seq_id: int | None) -> Iterator[None]:
+        """A request rejected at the door still uses up its seq_id."""
+        try:
+            yield
+        except TinkerdError:
+            self.futures.release(model_id, seq_id)
+            raise
+
+    def submit(self, owner: str, kind: str, work: Callable[[], Any], **kw: Any) -> dict:
+        model_id = kw.get("model_id")
+        lane = self.engine.run(model_id).base.name if model_id else kw.pop("lane")
+        return {
+            "request_id": self.futures.submit(owner=owner, kind=kind, lane=lane, work=work, **kw),
+            "model_id": model_id,
+        }
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="tinkerd", version="0.1.0", docs_url="/docs")
+    app.state.server = server
+
+    @app.exception_handler(TinkerdError)
+    async def tinkerd_error(_: Request, e: TinkerdError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        return JSONResponse({"detail": "; ".join(lines)}, status_code=422)
+
+    def owner(request: Request) -> str:
+        return server.owner(request)
+
+    Owner = Depends(owner)
+
+    @app.get(f"{API}/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.post(f"{API}/client/config")
+    def client_config(_: str = Owner) -> dict:
+        return CLIENT_CONFIG
+
+    @app.post(f"{API}/client/dynamic_config")
+    def dynamic_config(_: str = Owner) -> dict:
+        return {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
+
+    @app.get(f"{API}/get_server_capabilities")
+    def capabilities(_: str = Owner) -> dict:
+        caps = server.engine.get_server_capabilities()
+        for model in caps.supported_models:
+            model.trainable = model.model_name in server.served_models
+        caps.supported_models = [m for m in caps.supported_models if m.trainable]
+        return caps.model_dump(exclude_none=True)
+
+    # ------------------------------------------------------------ sessions
+
+    @app.post(f"{API}/create_session")
+    def create_session(body: CreateSessionRequest, who: str = Owner) -> dict:
+        session_id = f"session-{uuid.uuid4().hex[:16]}"
+        server.store.add_session(session_id, who, body.tags, body.user_metadata)
+        return {"session_id": session_id, "type": "create_session"}
+
+    def own_session(session_id: str, who: str) -> None:
+        if server.store.session_owner(session_id) != who:
+            raise NotFoundError(f"no session {session_id!r}")
+
+    @app.post(f"{API}/session_heartbeat")
+    def heartbeat(body: SessionRequest, who: str = Owner) -> Response:
+        own_session(body.session_id, who)
+        if server.store.session_finished(body.session_id):
+            return JSONResponse({"detail": "session finished"}, status_code=410)
+        server.store.heartbeat(body.session_id)
+        return JSONResponse({"type": "session_heartbeat"})
+
+    @app.post(f"{API}/sessions/{{session_id}}/finish")
+    def finish_session(session_id: str, who: str = Owner) -> dict:
+        own_session(session_id, who)
+        server.store.finish_session(session_id)
+        return {}
+
+    @app.post(f"{API}/telemetry")
+    def telemetry(_: str = Owner) -> dict:
+        return {"status": "accepted"}  # accepted and dropped: tinkerd collects nothing
+
+    # ------------------------------------------------------------ training
+
+    @app.post(f"{API}/create_model")
+    def create_model(body: CreateModelRequest, who: str = Owner) -> dict:
+        own_session(body.session_id, who)
+        if body.base_model not in server.served_models:
+            raise InvalidRequestError(
+                f"base model {body.base_model!r} is not served here; "
+                f"available: {server.served_models}"
+            )
+        validate_lora_config(body.lora_config)
+        model_id = f"{body.session_id}:train:{body.model_seq_id}"
+        if server.store.run_owner(model_id) is not None:
+            raise InvalidRequestError(f"model {model_id!r} already exists")
+        server.store.add_run(
+            model_id,
+            who,
+            body.session_id,
+            body.base_model,
+            body.lora_config.model_dump(),
+            body.user_metadata or {},
+        )
+
+        def work() -> dict:
+            try:
+                server.engine.create_model(body.base_model, body.lora_config, model_id)
+            except Exception:
+                server.store.touch_run(model_id, status="failed")
+                raise
+            return {"model_id": model_id, "type": "create_model"}
+
+        return server.submit(who, "create_model", work, lane=body.base_model)
+
+    @app.post(f"{API}/get_info")
+    def get_info(body: ModelRequest, who: str = Owner) -> dict:
+        server.check_run(body.model_id, who)
+        info = server.engine.get_info(body.model_id)
+        # A directory path with a trailing slash: the SDK hands it to AutoTokenizer as is.
+        info.model_data.tokenizer_id = info.model_data.tokenizer_id.rstrip("/") + "/"
+        return info.model_dump(mode="json", exclude_none=True)
+
+    @app.post(f"{API}/forward_backward")
+    async def forward_backward(request: Request, who: str = Owner) -> dict:
+        raw = await request.body()
+        return await asyncio.to_thread(submit_forward_backward, raw, who)
+
+    def submit_forward_backward(raw: bytes, who: str) -> dict:
+        req = wire_proto.decode_forward_backward_request(raw)
+        server.check_run(req["model_id"], who)
+        with server.releasing_seq_on_error(req["model_id"], req["seq_id"]):
+            prepared = server.engine.prepare(
+                req["model_id"], req["data"], req["loss_fn"], req["loss_fn_config"]
+            )
+        backward = not req["forward_only"]
+        return server.submit(
+            who,
+            "forward" if req["forward_only"] else "forward_backward",
+            lambda: server.engine.run_loss(prepared, backward),
+            encode=lambda out: (PROTOBUF, wire_proto.encode_forward_backward_output(out)),
+            model_id=req["model_id"],
+            seq_id=req["seq_id"],
+        )
+
+    @app.post(f"{API}/optim_step")
+    def optim_step(body: OptimStepRequest, who: str = Owner) -> dict:
+        server.check_run(body.model_id, who)
+        adam = body.adam_params or body.optimizer_params or AdamParams()
+        with server.releasing_seq_on_error(body.model_id, body.seq_id):
+            validate_adam_params(adam)
+        return server.submit(
+            who,
+            "optim_step",
+            lambda: server.engine.optim_step(body.model_id, adam),
+            model_id=body.model_id,
+            seq_id=body.seq_id,
+        )
+
+    @app.post(f"{API}/unload_model")
+    def unload_model(body: ModelRequest, who: str = Owner) -> dict:
+        server.check_run(body.model_id, who)
+
+        def work() -> Any:
+            result = server.engine.unload_model(body.model_id)
+            server.store.touch_run(body.model_id, status="unloaded")
+            server.futures.forget_model(body.model_id)
+            return result
+
+        return server.submit(who, "unload_model", work, model_id=body.model_id)
+
+    # ------------------------------------------------------------ futures
+
+    @app.post(f"{API}/retrieve_future")
+    async def retrieve_future(body: RetrieveFutureRequest, who: str = Owner) -> Response:
+        try:
+            stored = await server.futures.wait(body.request_id, who, server.poll_timeout)
+        except KeyError:
+            raise NotFoundError(f"no request {body.request_id!r}") from None
+        if stored is None:
+            return JSONResponse(
+                {"type": "try_again", "request_id": body.request_id, "queue_state": "active"},
+                status_code=408,
+            )
+        return Response(stored.body, media_type=stored.content_type)
+
+    # ------------------------------------------------------------ REST: runs and sessions
+
+    def training_run(run: dict, who: str) -> dict:
+        return {
+            "training_run_id": run["model_id"],
+            "base_model": run["base_model"],
+            "model_owner": who,
+            "is_lora": True,
+            "corrupted": False,
+            "lora_rank": run["lora_config"]["rank"],
+            "last_request_time": _iso(run["last_request"]),
+            "user_metadata": {},
+        }
+
+    @app.get(f"{API}/training_runs")
+    def list_training_runs(limit: int = 20, offset: int = 0, who: str = Owner) -> dict:
+        runs = server.store.runs(who)
+        page = runs[offset : offset + limit]
+        return {
+            "training_runs": [training_run(r, who) for r in page],
+            "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)},
+        }
+
+    @app.get(f"{API}/training_runs/{{model_id}}")
+    def get_training_run(model_id: str, who: str = Owner) -> dict:
+        for run in server.store.runs(who):
+            if run["model_id"] == model_id:
+                return training_run(run, who)
+        raise NotFoundError(f"no training run {model_id!r}")
+
+    return app
+
+
+def _iso(timestamp: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat()

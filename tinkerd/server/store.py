@@ -1,0 +1,154 @@
+"""SQLite record of sessions, training runs and finished futures.
+
+One file (`<data_dir>/tinkerd.sqlite3`) in WAL mode, so a finished result can be fetched
+again after the client reconnects, and after the server restarts. Owners are API-key
+fingerprints, never keys.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL,
+    last_heartbeat REAL NOT NULL, finished REAL, tags TEXT, user_metadata TEXT
+);
+CREATE TABLE IF NOT EXISTS runs (
+    model_id TEXT PRIMARY KEY, owner TEXT NOT NULL, session_id TEXT NOT NULL,
+    base_model TEXT NOT NULL, lora_config TEXT NOT NULL, created REAL NOT NULL,
+    last_request REAL NOT NULL, status TEXT NOT NULL, user_metadata TEXT
+);
+CREATE TABLE IF NOT EXISTS futures (
+    request_id TEXT PRIMARY KEY, owner TEXT NOT NULL, model_id TEXT, kind TEXT NOT NULL,
+    status TEXT NOT NULL, content_type TEXT, body BLOB, created REAL NOT NULL, finished REAL
+);
+CREATE INDEX IF NOT EXISTS runs_by_owner ON runs (owner);
+"""
+
+
+@dataclass
+class StoredFuture:
+    request_id: str
+    owner: str
+    model_id: str | None
+    kind: str
+    status: str  # pending | done | failed
+    content_type: str | None
+    body: bytes | None
+
+
+class Store:
+    def __init__(self, data_dir: Path):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / "tinkerd.sqlite3"
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def _exec(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def fail_unfinished(self, reason: str) -> int:
+        """At start-up: requests in flight when the server stopped can never finish."""
+        body = json.dumps({"error": reason, "category": "server"}).encode()
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE futures SET status='failed', content_type='application/json', body=?, "
+                "finished=? WHERE status='pending'",
+                (body, time.time()),
+            )
+            self._db.execute("UPDATE runs SET status='lost' WHERE status='active'")
+            return cursor.rowcount
+
+    # ---------------------------------------------------------------- sessions
+
+    def add_session(self, session_id: str, owner: str, tags: list[str], metadata: dict) -> None:
+        now = time.time()
+        self._exec(
+            "INSERT INTO sessions VALUES (?, ?, ?, ?, NULL, ?, ?)",
+            (session_id, owner, now, now, json.dumps(tags), json.dumps(metadata)),
+        )
+
+    def session_owner(self, session_id: str) -> str | None:
+        rows = self._exec("SELECT owner FROM sessions WHERE session_id=?", (session_id,))
+        return rows[0][0] if rows else None
+
+    def session_finished(self, session_id: str) -> bool:
+        rows = self._exec("SELECT finished FROM sessions WHERE session_id=?", (session_id,))
+        return bool(rows and rows[0][0] is not None)
+
+    def heartbeat(self, session_id: str) -> None:
+        self._exec(
+            "UPDATE sessions SET last_heartbeat=? WHERE session_id=?", (time.time(), session_id)
+        )
+
+    def finish_session(self, session_id: str) -> None:
+        self._exec("UPDATE sessions SET finished=? WHERE session_id=?", (time.time(), session_id))
+
+    # ---------------------------------------------------------------- runs
+
+    def add_run(
+        self, model_id: str, owner: str, session_id: str, base_model: str, lora: dict, meta: dict
+    ) -> None:
+        now = time.time()
+        self._exec(
+            "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?)",
+            (model_id, owner, session_id, base_model, json.dumps(lora), now, now, json.dumps(meta)),
+        )
+
+    def run_owner(self, model_id: str) -> str | None:
+        rows = self._exec("SELECT owner FROM runs WHERE model_id=?", (model_id,))
+        return rows[0][0] if rows else None
+
+    def touch_run(self, model_id: str, status: str | None = None) -> None:
+        if status:
+            self._exec(
+                "UPDATE runs SET last_request=?, status=? WHERE model_id=?",
+                (time.time(), status, model_id),
+            )
+        else:
+            self._exec("UPDATE runs SET last_request=? WHERE model_id=?", (time.time(), model_id))
+
+    def runs(self, owner: str) -> list[dict]:
+        rows = self._exec(
+            "SELECT model_id, base_model, lora_config, created, last_request, status FROM runs "
+            "WHERE owner=? ORDER BY created",
+            (owner,),
+        )
+        keys = ("model_id", "base_model", "lora_config", "created", "last_request", "status")
+        return [dict(zip(keys, row)) | {"lora_config": json.loads(row[2])} for row in rows]
+
+    # ---------------------------------------------------------------- futures
+
+    def add_future(self, request_id: str, owner: str, model_id: str | None, kind: str) -> None:
+        self._exec(
+            "INSERT INTO futures VALUES (?, ?, ?, ?, 'pending', NULL, NULL, ?, NULL)",
+            (request_id, owner, model_id, kind, time.time()),
+        )
+
+    def finish_future(self, request_id: str, status: str, content_type: str, body: bytes) -> None:
+        self._exec(
+            "UPDATE futures SET status=?, content_type=?, body=?, finished=? WHERE request_id=?",
+            (status, content_type, body, time.time(), request_id),
+        )
+
+    def future(self, request_id: str) -> StoredFuture | None:
+        rows = self._exec(
+            "SELECT request_id, owner, model_id, kind, status, content_type, body FROM futures "
+            "WHERE request_id=?",
+            (request_id,),
+        )
+        return StoredFuture(*rows[0]) if rows else None
