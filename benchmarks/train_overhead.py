@@ -1,6 +1,8 @@
 """Training throughput of tinkerd against a bare PyTorch + PEFT loop, same model and batch.
 
-Both loops take the same step (LoRA rank 32 on every linear layer, summed token
+Loops: the bare loop, tinkerd embedded (in-process engine), and, through a `tinkerd serve`
+subprocess on loopback, tinkerd's own HTTP client and the official `tinker` SDK. All
+take the same step (LoRA rank 32 on every linear layer, summed token
 cross-entropy, AdamW) on the same fixed batch. Timing alternates between the loops
 in rounds so that machine drift hits both alike; the median of the rounds is reported.
 
@@ -10,11 +12,16 @@ in rounds so that machine drift hits both alike; the median of the rounds is rep
 from __future__ import annotations
 
 import argparse
+import contextlib
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import torch
 import torch.nn.functional as F
 
@@ -54,8 +61,10 @@ def bare_peft_step_fn(model_name: str, tokens: torch.Tensor, rank: int, lr: floa
     return step
 
 
-def tinkerd_step_fn(model_name: str, tokens: torch.Tensor, rank: int, lr: float):
-    client = ServiceClient().create_lora_training_client(model_name, rank=rank, seed=0)
+def tinkerd_step_fn(
+    model_name: str, tokens: torch.Tensor, rank: int, lr: float, service: ServiceClient
+):
+    client = service.create_lora_training_client(model_name, rank=rank, seed=0)
     data = [
         Datum(
             model_input=ModelInput.from_ints(row[:-1].tolist()),
@@ -73,6 +82,66 @@ def tinkerd_step_fn(model_name: str, tokens: torch.Tensor, rank: int, lr: float)
     return step
 
 
+def official_sdk_step_fn(model_name: str, tokens: torch.Tensor, rank: int, lr: float, url: str):
+    import tinker
+
+    service = tinker.ServiceClient(base_url=url, api_key=BENCH_KEY)
+    client = service.create_lora_training_client(base_model=model_name, rank=rank, seed=0).result()
+    data = [
+        tinker.Datum(
+            model_input=tinker.ModelInput.from_ints(row[:-1].tolist()),
+            loss_fn_inputs={"target_tokens": row[1:].tolist(), "weights": [1.0] * (len(row) - 1)},
+        )
+        for row in tokens
+    ]
+    adam = tinker.AdamParams(learning_rate=lr)
+
+    def step() -> float:
+        fb = client.forward_backward(data, "cross_entropy")
+        client.optim_step(adam).result()
+        return fb.result().metrics["loss:sum"]
+
+    return step
+
+
+BENCH_KEY = "tml-benchmark"
+
+
+@contextlib.contextmanager
+def tinkerd_server(model_name: str):
+    """`tinkerd serve` in a subprocess on a free loopback port; yields its URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [
+        sys.executable,
+        "-m",
+        "tinkerd.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--data-dir",
+        tempfile.mkdtemp(prefix="tinkerd-bench-"),
+        "--api-key",
+        BENCH_KEY,
+    ]
+    if model_name != "tinkerd/tiny":
+        args += ["--model", model_name]
+    proc = subprocess.Popen(args)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/api/v1/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def tokens_per_second(step, n_tokens: int, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
@@ -88,15 +157,29 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-http", action="store_true", help="skip the HTTP loops")
     parser.add_argument("--no-record", action="store_true", help="do not write docs/benchmarks.md")
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        url = None if args.no_http else stack.enter_context(tinkerd_server(args.model))
+        run(args, url)
 
+
+def run(args: argparse.Namespace, url: str | None) -> None:
     tokens = make_batch(256, args.batch, args.seq)
     n_tokens = args.batch * args.seq
     loops = {
         "bare PyTorch+PEFT": bare_peft_step_fn(args.model, tokens, args.rank, 1e-4),
-        "tinkerd embedded": tinkerd_step_fn(args.model, tokens, args.rank, 1e-4),
+        "tinkerd embedded": tinkerd_step_fn(args.model, tokens, args.rank, 1e-4, ServiceClient()),
     }
+    if url:
+        http = ServiceClient(base_url=url, api_key=BENCH_KEY)
+        loops["tinkerd HTTP, tinkerd client"] = tinkerd_step_fn(
+            args.model, tokens, args.rank, 1e-4, http
+        )
+        loops["tinkerd HTTP, official tinker SDK"] = official_sdk_step_fn(
+            args.model, tokens, args.rank, 1e-4, url
+        )
     first_losses = {name: step() for name, step in loops.items()}  # also warms up
     for step in loops.values():
         step()
@@ -119,7 +202,8 @@ def main() -> None:
             f"train_overhead ({args.model}, {args.batch}x{args.seq})",
             f"`python benchmarks/train_overhead.py --model {args.model} --batch {args.batch} "
             f"--seq {args.seq}`: {args.rounds} rounds of {args.steps} steps, LoRA rank "
-            f"{args.rank}.\n\n" + "\n".join(rows),
+            f"{args.rank}. The HTTP loops talk to a `tinkerd serve` subprocess on loopback "
+            "(client and server share the machine's cores).\n\n" + "\n".join(rows),
         )
 
 

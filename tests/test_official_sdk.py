@@ -185,7 +185,18 @@ def test_api_keys_are_required_and_runs_are_private(server, sdk):
     assert (
         post(server, "retrieve_future", json={"request_id": request_id}, **bob).status_code == 404
     )
-    assert post(server, "retrieve_future", json={"request_id": request_id}).status_code == 200
+    assert retrieve(server, request_id).status_code == 200
+
+
+def retrieve(server, request_id: str, key=KEYS[0]) -> httpx.Response:
+    """Poll retrieve_future through try_again answers (the fixture long-polls 2 s a time)."""
+    for _ in range(60):
+        response = post(
+            server, "retrieve_future", key=key, json={"request_id": request_id}, timeout=30
+        )
+        if response.status_code != 408:
+            return response
+    raise AssertionError(f"{request_id} still pending")
 
 
 def raw_session(server, key=KEYS[0]) -> str:
@@ -201,8 +212,7 @@ def raw_model(server, seq: int = 0) -> str:
         "lora_config": {"rank": 4, "seed": 0},
     }
     request_id = post(server, "create_model", json=body).json()["request_id"]
-    result = post(server, "retrieve_future", json={"request_id": request_id}, timeout=60)
-    return result.json()["model_id"]
+    return retrieve(server, request_id).json()["model_id"]
 
 
 def fwd_bwd_body(model_id: str, seq_id: int) -> bytes:
@@ -227,7 +237,7 @@ def test_requests_run_in_seq_id_order_and_resends_are_deduplicated(server):
     fb = post(server, "forward_backward", content=fwd_bwd_body(model_id, 1)).json()["request_id"]
     again = post(server, "forward_backward", content=fwd_bwd_body(model_id, 1)).json()
     assert again["request_id"] == fb
-    result = post(server, "retrieve_future", json={"request_id": step}, timeout=60).json()
+    result = retrieve(server, step).json()
     assert result["metrics"]["grad_norm"] > 0  # it saw the gradient of seq 1
 
 
@@ -247,13 +257,13 @@ def test_finished_results_survive_reconnects_and_restarts(tmp_path):
         request_id = post(first, "optim_step", json={"model_id": model_id, "seq_id": 1}).json()[
             "request_id"
         ]
-        result = post(first, "retrieve_future", json={"request_id": request_id}, timeout=60)
+        result = retrieve(first, request_id)
         assert result.status_code == 200
     finally:
         first.stop()
     second = ServerProcess(tmp_path)
     try:
-        again = post(second, "retrieve_future", json={"request_id": request_id})
+        again = retrieve(second, request_id)
         assert again.status_code == 200 and again.content == result.content
     finally:
         second.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,9 @@ import torch
 from torch import nn
 
 from tinkerd.engine.tiny import TINY_MODEL_NAME, tiny_model_dir
+
+# PEFT calls a transformers property that transformers 5 deprecates; not ours to fix.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 # Module names by role, across common architectures (Llama/Qwen/Mistral, GPT-2, NeoX,
 # Phi, OPT/Falcon). Matching is on the last component of the module's dotted name.
@@ -121,10 +125,12 @@ def load_base_model(
     device: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> BaseModel:
+    from huggingface_hub.utils import disable_progress_bars
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()  # a server log is no place for tqdm bars
     path = resolve_model_path(name, cache_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:

@@ -98,8 +98,12 @@ def build_tokenizer():
 
 
 def _write_tiny_model(out: Path) -> None:
+    from huggingface_hub.utils import disable_progress_bars
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
     config = LlamaConfig(**TINY_CONFIG)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
