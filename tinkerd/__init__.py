@@ -2,6 +2,7 @@
 
 from tinkerd import types
 from tinkerd.client import APIFuture, ServiceClient, TrainingClient
+from tinkerd.custom_loss import RegularizerSpec
 from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.types import (
     AdamParams,
@@ -23,6 +24,7 @@ __all__ = [
     "InvalidRequestError",
     "ModelInput",
     "NotFoundError",
+    "RegularizerSpec",
     "ServiceClient",
     "TensorData",
     "TinkerdError",

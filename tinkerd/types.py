@@ -266,3 +266,39 @@ class SupportedModel(ResponseBase):
 
 class GetServerCapabilitiesResponse(ResponseBase):
     supported_models: list[SupportedModel]
+
+
+# ---------------------------------------------------------------- forward_backward_custom
+
+
+class BaseLossReport(ResponseBase):
+    value: float
+    grad_norm: float | None = None
+    """L2 norm of d(base loss)/d(logprobs of the whole batch); with track_grad_norms."""
+    custom: dict[str, float] = Field(default_factory=dict)
+
+
+class RegularizerReport(ResponseBase):
+    value: float
+    """The regularizer's unweighted value."""
+    weight: float
+    contribution: float
+    """weight * value: what it adds to loss_total."""
+    grad_norm: float | None = None
+    """L2 norm of d(value)/d(logprobs of the whole batch); with track_grad_norms."""
+    grad_norm_weighted: float | None = None
+    """|weight| * grad_norm: the norm of the weighted term's gradient."""
+    custom: dict[str, float] = Field(default_factory=dict)
+
+
+class CustomLossOutput(ForwardBackwardOutput):
+    """ForwardBackwardOutput of forward_backward_custom, with the loss broken down.
+
+    loss_total = base_loss.value + regularizer_total; the model's gradient is that of
+    loss_total. `metrics` carries flattened copies (`loss:sum` is loss_total)."""
+
+    loss_total: float
+    base_loss: BaseLossReport | None = None
+    regularizers: dict[str, RegularizerReport] = Field(default_factory=dict)
+    regularizer_total: float = 0.0
+    total_grad_norm: float | None = None

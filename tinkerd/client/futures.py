@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 class APIFuture(Generic[T]):
@@ -26,6 +27,19 @@ class APIFuture(Generic[T]):
 
     def __await__(self) -> Generator[Any, None, T]:
         return self.result_async().__await__()
+
+    def then(self, fn: Callable[[T], U]) -> APIFuture[U]:
+        """A future of `fn(result)` (errors pass through)."""
+        chained: Future[U] = Future()
+
+        def relay(source: Future[T]) -> None:
+            try:
+                chained.set_result(fn(source.result()))
+            except BaseException as e:  # noqa: BLE001 -- delivered to whoever waits
+                chained.set_exception(e)
+
+        self._future.add_done_callback(relay)
+        return APIFuture(chained)
 
     def done(self) -> bool:
         return self._future.done()

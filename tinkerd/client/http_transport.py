@@ -17,8 +17,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import httpx
+import torch
+from torch import Tensor
 
 from tinkerd import wire_proto
+from tinkerd.client.transport import GradientFn
 from tinkerd.errors import InvalidRequestError, RequestFailedError, TinkerdError, error_for_status
 from tinkerd.types import (
     AdamParams,
@@ -28,6 +31,7 @@ from tinkerd.types import (
     GetServerCapabilitiesResponse,
     LoraConfig,
     OptimStepResponse,
+    TensorData,
     UnloadModelResponse,
 )
 
@@ -92,9 +96,7 @@ class HttpTransport:
         try:
             request_id = self._post(path, payload, content).json()["request_id"]
         except (TinkerdError, httpx.HTTPError) as e:
-            failed: Future[T] = Future()
-            failed.set_exception(e if isinstance(e, TinkerdError) else RequestFailedError(str(e)))
-            return failed
+            return _failed(e if isinstance(e, TinkerdError) else RequestFailedError(str(e)))
         return self._pollers.submit(self._poll, request_id, decode)
 
     def _poll(self, request_id: str, decode: Callable[[httpx.Response], T]) -> T:
@@ -156,7 +158,7 @@ class HttpTransport:
         )
         return self._submit(
             "/forward_backward",
-            lambda r: wire_proto.decode_forward_backward_output(r.content),
+            _decode_fb,
             content=body,
         )
 
@@ -177,6 +179,56 @@ class HttpTransport:
         loss_fn_config: Mapping[str, float] | None,
     ) -> Future[ForwardBackwardOutput]:
         return self._loss(model_id, data, loss_fn, loss_fn_config, forward_only=False)
+
+    def forward_backward_custom(
+        self, model_id: str, data: list[Datum], gradient_fn: GradientFn
+    ) -> Future[tuple[ForwardBackwardOutput, Any]]:
+        """Tinker's two phases: a forward for the logprobs, then a cross_entropy
+        forward_backward whose weights are -d(loss)/d(logprobs). Both seq_ids are taken
+        now, so requests made after this call still run after both phases."""
+        targets = [d.loss_fn_inputs.get("target_tokens") for d in data]
+        if not data or any(t is None for t in targets):
+            return _failed(InvalidRequestError("every datum needs loss_fn_inputs['target_tokens']"))
+        forward_seq, backward_seq = self._next_seq(model_id), self._next_seq(model_id)
+
+        def with_weights(weights: list[Tensor]) -> list[Datum]:
+            return [
+                Datum(
+                    model_input=d.model_input,
+                    loss_fn_inputs={"target_tokens": t, "weights": TensorData.from_torch(w)},
+                )
+                for d, t, w in zip(data, targets, weights)
+            ]
+
+        zeros = [torch.zeros(t.shape or [len(t.data)]) for t in targets]
+        forward = self._submit(
+            "/forward_backward",
+            _decode_fb,
+            content=wire_proto.encode_forward_backward_request(
+                model_id, forward_seq, with_weights(zeros), "cross_entropy", None, True
+            ),
+        )
+
+        def backward(weights: list[Tensor], forward_only: bool = False) -> ForwardBackwardOutput:
+            body = wire_proto.encode_forward_backward_request(
+                model_id, backward_seq, with_weights(weights), "cross_entropy", None, forward_only
+            )
+            return self._submit("/forward_backward", _decode_fb, content=body).result()
+
+        def second_phase() -> tuple[ForwardBackwardOutput, Any]:
+            try:
+                first = forward.result()
+                logprobs = [o["logprobs"].to_torch() for o in first.loss_fn_outputs]
+                grads, extra = gradient_fn(logprobs)
+            except BaseException:
+                # Fill the reserved seq_id with a forward (no gradient is applied), then
+                # report the original error; if the data itself was refused, so is this.
+                with contextlib.suppress(Exception):
+                    backward(zeros, forward_only=True)
+                raise
+            return backward([-g for g in grads]), extra
+
+        return self._pollers.submit(second_phase)
 
     def optim_step(self, model_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]:
         payload = {
@@ -222,6 +274,16 @@ class HttpTransport:
                 self._post(f"/sessions/{self._session_id}/finish", {"reason": {"type": "success"}})
         self._pollers.shutdown(wait=False, cancel_futures=True)
         self._http.close()
+
+
+def _decode_fb(response: httpx.Response) -> ForwardBackwardOutput:
+    return wire_proto.decode_forward_backward_output(response.content)
+
+
+def _failed(error: BaseException) -> Future:
+    future: Future = Future()
+    future.set_exception(error)
+    return future
 
 
 def _detail(response: httpx.Response) -> str:

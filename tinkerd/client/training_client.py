@@ -11,11 +11,15 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from torch import Tensor
+
 from tinkerd.client.futures import APIFuture, failed
 from tinkerd.client.transport import Transport
+from tinkerd.custom_loss import Evaluation, LossFn, RegularizerSpec, check_regularizers, evaluate
 from tinkerd.errors import InvalidRequestError, ModelUnloadedError
 from tinkerd.types import (
     AdamParams,
+    CustomLossOutput,
     Datum,
     EncodedTextChunk,
     ForwardBackwardOutput,
@@ -103,6 +107,44 @@ class TrainingClient:
         """Like `forward`, and adds the gradient of the summed loss to the run's gradient
         (gradients accumulate across calls until `optim_step`)."""
         return self._submit_loss("forward_backward", data, loss_fn, loss_fn_config)
+
+    def forward_backward_custom(
+        self,
+        data: Sequence[Datum],
+        loss_fn: LossFn | None,
+        *,
+        regularizers: Sequence[RegularizerSpec] | None = None,
+        track_grad_norms: bool = False,
+        run_sync_in_executor: bool = False,
+    ) -> APIFuture[CustomLossOutput]:
+        """Train on `loss_fn(data, logprobs_list) -> (loss, metrics)` plus
+        `sum(weight * regularizer)`, computed on the per-token logprobs of `data`.
+
+        Embedded: one forward and one backward through the live graph. Over HTTP: Tinker's
+        two phases (forward; then cross_entropy with weights = -d(total)/d(logprobs)).
+        The result breaks the total down per term (values, contributions and, with
+        `track_grad_norms`, the L2 norm of each term's gradient w.r.t. the logprobs).
+        Async functions are awaited concurrently; with `run_sync_in_executor`, plain
+        ones run in parallel threads. If any term fails, no gradient is applied."""
+        try:
+            data = coerce_data(data)
+            check_regularizers(loss_fn, regularizers)
+        except (ValueError, TypeError) as e:
+            return failed(e if isinstance(e, InvalidRequestError) else InvalidRequestError(str(e)))
+
+        def gradient_fn(logprobs: list[Tensor]) -> tuple[list[Tensor], Evaluation]:
+            result = evaluate(
+                data, logprobs, loss_fn, regularizers, track_grad_norms, run_sync_in_executor
+            )
+            return result.grads, result
+
+        future = self._submit("forward_backward_custom", data, gradient_fn)
+        return future.then(lambda out: out[1].output(out[0]))
+
+    async def forward_backward_custom_async(
+        self, *args: Any, **kwargs: Any
+    ) -> APIFuture[CustomLossOutput]:
+        return self.forward_backward_custom(*args, **kwargs)
 
     def optim_step(
         self, optim_params: AdamParams | None = None, *, adam_params: AdamParams | None = None

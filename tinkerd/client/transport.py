@@ -8,10 +8,12 @@ HTTP transport speaks Tinker's wire protocol to a `tinkerd serve` (or any Tinker
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
+
+from torch import Tensor
 
 from tinkerd.types import (
     AdamParams,
@@ -23,6 +25,8 @@ from tinkerd.types import (
     OptimStepResponse,
     UnloadModelResponse,
 )
+
+GradientFn = Callable[[list[Tensor]], tuple[list[Tensor], Any]]
 
 
 class Transport(Protocol):
@@ -47,6 +51,14 @@ class Transport(Protocol):
         loss_fn: str,
         loss_fn_config: Mapping[str, float] | None,
     ) -> Future[ForwardBackwardOutput]: ...
+
+    def forward_backward_custom(
+        self, model_id: str, data: list[Datum], gradient_fn: GradientFn
+    ) -> Future[tuple[ForwardBackwardOutput, Any]]:
+        """Forward `data`, call `gradient_fn(per-datum logprobs) -> (d loss/d logprobs,
+        extra)`, and backpropagate that gradient into the run; returns (output, extra).
+        If gradient_fn raises, the run receives no gradient."""
+        ...
 
     def optim_step(self, model_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]: ...
 
@@ -116,6 +128,14 @@ class InProcessTransport:
             data,
             loss_fn,
             loss_fn_config,
+        )
+
+    def forward_backward_custom(
+        self, model_id: str, data: list[Datum], gradient_fn: GradientFn
+    ) -> Future[tuple[ForwardBackwardOutput, Any]]:
+        # One forward and one backward on the live graph, run in the run's lane.
+        return self.scheduler.submit(
+            self._lane(model_id), self.engine.forward_backward_custom, model_id, data, gradient_fn
         )
 
     def optim_step(self, model_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]:

@@ -38,11 +38,13 @@ def _fail(i: int, what: str) -> InvalidRequestError:
 
 
 def collate(
-    data: list[Datum], loss: LossSpec, loss_name: str, vocab_size: int, max_len: int
+    data: list[Datum], loss: LossSpec | None, loss_name: str, vocab_size: int, max_len: int
 ) -> Batch:
+    """`loss=None` is a custom loss: any extra loss_fn_inputs are the caller's business."""
     if not data:
         raise InvalidRequestError("data is empty: pass at least one Datum")
-    allowed = {"target_tokens", *loss.required, *loss.optional}
+    required = set(loss.required) if loss else set()
+    allowed = {"target_tokens", *required, *(loss.optional if loss else ())}
     tokens_per_datum, targets, inputs = [], [], {k: [] for k in allowed - {"target_tokens"}}
     width = None
     for i, datum in enumerate(data):
@@ -58,16 +60,16 @@ def collate(
                 i, f"model_input token id {bad} is outside the vocabulary [0, {vocab_size})"
             )
         given = set(datum.loss_fn_inputs)
-        if missing := ({"target_tokens", *loss.required} - given):
+        if missing := ({"target_tokens", *required} - given):
             raise _fail(i, f"{loss_name} needs loss_fn_inputs {sorted(missing)}")
-        if unknown := (given - allowed):
+        if loss and (unknown := given - allowed):
             raise _fail(
                 i,
                 f"loss_fn_inputs {sorted(unknown)} not used by {loss_name} "
                 f"(accepted: {sorted(allowed)})",
             )
         target = _tensor(datum, i, "target_tokens", "int64")
-        if target.ndim == 2 and loss_name == "cross_entropy":
+        if target.ndim == 2 and loss_name in ("cross_entropy", "custom"):
             width = width or target.shape[1]
             if target.shape[1] != width:
                 raise _fail(i, "2-D target_tokens must have the same width in every datum")

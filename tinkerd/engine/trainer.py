@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +139,31 @@ class Engine:
         with run.base.lock:
             return OptimStepResponse(metrics=adam_step(run, adam_params))
 
+    def forward_backward_custom(
+        self,
+        model_id: str,
+        data: list[Datum],
+        gradient_fn: Callable[[list[Tensor]], tuple[list[Tensor], Any]],
+    ) -> tuple[ForwardBackwardOutput, Any]:
+        """One forward, then one backward from the logprobs with the gradient that
+        `gradient_fn(per-datum logprobs)` returns (with anything else it returns)."""
+        run = self.run(model_id)
+        base = run.base
+        batch = collate(data, None, "custom", base.vocab_size, base.max_context_length)
+        with base.lock:
+            run.activate()
+            with torch.enable_grad():
+                logprobs = token_logprobs(base.peft_model, batch, base.device)
+            per_datum = list(logprobs.detach().cpu().split(batch.lengths))
+            grads, extra = gradient_fn(per_datum)  # no gradient reaches the model if it raises
+            logprobs.backward(
+                torch.cat([g.reshape(p.shape) for g, p in zip(grads, per_datum)]).to(
+                    logprobs.device, logprobs.dtype
+                )
+            )
+        out = _output(batch, logprobs.detach(), None, 0.0)
+        return out, extra
+
     def prepare(
         self,
         model_id: str,
@@ -195,15 +221,15 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, device: torch.device) -
 
 
 def _output(
-    batch: Batch, logprobs: Tensor, elementwise: Tensor, loss: float
+    batch: Batch, logprobs: Tensor, elementwise: Tensor | None, loss: float
 ) -> ForwardBackwardOutput:
-    outputs = []
-    for lp, el in zip(logprobs.cpu().split(batch.lengths), elementwise.cpu().split(batch.lengths)):
-        outputs.append(
-            {"logprobs": TensorData.from_torch(lp), "elementwise_loss": TensorData.from_torch(el)}
-        )
+    """Per datum `logprobs` (and `elementwise_loss` for built-in losses)."""
+    split = batch.lengths
+    outputs = [{"logprobs": TensorData.from_torch(lp)} for lp in logprobs.cpu().split(split)]
+    if elementwise is None:
+        return ForwardBackwardOutput(loss_fn_output_type="custom", loss_fn_outputs=outputs)
+    for out, el in zip(outputs, elementwise.cpu().split(split)):
+        out["elementwise_loss"] = TensorData.from_torch(el)
     return ForwardBackwardOutput(
-        loss_fn_output_type="TorchLossReturn",
-        loss_fn_outputs=outputs,
-        metrics={"loss:sum": loss},
+        loss_fn_output_type="TorchLossReturn", loss_fn_outputs=outputs, metrics={"loss:sum": loss}
     )
