@@ -251,13 +251,6 @@ def _bad_inputs():
             None,
             "needs loss_fn_inputs \\['target_tokens'\\]",
         ),
-        (
-            "unknown input",
-            [datum(weigths=[1.0] * 4)],
-            "cross_entropy",
-            None,
-            "not used by cross_entropy",
-        ),
         ("unknown config", [good], "cross_entropy", {"beta": 1.0}, "not used by"),
         ("empty", [], "cross_entropy", None, "data is empty"),
         (
@@ -308,3 +301,15 @@ def test_both_transports_give_the_same_losses(engine, server, batch):
     expected = train(new_run(embedded, seed=41), batch, 3)
     assert train(new_run(http, seed=41), batch, 3) == pytest.approx(expected, rel=1e-5)
     http.close()
+
+
+def test_inputs_a_loss_does_not_read_are_ignored(service, batch):
+    client = new_run(service)
+    extra = [
+        Datum(
+            model_input=d.model_input,
+            loss_fn_inputs={**d.loss_fn_inputs, "advantages": [0.0] * d.model_input.length},
+        )
+        for d in batch
+    ]
+    assert logprobs(client, extra) == logprobs(client, batch)

@@ -272,3 +272,120 @@ def _norm(grads: list[Tensor] | None) -> float | None:
     if grads is None:
         return None
     return math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+
+
+# ---------------------------------------------------------------- traced (server-side) losses
+
+
+def graph_loss_fn(compiled: Any) -> LossFn:
+    """A loss_fn that runs a compiled per-datum graph (`tinkerd.fx_loss.CompiledLoss`) on
+    each datum and sums the losses; `:sum` metrics add up over data, `:mean` ones average."""
+
+    def loss_fn(data: list[Datum], logprobs_list: list[Tensor]) -> tuple[Tensor, dict]:
+        total: Tensor | float = 0.0
+        metrics: dict[str, float] = {}
+        for datum, logprobs in zip(data, logprobs_list):
+            inputs = {
+                name: datum.loss_fn_inputs[name]
+                .to_torch()
+                .to(logprobs)
+                .reshape([] if rank == 0 else [-1] if rank == 1 else [logprobs.shape[0], -1])
+                for name, rank in compiled.inputs[1:]
+            }
+            loss, datum_metrics = compiled(logprobs, inputs)
+            total = total + loss
+            for key, value in datum_metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + float(value)
+        for key in metrics:
+            if key.endswith(":mean"):
+                metrics[key] /= len(data)
+        return total, metrics
+
+    loss_fn.__name__ = compiled.name
+    return loss_fn
+
+
+def check_graph_inputs(compiled: Any, data: list[Datum]) -> None:
+    """Every datum carries each input the graph declares, at the declared rank."""
+    for i, datum in enumerate(data):
+        target = datum.loss_fn_inputs.get("target_tokens")
+        target_rank = len(target.shape) if target is not None and target.shape else 1
+        for name, rank in compiled.inputs:
+            if name == "logprobs":
+                if rank != target_rank:
+                    raise InvalidRequestError(
+                        f"data[{i}]: loss {compiled.name!r} takes logprobs of rank {rank}, "
+                        f"target_tokens has rank {target_rank}"
+                    )
+                continue
+            value = datum.loss_fn_inputs.get(name)
+            if value is None:
+                raise InvalidRequestError(
+                    f"data[{i}]: loss {compiled.name!r} needs loss_fn_inputs[{name!r}]"
+                )
+            shape = value.shape if value.shape is not None else [len(value.data)]
+            if len(shape) != rank and not (rank == 0 and shape in ([], [1])):
+                raise InvalidRequestError(
+                    f"data[{i}]: loss_fn_inputs[{name!r}] has rank {len(shape)}, "
+                    f"loss {compiled.name!r} declares {rank}"
+                )
+
+
+def output_from_metrics(out: ForwardBackwardOutput, names: list[str]) -> CustomLossOutput:
+    """Rebuild the breakdown of a forward_backward_custom that ran on the server from the
+    flat metrics it returned (the inverse of `Evaluation.output`)."""
+    m = out.metrics
+    regs = {
+        name: Report(
+            value=m[f"{name}/value:sum"],
+            weight=m[f"{name}/weight:mean"],
+            contribution=m[f"{name}/contribution:sum"],
+            grad_norm=m.get(f"{name}/grad_norm:mean"),
+            grad_norm_weighted=m.get(f"{name}/grad_norm_weighted:mean"),
+            custom={
+                k.split("/", 1)[1]: v
+                for k, v in m.items()
+                if k.startswith(f"{name}/") and k.split("/", 1)[1] not in _REPORT_KEYS
+            },
+        )
+        for name in names
+    }
+    structured = {
+        "loss:sum",
+        "surrogate_loss:sum",
+        "base_loss:sum",
+        "base_loss/grad_norm:mean",
+        "regularizer_total:sum",
+        "total_grad_norm:mean",
+    }
+    user = {
+        k: v
+        for k, v in m.items()
+        if k not in structured and not any(k.startswith(f"{n}/") for n in names)
+    }
+    base = (
+        BaseLossReport(
+            value=m["base_loss:sum"], grad_norm=m.get("base_loss/grad_norm:mean"), custom=user
+        )
+        if "base_loss:sum" in m
+        else None
+    )
+    return CustomLossOutput(
+        loss_fn_output_type=out.loss_fn_output_type,
+        loss_fn_outputs=out.loss_fn_outputs,
+        metrics=m,
+        loss_total=m["loss:sum"],
+        base_loss=base,
+        regularizers=regs,
+        regularizer_total=m.get("regularizer_total:sum", 0.0),
+        total_grad_norm=m.get("total_grad_norm:mean"),
+    )
+
+
+_REPORT_KEYS = {
+    "value:sum",
+    "weight:mean",
+    "contribution:sum",
+    "grad_norm:mean",
+    "grad_norm_weighted:mean",
+}

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from tinkerd import wire_proto
+from tinkerd.client.traced_loss import LossHandle
 from tinkerd.client.transport import GradientFn
 from tinkerd.errors import InvalidRequestError, RequestFailedError, TinkerdError, error_for_status
 from tinkerd.types import (
@@ -49,6 +50,7 @@ class HttpTransport:
         self._lock = threading.Lock()
         self._session_id: str | None = None
         self._model_seq = 0
+        self._loss_seq = 0
         self._seq: dict[str, int] = {}
         self._closed = threading.Event()
         self._tokenizers: dict[str, Any] = {}
@@ -229,6 +231,39 @@ class HttpTransport:
             return backward([-g for g in grads]), extra
 
         return self._pollers.submit(second_phase)
+
+    def create_custom_loss(self, handle: LossHandle) -> Future[LossHandle]:
+        session_id = self._session()
+        with self._lock:
+            seq, self._loss_seq = self._loss_seq, self._loss_seq + 1
+        body = {**handle.request(), "session_id": session_id, "custom_loss_seq_id": seq}
+
+        def with_id(response: httpx.Response) -> LossHandle:
+            handle.loss_id = response.json()["loss_id"]
+            return handle
+
+        return self._submit("/create_custom_loss", with_id, body)
+
+    def forward_backward_traced(
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss: LossHandle,
+        regularizers: list[tuple[str, float, LossHandle]],
+        track_grad_norms: bool,
+    ) -> Future[ForwardBackwardOutput]:
+        """Uploaded losses run on the server, in one forward and one backward."""
+        config = {
+            "loss_id": loss.loss_id,
+            "regularizers": json.dumps(
+                [{"name": n, "weight": w, "loss_id": h.loss_id} for n, w, h in regularizers]
+            ),
+            "track_grad_norms": float(track_grad_norms),
+        }
+        body = wire_proto.encode_forward_backward_request(
+            model_id, self._next_seq(model_id), data, "custom", config, False
+        )
+        return self._submit("/forward_backward", _decode_fb, content=body)
 
     def optim_step(self, model_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]:
         payload = {

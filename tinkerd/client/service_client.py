@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from tinkerd.client.futures import APIFuture
+from tinkerd.client.futures import APIFuture, failed
+from tinkerd.client.traced_loss import LossHandle, trace
 from tinkerd.client.training_client import TrainingClient
 from tinkerd.client.transport import InProcessTransport, Transport
+from tinkerd.errors import InvalidRequestError
 from tinkerd.types import GetServerCapabilitiesResponse, LoraConfig
 
 
@@ -72,6 +75,16 @@ class ServiceClient:
         import asyncio
 
         return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
+
+    def create_custom_loss(self, fn: Any, input_ranks: Mapping[str, int]) -> APIFuture[LossHandle]:
+        """Trace a per-datum loss `fn(logprobs, *inputs) -> (loss, metrics)` with torch.fx
+        into a handle that runs inside the engine (uploaded, over HTTP). Pass the handle as
+        forward_backward_custom's loss_fn or a RegularizerSpec's fn."""
+        try:
+            handle = trace(fn, input_ranks)
+        except InvalidRequestError as e:
+            return failed(e)
+        return APIFuture(self._transport.create_custom_loss(handle))
 
     def close(self) -> None:
         self._transport.close()

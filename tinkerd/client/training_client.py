@@ -14,8 +14,16 @@ from typing import Any
 from torch import Tensor
 
 from tinkerd.client.futures import APIFuture, failed
+from tinkerd.client.traced_loss import LossHandle
 from tinkerd.client.transport import Transport
-from tinkerd.custom_loss import Evaluation, LossFn, RegularizerSpec, check_regularizers, evaluate
+from tinkerd.custom_loss import (
+    Evaluation,
+    LossFn,
+    RegularizerSpec,
+    check_regularizers,
+    evaluate,
+    output_from_metrics,
+)
 from tinkerd.errors import InvalidRequestError, ModelUnloadedError
 from tinkerd.types import (
     AdamParams,
@@ -131,6 +139,20 @@ class TrainingClient:
             check_regularizers(loss_fn, regularizers)
         except (ValueError, TypeError) as e:
             return failed(e if isinstance(e, InvalidRequestError) else InvalidRequestError(str(e)))
+        regularizers = list(regularizers or [])
+        handles = [loss_fn, *(r.fn for r in regularizers)]
+        if all(isinstance(h, LossHandle) for h in handles) and hasattr(
+            self._transport, "forward_backward_traced"
+        ):  # everything runs on the server, in one pass
+            if self._unloaded:
+                return failed(ModelUnloadedError(f"model {self.model_id!r} was unloaded"))
+            regs = [(r.name, r.weight, r.fn) for r in regularizers]
+            future = self._transport.forward_backward_traced(
+                self.model_id, data, loss_fn, regs, track_grad_norms
+            )
+            return APIFuture(future).then(
+                lambda out: output_from_metrics(out, [r.name for r in regularizers])
+            )
 
         def gradient_fn(logprobs: list[Tensor]) -> tuple[list[Tensor], Evaluation]:
             result = evaluate(

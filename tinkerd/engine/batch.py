@@ -40,12 +40,13 @@ def _fail(i: int, what: str) -> InvalidRequestError:
 def collate(
     data: list[Datum], loss: LossSpec | None, loss_name: str, vocab_size: int, max_len: int
 ) -> Batch:
-    """`loss=None` is a custom loss: any extra loss_fn_inputs are the caller's business."""
+    """Inputs a loss does not read are ignored (a datum may carry keys for several losses,
+    as the SDK's own examples do); `loss=None` is a custom loss, which reads none."""
     if not data:
         raise InvalidRequestError("data is empty: pass at least one Datum")
     required = set(loss.required) if loss else set()
-    allowed = {"target_tokens", *required, *(loss.optional if loss else ())}
-    tokens_per_datum, targets, inputs = [], [], {k: [] for k in allowed - {"target_tokens"}}
+    read = required | set(loss.optional if loss else ())
+    tokens_per_datum, targets, inputs = [], [], {k: [] for k in read}
     width = None
     for i, datum in enumerate(data):
         tokens = datum.model_input.to_ints()
@@ -62,12 +63,6 @@ def collate(
         given = set(datum.loss_fn_inputs)
         if missing := ({"target_tokens", *required} - given):
             raise _fail(i, f"{loss_name} needs loss_fn_inputs {sorted(missing)}")
-        if loss and (unknown := given - allowed):
-            raise _fail(
-                i,
-                f"loss_fn_inputs {sorted(unknown)} not used by {loss_name} "
-                f"(accepted: {sorted(allowed)})",
-            )
         target = _tensor(datum, i, "target_tokens", "int64")
         if target.ndim == 2 and loss_name in ("cross_entropy", "custom"):
             width = width or target.shape[1]

@@ -139,6 +139,11 @@ class Engine:
         with run.base.lock:
             return OptimStepResponse(metrics=adam_step(run, adam_params))
 
+    def check_custom_data(self, model_id: str, data: list[Datum]) -> None:
+        """Validate data for forward_backward_custom without computing anything."""
+        base = self.run(model_id).base
+        collate(data, None, "custom", base.vocab_size, base.max_context_length)
+
     def forward_backward_custom(
         self,
         model_id: str,

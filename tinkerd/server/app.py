@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,9 +24,17 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from tinkerd import wire_proto
+from tinkerd.custom_loss import (
+    RegularizerSpec,
+    check_graph_inputs,
+    check_regularizers,
+    evaluate,
+    graph_loss_fn,
+)
 from tinkerd.engine.adapters import validate_adam_params, validate_lora_config
 from tinkerd.engine.trainer import Engine
 from tinkerd.errors import AuthenticationError, InvalidRequestError, NotFoundError, TinkerdError
+from tinkerd.fx_loss import CompiledLoss, compile_loss
 from tinkerd.server.futures import PROTOBUF, FutureTable
 from tinkerd.server.scheduler import Scheduler
 from tinkerd.server.store import Store
@@ -40,7 +49,7 @@ CLIENT_CONFIG = {
     "proto_compress_fwdbwd": False,
     "parallel_fwdbwd_chunks": False,
     "sample_use_retrieve_futures": False,
-    "custom_loss_server_side": False,
+    "custom_loss_server_side": True,
     "sample_join_sampling_session": False,
 }
 
@@ -106,6 +115,13 @@ class Server:
         self.api_keys = [k.encode() for k in api_keys]
         self.served_models = served_models
         self.poll_timeout = poll_timeout
+        self.traced_losses: dict[tuple[str, str], CompiledLoss] = {}  # (owner, loss_id)
+
+    def compiled_loss(self, loss_id: Any, owner: str) -> CompiledLoss:
+        compiled = self.traced_losses.get((owner, str(loss_id)))
+        if compiled is None:
+            raise InvalidRequestError(f"no custom loss {loss_id!r}: create it in this session")
+        return compiled
 
     def owner(self, request: Request) -> str:
         """The caller's identity: a fingerprint of its API key (keys are never stored)."""
@@ -256,6 +272,8 @@ def create_app(server: Server) -> FastAPI:
     def submit_forward_backward(raw: bytes, who: str) -> dict:
         req = wire_proto.decode_forward_backward_request(raw)
         server.check_run(req["model_id"], who)
+        if req["loss_fn"] == "custom":
+            return submit_traced_loss(req, who)
         with server.releasing_seq_on_error(req["model_id"], req["seq_id"]):
             prepared = server.engine.prepare(
                 req["model_id"], req["data"], req["loss_fn"], req["loss_fn_config"]
@@ -269,6 +287,60 @@ def create_app(server: Server) -> FastAPI:
             model_id=req["model_id"],
             seq_id=req["seq_id"],
         )
+
+    def submit_traced_loss(req: dict, who: str) -> dict:
+        """loss_fn="custom": uploaded graphs (base loss and, from tinkerd's client,
+        regularizers) run in one forward/backward on the server."""
+        model_id, data, config = req["model_id"], req["data"], req["loss_fn_config"] or {}
+        with server.releasing_seq_on_error(model_id, req["seq_id"]):
+            if req["forward_only"]:
+                raise InvalidRequestError("a custom loss runs in forward_backward, not forward")
+            compiled = server.compiled_loss(config.get("loss_id"), who)
+            try:
+                reg_specs = [
+                    (str(r["name"]), float(r["weight"]), server.compiled_loss(r["loss_id"], who))
+                    for r in json.loads(str(config.get("regularizers") or "[]"))
+                ]
+            except InvalidRequestError:
+                raise
+            except (ValueError, TypeError, KeyError) as e:
+                raise InvalidRequestError(
+                    f"loss_fn_config['regularizers'] malformed: {e}"
+                ) from None
+            base = graph_loss_fn(compiled)
+            regs = [RegularizerSpec(fn=graph_loss_fn(c), weight=w, name=n) for n, w, c in reg_specs]
+            check_regularizers(base, regs)
+            for graph in [compiled, *(c for _, _, c in reg_specs)]:
+                check_graph_inputs(graph, data)
+            server.engine.check_custom_data(model_id, data)
+        track = bool(config.get("track_grad_norms", 0))
+
+        def gradient_fn(logprobs: list) -> tuple:
+            result = evaluate(data, logprobs, base, regs, track)
+            return result.grads, result
+
+        def work() -> Any:
+            out, evaluation = server.engine.forward_backward_custom(model_id, data, gradient_fn)
+            return evaluation.output(out)
+
+        return server.submit(
+            who,
+            "forward_backward",
+            work,
+            encode=lambda out: (PROTOBUF, wire_proto.encode_forward_backward_output(out)),
+            model_id=model_id,
+            seq_id=req["seq_id"],
+        )
+
+    @app.post(f"{API}/create_custom_loss")
+    def create_custom_loss(body: dict[str, Any], who: str = Owner) -> dict:
+        session_id = str(body.get("session_id"))
+        own_session(session_id, who)
+        compiled = compile_loss(body)  # refuses any graph outside the allowlist
+        loss_id = f"{session_id}:loss:{int(body.get('custom_loss_seq_id', 0))}"
+        server.traced_losses[(who, loss_id)] = compiled
+        result = {"loss_id": loss_id, "type": "create_custom_loss"}
+        return server.submit(who, "create_custom_loss", lambda: result, lane="control")
 
     @app.post(f"{API}/optim_step")
     def optim_step(body: OptimStepRequest, who: str = Owner) -> dict:
