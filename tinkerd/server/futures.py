@@ -32,6 +32,7 @@ log = logging.getLogger("tinkerd.server")
 JSON = "application/json"
 PROTOBUF = "application/x-protobuf"
 Encoded = tuple[str, bytes]  # (content type, body)
+DEDUP_WINDOW = 1024  # seq_ids remembered per model for re-sent requests
 
 
 def encode_json(value: Any) -> Encoded:
@@ -75,6 +76,9 @@ class _SeqGate:
                 start()
             self.next_seq += 1
         self.stalled_since = time.monotonic() if self.waiting else None
+        if len(self.request_ids) > 2 * DEDUP_WINDOW:  # re-sends come within a few requests
+            for seq in [s for s in self.request_ids if s < self.next_seq - DEDUP_WINDOW]:
+                del self.request_ids[seq]
 
 
 class FutureTable:
