@@ -110,3 +110,17 @@ def server(tmp_path_factory):
     proc = ServerProcess(tmp_path_factory.mktemp("server-data"))
     yield proc
     proc.stop()
+
+
+@pytest.fixture(params=["embedded", "http"])
+def service(request, engine):
+    """A tinkerd ServiceClient on each transport: in-process, and HTTP to `server`."""
+    from tinkerd import ServiceClient
+    from tinkerd.client.transport import InProcessTransport
+
+    if request.param == "embedded":
+        client = ServiceClient(transport=InProcessTransport(engine=engine))
+    else:
+        client = ServiceClient(base_url=request.getfixturevalue("server").url, api_key=KEYS[0])
+    yield client
+    client.close()

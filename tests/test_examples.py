@@ -17,3 +17,25 @@ def test_custom_loss_regularizers_example_prints_the_breakdown():
     assert result.returncode == 0, result.stderr
     for term in ("base", "entropy", "len_nll", "total", "grad_norm"):
         assert term in result.stdout
+
+
+def test_rl_basic_example_over_http(server):
+    from conftest import KEYS
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "rl_basic.py"),
+            "--steps",
+            "3",
+            "--base-url",
+            server.url,
+            "--api-key",
+            KEYS[0],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "mean reward" in result.stdout

@@ -14,16 +14,6 @@ from tinkerd.errors import InvalidRequestError, ModelUnloadedError
 ADAM = AdamParams(learning_rate=3e-3)
 
 
-@pytest.fixture(params=["embedded", "http"])
-def service(request, engine):
-    if request.param == "embedded":
-        client = ServiceClient(transport=InProcessTransport(engine=engine))
-    else:
-        client = ServiceClient(base_url=request.getfixturevalue("server").url, api_key=KEYS[0])
-    yield client
-    client.close()
-
-
 def new_run(service, seed=0, **kwargs):
     return service.create_lora_training_client(TINY, rank=8, seed=seed, **kwargs)
 

@@ -1,7 +1,7 @@
 """tinkerd: a self-hosted, Tinker-compatible LoRA fine-tuning service and SDK."""
 
 from tinkerd import types
-from tinkerd.client import APIFuture, ServiceClient, TrainingClient
+from tinkerd.client import APIFuture, SamplingClient, ServiceClient, TrainingClient
 from tinkerd.custom_loss import RegularizerSpec
 from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.types import (
@@ -10,6 +10,8 @@ from tinkerd.types import (
     EncodedTextChunk,
     ForwardBackwardOutput,
     ModelInput,
+    SampleResponse,
+    SamplingParams,
     TensorData,
 )
 
@@ -25,6 +27,9 @@ __all__ = [
     "ModelInput",
     "NotFoundError",
     "RegularizerSpec",
+    "SampleResponse",
+    "SamplingClient",
+    "SamplingParams",
     "ServiceClient",
     "TensorData",
     "TinkerdError",

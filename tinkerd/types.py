@@ -302,3 +302,58 @@ class CustomLossOutput(ForwardBackwardOutput):
     regularizers: dict[str, RegularizerReport] = Field(default_factory=dict)
     regularizer_total: float = 0.0
     total_grad_norm: float | None = None
+
+
+# ---------------------------------------------------------------- sampling
+
+StopReason = Literal["length", "stop"]
+
+
+class SamplingParams(StrictBase):
+    max_tokens: int | None = None
+    """Most tokens to generate; None = until a stop or the end of the context window."""
+    seed: int | None = None
+    """Same seed, prompt and weights give the same tokens, whatever else shares the batch."""
+    stop: str | list[str] | list[int] | None = None
+    """Stop strings or token ids. None stops at the tokenizer's EOS; a list replaces EOS
+    (`[]` never stops early). The token that completes a stop is included in the output."""
+    temperature: float = 1
+    """0 is greedy decoding."""
+    top_k: int = -1
+    """Keep only the k most likely tokens; -1 (or 0) keeps all."""
+    top_p: float = 1
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+
+
+class SampledSequence(ResponseBase):
+    stop_reason: StopReason
+    tokens: list[int]
+    """Generated token ids `[n_generated]`, the stop token included."""
+    logprobs: list[float] | None = None
+    """Log-probability of each generated token under the model (temperature 1, before
+    top-k/top-p): the same number a training forward computes for that token."""
+    topk_logprobs: list[list[tuple[int, float]] | None] | None = None
+    """With topk_sample_logprobs=k: the k most likely (token, logprob) at each position."""
+    sequence_id: str | None = None
+
+
+class SampleResponse(ResponseBase):
+    sequences: list[SampledSequence]
+    prompt_logprobs: list[float | None] | None = None
+    """`[prompt_len]`: logprob of each prompt token given those before it; None at 0."""
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    """`[prompt_len]`: the k most likely (token, logprob) at each prompt position."""
+    prompt_cache_hit_tokens: int = 0
+    type: Literal["sample"] | None = None
+
+
+class SaveWeightsForSamplerResponse(ResponseBase):
+    path: str
+    """`tinker://<model_id>/sampler_weights/<name>`"""
+    type: Literal["save_weights_for_sampler"] | None = None
+
+
+class GetSamplerResponse(ResponseBase):
+    sampler_id: str
+    base_model: str
+    model_path: str | None = None

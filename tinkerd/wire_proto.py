@@ -16,7 +16,15 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from tinkerd.errors import InvalidRequestError
-from tinkerd.types import Datum, EncodedTextChunk, ForwardBackwardOutput, ModelInput, TensorData
+from tinkerd.types import (
+    Datum,
+    EncodedTextChunk,
+    ForwardBackwardOutput,
+    ModelInput,
+    SampledSequence,
+    SampleResponse,
+    TensorData,
+)
 
 F = descriptor_pb2.FieldDescriptorProto
 _SCALARS = {
@@ -316,4 +324,81 @@ def decode_forward_backward_output(body: bytes) -> ForwardBackwardOutput:
         loss_fn_output_type=msg.loss_fn_output_type.rsplit(":", 1)[-1],
         loss_fn_outputs=outputs,
         metrics=dict(msg.metrics),
+    )
+
+
+# ---------------------------------------------------------------- sample response
+
+_STOP_REASONS = ["stop", "length"]  # enum values 0, 1
+MASK_LOGPROB = -99999.0  # an empty top-k cell, as the SDK writes it
+
+
+def _fill_topk(out, rows: list[list[tuple[int, float]] | None]) -> None:
+    """Row-major `[len(rows), k]` id and logprob matrices; a missing row is all sentinel."""
+    k = max((len(r) for r in rows if r), default=0)
+    ids = np.zeros((len(rows), k), "<i4")
+    lps = np.full((len(rows), k), MASK_LOGPROB, "<f4")
+    for i, row in enumerate(rows):
+        for j, (token, logprob) in enumerate(row or []):
+            ids[i, j], lps[i, j] = token, logprob
+    out.token_ids, out.logprobs, out.k, out.length = ids.tobytes(), lps.tobytes(), k, len(rows)
+
+
+def _read_topk(msg) -> list[list[tuple[int, float]] | None]:
+    ids = np.frombuffer(msg.token_ids, "<i4").reshape(msg.length, msg.k)
+    lps = np.frombuffer(msg.logprobs, "<f4").reshape(msg.length, msg.k)
+    rows: list[list[tuple[int, float]] | None] = []
+    for row_ids, row_lps in zip(ids.tolist(), lps.tolist()):
+        row = [(t, lp) for t, lp in zip(row_ids, row_lps) if lp != MASK_LOGPROB]
+        rows.append(row or None)
+    return rows
+
+
+def encode_sample_response(response: SampleResponse) -> bytes:
+    msg = MESSAGES["SampleResponse"](prompt_cache_hit_tokens=response.prompt_cache_hit_tokens)
+    for seq in response.sequences:
+        out = msg.sequences.add(
+            stop_reason=_STOP_REASONS.index(seq.stop_reason),
+            tokens=np.asarray(seq.tokens, "<i4").tobytes(),
+        )
+        if seq.logprobs is not None:
+            out.logprobs = np.asarray(seq.logprobs, "<f4").tobytes()
+        if seq.topk_logprobs is not None:
+            _fill_topk(out.topk_sampled_logprobs, seq.topk_logprobs)
+    if response.prompt_logprobs is not None:
+        values = [np.nan if v is None else v for v in response.prompt_logprobs]
+        msg.prompt_logprobs = np.asarray(values, "<f4").tobytes()
+    if response.topk_prompt_logprobs is not None:
+        _fill_topk(msg.topk_prompt_logprobs, response.topk_prompt_logprobs)
+    return msg.SerializeToString()
+
+
+def decode_sample_response(body: bytes) -> SampleResponse:
+    msg = MESSAGES["SampleResponse"]()
+    msg.ParseFromString(body)
+    sequences = []
+    for seq in msg.sequences:
+        sequences.append(
+            SampledSequence(
+                stop_reason=_STOP_REASONS[seq.stop_reason],
+                tokens=np.frombuffer(seq.tokens, "<i4").tolist(),
+                logprobs=np.frombuffer(seq.logprobs, "<f4").tolist()
+                if seq.HasField("logprobs")
+                else None,
+                topk_logprobs=_read_topk(seq.topk_sampled_logprobs)
+                if seq.HasField("topk_sampled_logprobs")
+                else None,
+            )
+        )
+    prompt_logprobs = None
+    if msg.HasField("prompt_logprobs"):
+        values = np.frombuffer(msg.prompt_logprobs, "<f4").tolist()
+        prompt_logprobs = [None if np.isnan(v) else v for v in values]
+    return SampleResponse(
+        sequences=sequences,
+        prompt_logprobs=prompt_logprobs,
+        topk_prompt_logprobs=_read_topk(msg.topk_prompt_logprobs)
+        if msg.HasField("topk_prompt_logprobs")
+        else None,
+        prompt_cache_hit_tokens=msg.prompt_cache_hit_tokens,
     )

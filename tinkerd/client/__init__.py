@@ -1,5 +1,6 @@
 from tinkerd.client.futures import APIFuture
+from tinkerd.client.sampling_client import SamplingClient
 from tinkerd.client.service_client import ServiceClient
 from tinkerd.client.training_client import TrainingClient
 
-__all__ = ["APIFuture", "ServiceClient", "TrainingClient"]
+__all__ = ["APIFuture", "SamplingClient", "ServiceClient", "TrainingClient"]

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from tinkerd import wire_proto
 from tinkerd.client.traced_loss import LossHandle
-from tinkerd.client.transport import GradientFn
+from tinkerd.client.transport import GradientFn, SampleOptions, SamplerRef
 from tinkerd.errors import InvalidRequestError, RequestFailedError, TinkerdError, error_for_status
 from tinkerd.types import (
     AdamParams,
@@ -31,7 +31,10 @@ from tinkerd.types import (
     GetInfoResponse,
     GetServerCapabilitiesResponse,
     LoraConfig,
+    ModelInput,
     OptimStepResponse,
+    SampleResponse,
+    SamplingParams,
     TensorData,
     UnloadModelResponse,
 )
@@ -51,6 +54,7 @@ class HttpTransport:
         self._session_id: str | None = None
         self._model_seq = 0
         self._loss_seq = 0
+        self._sampling_session_seq = 0
         self._seq: dict[str, int] = {}
         self._closed = threading.Event()
         self._tokenizers: dict[str, Any] = {}
@@ -282,7 +286,77 @@ class HttpTransport:
             "/unload_model", lambda r: UnloadModelResponse.model_validate(r.json()), payload
         )
 
-    def get_tokenizer(self, model_id: str, base_model: str) -> Any:
+    def _next_sampling_session_seq(self) -> int:
+        with self._lock:
+            seq = self._sampling_session_seq
+            self._sampling_session_seq += 1
+            return seq
+
+    def save_weights_for_sampler(self, model_id: str, name: str | None) -> Future[SamplerRef]:
+        """Named: the server answers with a path (a sampling session is opened when a
+        SamplingClient needs one). Unnamed: it answers with a new sampling session."""
+        payload: dict[str, Any] = {
+            "model_id": model_id,
+            "seq_id": self._next_seq(model_id),
+            "kind": "snapshot",
+            "type": "save_weights_for_sampler",
+        }
+        if name is None:
+            self._session()
+            payload["sampling_session_seq_id"] = self._next_sampling_session_seq()
+        else:
+            payload["path"] = name
+
+        def ref(response: httpx.Response) -> SamplerRef:
+            body = response.json()
+            return SamplerRef(body.get("sampling_session_id") or "", "", body.get("path"))
+
+        return self._submit("/save_weights_for_sampler", ref, payload)
+
+    def create_sampler(self, base_model: str | None, model_path: str | None) -> Future[SamplerRef]:
+        def create() -> SamplerRef:
+            payload = {
+                "session_id": self._session(),
+                "sampling_session_seq_id": self._next_sampling_session_seq(),
+                "base_model": base_model,
+                "model_path": model_path,
+                "type": "create_sampling_session",
+            }
+            session_id = self._post("/create_sampling_session", payload).json()[
+                "sampling_session_id"
+            ]
+            base = base_model
+            if base is None:
+                sampler = _raise_for_status(self._http.get(f"{API}/samplers/{session_id}"))
+                base = sampler.json()["base_model"]
+            return SamplerRef(session_id, base, model_path)
+
+        return self._pollers.submit(create)
+
+    def sample(
+        self,
+        sampler: SamplerRef,
+        prompt: ModelInput,
+        num_samples: int,
+        sampling_params: SamplingParams,
+        options: SampleOptions,
+    ) -> Future[SampleResponse]:
+        payload = {
+            "sampling_session_id": sampler.sampler_id,
+            "seq_id": self._next_seq(sampler.sampler_id),
+            "num_samples": num_samples,
+            "prompt": prompt.model_dump(),
+            "sampling_params": sampling_params.model_dump(exclude_none=True),
+            "prompt_logprobs": options.include_prompt_logprobs,
+            "topk_prompt_logprobs": options.topk_prompt_logprobs,
+            "topk_sample_logprobs": options.topk_sample_logprobs,
+            "type": "sample",
+        }
+        return self._submit(
+            "/asample", lambda r: wire_proto.decode_sample_response(r.content), payload
+        )
+
+    def get_tokenizer(self, model_id: str | None, base_model: str) -> Any:
         """The tokenizer the server names in get_info: a local directory when client and
         server share a machine; `tinkerd/tiny`'s is rebuilt locally (it is deterministic);
         otherwise a Hugging Face hub id."""
@@ -291,7 +365,9 @@ class HttpTransport:
 
             from tinkerd.engine.tiny import TINY_MODEL_NAME, build_tokenizer
 
-            tokenizer_id = self.get_info(model_id).result().model_data.tokenizer_id
+            tokenizer_id = None
+            if model_id is not None:
+                tokenizer_id = self.get_info(model_id).result().model_data.tokenizer_id
             if tokenizer_id and os.path.isdir(tokenizer_id):
                 self._tokenizers[base_model] = AutoTokenizer.from_pretrained(tokenizer_id)
             elif base_model == TINY_MODEL_NAME:

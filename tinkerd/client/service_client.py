@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tinkerd.client.futures import APIFuture, failed
+from tinkerd.client.sampling_client import SamplingClient
 from tinkerd.client.traced_loss import LossHandle, trace
 from tinkerd.client.training_client import TrainingClient
 from tinkerd.client.transport import InProcessTransport, Transport
@@ -75,6 +76,20 @@ class ServiceClient:
         import asyncio
 
         return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
+
+    def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None, **_: Any
+    ) -> SamplingClient:
+        """Sample from saved sampler weights (`tinker://...`) or from a base model as is."""
+        if (model_path is None) == (base_model is None):
+            raise InvalidRequestError("give exactly one of model_path and base_model")
+        future = APIFuture(self._transport.create_sampler(base_model, model_path))
+        return SamplingClient(self._transport, future)
+
+    async def create_sampling_client_async(self, *args: Any, **kwargs: Any) -> SamplingClient:
+        client = self.create_sampling_client(*args, **kwargs)
+        await client._sampler  # type: ignore[misc]
+        return client
 
     def create_custom_loss(self, fn: Any, input_ranks: Mapping[str, int]) -> APIFuture[LossHandle]:
         """Trace a per-datum loss `fn(logprobs, *inputs) -> (loss, metrics)` with torch.fx

@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from tinkerd.client.futures import APIFuture, failed
+from tinkerd.client.sampling_client import SamplingClient, with_base_model
 from tinkerd.client.traced_loss import LossHandle
 from tinkerd.client.transport import Transport
 from tinkerd.custom_loss import (
@@ -35,6 +36,7 @@ from tinkerd.types import (
     LoraConfig,
     ModelInput,
     OptimStepResponse,
+    SaveWeightsForSamplerResponse,
     TensorData,
     UnloadModelResponse,
 )
@@ -196,6 +198,41 @@ class TrainingClient:
 
     async def unload_model_async(self) -> APIFuture[UnloadModelResponse]:
         return self.unload_model()
+
+    # ---------------------------------------------------------------- sampling
+
+    def save_weights_for_sampler(self, name: str) -> APIFuture[SaveWeightsForSamplerResponse]:
+        """Freeze the weights as they are after every request made so far, for sampling
+        at `tinker://<model_id>/sampler_weights/<name>`."""
+        return self._submit("save_weights_for_sampler", name).then(
+            lambda ref: SaveWeightsForSamplerResponse(
+                path=ref.model_path, type="save_weights_for_sampler"
+            )
+        )
+
+    async def save_weights_for_sampler_async(
+        self, name: str
+    ) -> APIFuture[SaveWeightsForSamplerResponse]:
+        return self.save_weights_for_sampler(name)
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
+        """A SamplingClient on the weights as they are after every request made so far.
+        Without a name the weights are ephemeral: kept while recently used, never on disk."""
+        future = self._submit("save_weights_for_sampler", name)
+        return SamplingClient(
+            self._transport, future.then(lambda ref: with_base_model(ref, self.base_model))
+        )
+
+    async def save_weights_and_get_sampling_client_async(
+        self, name: str | None = None
+    ) -> SamplingClient:
+        client = self.save_weights_and_get_sampling_client(name)
+        await client._sampler  # type: ignore[misc]  # the save itself
+        return client
+
+    def create_sampling_client(self, model_path: str) -> SamplingClient:
+        future = APIFuture(self._transport.create_sampler(None, model_path))
+        return SamplingClient(self._transport, future)
 
     # ---------------------------------------------------------------- info
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,11 +23,31 @@ from tinkerd.types import (
     GetInfoResponse,
     GetServerCapabilitiesResponse,
     LoraConfig,
+    ModelInput,
     OptimStepResponse,
+    SampleResponse,
+    SamplingParams,
     UnloadModelResponse,
 )
 
 GradientFn = Callable[[list[Tensor]], tuple[list[Tensor], Any]]
+
+
+@dataclass(frozen=True)
+class SamplerRef:
+    """Weights a SamplingClient samples from, as the transport names them."""
+
+    sampler_id: str
+    """In-process: the engine's sampler id; HTTP: the sampling session id."""
+    base_model: str
+    model_path: str | None = None
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    include_prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
 
 
 class Transport(Protocol):
@@ -64,7 +85,24 @@ class Transport(Protocol):
 
     def unload_model(self, model_id: str) -> Future[UnloadModelResponse]: ...
 
-    def get_tokenizer(self, model_id: str, base_model: str) -> Any: ...
+    def save_weights_for_sampler(self, model_id: str, name: str | None) -> Future[SamplerRef]:
+        """Freeze the run's weights (after every earlier request of the run) for sampling."""
+        ...
+
+    def create_sampler(
+        self, base_model: str | None, model_path: str | None
+    ) -> Future[SamplerRef]: ...
+
+    def sample(
+        self,
+        sampler: SamplerRef,
+        prompt: ModelInput,
+        num_samples: int,
+        sampling_params: SamplingParams,
+        options: SampleOptions,
+    ) -> Future[SampleResponse]: ...
+
+    def get_tokenizer(self, model_id: str | None, base_model: str) -> Any: ...
 
     def close(self) -> None: ...
 
@@ -146,7 +184,46 @@ class InProcessTransport:
     def unload_model(self, model_id: str) -> Future[UnloadModelResponse]:
         return self.scheduler.submit(self._lane(model_id), self.engine.unload_model, model_id)
 
-    def get_tokenizer(self, model_id: str, base_model: str) -> Any:
+    def save_weights_for_sampler(self, model_id: str, name: str | None) -> Future[SamplerRef]:
+        def save() -> SamplerRef:
+            w = self.engine.save_weights_for_sampler(model_id, name)
+            return SamplerRef(w.sampler_id, w.base_model, w.model_path)
+
+        return self.scheduler.submit(self._lane(model_id), save)
+
+    def create_sampler(self, base_model: str | None, model_path: str | None) -> Future[SamplerRef]:
+        def create() -> SamplerRef:
+            w = self.engine.sampler_for(base_model=base_model, model_path=model_path)
+            return SamplerRef(w.sampler_id, w.base_model, w.model_path)
+
+        return self.scheduler.submit("control", create)
+
+    def sample(
+        self,
+        sampler: SamplerRef,
+        prompt: ModelInput,
+        num_samples: int,
+        sampling_params: SamplingParams,
+        options: SampleOptions,
+    ) -> Future[SampleResponse]:
+        # Not through the lanes: the engine's sampler batches concurrent requests itself.
+        try:
+            weights = self.engine.get_sampler(sampler.sampler_id)
+            return self.engine.sample(
+                weights,
+                prompt.to_ints(),
+                num_samples,
+                sampling_params,
+                options.include_prompt_logprobs,
+                options.topk_prompt_logprobs,
+                options.topk_sample_logprobs,
+            )
+        except Exception as e:
+            future: Future[SampleResponse] = Future()
+            future.set_exception(e)
+            return future
+
+    def get_tokenizer(self, model_id: str | None, base_model: str) -> Any:
         return self.engine.base_model(base_model).tokenizer
 
     def create_custom_loss(self, handle: Any) -> Future[Any]:

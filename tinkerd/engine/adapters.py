@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import secrets
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ def create_run(base: BaseModel, model_id: str, lora: LoraConfig) -> Run:
         torch.manual_seed(seed)  # A ~ kaiming-uniform from this seed, B = 0
         if base.peft_model is None:
             base.peft_model = get_peft_model(base.model, config, adapter_name=model_id)
+            base.peft_model.eval()  # no dropout; and PEFT's mixed-adapter batches need it
         else:
             base.peft_model.add_adapter(model_id, config)
         base.adapters.add(model_id)
@@ -90,8 +92,7 @@ def delete_run(run: Run) -> None:
             p.grad = None
         base.adapters.discard(run.model_id)
         base.peft_model.delete_adapter(run.model_id)
-        if base.adapters:  # keep PEFT's notion of the active adapter pointing at a live one
-            base.peft_model.set_adapter(next(iter(base.adapters)))
+        _repoint_active(base)
 
 
 def validate_adam_params(adam: AdamParams) -> None:
@@ -138,3 +139,52 @@ def adam_step(run: Run, adam: AdamParams) -> dict[str, float]:
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     return {"grad_norm": grad_norm, "learning_rate": adam.learning_rate, "step": float(run.step)}
+
+
+def add_frozen_adapter(
+    base: BaseModel, name: str, config, weights: dict[str, torch.Tensor]
+) -> None:
+    """Add adapter `name` with `weights` (parameter name -> tensor, written with `{name}`
+    where the adapter name goes) to the base's PEFT model, for inference only."""
+    from peft import get_peft_model
+
+    with base.lock:
+        if base.peft_model is None:
+            base.peft_model = get_peft_model(base.model, config, adapter_name=name)
+            base.peft_model.eval()
+        else:
+            base.peft_model.add_adapter(name, config)
+        params = dict(base.peft_model.named_parameters())
+        for key, value in weights.items():
+            target = params[key.format(name=name)]
+            target.data = value.to(target.device, torch.float32).clone()
+            target.requires_grad_(False)
+
+
+def snapshot_weights(run: Run) -> tuple[object, dict[str, torch.Tensor]]:
+    """A copy of the run's LoRA config and weights, keyed for `add_frozen_adapter`."""
+    tag = f".{run.model_id}."
+    with run.base.lock:
+        config = copy.deepcopy(run.base.peft_model.peft_config[run.model_id])
+        weights = {
+            n.replace(tag, ".{name}."): p.detach().clone()
+            for n, p in run.base.peft_model.named_parameters()
+            if tag in n
+        }
+    config.inference_mode = True
+    return config, weights
+
+
+def remove_adapter(base: BaseModel, name: str) -> None:
+    with base.lock:
+        base.peft_model.delete_adapter(name)
+        _repoint_active(base)
+
+
+def _repoint_active(base: BaseModel) -> None:
+    """Keep PEFT's active adapter a live one: a deleted one breaks every later forward."""
+    model = base.peft_model
+    live = [a for a in base.adapters if a in model.peft_config] or list(model.peft_config)
+    stale = model.active_adapter not in (base.adapters or model.peft_config)
+    if live and stale:
+        model.set_adapter(live[0])

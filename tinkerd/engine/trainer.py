@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tinkerd import losses
-from tinkerd.engine.adapters import Run, adam_step, create_run, delete_run
+from tinkerd.engine.adapters import (
+    Run,
+    adam_step,
+    add_frozen_adapter,
+    create_run,
+    delete_run,
+    remove_adapter,
+    snapshot_weights,
+)
 from tinkerd.engine.batch import Batch, collate
 from tinkerd.engine.models import BaseModel, BaseModelRegistry
+from tinkerd.engine.sampler import BASE_ADAPTER, Sampler, make_spec
 from tinkerd.engine.tiny import TINY_MODEL_NAME
 from tinkerd.errors import InvalidRequestError, ModelUnloadedError, NotFoundError
 from tinkerd.types import (
@@ -33,6 +44,8 @@ from tinkerd.types import (
     LoraConfig,
     ModelData,
     OptimStepResponse,
+    SampleResponse,
+    SamplingParams,
     SupportedModel,
     TensorData,
     UnloadModelResponse,
@@ -51,13 +64,17 @@ class Engine:
         self._runs: dict[str, Run] = {}
         self._unloaded: set[str] = set()
         self._lock = threading.Lock()
+        self._samplers: dict[str, Sampler] = {}
+        self._sampler_weights: dict[str, SamplerWeights] = {}  # by sampler_id
+        self._snapshots: OrderedDict[str, SamplerWeights] = OrderedDict()  # in memory, LRU
+        self.max_snapshots = MAX_SNAPSHOTS
 
     # ------------------------------------------------------------ runs
 
     def get_server_capabilities(self) -> GetServerCapabilitiesResponse:
         return GetServerCapabilitiesResponse(
             supported_models=[
-                SupportedModel(model_name=name, trainable=True, sampleable=False)
+                SupportedModel(model_name=name, trainable=True, sampleable=True)
                 for name in dict.fromkeys(self.advertised_models + self.registry.loaded())
             ]
         )
@@ -202,6 +219,127 @@ class Engine:
             if backward:
                 loss.backward()
         return _output(batch, logprobs.detach(), elementwise.detach(), loss.item())
+
+    # ------------------------------------------------------------ sampling
+
+    def save_weights_for_sampler(self, model_id: str, name: str | None = None) -> SamplerWeights:
+        """Freeze the run's current weights as a sampler version. Named versions get the
+        path `tinker://<model_id>/sampler_weights/<name>`; unnamed ones only an id."""
+        run = self.run(model_id)
+        if name is not None:
+            _check_name(name)
+        config, weights = snapshot_weights(run)  # under the base lock: after queued steps
+        sampler_id = f"sampler-{uuid.uuid4().hex[:12]}"
+        adapter = f"s{uuid.uuid4().hex[:12]}"
+        path = None if name is None else f"tinker://{model_id}/sampler_weights/{name}"
+        add_frozen_adapter(run.base, adapter, config, weights)
+        sw = SamplerWeights(sampler_id, run.base.name, adapter, path, model_id)
+        with self._lock:
+            if path is not None:
+                for old in [w for w in self._sampler_weights.values() if w.model_path == path]:
+                    self._sampler_weights.pop(old.sampler_id)  # a re-save replaces the name
+            self._sampler_weights[sampler_id] = sw
+            self._snapshots[adapter] = sw
+        self._evict_snapshots()
+        return sw
+
+    def sampler_for(
+        self, base_model: str | None = None, model_path: str | None = None
+    ) -> SamplerWeights:
+        """The weights to sample from: a base model as it is, or saved sampler weights."""
+        if (base_model is None) == (model_path is None):
+            raise InvalidRequestError("give exactly one of base_model and model_path")
+        if base_model is not None:
+            self._load_base(base_model)
+            return SamplerWeights(f"base:{base_model}", base_model, BASE_ADAPTER, None, None)
+        with self._lock:
+            found = [w for w in self._sampler_weights.values() if w.model_path == model_path]
+        if not found:
+            raise NotFoundError(f"no sampler weights at {model_path!r}")
+        return found[-1]
+
+    def get_sampler(self, sampler_id: str) -> SamplerWeights:
+        if sampler_id.startswith("base:"):
+            return self.sampler_for(base_model=sampler_id.removeprefix("base:"))
+        with self._lock:
+            if sampler_id in self._sampler_weights:
+                return self._sampler_weights[sampler_id]
+        raise NotFoundError(f"no sampler {sampler_id!r}")
+
+    def sample(
+        self,
+        weights: SamplerWeights,
+        prompt: list[int],
+        num_samples: int,
+        sampling_params: SamplingParams,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+    ) -> Future[SampleResponse]:
+        """Validate now (raises InvalidRequestError), decode in the base's batched sampler."""
+        base = self._load_base(weights.base_model)
+        with self._lock:
+            if weights.adapter != BASE_ADAPTER and weights.adapter not in self._snapshots:
+                raise NotFoundError(
+                    f"sampler weights {weights.model_path or weights.sampler_id} were evicted "
+                    f"(at most {self.max_snapshots} versions stay loaded); save them again"
+                )
+            if weights.adapter in self._snapshots:
+                self._snapshots.move_to_end(weights.adapter)
+            sampler = self._samplers.get(base.name)
+            if sampler is None:
+                sampler = self._samplers[base.name] = Sampler(base)
+        spec = make_spec(
+            base,
+            prompt,
+            num_samples,
+            sampling_params,
+            adapter=weights.adapter,
+            prompt_logprobs=include_prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+            topk_sample_logprobs=topk_sample_logprobs,
+        )
+        return sampler.submit(spec)
+
+    def sampler_stats(self, base_model: str) -> list[tuple[int, int]]:
+        """(rows, distinct requests) of the base's recent decode steps."""
+        sampler = self._samplers.get(base_model)
+        return list(sampler.steps) if sampler else []
+
+    def _evict_snapshots(self) -> None:
+        """Unload the least recently used sampler versions beyond `max_snapshots`."""
+        busy = set().union(*(s.adapters_in_use() for s in list(self._samplers.values())))
+        with self._lock:
+            extra = len(self._snapshots) - self.max_snapshots
+            victims = [w for a, w in self._snapshots.items() if a not in busy][: max(extra, 0)]
+            for w in victims:
+                self._snapshots.pop(w.adapter)
+        for w in victims:
+            remove_adapter(self.registry.get(w.base_model), w.adapter)
+
+
+MAX_SNAPSHOTS = 64  # sampler weight versions kept loaded (LoRA-sized each)
+
+
+@dataclass
+class SamplerWeights:
+    """A frozen weight version to sample from: an inference-only adapter, or the base."""
+
+    sampler_id: str
+    base_model: str
+    adapter: str
+    model_path: str | None
+    """`tinker://<model_id>/sampler_weights/<name>` when saved under a name."""
+    model_id: str | None
+    """The training run the weights came from."""
+
+
+def _check_name(name: str) -> None:
+    ok = name and len(name) <= 128 and not name.startswith(".")
+    if not ok or not all(c.isalnum() or c in "._-" for c in name):
+        raise InvalidRequestError(
+            f"invalid checkpoint name {name!r}: use 1-128 of [A-Za-z0-9._-], not starting with '.'"
+        )
 
 
 @dataclass

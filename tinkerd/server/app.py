@@ -32,13 +32,13 @@ from tinkerd.custom_loss import (
     graph_loss_fn,
 )
 from tinkerd.engine.adapters import validate_adam_params, validate_lora_config
-from tinkerd.engine.trainer import Engine
+from tinkerd.engine.trainer import Engine, SamplerWeights
 from tinkerd.errors import AuthenticationError, InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.fx_loss import CompiledLoss, compile_loss
 from tinkerd.server.futures import PROTOBUF, FutureTable
 from tinkerd.server.scheduler import Scheduler
 from tinkerd.server.store import Store
-from tinkerd.types import AdamParams, LoraConfig
+from tinkerd.types import AdamParams, LoraConfig, ModelInput, SampleResponse, SamplingParams
 
 API = "/api/v1"
 
@@ -88,6 +88,38 @@ class OptimStepRequest(Body):
     optimizer_params: AdamParams | None = None
 
 
+class SaveWeightsForSamplerRequest(Body):
+    model_id: str
+    seq_id: int | None = None
+    path: str | None = None
+    """A name: the weights are kept at tinker://<model_id>/sampler_weights/<name>."""
+    sampling_session_seq_id: int | None = None
+    """Without a name: open a sampling session on the (ephemeral) weights."""
+
+
+class CreateSamplingSessionRequest(Body):
+    session_id: str
+    sampling_session_seq_id: int = 0
+    base_model: str | None = None
+    model_path: str | None = None
+
+
+class SampleRequest(Body):
+    sampling_session_id: str | None = None
+    seq_id: int | None = None
+    base_model: str | None = None
+    model_path: str | None = None
+    num_samples: int = 1
+    prompt: ModelInput
+    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    prompt_logprobs_last_n: int | None = None
+    prompt_alt_tokens_k: int = 0
+    target_prompt_logprobs: Any = None
+
+
 class RetrieveFutureRequest(Body):
     request_id: str
 
@@ -116,6 +148,7 @@ class Server:
         self.served_models = served_models
         self.poll_timeout = poll_timeout
         self.traced_losses: dict[tuple[str, str], CompiledLoss] = {}  # (owner, loss_id)
+        self.sampling_sessions: dict[str, tuple[str, SamplerWeights]] = {}  # id: (owner, w)
 
     def compiled_loss(self, loss_id: Any, owner: str) -> CompiledLoss:
         compiled = self.traced_losses.get((owner, str(loss_id)))
@@ -368,6 +401,99 @@ def create_app(server: Server) -> FastAPI:
 
         return server.submit(who, "unload_model", work, model_id=body.model_id)
 
+    # ------------------------------------------------------------ sampling
+
+    @app.post(f"{API}/save_weights_for_sampler")
+    def save_weights_for_sampler(body: SaveWeightsForSamplerRequest, who: str = Owner) -> dict:
+        server.check_run(body.model_id, who)
+        with server.releasing_seq_on_error(body.model_id, body.seq_id):
+            if body.path is None and body.sampling_session_seq_id is None:
+                raise InvalidRequestError("give a path (a name) or a sampling_session_seq_id")
+
+        def work() -> dict:
+            weights = server.engine.save_weights_for_sampler(body.model_id, body.path)
+            if body.path is not None:
+                return {"path": weights.model_path, "type": "save_weights_for_sampler"}
+            sampling_id = f"{body.model_id}:sample:{body.sampling_session_seq_id}"
+            server.sampling_sessions[sampling_id] = (who, weights)
+            return {"sampling_session_id": sampling_id, "type": "save_weights_for_sampler"}
+
+        return server.submit(
+            who, "save_weights_for_sampler", work, model_id=body.model_id, seq_id=body.seq_id
+        )
+
+    def sampler_weights(base_model: str | None, model_path: str | None, who: str):
+        if model_path is not None:
+            if not model_path.startswith("tinker://"):
+                raise InvalidRequestError(f"model_path must start with tinker://: {model_path!r}")
+            server.check_run(model_path.removeprefix("tinker://").split("/", 1)[0], who)
+        elif base_model is not None and base_model not in server.served_models:
+            raise InvalidRequestError(
+                f"base model {base_model!r} is not served here; available: {server.served_models}"
+            )
+        return server.engine.sampler_for(base_model=base_model, model_path=model_path)
+
+    @app.post(f"{API}/create_sampling_session")
+    def create_sampling_session(body: CreateSamplingSessionRequest, who: str = Owner) -> dict:
+        own_session(body.session_id, who)
+        weights = sampler_weights(body.base_model, body.model_path, who)
+        sampling_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
+        server.sampling_sessions[sampling_id] = (who, weights)
+        return {"sampling_session_id": sampling_id, "type": "create_sampling_session"}
+
+    def sampling_session(sampling_id: str, who: str) -> SamplerWeights:
+        owner_and_weights = server.sampling_sessions.get(sampling_id)
+        if owner_and_weights is None or owner_and_weights[0] != who:
+            raise NotFoundError(f"no sampling session {sampling_id!r}")
+        return owner_and_weights[1]
+
+    @app.get(f"{API}/samplers/{{sampler_id}}")
+    def get_sampler(sampler_id: str, who: str = Owner) -> dict:
+        weights = sampling_session(sampler_id, who)
+        return {
+            "sampler_id": sampler_id,
+            "base_model": weights.base_model,
+            "model_path": weights.model_path,
+        }
+
+    @app.post(f"{API}/asample")
+    def asample(body: SampleRequest, who: str = Owner) -> dict:
+        if body.sampling_session_id is not None:
+            weights = sampling_session(body.sampling_session_id, who)
+        else:
+            weights = sampler_weights(body.base_model, body.model_path, who)
+        if body.prompt_alt_tokens_k or body.target_prompt_logprobs is not None:
+            raise InvalidRequestError(
+                "prompt_alt_tokens_k and target_prompt_logprobs are not supported by tinkerd"
+            )
+        known = SamplingParams.model_fields
+        params = SamplingParams.model_validate(
+            {k: v for k, v in body.sampling_params.items() if k in known}
+        )
+        last_n = body.prompt_logprobs_last_n
+        prompt = body.prompt.to_ints()
+        if last_n is not None and not 1 <= last_n < len(prompt):
+            raise InvalidRequestError(
+                f"prompt_logprobs_last_n must be in [1, {len(prompt) - 1}], got {last_n}"
+            )
+        future = server.engine.sample(  # validates now: bad input is a 400, not a failed future
+            weights,
+            prompt,
+            body.num_samples,
+            params,
+            body.prompt_logprobs,
+            body.topk_prompt_logprobs,
+            body.topk_sample_logprobs,
+        )
+        encode = lambda r: (PROTOBUF, wire_proto.encode_sample_response(only_last(r, last_n)))
+        request_id = server.futures.submit(
+            owner=who, kind="sample", lane=None, work=lambda: future, encode=encode
+        )
+        return {
+            "request_id": request_id,
+            "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)],
+        }
+
     # ------------------------------------------------------------ futures
 
     @app.post(f"{API}/retrieve_future")
@@ -414,6 +540,18 @@ def create_app(server: Server) -> FastAPI:
         raise NotFoundError(f"no training run {model_id!r}")
 
     return app
+
+
+def only_last(response: SampleResponse, last_n: int | None) -> SampleResponse:
+    """Blank every prompt logprob but the last `last_n` (prompt_logprobs_last_n)."""
+    if last_n is None:
+        return response
+    blank = len(response.prompt_logprobs or []) - last_n
+    if response.prompt_logprobs is not None:
+        response.prompt_logprobs = [None] * blank + response.prompt_logprobs[blank:]
+    if response.topk_prompt_logprobs is not None:
+        response.topk_prompt_logprobs = [None] * blank + response.topk_prompt_logprobs[blank:]
+    return response
 
 
 def _iso(timestamp: float) -> str:

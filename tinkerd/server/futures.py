@@ -96,7 +96,7 @@ class FutureTable:
         *,
         owner: str,
         kind: str,
-        lane: str,
+        lane: str | None,
         work: Callable[[], Any],
         encode: Callable[[Any], Encoded] = encode_json,
         model_id: str | None = None,
@@ -112,7 +112,8 @@ class FutureTable:
             self._pending[request_id] = _Pending(owner, Future())
 
             def start() -> None:
-                future = self.scheduler.submit(lane, work)
+                # lane None: `work` has started already elsewhere and returns its Future
+                future = self.scheduler.submit(lane, work) if lane else work()
                 future.add_done_callback(lambda f: self._record(request_id, f, encode))
 
             if gate is None or seq_id < gate.next_seq:

@@ -1,0 +1,501 @@
+"""Durable LoRA checkpoints: PEFT adapter files, optional AdamW state, and metadata.
+
+Layout: `root/<model_id>/<kind>/<name>/` holds
+- `adapter_model.safetensors` + `adapter_config.json`, exactly as PEFT's `save_pretrained`
+  writes them, so `PeftModel.from_pretrained(base, dir)` loads the directory as-is;
+- `optimizer.pt` (only if saved with the optimizer): per parameter `exp_avg`, `exp_avg_sq`,
+  `step`, keyed by the same names as the adapter weights, plus `run_step`;
+- `tinkerd.json`, written last: what was saved, and the sha256 and size of every file.
+
+A save is written to a `.tmp-` directory and renamed into place, so a checkpoint is
+either complete or absent; `.tmp-` leftovers of a crash are removed on the next start.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+from tinkerd.engine.adapters import Run
+from tinkerd.engine.models import BaseModel
+from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
+
+KINDS = ("weights", "sampler_weights")
+"""Tinker path segment: "weights" is training state, "sampler_weights" is for sampling."""
+FORMAT_VERSION = 1
+SCHEME = "tinker://"
+META_FILE = "tinkerd.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+OPTIMIZER_FILE = "optimizer.pt"
+TMP_PREFIX = ".tmp-"
+MAX_NAME_LENGTH = 128
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+_MODEL_ID_RE = re.compile(r"[A-Za-z0-9._:-]+")  # tinker's own model ids contain ':'
+
+
+class CorruptCheckpointError(TinkerdError):
+    """A checkpoint's files no longer match the checksums recorded when it was saved."""
+
+
+@dataclass
+class CheckpointInfo:
+    model_id: str
+    kind: str
+    name: str
+    path: Path
+    """The checkpoint's directory."""
+    tinker_path: str
+    base_model: str
+    lora_rank: int
+    train_mlp: bool
+    train_attn: bool
+    train_unembed: bool
+    step: int
+    """Optimizer steps the run had taken when saved."""
+    has_optimizer: bool
+    created_at: float
+    """Unix time in seconds."""
+    size_bytes: int
+    """All files of the checkpoint together, tinkerd.json included."""
+
+
+# ---------------------------------------------------------------- names and paths
+
+
+def _check_part(what: str, value: str, pattern: re.Pattern) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(f"checkpoint {what} must be a non-empty string, got {value!r}")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidRequestError(f"checkpoint {what} is longer than {MAX_NAME_LENGTH} characters")
+    if value.startswith(".") or ".." in value or not pattern.fullmatch(value):
+        raise InvalidRequestError(
+            f"invalid checkpoint {what} {value!r}: use letters, digits, '.', '_' and '-', "
+            "not starting with '.' and without '..'"
+        )
+
+
+def _check(model_id: str, kind: str, name: str) -> None:
+    _check_part("model_id", model_id, _MODEL_ID_RE)
+    if kind not in KINDS:
+        raise InvalidRequestError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+    _check_part("name", name, _NAME_RE)
+
+
+def tinker_path(model_id: str, kind: str, name: str) -> str:
+    """`tinker://<model_id>/<kind>/<name>`."""
+    _check(model_id, kind, name)
+    return f"{SCHEME}{model_id}/{kind}/{name}"
+
+
+def parse_tinker_path(path: str) -> tuple[str, str, str]:
+    """(model_id, kind, name) of a `tinker://<model_id>/<kind>/<name>` path."""
+    if not isinstance(path, str) or not path.startswith(SCHEME):
+        raise InvalidRequestError(f"checkpoint path must start with {SCHEME!r}, got {path!r}")
+    parts = path[len(SCHEME) :].split("/")
+    if len(parts) != 3:
+        raise InvalidRequestError(
+            f"checkpoint path must look like {SCHEME}<model_id>/<kind>/<name>, got {path!r}"
+        )
+    _check(*parts)
+    return parts[0], parts[1], parts[2]
+
+
+# ---------------------------------------------------------------- file helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> dict:
+    """Write `data` durably; returns its {"sha256", "size"} entry for the metadata."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def _read_meta(path: Path) -> dict | None:
+    """The checkpoint metadata in directory `path`, or None if it is not a complete one."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    keys = ("model_id", "kind", "name", "base_model", "lora", "step", "created_at", "files")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        return None
+    return meta if all(k in meta for k in keys) else None
+
+
+def _read_verified(path: Path, filename: str) -> bytes:
+    """The bytes of one checkpoint file, checked against the metadata's sha256 and size."""
+    meta = _read_meta(path)
+    if meta is None:
+        raise NotFoundError(f"no complete checkpoint at {path}")
+    entry = meta["files"].get(filename)
+    if entry is None:
+        raise CorruptCheckpointError(f"checkpoint {path} has no {filename} in its metadata")
+    try:
+        data = (path / filename).read_bytes()
+    except OSError as e:
+        raise CorruptCheckpointError(f"checkpoint {path}: cannot read {filename}: {e}") from None
+    if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CorruptCheckpointError(
+            f"checkpoint {path}: {filename} does not match its recorded sha256 and size "
+            f"({entry['size']} bytes); the file is corrupted"
+        )
+    return data
+
+
+# ---------------------------------------------------------------- store
+
+
+class CheckpointStore:
+    """Checkpoints under one root directory. Thread-safe; one process per root."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # serialises the renames of save and delete
+        for tmp in sorted(self.root.glob(f"*/*/{TMP_PREFIX}*")):
+            # A crash in the middle of an overwrite leaves the old checkpoint aside as
+            # trash with nothing in its place: put it back rather than lose it.
+            m = re.fullmatch(rf"{re.escape(TMP_PREFIX)}trash-(.+)-[0-9a-f]{{8}}", tmp.name)
+            final = tmp.parent / m[1] if m else None
+            if final is not None and not final.exists() and _read_meta(tmp) is not None:
+                os.rename(tmp, final)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _dir(self, model_id: str, kind: str, name: str) -> Path:
+        _check(model_id, kind, name)
+        return self.root / model_id / kind / name
+
+    def save(
+        self, run: Run, kind: str, name: str, *, with_optimizer: bool, overwrite: bool = False
+    ) -> CheckpointInfo:
+        """Save the run's adapter (and AdamW state if `with_optimizer`) as `name`."""
+        final = self._dir(run.model_id, kind, name)
+        if final.exists() and not overwrite:
+            raise _conflict(run.model_id, kind, name)
+        with run.base.lock:  # one consistent snapshot, copied to CPU
+            weights = adapter_state_dict(run)
+            optimizer = _optimizer_state(run) if with_optimizer else None
+            config = _adapter_config(run)
+            step = run.step
+
+        kind_dir = final.parent
+        if not kind_dir.exists():
+            kind_dir.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(kind_dir.parent)
+            _fsync_dir(self.root)
+        tmp = kind_dir / f"{TMP_PREFIX}new-{name}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            files = {
+                WEIGHTS_FILE: _write_file(
+                    tmp / WEIGHTS_FILE, safetensors_bytes(weights, metadata={"format": "pt"})
+                ),
+                CONFIG_FILE: _write_file(
+                    tmp / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True).encode()
+                ),
+            }
+            if optimizer is not None:
+                buffer = io.BytesIO()
+                torch.save(optimizer, buffer)
+                files[OPTIMIZER_FILE] = _write_file(tmp / OPTIMIZER_FILE, buffer.getvalue())
+            meta = {
+                "format": FORMAT_VERSION,
+                "model_id": run.model_id,
+                "kind": kind,
+                "name": name,
+                "base_model": run.base.name,
+                "lora": run.lora.model_dump(),
+                "step": step,
+                "created_at": time.time(),
+                "has_optimizer": optimizer is not None,
+                "files": files,
+            }
+            _write_file(tmp / META_FILE, json.dumps(meta, indent=2).encode())
+            _fsync_dir(tmp)
+            with self._lock:
+                self._move_into_place(tmp, final, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.get(run.model_id, kind, name)
+
+    def _move_into_place(self, tmp: Path, final: Path, overwrite: bool) -> None:
+        trash = None
+        if final.exists():
+            if not overwrite:
+                raise _conflict(final.parent.parent.name, final.parent.name, final.name)
+            trash = final.parent / f"{TMP_PREFIX}trash-{final.name}-{secrets.token_hex(4)}"
+            os.rename(final, trash)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            if trash is not None:
+                os.rename(trash, final)
+            raise
+        _fsync_dir(final.parent)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def get(self, model_id: str, kind: str, name: str) -> CheckpointInfo:
+        path = self._dir(model_id, kind, name)
+        info = _read_info(path)
+        if info is None:
+            raise NotFoundError(f"no checkpoint {tinker_path(model_id, kind, name)}")
+        return info
+
+    def resolve(self, tinker_path: str) -> CheckpointInfo:
+        return self.get(*parse_tinker_path(tinker_path))
+
+    def list(self, model_id: str | None = None) -> list[CheckpointInfo]:
+        """Complete checkpoints (of one run, or all), oldest first."""
+        if model_id is not None:
+            _check_part("model_id", model_id, _MODEL_ID_RE)
+        paths = self.root.glob(f"{model_id or '*'}/*/*")
+        infos = [info for info in map(_read_info, paths) if info is not None]
+        return sorted(infos, key=lambda i: (i.created_at, i.tinker_path))
+
+    def delete(self, model_id: str, kind: str, name: str) -> None:
+        """Remove a checkpoint (atomically: it is renamed away before its files go)."""
+        path = self._dir(model_id, kind, name)
+        trash = path.parent / f"{TMP_PREFIX}deleted-{name}-{secrets.token_hex(4)}"
+        with self._lock:
+            if not path.is_dir():
+                raise NotFoundError(f"no checkpoint {tinker_path(model_id, kind, name)}")
+            os.rename(path, trash)
+            _fsync_dir(path.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def verify(self, info: CheckpointInfo) -> None:
+        """Recompute the sha256 of every file; raise CorruptCheckpointError on a mismatch."""
+        meta = _read_meta(info.path)
+        if meta is None:
+            raise NotFoundError(f"no checkpoint {info.tinker_path}")
+        for filename in meta["files"]:
+            _read_verified(info.path, filename)
+
+
+def _conflict(model_id: str, kind: str, name: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"checkpoint {tinker_path(model_id, kind, name)} already exists; "
+        "pass overwrite=True to replace it"
+    )
+
+
+def _read_info(path: Path) -> CheckpointInfo | None:
+    """The checkpoint in directory `path`, or None if it is not a complete, valid one."""
+    meta = _read_meta(path)
+    if meta is None:
+        return None
+    try:
+        return _info(path, meta)
+    except (InvalidRequestError, KeyError, TypeError, AttributeError, OSError):
+        return None  # a temp dir, a stray directory, or hand-edited metadata
+
+
+def _info(path: Path, meta: dict) -> CheckpointInfo:
+    model_id, kind, name = path.parent.parent.name, path.parent.name, path.name
+    lora = meta["lora"]
+    return CheckpointInfo(
+        model_id=model_id,
+        kind=kind,
+        name=name,
+        path=path,
+        tinker_path=tinker_path(model_id, kind, name),
+        base_model=meta["base_model"],
+        lora_rank=lora["rank"],
+        train_mlp=lora["train_mlp"],
+        train_attn=lora["train_attn"],
+        train_unembed=lora["train_unembed"],
+        step=meta["step"],
+        has_optimizer=meta["has_optimizer"],
+        created_at=meta["created_at"],
+        size_bytes=sum(f["size"] for f in meta["files"].values())
+        + (path / META_FILE).stat().st_size,
+    )
+
+
+# ---------------------------------------------------------------- what is saved
+
+
+def _peft_state_dict(base: BaseModel, adapter_name: str) -> dict[str, Tensor]:
+    """Adapter tensors under PEFT's saved names (live views, not copies)."""
+    from peft import get_peft_model_state_dict
+
+    # PEFT's default ("auto") would add the *frozen base* lm_head / embedding matrices
+    # whenever lm_head is a LoRA target; they are part of the base, not the adapter.
+    return get_peft_model_state_dict(
+        base.peft_model, adapter_name=adapter_name, save_embedding_layers=False
+    )
+
+
+def adapter_state_dict(run: Run) -> dict[str, Tensor]:
+    """The run's LoRA weights as CPU float32 copies, keyed as PEFT saves them: e.g.
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` `[rank, in_features]`
+    and `...lora_B.weight` `[out_features, rank]` (no adapter name in the keys)."""
+    with run.base.lock:
+        state = _peft_state_dict(run.base, run.model_id)
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def _param_names(run: Run) -> list[str]:
+    """Saved name (as in `adapter_state_dict`) of each of `run.params`, in order."""
+    names = {id(p): n for n, p in run.base.peft_model.named_parameters()}
+    out = []
+    for p in run.params:  # `...q_proj.lora_A.<model_id>.weight` -> `...q_proj.lora_A.weight`
+        head, _, tail = names[id(p)].rpartition(f".{run.model_id}.")
+        out.append(f"{head}.{tail}")
+    return out
+
+
+def _optimizer_state(run: Run) -> dict:
+    """CPU copy of the AdamW state by saved parameter name, plus `run_step`."""
+    state: dict = {"run_step": run.step}
+    for name, p in zip(_param_names(run), run.params):
+        if p in run.optimizer.state:  # a parameter that never had a gradient has no state
+            state[name] = {
+                k: v.detach().to("cpu", copy=True) for k, v in run.optimizer.state[p].items()
+            }
+    return state
+
+
+def _adapter_config(run: Run) -> dict:
+    """adapter_config.json as PEFT's `save_pretrained` writes it."""
+    config = copy.deepcopy(run.base.peft_model.peft_config[run.model_id])
+    config.base_model_name_or_path = str(run.base.path)
+    config.inference_mode = True
+    out = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    if config.task_type is None:  # PEFT records the base class for AutoPeftModel
+        cls = type(run.base.peft_model.base_model.model)
+        out["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_adapter_weights(base: BaseModel, adapter_name: str, info: CheckpointInfo) -> None:
+    """Copy a checkpoint's LoRA weights into the existing adapter `adapter_name` of `base`,
+    which must have the same rank, alpha and target modules."""
+    from peft import set_peft_model_state_dict
+
+    if info.base_model != base.name:
+        raise InvalidRequestError(
+            f"checkpoint {info.tinker_path} is of base model {info.base_model!r}, not {base.name!r}"
+        )
+    if base.peft_model is None or adapter_name not in base.peft_model.peft_config:
+        raise NotFoundError(f"base model {base.name!r} has no adapter {adapter_name!r}")
+    weights = safetensors_load(_read_verified(info.path, WEIGHTS_FILE))
+    saved_config = json.loads(_read_verified(info.path, CONFIG_FILE))
+    with base.lock:
+        config = base.peft_model.peft_config[adapter_name]
+        for key in ("lora_alpha", "use_rslora", "use_dora"):
+            if saved_config.get(key) != getattr(config, key):
+                raise InvalidRequestError(
+                    f"checkpoint {info.tinker_path} has {key}={saved_config.get(key)}, "
+                    f"adapter {adapter_name!r} has {getattr(config, key)}"
+                )
+        expected = {k: v.shape for k, v in _peft_state_dict(base, adapter_name).items()}
+        got = {k: v.shape for k, v in weights.items()}
+        if got != expected:
+            raise InvalidRequestError(
+                f"checkpoint {info.tinker_path} (rank {info.lora_rank}) does not fit adapter "
+                f"{adapter_name!r}: {_diff(got, expected)}"
+            )
+        result = set_peft_model_state_dict(base.peft_model, weights, adapter_name=adapter_name)
+        if result.unexpected_keys:  # cannot happen after the check above, but never silently
+            raise InvalidRequestError(f"unexpected adapter keys {result.unexpected_keys[:3]}")
+
+
+def _diff(got: dict, expected: dict) -> str:
+    missing = sorted(expected.keys() - got.keys())
+    extra = sorted(got.keys() - expected.keys())
+    shapes = [
+        f"{k}: {tuple(got[k])} vs {tuple(expected[k])}"
+        for k in sorted(got.keys() & expected.keys())
+        if got[k] != expected[k]
+    ]
+    parts = [
+        f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}"
+        for label, items in (("missing", missing), ("unexpected", extra), ("shape", shapes))
+        if items
+    ]
+    return "; ".join(parts)
+
+
+def load_optimizer_state(run: Run, info: CheckpointInfo) -> None:
+    """Restore AdamW's exp_avg, exp_avg_sq and step of every parameter, and `run.step`.
+
+    Parameters are matched by saved name (adapter name stripped), so a checkpoint of
+    run A loads into a run B created with the same LoraConfig."""
+    if not info.has_optimizer:
+        raise InvalidRequestError(f"checkpoint {info.tinker_path} has no optimizer state")
+    data = _read_verified(info.path, OPTIMIZER_FILE)
+    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    run_step = saved.pop("run_step")
+    with run.base.lock:
+        names = _param_names(run)
+        shapes = {n: p.shape for n, p in zip(names, run.params)}
+        got = {n: s["exp_avg"].shape for n, s in saved.items()}
+        want = {n: shapes[n] for n in got if n in shapes}
+        if got != want:  # a parameter without state (never had a gradient) is fine
+            raise InvalidRequestError(
+                f"optimizer state of {info.tinker_path} does not fit run {run.model_id!r}: "
+                f"{_diff(got, want)}"
+            )
+        # Optimizer.load_state_dict casts each state to its parameter's device and dtype
+        # (keeping `step` as AdamW wants it); params are indexed in run.params order.
+        state_dict = run.optimizer.state_dict()
+        state_dict["state"] = {i: saved[n] for i, n in enumerate(names) if n in saved}
+        run.optimizer.load_state_dict(state_dict)
+        run.step = int(run_step)
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_merged(base_model_dir: Path | str, info: CheckpointInfo, out_dir: Path) -> None:
+    """Write base + LoRA merged into plain weights (float32), with the base's tokenizer,
+    as a Hugging Face model directory that `AutoModelForCausalLM.from_pretrained` loads."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for filename in (WEIGHTS_FILE, CONFIG_FILE):
+        _read_verified(info.path, filename)
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if info.train_unembed and head is not None and head.weight is embed.weight:
+        # A tied lm_head: merging its LoRA into the shared matrix would change the input
+        # embeddings too, which the adapter never does. Give lm_head its own copy.
+        head.weight = torch.nn.Parameter(embed.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        model.config.get_text_config().tie_word_embeddings = False
+    merged = PeftModel.from_pretrained(model, str(info.path)).merge_and_unload()
+    merged.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base_model_dir).save_pretrained(out_dir)
