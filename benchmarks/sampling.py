@@ -1,14 +1,22 @@
 """Decode throughput of tinkerd's batched sampler against Hugging Face `generate`.
 
 Same weights, prompts and lengths on both sides: prompts of 16-32 random tokens, every
-sequence made to produce exactly `--max-tokens` tokens (tinkerd `stop=[]`; HF with EOS
-disabled), plain sampling at temperature 1 with no top-k/top-p. HF `generate` decodes a
-left-padded batch with an attention mask; tinkerd is measured as one request with
-`num_samples=N` (against HF on that prompt repeated N times) and as N concurrent
-requests of one sample each (against HF on the N prompts), and the latter again through
-a LoRA adapter (tinkerd sampler weights saved from a run; HF on a PeftModel holding a
-copy of the same adapter). Throughput is generated tokens over wall time, prefill
-included. Timing alternates between HF and tinkerd in rounds; the median is reported.
+sequence made to produce exactly `--max-tokens` tokens (tinkerd `stop=[]`; HF with
+`min_new_tokens` = `max_new_tokens`), plain sampling at temperature 1 with no
+top-k/top-p. HF `generate` decodes a left-padded batch with an attention mask; tinkerd
+is measured as one request with `num_samples=N` (against HF on that prompt repeated N
+times) and as N concurrent requests of one sample each (against HF on the N prompts),
+and the latter again through a LoRA adapter (tinkerd sampler weights saved from a run;
+HF on a PeftModel holding a copy of the same adapter). A bare forward loop (the model's
+forward passes alone, greedy, no sampling) shows what any sampler must spend.
+Throughput is generated tokens over wall time, prefill included. Timing alternates
+between the three in rounds, so that machine drift hits all alike; the median is reported.
+
+HF and the bare loop run in a helper process, tinkerd in this one, each with a single
+thread that runs torch ops: PyTorch's OpenMP runtime (libgomp) keeps a thread team per
+such thread, and once a process has more team threads than cores it stops spin-waiting,
+which makes small ops about twice as slow for every thread there. The cost of that for
+tinkerd (as when a training lane runs beside the sampler) is measured separately.
 
     python benchmarks/sampling.py [--model tinkerd/tiny] [--sizes 1 8 32] [--max-tokens 128]
 """
@@ -16,10 +24,16 @@ included. Timing alternates between HF and tinkerd in rounds; the median is repo
 from __future__ import annotations
 
 import argparse
+import inspect
+import io
+import multiprocessing
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,33 +49,43 @@ from tinkerd.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingPar
 Decode = Callable[[], int]  # runs one decode, returns how many tokens it generated
 
 
-def make_prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
+@dataclass
+class Case:
+    label: str
+    sequences: int
+    lora: bool
+    hf_prompts: list[list[int]]  # the batch HF decodes
+    prompts: list[list[int]]  # tinkerd's requests
+    samples: int  # per tinkerd request
+
+
+def make_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """n prompts of 16-32 random token ids below 256 (valid ids in any vocabulary)."""
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(16, 33, (n,), generator=gen).tolist()
-    return [torch.randint(0, min(vocab, 256), (k,), generator=gen).tolist() for k in lengths]
+    return [torch.randint(0, 256, (k,), generator=gen).tolist() for k in lengths]
 
 
-def load_hf(model_name: str, like: torch.nn.Module) -> torch.nn.Module:
-    """A separate plain copy of the base model, same dtype and device as tinkerd's."""
+def load_hf(model_name: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_name), dtype=like.dtype)
-    return model.to(like.device).eval().requires_grad_(False)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_name), dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
 
 
-def hf_with_adapter(model_name: str, like: torch.nn.Module, engine: Engine, run_id: str):
-    """An HF PeftModel holding a copy of the run's adapter, active."""
+def with_adapter(model: torch.nn.Module, config, weights: dict[str, torch.Tensor]):
+    """An HF PeftModel on `model` with the adapter (as `snapshot_weights` gives it) active."""
     from peft import get_peft_model
 
-    config, weights = snapshot_weights(engine.run(run_id))
-    model = get_peft_model(load_hf(model_name, like), config, adapter_name="default").eval()
+    model = get_peft_model(model, config, adapter_name="default").eval()
     params = dict(model.named_parameters())
     for key, value in weights.items():
         params[key.format(name="default")].data.copy_(value)
     return model
 
 
-def hf_decode(model, prompts: list[list[int]], max_tokens: int, pad: int) -> Decode:
+def left_pad(model, prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask `[len(prompts), longest]`, on the model's device."""
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -69,7 +93,50 @@ def hf_decode(model, prompts: list[list[int]], max_tokens: int, pad: int) -> Dec
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
     device = next(model.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
+    return ids.to(device), mask.to(device)
+
+
+def bare_decode(model, prompts: list[list[int]], max_tokens: int, pad: int) -> Decode:
+    """The forward passes alone: a prefill, then one decode step per further token (greedy
+    argmax, no sampling) on transformers' own cache. What any sampler on the model pays."""
+    ids, mask = left_pad(model, prompts, pad)
+    plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache_kw = (
+        "cache" if "cache" in inspect.signature(plain.forward).parameters else "past_key_values"
+    )
+
+    def decode() -> int:
+        with torch.inference_mode():
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            step_mask, position = mask, positions[:, -1:]
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            for _ in range(max_tokens - 1):
+                tokens = out.logits[:, -1:].argmax(-1)
+                step_mask = torch.cat([step_mask, step_mask.new_ones((len(ids), 1))], 1)
+                position = position + 1
+                cache = {cache_kw: getattr(out, cache_kw)}
+                out = model(
+                    input_ids=tokens,
+                    attention_mask=step_mask,
+                    position_ids=position,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **cache,
+                )
+        return len(ids) * max_tokens
+
+    return decode
+
+
+def hf_decode(model, prompts: list[list[int]], max_tokens: int, pad: int) -> Decode:
+    ids, mask = left_pad(model, prompts, pad)
+    width = ids.shape[1]
 
     def decode() -> int:
         with torch.inference_mode():
@@ -121,6 +188,63 @@ def train_adapter(engine: Engine, model_name: str, prompt: list[int], rank: int)
     return run_id
 
 
+def hf_worker(
+    conn, cases: list[Case], model: str, dtype, device: str, adapter: bytes | None, t: int, pad: int
+):
+    """The helper process: answers (case index, "bare" | "hf") with tokens/s."""
+    plain = load_hf(model, dtype, device)
+    lora = None
+    if adapter:
+        config, weights = torch.load(io.BytesIO(adapter), weights_only=False)
+        lora = with_adapter(load_hf(model, dtype, device), config, weights)
+    decoders = [
+        {
+            "bare": bare_decode(lora if c.lora else plain, c.hf_prompts, t, pad),
+            "hf": hf_decode(lora if c.lora else plain, c.hf_prompts, t, pad),
+        }
+        for c in cases
+    ]
+    conn.send("ready")
+    while (request := conn.recv()) is not None:
+        i, name = request
+        conn.send(tokens_per_second(decoders[i][name], cases[i].sequences * t))
+
+
+def setup_tinkerd(args, prompts: list[list[int]]) -> dict:
+    """The engine, its sampler weights, and a copy of the LoRA adapter for HF."""
+    engine = Engine()
+    base = engine.base_model(args.model)
+    setup = dict(engine=engine, base=base, on_base=engine.sampler_for(base_model=args.model))
+    setup["adapter"] = setup["on_lora"] = None
+    if not args.no_lora:
+        run_id = train_adapter(engine, args.model, prompts[0], args.rank)
+        setup["on_lora"] = engine.save_weights_for_sampler(run_id, "bench")
+        # as bytes: pickling tensors for the helper process would copy them into shared
+        # memory with torch ops, on the main thread
+        adapter = io.BytesIO()
+        torch.save(snapshot_weights(engine.run(run_id)), adapter)
+        setup["adapter"] = adapter.getvalue()
+    return setup
+
+
+def with_second_torch_thread(fn: Callable[[], float]) -> float:
+    """fn() while another thread of this process holds an OpenMP team, as the training
+    lane of `tinkerd serve` does beside the sampler."""
+    done = threading.Event()
+
+    def hold() -> None:
+        torch.ones(1 << 22).add_(1)  # large enough to run in parallel: makes the team
+        done.wait()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        return fn()
+    finally:
+        done.set()
+        thread.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tinkerd/tiny", help="tinkerd/tiny or a local HF dir")
@@ -131,85 +255,120 @@ def main() -> None:
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA rows")
     parser.add_argument("--no-record", action="store_true", help="do not write docs/benchmarks.md")
     args = parser.parse_args()
-
-    engine = Engine()
-    base = engine.base_model(args.model)
-    pad = base.tokenizer.pad_token_id
-    pad = pad if pad is not None else (next(iter(base.tokenizer.all_special_ids), 0))
-    prompts = make_prompts(base.vocab_size, max(args.sizes))
-    hf_plain = load_hf(args.model, base.model)
-    on_base = engine.sampler_for(base_model=args.model)
-    if not args.no_lora:
-        run_id = train_adapter(engine, args.model, prompts[0], args.rank)
-        on_lora = engine.save_weights_for_sampler(run_id, "bench")
-        hf_lora = hf_with_adapter(args.model, base.model, engine, run_id)
-
-    # (label, sequences, HF decode, tinkerd decode)
-    cases: list[tuple[str, int, Decode, Decode]] = []
     t = args.max_tokens
+
+    # all setup compute on a thread that then exits, taking its OpenMP team with it: the
+    # sampler's thread is left the only one here that runs torch ops
+    prompts = make_prompts(max(args.sizes))
+    with ThreadPoolExecutor(1) as pool:
+        setup = pool.submit(setup_tinkerd, args, prompts).result()
+    engine, base = setup["engine"], setup["base"]
+    pad = base.tokenizer.pad_token_id or 0  # any id: padding is masked out
+
+    cases = []
     for n in args.sizes:
-        ps = prompts[:n]
-        cases.append(
-            (
-                f"1 request x {n} samples",
-                n,
-                hf_decode(hf_plain, [ps[0]] * n, t, pad),
-                tinkerd_decode(engine, on_base, [ps[0]], n, t),
-            )
-        )
+        ps, many = prompts[:n], "s" if n > 1 else ""
+        cases.append(Case(f"1 request x {n} sample{many}", n, False, [ps[0]] * n, ps[:1], n))
         if n > 1:
-            cases.append(
-                (
-                    f"{n} requests x 1 sample",
-                    n,
-                    hf_decode(hf_plain, ps, t, pad),
-                    tinkerd_decode(engine, on_base, ps, 1, t),
-                )
-            )
+            cases.append(Case(f"{n} requests x 1 sample", n, False, ps, ps, 1))
         if not args.no_lora:
-            cases.append(
-                (
-                    f"{n} requests x 1 sample, LoRA r{args.rank}",
-                    n,
-                    hf_decode(hf_lora, ps, t, pad),
-                    tinkerd_decode(engine, on_lora, ps, 1, t),
-                )
-            )
-
-    for _, n, hf, ours in cases:  # warm up
-        tokens_per_second(hf, n * t)
-        tokens_per_second(ours, n * t)
-    rates = {label: ([], []) for label, *_ in cases}
-    for _ in range(args.rounds):
-        for label, n, hf, ours in cases:
-            rates[label][0].append(tokens_per_second(hf, n * t))
-            rates[label][1].append(tokens_per_second(ours, n * t))
-
-    steps = engine.sampler_stats(args.model)
-    rows = [
-        "| sequences | workload | HF generate tok/s | tinkerd tok/s | ratio |",
-        "|---|---|---|---|---|",
+            cases.append(Case(f"{n} request{many} x 1 sample, LoRA", n, True, ps, ps, 1))
+    ours = [
+        tinkerd_decode(engine, setup["on_lora" if c.lora else "on_base"], c.prompts, c.samples, t)
+        for c in cases
     ]
-    for label, n, *_ in cases:
-        hf_rate, our_rate = (statistics.median(r) for r in rates[label])
-        ratio = our_rate / hf_rate
-        rows.append(f"| {n} | {label} | {hf_rate:,.0f} | {our_rate:,.0f} | {ratio:.2f} |")
+
+    context = multiprocessing.get_context("spawn")
+    conn, child = context.Pipe()
+    helper = context.Process(
+        target=hf_worker,
+        args=(
+            child,
+            cases,
+            args.model,
+            base.model.dtype,
+            str(base.device),
+            setup["adapter"],
+            t,
+            pad,
+        ),
+        daemon=True,
+    )
+    helper.start()
+    assert conn.recv() == "ready"
+
+    def measure(i: int, name: str) -> float:
+        if name == "tinkerd":
+            return tokens_per_second(ours[i], cases[i].sequences * t)
+        conn.send((i, name))
+        return conn.recv()
+
+    names = ("bare", "hf", "tinkerd")
+    for i in range(len(cases)):  # warm up
+        for name in names:
+            measure(i, name)
+    rates = {(i, name): [] for i in range(len(cases)) for name in names}
+    for _ in range(args.rounds):
+        for i in range(len(cases)):
+            for name in names:
+                rates[i, name].append(measure(i, name))
+    conn.send(None)
+    helper.join()
+
+    # the largest base-model case again, with a second torch thread in this process
+    big = max((i for i, c in enumerate(cases) if not c.lora), key=lambda i: cases[i].sequences)
+    shared = statistics.median(
+        with_second_torch_thread(lambda: measure(big, "tinkerd")) for _ in range(args.rounds)
+    )
+
+    rows = [
+        "| sequences | workload | bare forward loop tok/s | HF generate tok/s | tinkerd tok/s "
+        "| tinkerd / HF |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, c in enumerate(cases):
+        bare, hf, tinkerd = (statistics.median(rates[i, name]) for name in names)
+        rows.append(
+            f"| {c.sequences} | {c.label} | {bare:,.0f} | {hf:,.0f} | {tinkerd:,.0f} "
+            f"| {tinkerd / hf:.2f} |"
+        )
+    alone = statistics.median(rates[big, "tinkerd"])
+    second = (
+        f"With a second thread running torch ops in tinkerd's process (as a training lane "
+        f"does in `tinkerd serve`), {cases[big].label} gives {shared:,.0f} tok/s "
+        f"({shared / alone:.2f}x its figure above): libgomp then stops spin-waiting."
+    )
+    steps = engine.sampler_stats(args.model)
     print(f"machine: {machine()}")
     print(f"model {args.model}, {t} new tokens per sequence, prompts of 16-32 tokens")
     most_rows, most_requests = max(r for r, _ in steps), max(j for _, j in steps)
-    print(f"largest tinkerd batch: {most_rows} rows from {most_requests} requests")
+    print(f"largest tinkerd batch: {most_rows} rows of {most_requests} requests")
     print("\n".join(rows))
+    print(second)
     if not args.no_record:
+        flags = " --no-lora" if args.no_lora else f" --rank {args.rank}"
+        lora = (
+            ""
+            if args.no_lora
+            else " Its base model also carries the LoRA run's adapter, as in a server that "
+            f"trains. LoRA rows: sampler weights saved from a rank-{args.rank} run, against "
+            "an HF PeftModel holding a copy of that adapter."
+        )
         record(
-            "sampling",
-            f"`python benchmarks/sampling.py --model {args.model} --max-tokens {t}`: "
-            f"generated tokens/s (prefill included), median of {args.rounds} rounds, "
-            f"{t} new tokens per sequence (no early stop), prompts of 16-32 random tokens, "
-            "temperature 1, no top-k/top-p. HF is `model.generate(do_sample=True)` on a "
-            "left-padded batch; tinkerd is the embedded engine's batched sampler (unseeded), "
-            "as one request with N samples or as N concurrent requests. LoRA rows: tinkerd "
-            "sampler weights saved from a run vs an HF PeftModel with a copy of that adapter. "
-            "ratio = tinkerd / HF.\n\n" + "\n".join(rows),
+            "sampling" if args.model == "tinkerd/tiny" else f"sampling ({args.model})",
+            f"`python benchmarks/sampling.py --model {args.model} --max-tokens {t}{flags}`: "
+            f"generated tokens/s, prefill included, median of {args.rounds} rounds; every "
+            f"sequence makes {t} tokens (no early stop) after a prompt of 16-32 random "
+            "tokens; temperature 1, no top-k/top-p. HF is `model.generate(do_sample=True)` "
+            "on a left-padded batch (N copies of the prompt for `1 request x N samples`). "
+            "tinkerd is the embedded engine's batched sampler, unseeded, given one request "
+            f"of N samples or N concurrent requests of one.{lora} The bare forward loop is "
+            "the model's forward passes alone (prefill, then one step per token, greedy "
+            "argmax, transformers' cache): what any sampler on this model pays. HF and the "
+            "bare loop run in a helper process, tinkerd in the benchmark's own, each with "
+            "one thread that runs torch ops: with more, PyTorch's OpenMP runtime (libgomp) "
+            "stops spin-waiting in every thread of the process, which the last line "
+            "measures.\n\n" + "\n".join(rows) + "\n\n" + second,
         )
 
 

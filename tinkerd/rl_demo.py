@@ -54,7 +54,11 @@ def rl_step(
     adam: AdamParams,
 ) -> float:
     """Sample, score, and take one step; returns the mean reward of the samples."""
-    futures = [sampler.sample(prompt, group_size, params) for _ in range(groups)]
+    # Each group its own seed (params.seed + g), so a run is reproducible from one seed.
+    seeds = [None if params.seed is None else params.seed + g for g in range(groups)]
+    futures = [
+        sampler.sample(prompt, group_size, params.model_copy(update={"seed": s})) for s in seeds
+    ]
     data, means = [], []
     for future in futures:  # all groups are decoded together in one batch
         group, mean = group_data(prompt, future.result())
@@ -84,13 +88,14 @@ def run_rl_demo(
     client = service.create_lora_training_client("tinkerd/tiny", rank=rank, seed=seed)
     tokenizer = client.get_tokenizer()
     prompt = [tokenizer.bos_token_id, *tokenizer.encode("letters:")]
-    params = SamplingParams(max_tokens=completion_tokens, temperature=1.0, stop=[], seed=None)
+    params = SamplingParams(max_tokens=completion_tokens, temperature=1.0, stop=[])
     adam = AdamParams(learning_rate=learning_rate, grad_clip_norm=1.0)
     rewards = []
     bar = tqdm(range(steps), desc="RL: distinct lowercase letters", disable=not progress)
-    for _ in bar:
+    for step in bar:
         sampler = client.save_weights_and_get_sampling_client()  # the current policy
-        rewards.append(rl_step(client, sampler, prompt, groups, group_size, params, adam))
+        step_params = params.model_copy(update={"seed": (seed * steps + step) * groups})
+        rewards.append(rl_step(client, sampler, prompt, groups, group_size, step_params, adam))
         bar.set_postfix(reward=f"{rewards[-1]:.2f}")
     sampler = client.save_weights_and_get_sampling_client()
     final = sampler.sample(prompt, 4, SamplingParams(max_tokens=completion_tokens, stop=[]))

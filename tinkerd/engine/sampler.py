@@ -9,10 +9,16 @@ requests from different clients share forward passes, and PEFT's mixed-batch LoR
 
 Sampled-token logprobs come from the model's distribution at temperature 1 before any
 top-k/top-p filtering: the number a training forward computes for that token.
+
+A step costs little besides its forward pass: per-row settings are tensors rebuilt only
+when rows join or leave (`_Plan`), the KV cache grows in place (`GrowingLayer`), and a
+batch whose rows share one adapter (or none) skips PEFT's mixed-batch machinery
+(`_AdapterRouting`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import inspect
@@ -172,7 +178,6 @@ class _Plan:
 
     requests: int  # distinct requests among the rows
     sampled: Tensor | None  # rows with temperature > 0; None: all of them
-    greedy: bool  # some rows decode greedily
     temps: Tensor | None  # [sampled, 1]; None: all 1, where dividing changes nothing
     top_k: Tensor | None  # [sampled]; None: no sampled row limits k
     top_p: Tensor | None  # [sampled]; None: no sampled row uses top-p
@@ -201,7 +206,6 @@ def _plan(rows: list[_Row], vocab: int, device: torch.device) -> _Plan:
     return _Plan(
         requests=len({id(r.job) for r in rows}),
         sampled=None if len(sampled) == len(rows) else tensor(sampled, torch.long),
-        greedy=len(sampled) < len(rows),
         # decided on the float32 tensors, as the per-step arithmetic sees the values
         temps=None if bool((temps == 1).all()) else temps,
         top_k=top_k if bool((top_k < vocab).any()) else None,
@@ -223,7 +227,6 @@ class Sampler:
         self.max_batch_rows = max_batch_rows
         self._pending: deque[_Job] = deque()
         self._cond = threading.Condition()
-        self._rows: list[_Row] = []
         self._reset()
         self._rng = torch.Generator(device=base.device)
         self._rng.seed()
@@ -233,11 +236,24 @@ class Sampler:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.steps: deque[tuple[int, int]] = deque(maxlen=4096)
         """(rows, distinct requests) of each recent decode step: how much was batched."""
-        threading.Thread(target=self._loop, name=f"sampler-{base.name}", daemon=True).start()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"sampler-{base.name}", daemon=True)
+        self._thread.start()
+        # A daemon thread still inside a torch op at interpreter teardown aborts the process
+        # ("terminate called without an active exception"): stop and join it first.
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop decoding (queued and running requests fail) and end the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
 
     def _reset(self) -> None:
         """Drop the running batch (its rows are finished or failed)."""
-        self._rows = []
+        self._rows: list[_Row] = []
         self._cache = None  # transformers Cache of the rows, left-padded to a common length
         self._mask: Tensor | None = None  # [rows, cache_len] 1 where a real token is
         self._positions: Tensor | None = None  # [rows, 1] position id of the next input
@@ -268,8 +284,11 @@ class Sampler:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._pending and not self._rows:
+                    while not self._pending and not self._rows and not self._closed:
                         self._cond.wait()
+                    if self._closed:
+                        self._fail_all(RuntimeError("the sampler was closed"))
+                        return
                     new = self._take_pending()
                 jobs = new + list(dict.fromkeys(r.job for r in self._rows))
                 try:
@@ -282,6 +301,14 @@ class Sampler:
                     for job in jobs:
                         if not job.future.done():
                             job.future.set_exception(e)
+
+    def _fail_all(self, error: Exception) -> None:
+        jobs = [*self._pending, *(r.job for r in self._rows)]
+        self._pending.clear()
+        self._reset()
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
 
     def _take_pending(self) -> list[_Job]:
         if self._rows and not _mergeable(self._cache):
@@ -401,14 +428,26 @@ class Sampler:
         self._next_logits = logits[:, -1].float()
 
     def _retire(self, alive: list[int]) -> None:
-        """Keep only the rows at indices `alive`."""
+        """Keep only the rows at indices `alive`, and drop the leading cache columns that
+        are padding in all of them."""
         keep = torch.tensor(alive, device=self._mask.device)
-        self._cache.batch_select_indices(keep)
         self._mask = self._mask[keep]
         self._positions = self._positions[keep]
         self._rows = [self._rows[i] for i in alive]
-        self._crop_left()
         self._plan = _plan(self._rows, self._next_logits.shape[-1], self._mask.device)
+        if not _mergeable(self._cache):
+            self._cache.batch_select_indices(keep)
+            return
+        first = int(self._mask.any(0).nonzero()[0])
+        self._mask = self._mask[:, first:]
+        for layer in self._cache.layers:
+            if hasattr(layer, "keep"):
+                layer.keep(keep, first)
+            else:
+                layer.keys, layer.values = (
+                    layer.keys[keep, :, first:],
+                    layer.values[keep, :, first:],
+                )
 
     def _choose(self, logits: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, tuple | None]:
         """Next token per row: greedy at temperature 0, else the Gumbel-max trick on the
@@ -481,17 +520,11 @@ class Sampler:
                 )
             )
 
-    def _crop_left(self) -> None:
-        """Drop leading cache columns that are padding in every remaining row."""
-        first = int(self._mask.any(0).nonzero()[0])
-        if first and _mergeable(self._cache):
-            self._mask = self._mask[:, first:]
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[:, :, first:]
-                layer.values = layer.values[:, :, first:]
-
 
 # ---------------------------------------------------------------- cache and adapters
+
+
+_UNSET = object()
 
 
 class _AdapterRouting:
@@ -522,18 +555,26 @@ class _AdapterRouting:
 
     @contextlib.contextmanager
     def only(self, peft_model, adapter: str):
-        layers = self._lora_layers(peft_model)
-        saved = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
+        # The flags are plain attributes: set them in each layer's __dict__ directly, as
+        # nn.Module.__setattr__ (which checks for parameters and submodules) costs more
+        # than the rest of this, at every step.
+        flags = [vars(layer) for layer in self._lora_layers(peft_model)]
+        name, value = (
+            ("_disable_adapters", True)
+            if adapter == BASE_ADAPTER
+            else ("_active_adapter", [adapter])
+        )
+        saved = [f.get(name, _UNSET) for f in flags]
         try:
-            for layer in layers:
-                if adapter == BASE_ADAPTER:
-                    layer._disable_adapters = True
-                else:
-                    layer._active_adapter = [adapter]
+            for f in flags:
+                f[name] = value
             yield
         finally:
-            for layer, (active, disabled) in zip(layers, saved):
-                layer._active_adapter, layer._disable_adapters = active, disabled
+            for f, old in zip(flags, saved):
+                if old is _UNSET:
+                    del f[name]  # back to the class default
+                else:
+                    f[name] = old
 
 
 @functools.cache
@@ -545,7 +586,7 @@ def _growing_layer() -> tuple[type, type]:
         """A DynamicLayer that appends each step's keys and values in place, into spare
         room at the end of a buffer, instead of concatenating (copying) the whole cache
         every step. `keys`/`values` are views of the buffer's filled part. Anything that
-        assigns them (batch_select_indices, a merge, a crop) just makes the next update
+        assigns them instead (a merge, batch_select_indices) just makes the next update
         copy them into a fresh buffer."""
 
         _key_buffer = _value_buffer = _key_view = None
@@ -562,6 +603,18 @@ def _growing_layer() -> tuple[type, type]:
             self.keys = self._key_view = self._key_buffer[:, :, :end]
             self.values = self._value_buffer[:, :, :end]
             return self.keys, self.values
+
+        def keep(self, rows: Tensor, first: int) -> None:
+            """Keep cache rows `rows`, less the first `first` columns: one copy, taken
+            from the buffer so that the room after the filled part stays."""
+            if self.keys is not self._key_view:  # not buffered (merged this step)
+                self.keys, self.values = self.keys[rows, :, first:], self.values[rows, :, first:]
+                return
+            length = self.keys.shape[-2] - first
+            self._key_buffer = self._key_buffer[rows, :, first:]
+            self._value_buffer = self._value_buffer[rows, :, first:]
+            self.keys = self._key_view = self._key_buffer[:, :, :length]
+            self.values = self._value_buffer[:, :, :length]
 
         def _rebuffer(self, needed: int) -> None:
             room = needed + max(16, needed // 4)  # a copy every ~length/4 steps, not every step
