@@ -16,16 +16,6 @@ from tinkerd.errors import InvalidRequestError
 ADAM = AdamParams(learning_rate=3e-3)
 
 
-@pytest.fixture(params=["embedded", "http"])
-def service(request, engine):
-    if request.param == "embedded":
-        client = ServiceClient(transport=InProcessTransport(engine=engine))
-    else:
-        client = ServiceClient(base_url=request.getfixturevalue("server").url, api_key=KEYS[0])
-    yield client
-    client.close()
-
-
 def data():
     return [make_datum([256, *b"regularized"]), make_datum([256, *b"loss"], [0.0, 1.0, 1.0, 1.0])]
 

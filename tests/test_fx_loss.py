@@ -10,9 +10,8 @@ import torch
 from conftest import KEYS, TINY
 from tinker.lib.public_interfaces.custom_loss import encode_graph, trace_loss
 
-from tinkerd import RegularizerSpec, ServiceClient
+from tinkerd import RegularizerSpec
 from tinkerd.client.traced_loss import trace
-from tinkerd.client.transport import InProcessTransport
 from tinkerd.errors import InvalidRequestError
 from tinkerd.fx_loss import compile_loss
 
@@ -120,16 +119,6 @@ def data():
             loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * n},
         )
     ]
-
-
-@pytest.fixture(params=["embedded", "http"])
-def service(request, engine):
-    if request.param == "embedded":
-        client = ServiceClient(transport=InProcessTransport(engine=engine))
-    else:
-        client = ServiceClient(base_url=request.getfixturevalue("server").url, api_key=KEYS[0])
-    yield client
-    client.close()
 
 
 def test_handles_as_loss_and_regularizers_match_python_functions(service):

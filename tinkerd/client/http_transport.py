@@ -22,7 +22,7 @@ from torch import Tensor
 
 from tinkerd import wire_proto
 from tinkerd.client.traced_loss import LossHandle
-from tinkerd.client.transport import GradientFn, SampleOptions, SamplerRef
+from tinkerd.client.transport import GradientFn, SampleOptions, SamplerRef, failed_future
 from tinkerd.errors import InvalidRequestError, RequestFailedError, TinkerdError, error_for_status
 from tinkerd.types import (
     AdamParams,
@@ -102,7 +102,7 @@ class HttpTransport:
         try:
             request_id = self._post(path, payload, content).json()["request_id"]
         except (TinkerdError, httpx.HTTPError) as e:
-            return _failed(e if isinstance(e, TinkerdError) else RequestFailedError(str(e)))
+            return failed_future(e if isinstance(e, TinkerdError) else RequestFailedError(str(e)))
         return self._pollers.submit(self._poll, request_id, decode)
 
     def _poll(self, request_id: str, decode: Callable[[httpx.Response], T]) -> T:
@@ -194,7 +194,9 @@ class HttpTransport:
         now, so requests made after this call still run after both phases."""
         targets = [d.loss_fn_inputs.get("target_tokens") for d in data]
         if not data or any(t is None for t in targets):
-            return _failed(InvalidRequestError("every datum needs loss_fn_inputs['target_tokens']"))
+            return failed_future(
+                InvalidRequestError("every datum needs loss_fn_inputs['target_tokens']")
+            )
         forward_seq, backward_seq = self._next_seq(model_id), self._next_seq(model_id)
 
         def with_weights(weights: list[Tensor]) -> list[Datum]:
@@ -389,12 +391,6 @@ class HttpTransport:
 
 def _decode_fb(response: httpx.Response) -> ForwardBackwardOutput:
     return wire_proto.decode_forward_backward_output(response.content)
-
-
-def _failed(error: BaseException) -> Future:
-    future: Future = Future()
-    future.set_exception(error)
-    return future
 
 
 def _detail(response: httpx.Response) -> str:

@@ -107,6 +107,17 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+def failed_future(error: BaseException) -> Future:
+    future: Future = Future()
+    future.set_exception(error)
+    return future
+
+
+def _ref(weights: Any) -> SamplerRef:
+    """The client's view of the engine's SamplerWeights."""
+    return SamplerRef(weights.sampler_id, weights.base_model, weights.model_path)
+
+
 _default_engine = None
 _default_lock = threading.Lock()
 
@@ -186,15 +197,13 @@ class InProcessTransport:
 
     def save_weights_for_sampler(self, model_id: str, name: str | None) -> Future[SamplerRef]:
         def save() -> SamplerRef:
-            w = self.engine.save_weights_for_sampler(model_id, name)
-            return SamplerRef(w.sampler_id, w.base_model, w.model_path)
+            return _ref(self.engine.save_weights_for_sampler(model_id, name))
 
         return self.scheduler.submit(self._lane(model_id), save)
 
     def create_sampler(self, base_model: str | None, model_path: str | None) -> Future[SamplerRef]:
         def create() -> SamplerRef:
-            w = self.engine.sampler_for(base_model=base_model, model_path=model_path)
-            return SamplerRef(w.sampler_id, w.base_model, w.model_path)
+            return _ref(self.engine.sampler_for(base_model=base_model, model_path=model_path))
 
         return self.scheduler.submit("control", create)
 
@@ -219,9 +228,7 @@ class InProcessTransport:
                 options.topk_sample_logprobs,
             )
         except Exception as e:
-            future: Future[SampleResponse] = Future()
-            future.set_exception(e)
-            return future
+            return failed_future(e)
 
     def get_tokenizer(self, model_id: str | None, base_model: str) -> Any:
         return self.engine.base_model(base_model).tokenizer

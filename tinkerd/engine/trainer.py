@@ -31,6 +31,7 @@ from tinkerd.engine.adapters import (
     snapshot_weights,
 )
 from tinkerd.engine.batch import Batch, collate
+from tinkerd.engine.checkpoints import tinker_path
 from tinkerd.engine.models import BaseModel, BaseModelRegistry
 from tinkerd.engine.sampler import BASE_ADAPTER, Sampler, make_spec
 from tinkerd.engine.tiny import TINY_MODEL_NAME
@@ -226,12 +227,10 @@ class Engine:
         """Freeze the run's current weights as a sampler version. Named versions get the
         path `tinker://<model_id>/sampler_weights/<name>`; unnamed ones only an id."""
         run = self.run(model_id)
-        if name is not None:
-            _check_name(name)
+        path = None if name is None else tinker_path(model_id, "sampler_weights", name)
         config, weights = snapshot_weights(run)  # under the base lock: after queued steps
         sampler_id = f"sampler-{uuid.uuid4().hex[:12]}"
         adapter = f"s{uuid.uuid4().hex[:12]}"
-        path = None if name is None else f"tinker://{model_id}/sampler_weights/{name}"
         add_frozen_adapter(run.base, adapter, config, weights)
         sw = SamplerWeights(sampler_id, run.base.name, adapter, path, model_id)
         with self._lock:
@@ -332,14 +331,6 @@ class SamplerWeights:
     """`tinker://<model_id>/sampler_weights/<name>` when saved under a name."""
     model_id: str | None
     """The training run the weights came from."""
-
-
-def _check_name(name: str) -> None:
-    ok = name and len(name) <= 128 and not name.startswith(".")
-    if not ok or not all(c.isalnum() or c in "._-" for c in name):
-        raise InvalidRequestError(
-            f"invalid checkpoint name {name!r}: use 1-128 of [A-Za-z0-9._-], not starting with '.'"
-        )
 
 
 @dataclass

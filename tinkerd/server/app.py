@@ -32,6 +32,7 @@ from tinkerd.custom_loss import (
     graph_loss_fn,
 )
 from tinkerd.engine.adapters import validate_adam_params, validate_lora_config
+from tinkerd.engine.checkpoints import parse_tinker_path
 from tinkerd.engine.trainer import Engine, SamplerWeights
 from tinkerd.errors import AuthenticationError, InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.fx_loss import CompiledLoss, compile_loss
@@ -424,9 +425,7 @@ def create_app(server: Server) -> FastAPI:
 
     def sampler_weights(base_model: str | None, model_path: str | None, who: str):
         if model_path is not None:
-            if not model_path.startswith("tinker://"):
-                raise InvalidRequestError(f"model_path must start with tinker://: {model_path!r}")
-            server.check_run(model_path.removeprefix("tinker://").split("/", 1)[0], who)
+            server.check_run(parse_tinker_path(model_path)[0], who)
         elif base_model is not None and base_model not in server.served_models:
             raise InvalidRequestError(
                 f"base model {base_model!r} is not served here; available: {server.served_models}"
