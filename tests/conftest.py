@@ -4,6 +4,7 @@ import tempfile
 # The built-in model is made once per test session in a private cache (never ~/.cache),
 # before anything imports the engine.
 os.environ.setdefault("TINKERD_CACHE", tempfile.mkdtemp(prefix="tinkerd-test-cache-"))
+os.environ.setdefault("TINKERD_DATA_DIR", tempfile.mkdtemp(prefix="tinkerd-test-data-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
 
 import pytest  # noqa: E402

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -31,7 +32,6 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 def _serve(args: argparse.Namespace) -> int:
     import ipaddress
-    import os
     from pathlib import Path
 
     import uvicorn
@@ -54,10 +54,9 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     models = [TINY_MODEL_NAME, *(args.model or [])]
-    engine = Engine(extra_models=args.model)
-    server = Server(
-        engine, Path(args.data_dir).expanduser(), keys, models, poll_timeout=args.poll_timeout
-    )
+    data_dir = Path(args.data_dir).expanduser()
+    engine = Engine(extra_models=args.model, data_dir=data_dir)
+    server = Server(engine, data_dir, keys, models, poll_timeout=args.poll_timeout)
     print(
         f"tinkerd serving {models} on http://{args.host}:{args.port} "
         f"({len(keys)} API key(s); data in {server.store.path})",
@@ -88,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the Tinker wire protocol over HTTP")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--data-dir", default="~/.tinkerd", help="SQLite store and checkpoints")
+    serve.add_argument(
+        "--data-dir",
+        default=os.environ.get("TINKERD_DATA_DIR", "~/.tinkerd"),
+        help="SQLite store and checkpoints (default: $TINKERD_DATA_DIR or ~/.tinkerd)",
+    )
     serve.add_argument(
         "--api-key", action="append", help="accepted API key (repeatable; also TINKERD_API_KEYS)"
     )

@@ -9,6 +9,7 @@ built by either client parses on the tinkerd server and vice versa. Conventions:
 
 from __future__ import annotations
 
+import datetime
 from typing import Any, Literal
 
 import numpy as np
@@ -357,3 +358,73 @@ class GetSamplerResponse(ResponseBase):
     sampler_id: str
     base_model: str
     model_path: str | None = None
+
+
+# ---------------------------------------------------------------- checkpoints and runs
+
+CheckpointType = Literal["training", "sampler", "external"]
+
+
+class SaveWeightsResponse(ResponseBase):
+    path: str
+    """`tinker://<model_id>/weights/<name>`"""
+    type: Literal["save_weights"] | None = None
+
+
+class LoadWeightsResponse(ResponseBase):
+    path: str | None = None
+    model_id: ModelID | None = None
+    type: Literal["load_weights"] | None = None
+
+
+class WeightsInfoResponse(ResponseBase):
+    """What a checkpoint needs to be loaded: its base model and LoRA shape."""
+
+    base_model: str
+    optimizer_config: AdamOptimizerConfig = Field(default_factory=AdamOptimizerConfig)
+    is_lora: bool
+    lora_rank: int | None = None
+    train_unembed: bool | None = None
+    train_mlp: bool | None = None
+    train_attn: bool | None = None
+
+
+class Checkpoint(ResponseBase):
+    checkpoint_id: str
+    """`<kind>/<name>`, e.g. `weights/step-100`."""
+    checkpoint_type: CheckpointType
+    time: datetime.datetime
+    tinker_path: str
+    size_bytes: int | None = None
+    public: bool = False
+    user_metadata: dict[str, str] | None = None
+    expires_at: datetime.datetime | None = None
+
+
+class Cursor(ResponseBase):
+    offset: int
+    limit: int
+    total_count: int
+
+
+class CheckpointsListResponse(ResponseBase):
+    checkpoints: list[Checkpoint]
+    cursor: Cursor | None = None
+
+
+class TrainingRun(ResponseBase):
+    training_run_id: str
+    base_model: str
+    model_owner: str
+    is_lora: bool
+    corrupted: bool = False
+    lora_rank: int | None = None
+    last_request_time: datetime.datetime
+    last_checkpoint: Checkpoint | None = None
+    last_sampler_checkpoint: Checkpoint | None = None
+    user_metadata: dict[str, str] | None = None
+
+
+class TrainingRunsResponse(ResponseBase):
+    training_runs: list[TrainingRun]
+    cursor: Cursor

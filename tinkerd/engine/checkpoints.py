@@ -14,6 +14,7 @@ either complete or absent; `.tmp-` leftovers of a crash are removed on the next 
 from __future__ import annotations
 
 import copy
+import datetime
 import hashlib
 import io
 import json
@@ -31,12 +32,15 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from tinkerd.engine.adapters import Run
+from tinkerd.engine.adapters import Run, add_frozen_adapter, remove_adapter
 from tinkerd.engine.models import BaseModel
 from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
+from tinkerd.types import Checkpoint, WeightsInfoResponse
 
 KINDS = ("weights", "sampler_weights")
 """Tinker path segment: "weights" is training state, "sampler_weights" is for sampling."""
+CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
+"""The SDK's `Checkpoint.checkpoint_type` of each kind."""
 FORMAT_VERSION = 1
 SCHEME = "tinker://"
 META_FILE = "tinkerd.json"
@@ -73,6 +77,27 @@ class CheckpointInfo:
     """Unix time in seconds."""
     size_bytes: int
     """All files of the checkpoint together, tinkerd.json included."""
+
+    def as_checkpoint(self, public: bool = False) -> Checkpoint:
+        """The SDK's view of this checkpoint (what the REST API lists)."""
+        return Checkpoint(
+            checkpoint_id=f"{self.kind}/{self.name}",
+            checkpoint_type=CHECKPOINT_TYPES[self.kind],
+            time=datetime.datetime.fromtimestamp(self.created_at, datetime.timezone.utc),
+            tinker_path=self.tinker_path,
+            size_bytes=self.size_bytes,
+            public=public,
+        )
+
+    def weights_info(self) -> WeightsInfoResponse:
+        return WeightsInfoResponse(
+            base_model=self.base_model,
+            is_lora=True,
+            lora_rank=self.lora_rank,
+            train_unembed=self.train_unembed,
+            train_mlp=self.train_mlp,
+            train_attn=self.train_attn,
+        )
 
 
 # ---------------------------------------------------------------- names and paths
@@ -431,6 +456,26 @@ def load_adapter_weights(base: BaseModel, adapter_name: str, info: CheckpointInf
         result = set_peft_model_state_dict(base.peft_model, weights, adapter_name=adapter_name)
         if result.unexpected_keys:  # cannot happen after the check above, but never silently
             raise InvalidRequestError(f"unexpected adapter keys {result.unexpected_keys[:3]}")
+
+
+def add_adapter_from_checkpoint(base: BaseModel, adapter_name: str, info: CheckpointInfo) -> None:
+    """Load a checkpoint as a new inference-only adapter `adapter_name` of `base`."""
+    from peft import LoraConfig
+
+    _read_verified(info.path, CONFIG_FILE)
+    config = LoraConfig.from_pretrained(str(info.path))
+    config.inference_mode = True
+    add_frozen_adapter(base, adapter_name, config, {})
+    try:
+        load_adapter_weights(base, adapter_name, info)
+    except BaseException:
+        remove_adapter(base, adapter_name)
+        raise
+    with base.lock:
+        tag = f".{adapter_name}."
+        for name, p in base.peft_model.named_parameters():
+            if tag in name:
+                p.requires_grad_(False)
 
 
 def _diff(got: dict, expected: dict) -> str:

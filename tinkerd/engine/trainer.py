@@ -7,6 +7,7 @@ and futures live above the engine (`tinkerd.server.scheduler`).
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from collections import OrderedDict
@@ -31,7 +32,14 @@ from tinkerd.engine.adapters import (
     snapshot_weights,
 )
 from tinkerd.engine.batch import Batch, collate
-from tinkerd.engine.checkpoints import tinker_path
+from tinkerd.engine.checkpoints import (
+    CheckpointInfo,
+    CheckpointStore,
+    add_adapter_from_checkpoint,
+    load_adapter_weights,
+    load_optimizer_state,
+    tinker_path,
+)
 from tinkerd.engine.models import BaseModel, BaseModelRegistry
 from tinkerd.engine.sampler import BASE_ADAPTER, Sampler, make_spec
 from tinkerd.engine.tiny import TINY_MODEL_NAME
@@ -50,6 +58,7 @@ from tinkerd.types import (
     SupportedModel,
     TensorData,
     UnloadModelResponse,
+    WeightsInfoResponse,
 )
 
 
@@ -59,7 +68,11 @@ class Engine:
         cache_dir: Path | None = None,
         device: str | None = None,
         extra_models: list[str] | None = None,
+        data_dir: Path | None = None,
     ):
+        self.data_dir = Path(data_dir or os.environ.get("TINKERD_DATA_DIR") or "~/.tinkerd")
+        self.data_dir = self.data_dir.expanduser()
+        self._checkpoints: CheckpointStore | None = None
         self.registry = BaseModelRegistry(cache_dir=cache_dir, device=device)
         self.advertised_models = [TINY_MODEL_NAME, *(extra_models or [])]
         self._runs: dict[str, Run] = {}
@@ -69,6 +82,7 @@ class Engine:
         self._sampler_weights: dict[str, SamplerWeights] = {}  # by sampler_id
         self._snapshots: OrderedDict[str, SamplerWeights] = OrderedDict()  # in memory, LRU
         self.max_snapshots = MAX_SNAPSHOTS
+        self._reload_lock = threading.Lock()
 
     # ------------------------------------------------------------ runs
 
@@ -129,6 +143,64 @@ class Engine:
             self._unloaded.add(model_id)
         delete_run(run)
         return UnloadModelResponse(model_id=model_id, type="unload_model")
+
+    # ------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoints(self) -> CheckpointStore:
+        """Durable checkpoints under `<data_dir>/checkpoints` (made on first use)."""
+        with self._lock:
+            if self._checkpoints is None:
+                self._checkpoints = CheckpointStore(self.data_dir / "checkpoints")
+            return self._checkpoints
+
+    def save_state(self, model_id: str, name: str, overwrite: bool = False) -> CheckpointInfo:
+        """Save the run's weights and optimizer state as `tinker://<model_id>/weights/<name>`."""
+        run = self.run(model_id)
+        return self.checkpoints.save(run, "weights", name, with_optimizer=True, overwrite=overwrite)
+
+    def load_state(self, model_id: str, path: str, with_optimizer: bool) -> None:
+        """Replace the run's weights with a checkpoint's; its AdamW state too if
+        `with_optimizer`, else the optimizer starts afresh. Pending gradients are dropped.
+        Everything is checked before anything changes, so a refused load leaves the run as
+        it was."""
+        run = self.run(model_id)
+        info = self.checkpoints.resolve(path)
+        if with_optimizer and not info.has_optimizer:
+            raise InvalidRequestError(
+                f"{path} has no optimizer state (sampler weights never do); use load_state"
+            )
+        self.checkpoints.verify(info)
+        with run.base.lock:
+            load_adapter_weights(run.base, model_id, info)
+            run.optimizer.zero_grad(set_to_none=True)
+            run.optimizer.state.clear()
+            run.step = 0
+            if with_optimizer:
+                load_optimizer_state(run, info)
+
+    def create_model_from_state(
+        self, path: str, with_optimizer: bool, model_id: str | None = None
+    ) -> str:
+        """A new run shaped like the checkpoint (base model, rank, train_* flags), loaded
+        from it; returns its model_id."""
+        info = self.checkpoints.resolve(path)
+        lora = LoraConfig(
+            rank=info.lora_rank,
+            train_mlp=info.train_mlp,
+            train_attn=info.train_attn,
+            train_unembed=info.train_unembed,
+        )
+        model_id = self.create_model(info.base_model, lora, model_id)
+        try:
+            self.load_state(model_id, path, with_optimizer)
+        except BaseException:
+            self.unload_model(model_id)
+            raise
+        return model_id
+
+    def weights_info(self, path: str) -> WeightsInfoResponse:
+        return self.checkpoints.resolve(path).weights_info()
 
     # ------------------------------------------------------------ compute
 
@@ -224,28 +296,39 @@ class Engine:
     # ------------------------------------------------------------ sampling
 
     def save_weights_for_sampler(self, model_id: str, name: str | None = None) -> SamplerWeights:
-        """Freeze the run's current weights as a sampler version. Named versions get the
-        path `tinker://<model_id>/sampler_weights/<name>`; unnamed ones only an id."""
+        """Freeze the run's current weights as a sampler version. Named versions are also
+        written to disk as `tinker://<model_id>/sampler_weights/<name>` (a re-save under
+        a name replaces it); unnamed ones live in memory only and get an id."""
         run = self.run(model_id)
         path = None if name is None else tinker_path(model_id, "sampler_weights", name)
+        if name is not None:
+            self.checkpoints.save(
+                run, "sampler_weights", name, with_optimizer=False, overwrite=True
+            )
         config, weights = snapshot_weights(run)  # under the base lock: after queued steps
-        sampler_id = f"sampler-{uuid.uuid4().hex[:12]}"
         adapter = f"s{uuid.uuid4().hex[:12]}"
         add_frozen_adapter(run.base, adapter, config, weights)
-        sw = SamplerWeights(sampler_id, run.base.name, adapter, path, model_id)
+        return self._register(
+            SamplerWeights(_new_sampler_id(), run.base.name, adapter, path, model_id)
+        )
+
+    def _register(self, sw: SamplerWeights) -> SamplerWeights:
         with self._lock:
-            if path is not None:
-                for old in [w for w in self._sampler_weights.values() if w.model_path == path]:
+            if sw.model_path is not None:
+                for old in [
+                    w for w in self._sampler_weights.values() if w.model_path == sw.model_path
+                ]:
                     self._sampler_weights.pop(old.sampler_id)  # a re-save replaces the name
-            self._sampler_weights[sampler_id] = sw
-            self._snapshots[adapter] = sw
+            self._sampler_weights[sw.sampler_id] = sw
+            self._snapshots[sw.adapter] = sw
         self._evict_snapshots()
         return sw
 
     def sampler_for(
         self, base_model: str | None = None, model_path: str | None = None
     ) -> SamplerWeights:
-        """The weights to sample from: a base model as it is, or saved sampler weights."""
+        """The weights to sample from: a base model as it is, or saved weights (loaded
+        from disk if they are not in memory: after a restart, or once evicted)."""
         if (base_model is None) == (model_path is None):
             raise InvalidRequestError("give exactly one of base_model and model_path")
         if base_model is not None:
@@ -253,9 +336,18 @@ class Engine:
             return SamplerWeights(f"base:{base_model}", base_model, BASE_ADAPTER, None, None)
         with self._lock:
             found = [w for w in self._sampler_weights.values() if w.model_path == model_path]
-        if not found:
-            raise NotFoundError(f"no sampler weights at {model_path!r}")
-        return found[-1]
+        if found:
+            return found[-1]
+        info = self.checkpoints.resolve(model_path)
+        weights = SamplerWeights(_new_sampler_id(), info.base_model, "", model_path, info.model_id)
+        self._load_from_disk(weights, info)
+        return self._register(weights)
+
+    def _load_from_disk(self, weights: SamplerWeights, info: CheckpointInfo) -> None:
+        """(Re)load saved sampler weights as a fresh frozen adapter."""
+        adapter = f"s{uuid.uuid4().hex[:12]}"
+        add_adapter_from_checkpoint(self._load_base(info.base_model), adapter, info)
+        weights.adapter = adapter
 
     def get_sampler(self, sampler_id: str) -> SamplerWeights:
         if sampler_id.startswith("base:"):
@@ -277,14 +369,8 @@ class Engine:
     ) -> Future[SampleResponse]:
         """Validate now (raises InvalidRequestError), decode in the base's batched sampler."""
         base = self._load_base(weights.base_model)
+        self._ensure_loaded(weights)
         with self._lock:
-            if weights.adapter != BASE_ADAPTER and weights.adapter not in self._snapshots:
-                raise NotFoundError(
-                    f"sampler weights {weights.model_path or weights.sampler_id} were evicted "
-                    f"(at most {self.max_snapshots} versions stay loaded); save them again"
-                )
-            if weights.adapter in self._snapshots:
-                self._snapshots.move_to_end(weights.adapter)
             sampler = self._samplers.get(base.name)
             if sampler is None:
                 sampler = self._samplers[base.name] = Sampler(base)
@@ -299,6 +385,25 @@ class Engine:
             topk_sample_logprobs=topk_sample_logprobs,
         )
         return sampler.submit(spec)
+
+    def _ensure_loaded(self, weights: SamplerWeights) -> None:
+        """Mark the weights recently used; reload them from disk if they were evicted."""
+        with self._lock:
+            if weights.adapter in self._snapshots:
+                self._snapshots.move_to_end(weights.adapter)
+            if weights.adapter == BASE_ADAPTER or weights.adapter in self._snapshots:
+                return
+        if weights.model_path is None:
+            raise NotFoundError(
+                f"sampler weights {weights.sampler_id} were evicted (at most "
+                f"{self.max_snapshots} unnamed versions stay loaded); save them again"
+            )
+        with self._reload_lock:  # concurrent samples of one evicted version load it once
+            if weights.adapter not in self._snapshots:
+                self._load_from_disk(weights, self.checkpoints.resolve(weights.model_path))
+                with self._lock:
+                    self._snapshots[weights.adapter] = weights
+                self._evict_snapshots()
 
     def sampler_stats(self, base_model: str) -> list[tuple[int, int]]:
         """(rows, distinct requests) of the base's recent decode steps."""
@@ -318,6 +423,10 @@ class Engine:
 
 
 MAX_SNAPSHOTS = 64  # sampler weight versions kept loaded (LoRA-sized each)
+
+
+def _new_sampler_id() -> str:
+    return f"sampler-{uuid.uuid4().hex[:12]}"
 
 
 @dataclass
