@@ -58,12 +58,18 @@ def free_port() -> int:
 class ServerProcess:
     """`tinkerd serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, data_dir, *extra: str):
+    def __init__(self, data_dir, *extra: str, env: dict[str, str] | None = None):
+        self.data_dir = data_dir
+        self.extra = extra
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start(env)
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """Start `tinkerd serve` (again, after `stop`: same port and data dir)."""
         import subprocess
         import sys
 
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         args = [
             sys.executable,
             "-m",
@@ -72,14 +78,19 @@ class ServerProcess:
             "--port",
             str(self.port),
             "--data-dir",
-            str(data_dir),
+            str(self.data_dir),
             "--poll-timeout",
             "2",
-            *extra,
+            *self.extra,
         ]
         for key in KEYS:
             args += ["--api-key", key]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 60.0) -> None:

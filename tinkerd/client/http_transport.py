@@ -37,6 +37,7 @@ from tinkerd.types import (
     SamplingParams,
     TensorData,
     UnloadModelResponse,
+    WeightsInfoResponse,
 )
 
 T = TypeVar("T")
@@ -287,6 +288,53 @@ class HttpTransport:
         return self._submit(
             "/unload_model", lambda r: UnloadModelResponse.model_validate(r.json()), payload
         )
+
+    def save_state(self, model_id: str, name: str) -> Future[str]:
+        payload = {
+            "model_id": model_id,
+            "path": name,
+            "seq_id": self._next_seq(model_id),
+            "type": "save_weights",
+        }
+        return self._submit("/save_weights", lambda r: r.json()["path"], payload)
+
+    def load_state(self, model_id: str, path: str, with_optimizer: bool) -> Future[None]:
+        payload = {
+            "model_id": model_id,
+            "seq_id": self._next_seq(model_id),
+            "path": path,
+            "optimizer": with_optimizer,
+            "type": "load_weights",
+        }
+        return self._submit("/load_weights", lambda r: None, payload)
+
+    def create_model_from_state(
+        self, path: str, with_optimizer: bool
+    ) -> Future[tuple[str, str, LoraConfig]]:
+        def create() -> tuple[str, str, LoraConfig]:
+            info = WeightsInfoResponse.model_validate(
+                self._post("/weights_info", {"tinker_path": path}).json()
+            )
+            session_id = self._session()
+            with self._lock:
+                model_seq_id, self._model_seq = self._model_seq, self._model_seq + 1
+            payload = {
+                "session_id": session_id,
+                "model_seq_id": model_seq_id,
+                "path": path,
+                "optimizer": with_optimizer,
+                "type": "load_weights",
+            }
+            model_id = self._submit("/load_weights", lambda r: r.json()["model_id"], payload)
+            lora = LoraConfig(
+                rank=info.lora_rank,
+                train_mlp=info.train_mlp,
+                train_attn=info.train_attn,
+                train_unembed=info.train_unembed,
+            )
+            return model_id.result(), info.base_model, lora
+
+        return self._pollers.submit(create)
 
     def _next_sampling_session_seq(self) -> int:
         with self._lock:

@@ -77,6 +77,41 @@ class ServiceClient:
 
         return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
 
+    def create_training_client_from_state(
+        self, path: str, user_metadata: dict[str, str] | None = None, **_: Any
+    ) -> TrainingClient:
+        """A new run shaped like the checkpoint at `path` (base model, rank, train_* flags)
+        with its weights; the optimizer starts afresh."""
+        return self._from_state(path, with_optimizer=False)
+
+    def create_training_client_from_state_with_optimizer(
+        self, path: str, user_metadata: dict[str, str] | None = None, **_: Any
+    ) -> TrainingClient:
+        """Like `create_training_client_from_state`, with the checkpoint's AdamW state too:
+        training continues exactly as if it had never stopped."""
+        return self._from_state(path, with_optimizer=True)
+
+    def _from_state(self, path: str, with_optimizer: bool) -> TrainingClient:
+        future = self._transport.create_model_from_state(path, with_optimizer)
+        model_id, base_model, lora = future.result()
+        return TrainingClient(self._transport, model_id, base_model, lora)
+
+    async def create_training_client_from_state_async(
+        self, *args: Any, **kwargs: Any
+    ) -> TrainingClient:
+        import asyncio
+
+        return await asyncio.to_thread(self.create_training_client_from_state, *args, **kwargs)
+
+    async def create_training_client_from_state_with_optimizer_async(
+        self, *args: Any, **kwargs: Any
+    ) -> TrainingClient:
+        import asyncio
+
+        return await asyncio.to_thread(
+            self.create_training_client_from_state_with_optimizer, *args, **kwargs
+        )
+
     def create_sampling_client(
         self, model_path: str | None = None, base_model: str | None = None, **_: Any
     ) -> SamplingClient:

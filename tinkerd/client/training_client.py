@@ -33,10 +33,12 @@ from tinkerd.types import (
     EncodedTextChunk,
     ForwardBackwardOutput,
     GetInfoResponse,
+    LoadWeightsResponse,
     LoraConfig,
     ModelInput,
     OptimStepResponse,
     SaveWeightsForSamplerResponse,
+    SaveWeightsResponse,
     TensorData,
     UnloadModelResponse,
 )
@@ -198,6 +200,41 @@ class TrainingClient:
 
     async def unload_model_async(self) -> APIFuture[UnloadModelResponse]:
         return self.unload_model()
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save_state(
+        self, name: str, ttl_seconds: int | None = None
+    ) -> APIFuture[SaveWeightsResponse]:
+        """Save weights and optimizer state, as they are after every request made so far,
+        durably at `tinker://<model_id>/weights/<name>` (a PEFT adapter directory)."""
+        if ttl_seconds is not None:
+            return failed(InvalidRequestError("ttl_seconds: set it with RestClient instead"))
+        return self._submit("save_state", name).then(
+            lambda path: SaveWeightsResponse(path=path, type="save_weights")
+        )
+
+    def load_state(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        """Replace the weights with a checkpoint's; the optimizer state starts afresh."""
+        return self._load(path, with_optimizer=False)
+
+    def load_state_with_optimizer(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        """Replace weights and AdamW state with a checkpoint's: training resumes exactly."""
+        return self._load(path, with_optimizer=True)
+
+    def _load(self, path: str, with_optimizer: bool) -> APIFuture[LoadWeightsResponse]:
+        return self._submit("load_state", path, with_optimizer).then(
+            lambda _: LoadWeightsResponse(path=path, model_id=self.model_id, type="load_weights")
+        )
+
+    async def save_state_async(self, *args: Any, **kwargs: Any) -> APIFuture[SaveWeightsResponse]:
+        return self.save_state(*args, **kwargs)
+
+    async def load_state_async(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        return self.load_state(path)
+
+    async def load_state_with_optimizer_async(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        return self.load_state_with_optimizer(path)
 
     # ---------------------------------------------------------------- sampling
 

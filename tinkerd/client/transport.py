@@ -85,6 +85,19 @@ class Transport(Protocol):
 
     def unload_model(self, model_id: str) -> Future[UnloadModelResponse]: ...
 
+    def save_state(self, model_id: str, name: str) -> Future[str]:
+        """Save weights and optimizer state (after every earlier request of the run);
+        the future gives the checkpoint's tinker path."""
+        ...
+
+    def load_state(self, model_id: str, path: str, with_optimizer: bool) -> Future[None]: ...
+
+    def create_model_from_state(
+        self, path: str, with_optimizer: bool
+    ) -> Future[tuple[str, str, LoraConfig]]:
+        """A new run loaded from a checkpoint: (model_id, base_model, lora_config)."""
+        ...
+
     def save_weights_for_sampler(self, model_id: str, name: str | None) -> Future[SamplerRef]:
         """Freeze the run's weights (after every earlier request of the run) for sampling."""
         ...
@@ -194,6 +207,31 @@ class InProcessTransport:
 
     def unload_model(self, model_id: str) -> Future[UnloadModelResponse]:
         return self.scheduler.submit(self._lane(model_id), self.engine.unload_model, model_id)
+
+    def save_state(self, model_id: str, name: str) -> Future[str]:
+        return self.scheduler.submit(
+            self._lane(model_id), lambda: self.engine.save_state(model_id, name).tinker_path
+        )
+
+    def load_state(self, model_id: str, path: str, with_optimizer: bool) -> Future[None]:
+        return self.scheduler.submit(
+            self._lane(model_id), self.engine.load_state, model_id, path, with_optimizer
+        )
+
+    def create_model_from_state(
+        self, path: str, with_optimizer: bool
+    ) -> Future[tuple[str, str, LoraConfig]]:
+        try:
+            base_model = self.engine.weights_info(path).base_model
+        except Exception as e:
+            return failed_future(e)
+
+        def create() -> tuple[str, str, LoraConfig]:
+            model_id = self.engine.create_model_from_state(path, with_optimizer)
+            self._lanes[model_id] = base_model
+            return model_id, base_model, self.engine.run(model_id).lora
+
+        return self.scheduler.submit(base_model, create)
 
     def save_weights_for_sampler(self, model_id: str, name: str | None) -> Future[SamplerRef]:
         def save() -> SamplerRef:

@@ -264,6 +264,7 @@ class CheckpointStore:
             }
             _write_file(tmp / META_FILE, json.dumps(meta, indent=2).encode())
             _fsync_dir(tmp)
+            _fault_injection_pause(name)
             with self._lock:
                 self._move_into_place(tmp, final, overwrite)
         except BaseException:
@@ -324,6 +325,14 @@ class CheckpointStore:
             raise NotFoundError(f"no checkpoint {info.tinker_path}")
         for filename in meta["files"]:
             _read_verified(info.path, filename)
+
+
+def _fault_injection_pause(name: str) -> None:
+    """For the crash-safety test: `TINKERD_TEST_SAVE_PAUSE=<name>:<seconds>` holds the save
+    of checkpoints called <name> with every file written, just before the rename."""
+    spec = os.environ.get("TINKERD_TEST_SAVE_PAUSE", "")
+    if spec.partition(":")[0] == name:
+        time.sleep(float(spec.partition(":")[2]))
 
 
 def _conflict(model_id: str, kind: str, name: str) -> InvalidRequestError:

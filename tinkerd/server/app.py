@@ -32,7 +32,7 @@ from tinkerd.custom_loss import (
     graph_loss_fn,
 )
 from tinkerd.engine.adapters import validate_adam_params, validate_lora_config
-from tinkerd.engine.checkpoints import parse_tinker_path
+from tinkerd.engine.checkpoints import CheckpointInfo, parse_tinker_path, tinker_path
 from tinkerd.engine.trainer import Engine, SamplerWeights
 from tinkerd.errors import AuthenticationError, InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.fx_loss import CompiledLoss, compile_loss
@@ -98,6 +98,32 @@ class SaveWeightsForSamplerRequest(Body):
     """Without a name: open a sampling session on the (ephemeral) weights."""
 
 
+class SaveWeightsRequest(Body):
+    model_id: str
+    path: str
+    """A name: the state is saved as tinker://<model_id>/weights/<name>."""
+    seq_id: int | None = None
+    overwrite: bool = False
+
+
+class LoadWeightsRequest(Body):
+    """Either legacy addressing (model_id + seq_id: load into an existing run) or
+    create-via-load (session_id + model_seq_id: a new run made from the checkpoint)."""
+
+    path: str
+    optimizer: bool = False
+    model_id: str | None = None
+    seq_id: int | None = None
+    session_id: str | None = None
+    model_seq_id: int | None = Field(default=None, ge=0)
+    base_model: str | None = None
+    user_metadata: dict[str, Any] | None = None
+
+
+class WeightsInfoRequest(Body):
+    tinker_path: str
+
+
 class CreateSamplingSessionRequest(Body):
     session_id: str
     sampling_session_seq_id: int = 0
@@ -141,6 +167,7 @@ class Server:
         poll_timeout: float = 25.0,
     ):
         self.engine = engine
+        self.checkpoints = engine.checkpoints  # opening it finishes what a crash cut off
         self.store = Store(data_dir)
         self.store.fail_unfinished("the server restarted before this request finished")
         self.scheduler = Scheduler()
@@ -401,6 +428,75 @@ def create_app(server: Server) -> FastAPI:
             return result
 
         return server.submit(who, "unload_model", work, model_id=body.model_id)
+
+    # ------------------------------------------------------------ checkpoints
+
+    @app.post(f"{API}/save_weights")
+    def save_weights(body: SaveWeightsRequest, who: str = Owner) -> dict:
+        server.check_run(body.model_id, who)
+        with server.releasing_seq_on_error(body.model_id, body.seq_id):
+            tinker_path(body.model_id, "weights", body.path)  # a bad name is a 400 now
+
+        def work() -> dict:
+            info = server.engine.save_state(body.model_id, body.path, body.overwrite)
+            return {"path": info.tinker_path, "type": "save_weights"}
+
+        return server.submit(who, "save_weights", work, model_id=body.model_id, seq_id=body.seq_id)
+
+    def readable_checkpoint(path: str, who: str) -> CheckpointInfo:
+        """A checkpoint of one of the caller's runs; another key's looks absent."""
+        model_id = parse_tinker_path(path)[0]
+        server.check_run(model_id, who)
+        return server.engine.checkpoints.resolve(path)
+
+    @app.post(f"{API}/load_weights")
+    def load_weights(body: LoadWeightsRequest, who: str = Owner) -> dict:
+        if body.session_id is not None and body.model_seq_id is not None:
+            return create_model_from_state(body, who)
+        if body.model_id is None:
+            raise InvalidRequestError("give model_id (and seq_id), or session_id and model_seq_id")
+        server.check_run(body.model_id, who)
+        with server.releasing_seq_on_error(body.model_id, body.seq_id):
+            readable_checkpoint(body.path, who)
+
+        def work() -> dict:
+            server.engine.load_state(body.model_id, body.path, body.optimizer)
+            return {"path": body.path, "model_id": body.model_id, "type": "load_weights"}
+
+        return server.submit(who, "load_weights", work, model_id=body.model_id, seq_id=body.seq_id)
+
+    def create_model_from_state(body: LoadWeightsRequest, who: str) -> dict:
+        own_session(body.session_id, who)
+        info = readable_checkpoint(body.path, who)
+        if body.base_model not in (None, info.base_model):
+            raise InvalidRequestError(
+                f"{body.path} was trained on {info.base_model!r}, not {body.base_model!r}"
+            )
+        if body.optimizer and not info.has_optimizer:
+            raise InvalidRequestError(f"{body.path} has no optimizer state")
+        model_id = f"{body.session_id}:train:{body.model_seq_id}"
+        if server.store.run_owner(model_id) is not None:
+            raise InvalidRequestError(f"model {model_id!r} already exists")
+        lora = info.weights_info().model_dump(include={"train_mlp", "train_attn", "train_unembed"})
+        lora["rank"] = info.lora_rank
+        server.store.add_run(
+            model_id, who, body.session_id, info.base_model, lora, body.user_metadata or {}
+        )
+
+        def work() -> dict:
+            try:
+                server.engine.create_model_from_state(body.path, body.optimizer, model_id)
+            except Exception:
+                server.store.touch_run(model_id, status="failed")
+                raise
+            return {"path": body.path, "model_id": model_id, "type": "load_weights"}
+
+        return server.submit(who, "load_weights", work, lane=info.base_model)
+
+    @app.post(f"{API}/weights_info")
+    def weights_info(body: WeightsInfoRequest, who: str = Owner) -> dict:
+        info = readable_checkpoint(body.tinker_path, who)
+        return info.weights_info().model_dump(mode="json")
 
     # ------------------------------------------------------------ sampling
 
