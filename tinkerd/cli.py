@@ -56,7 +56,15 @@ def _serve(args: argparse.Namespace) -> int:
     models = [TINY_MODEL_NAME, *(args.model or [])]
     data_dir = Path(args.data_dir).expanduser()
     engine = Engine(extra_models=args.model, data_dir=data_dir)
-    server = Server(engine, data_dir, keys, models, poll_timeout=args.poll_timeout)
+    server = Server(
+        engine,
+        data_dir,
+        keys,
+        models,
+        poll_timeout=args.poll_timeout,
+        max_pending=args.max_queue,
+        session_timeout=args.session_timeout,
+    )
     print(
         f"tinkerd serving {models} on http://{args.host}:{args.port} "
         f"({len(keys)} API key(s); data in {server.store.path})",
@@ -103,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=25.0,
         help="seconds retrieve_future waits for a result before answering try_again",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=4096,
+        help="requests queued at most; beyond it the server answers 429 with Retry-After",
+    )
+    serve.add_argument(
+        "--session-timeout",
+        type=float,
+        default=300.0,
+        help="seconds without a heartbeat after which a session's runs are unloaded",
     )
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=_serve)

@@ -8,6 +8,8 @@ class TinkerdError(Exception):
 
     status_code = 500
     category = "server"
+    retry_after: float | None = None
+    """Seconds a client should wait before sending the same request again (429s)."""
 
 
 class InvalidRequestError(TinkerdError, ValueError):
@@ -40,6 +42,14 @@ class AuthenticationError(TinkerdError):
     category = "user"
 
 
+class QueueFullError(TinkerdError):
+    """The server's queue is full: retry after `retry_after` seconds (HTTP 429)."""
+
+    status_code = 429
+    category = "server"
+    retry_after = 1.0
+
+
 class RequestFailedError(TinkerdError):
     """A queued request failed on the server for a reason of the server's own."""
 
@@ -56,5 +66,6 @@ def error_for_status(status: int, message: str) -> TinkerdError:
         404: NotFoundError,
         409: ModelUnloadedError,
         422: InvalidRequestError,
+        429: QueueFullError,
     }
     return by_status.get(status, RequestFailedError)(message)

@@ -44,6 +44,7 @@ T = TypeVar("T")
 API = "/api/v1"
 PROTOBUF = "application/x-protobuf"
 HEARTBEAT_SECONDS = 10.0
+QUEUE_FULL_PATIENCE = 300.0  # as long as the official SDK keeps retrying a 429
 
 
 class HttpTransport:
@@ -63,12 +64,18 @@ class HttpTransport:
     # ---------------------------------------------------------------- plumbing
 
     def _post(self, path: str, payload: Any = None, content: bytes | None = None) -> httpx.Response:
-        if content is not None:
-            response = self._http.post(
-                API + path, content=content, headers={"Content-Type": PROTOBUF}
-            )
-        else:
-            response = self._http.post(API + path, json=payload or {})
+        """POST, waiting out a full server queue (429) for up to `QUEUE_FULL_PATIENCE` s."""
+        deadline = time.monotonic() + QUEUE_FULL_PATIENCE
+        while True:
+            if content is not None:
+                response = self._http.post(
+                    API + path, content=content, headers={"Content-Type": PROTOBUF}
+                )
+            else:
+                response = self._http.post(API + path, json=payload or {})
+            if response.status_code != 429 or time.monotonic() > deadline:
+                break
+            time.sleep(min(float(response.headers.get("retry-after") or 1), 30.0))
         _raise_for_status(response)
         return response
 

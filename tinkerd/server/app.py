@@ -13,6 +13,9 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -165,18 +168,48 @@ class Server:
         api_keys: list[str],
         served_models: list[str],
         poll_timeout: float = 25.0,
+        max_pending: int = 4096,
+        session_timeout: float = 300.0,
     ):
         self.engine = engine
         self.checkpoints = engine.checkpoints  # opening it finishes what a crash cut off
         self.store = Store(data_dir)
         self.store.fail_unfinished("the server restarted before this request finished")
         self.scheduler = Scheduler()
-        self.futures = FutureTable(self.store, self.scheduler)
+        self.futures = FutureTable(self.store, self.scheduler, max_pending=max_pending)
         self.api_keys = [k.encode() for k in api_keys]
         self.served_models = served_models
         self.poll_timeout = poll_timeout
         self.traced_losses: dict[tuple[str, str], CompiledLoss] = {}  # (owner, loss_id)
         self.sampling_sessions: dict[str, tuple[str, SamplerWeights]] = {}  # id: (owner, w)
+        self.session_timeout = session_timeout
+        threading.Thread(target=self._expire_sessions_forever, daemon=True).start()
+
+    def _expire_sessions_forever(self) -> None:
+        while True:
+            time.sleep(min(self.session_timeout / 4, 5.0))
+            with contextlib.suppress(Exception):  # never let the reaper die
+                self.expire_sessions()
+
+    def expire_sessions(self) -> list[str]:
+        """Finish sessions that missed heartbeats for `session_timeout` seconds and free
+        their runs' adapters and their samplers (checkpoints stay)."""
+        expired = self.store.expire_sessions(time.time() - self.session_timeout)
+        for session_id in expired:
+            self.release_session(session_id, "expired")
+        return expired
+
+    def release_session(self, session_id: str, status: str) -> None:
+        """Free an ended session's runs (adapter and optimizer state; checkpoints stay) and
+        its samplers, so memory stays bounded however many sessions come and go."""
+        for model_id in self.store.active_runs(session_id):
+            with contextlib.suppress(TinkerdError):
+                self.engine.unload_model(model_id)
+            self.store.touch_run(model_id, status=status)
+            self.futures.forget_model(model_id)
+        prefix = f"{session_id}:"  # its own sampling sessions and its runs' ones
+        for sampling_id in [s for s in self.sampling_sessions if s.startswith(prefix)]:
+            self.sampling_sessions.pop(sampling_id, None)
 
     def compiled_loss(self, loss_id: Any, owner: str) -> CompiledLoss:
         compiled = self.traced_losses.get((owner, str(loss_id)))
@@ -222,7 +255,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(TinkerdError)
     async def tinkerd_error(_: Request, e: TinkerdError) -> JSONResponse:
-        return JSONResponse({"detail": str(e)}, status_code=e.status_code)
+        headers = {"Retry-After": str(math.ceil(e.retry_after))} if e.status_code == 429 else None
+        return JSONResponse({"detail": str(e)}, status_code=e.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -278,6 +312,7 @@ def create_app(server: Server) -> FastAPI:
     def finish_session(session_id: str, who: str = Owner) -> dict:
         own_session(session_id, who)
         server.store.finish_session(session_id)
+        server.release_session(session_id, "finished")
         return {}
 
     @app.post(f"{API}/telemetry")

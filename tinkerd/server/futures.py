@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from tinkerd.errors import TinkerdError
+from tinkerd.errors import QueueFullError, TinkerdError
 from tinkerd.server.scheduler import Scheduler
 from tinkerd.server.store import Store, StoredFuture
 
@@ -82,9 +82,16 @@ class _SeqGate:
 
 
 class FutureTable:
-    def __init__(self, store: Store, scheduler: Scheduler, gap_timeout: float = 60.0):
+    def __init__(
+        self,
+        store: Store,
+        scheduler: Scheduler,
+        gap_timeout: float = 60.0,
+        max_pending: int = 4096,
+    ):
         self.store = store
         self.gap_timeout = gap_timeout
+        self.max_pending = max_pending
         self.scheduler = scheduler
         self._pending: dict[str, _Pending] = {}
         self._gates: dict[str, _SeqGate] = {}
@@ -107,6 +114,13 @@ class FutureTable:
             gate = self._gates.setdefault(model_id, _SeqGate()) if model_id and seq_id else None
             if gate and seq_id in gate.request_ids:
                 return gate.request_ids[seq_id]
+            unblocks = gate is not None and seq_id == gate.next_seq and bool(gate.waiting)
+            if len(self._pending) >= self.max_pending and not unblocks:
+                # Refused before it takes a request_id or a seq_id: the client retries as is.
+                # (Never the seq_id that queued requests wait for: that would deadlock.)
+                raise QueueFullError(
+                    f"the server has {len(self._pending)} requests queued; retry shortly"
+                )
             request_id = f"req-{uuid.uuid4().hex}"
             self.store.add_future(request_id, owner, model_id, kind)
             self._pending[request_id] = _Pending(owner, Future())

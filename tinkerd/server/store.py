@@ -95,6 +95,26 @@ class Store:
             "UPDATE sessions SET last_heartbeat=? WHERE session_id=?", (time.time(), session_id)
         )
 
+    def expire_sessions(self, last_heartbeat_before: float) -> list[str]:
+        """Finish every open session whose last heartbeat is older than the cutoff."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT session_id FROM sessions WHERE finished IS NULL AND last_heartbeat < ?",
+                (last_heartbeat_before,),
+            ).fetchall()
+            now = time.time()
+            for (session_id,) in rows:
+                self._db.execute(
+                    "UPDATE sessions SET finished=? WHERE session_id=?", (now, session_id)
+                )
+        return [r[0] for r in rows]
+
+    def active_runs(self, session_id: str) -> list[str]:
+        rows = self._exec(
+            "SELECT model_id FROM runs WHERE session_id=? AND status='active'", (session_id,)
+        )
+        return [r[0] for r in rows]
+
     def finish_session(self, session_id: str) -> None:
         self._exec("UPDATE sessions SET finished=? WHERE session_id=?", (time.time(), session_id))
 

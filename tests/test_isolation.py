@@ -1,0 +1,176 @@
+"""Tenant isolation on every route: Bob's key can neither see nor touch Alice's sessions,
+runs, checkpoints, samplers or futures. The test fails if a route is added without a
+probe here, so no endpoint escapes the check."""
+
+import json
+
+import pytest
+from conftest import KEYS, TINY, make_datum
+from fastapi.routing import APIRoute
+from starlette.testclient import TestClient
+
+from tinkerd import wire_proto
+from tinkerd.server.app import Server, create_app, fingerprint
+
+ALICE, BOB = KEYS
+
+
+@pytest.fixture(scope="module")
+def app(engine, tmp_path_factory):
+    return create_app(Server(engine, tmp_path_factory.mktemp("iso"), list(KEYS), [TINY], 0.05))
+
+
+def finished(client: TestClient, response) -> dict:
+    assert response.status_code == 200, response.text
+    request_id = response.json()["request_id"]
+    while True:
+        result = client.post("/api/v1/retrieve_future", json={"request_id": request_id})
+        if result.status_code != 408:
+            return result.json() | {"request_id": request_id}
+
+
+@pytest.fixture(scope="module")
+def alice(app) -> dict[str, str]:
+    """Alice's session, run, checkpoints, sampling session and a finished request."""
+    client = TestClient(app, headers={"X-API-Key": ALICE})
+    session = client.post("/api/v1/create_session", json={}).json()["session_id"]
+    body = {"session_id": session, "model_seq_id": 0, "base_model": TINY}
+    created = finished(
+        client, client.post("/api/v1/create_model", json=body | {"lora_config": {"rank": 4}})
+    )
+    model = created["model_id"]
+    save = {"model_id": model, "seq_id": 1, "path": "ckpt"}
+    path = finished(client, client.post("/api/v1/save_weights", json=save))["path"]
+    for_sampler = {"model_id": model, "seq_id": 2, "path": "s"}
+    sampler_path = finished(
+        client, client.post("/api/v1/save_weights_for_sampler", json=for_sampler)
+    )["path"]
+    opened = {"session_id": session, "sampling_session_seq_id": 0, "model_path": sampler_path}
+    sampling = client.post("/api/v1/create_sampling_session", json=opened).json()
+    return {
+        "session": session,
+        "model": model,
+        "path": path,
+        "sampler_path": sampler_path,
+        "sampling": sampling["sampling_session_id"],
+        "request": created["request_id"],
+    }
+
+
+def fwd_bwd(model_id: str) -> bytes:
+    data = [make_datum([256, 1, 2, 3])]
+    return wire_proto.encode_forward_backward_request(
+        model_id, 3, data, "cross_entropy", None, False
+    )
+
+
+def probes(a: dict[str, str], bob_session: str) -> dict[tuple[str, str], dict]:
+    """One request per route, made with Bob's key against Alice's things."""
+    prompt = {"chunks": [{"type": "encoded_text", "tokens": [256, 1]}]}
+    return {
+        ("POST", "/api/v1/session_heartbeat"): {"json": {"session_id": a["session"]}},
+        ("POST", "/api/v1/sessions/{session_id}/finish"): {"path": {"session_id": a["session"]}},
+        ("POST", "/api/v1/create_model"): {
+            "json": {
+                "session_id": a["session"],
+                "model_seq_id": 9,
+                "base_model": TINY,
+                "lora_config": {"rank": 4},
+            }
+        },
+        ("POST", "/api/v1/get_info"): {"json": {"model_id": a["model"]}},
+        ("POST", "/api/v1/forward_backward"): {"content": fwd_bwd(a["model"])},
+        ("POST", "/api/v1/create_custom_loss"): {"json": {"session_id": a["session"], "graph": {}}},
+        ("POST", "/api/v1/optim_step"): {"json": {"model_id": a["model"], "seq_id": 3}},
+        ("POST", "/api/v1/unload_model"): {"json": {"model_id": a["model"]}},
+        ("POST", "/api/v1/save_weights"): {"json": {"model_id": a["model"], "path": "theft"}},
+        ("POST", "/api/v1/load_weights"): {
+            "json": {
+                "session_id": bob_session,
+                "model_seq_id": 0,
+                "path": a["path"],
+                "optimizer": True,
+            }
+        },
+        ("POST", "/api/v1/weights_info"): {"json": {"tinker_path": a["path"]}},
+        ("POST", "/api/v1/save_weights_for_sampler"): {
+            "json": {"model_id": a["model"], "path": "x"}
+        },
+        ("POST", "/api/v1/create_sampling_session"): {
+            "json": {"session_id": bob_session, "model_path": a["sampler_path"]}
+        },
+        ("GET", "/api/v1/samplers/{sampler_id}"): {"path": {"sampler_id": a["sampling"]}},
+        ("POST", "/api/v1/asample"): {
+            "json": {
+                "sampling_session_id": a["sampling"],
+                "prompt": prompt,
+                "sampling_params": {"max_tokens": 2},
+            }
+        },
+        ("POST", "/api/v1/retrieve_future"): {"json": {"request_id": a["request"]}},
+        ("GET", "/api/v1/training_runs/{model_id}"): {"path": {"model_id": a["model"]}},
+    }
+
+
+# Routes with nothing of anyone's to protect (listings are checked for leaks below).
+OPEN = {
+    ("GET", "/api/v1/healthz"),
+    ("POST", "/api/v1/client/config"),
+    ("POST", "/api/v1/client/dynamic_config"),
+    ("GET", "/api/v1/get_server_capabilities"),
+    ("POST", "/api/v1/create_session"),
+    ("POST", "/api/v1/telemetry"),
+}
+LISTINGS = {("GET", "/api/v1/training_runs")}
+
+
+def call(client: TestClient, method: str, path: str, probe: dict):
+    url = path.format(**probe.get("path", {}))
+    if "content" in probe:
+        headers = {"Content-Type": "application/x-protobuf"}
+        return client.request(method, url, content=probe["content"], headers=headers)
+    return client.request(method, url, json=probe.get("json"))
+
+
+def test_every_route_hides_one_keys_things_from_another(app, alice):
+    bob = TestClient(app, headers={"X-API-Key": BOB})
+    bob_session = bob.post("/api/v1/create_session", json={}).json()["session_id"]
+    table = probes(alice, bob_session)
+    routes = {
+        (method, route.path)
+        for route in app.routes
+        if isinstance(route, APIRoute)
+        for method in route.methods
+    }
+    assert routes == set(table) | OPEN | LISTINGS, "a route without an isolation probe"
+
+    for (method, path), probe in table.items():
+        response = call(bob, method, path, probe)
+        assert response.status_code == 404, (method, path, response.status_code, response.text)
+        assert fingerprint(ALICE) not in response.text  # nor says whose it is
+    for method, path in LISTINGS:
+        listed = bob.request(method, path).text
+        assert alice["model"] not in listed and alice["path"] not in listed
+
+    # Everything of Alice's still works for Alice after Bob's attempts.
+    mine = TestClient(app, headers={"X-API-Key": ALICE})
+    assert mine.post("/api/v1/get_info", json={"model_id": alice["model"]}).status_code == 200
+    assert (
+        mine.post("/api/v1/session_heartbeat", json={"session_id": alice["session"]}).status_code
+        == 200
+    )
+    info = mine.post("/api/v1/weights_info", json={"tinker_path": alice["path"]})
+    assert info.status_code == 200 and info.json()["lora_rank"] == 4
+    assert (
+        json.loads(mine.get(f"/api/v1/samplers/{alice['sampling']}").text)["model_path"]
+        == alice["sampler_path"]
+    )
+
+
+def test_every_route_but_health_needs_a_known_key(app, alice):
+    for key in ("", "tml-unknown"):
+        client = TestClient(app, headers={"X-API-Key": key} if key else {})
+        for (method, path), probe in probes(alice, alice["session"]).items():
+            assert call(client, method, path, probe).status_code == 401, (method, path)
+        for method, path in (OPEN | LISTINGS) - {("GET", "/api/v1/healthz")}:
+            assert client.request(method, path, json={}).status_code == 401, (method, path)

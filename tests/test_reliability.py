@@ -1,0 +1,120 @@
+"""Backpressure, session expiry, crashes mid-request, and secrets kept out of logs."""
+
+import threading
+import time
+
+import tinker
+from conftest import KEYS, TINY, ServerProcess
+from test_official_sdk import fwd_bwd_body, post, raw_model, raw_session, retrieve, sdk_datum
+from tinker import types
+
+
+def test_a_full_queue_answers_429_and_the_sdk_retries_through_it(tmp_path):
+    server = ServerProcess(tmp_path, "--max-queue", "2")
+    try:
+        model_id = raw_model(server)
+        # seqs 2 and 3 wait for seq 1: the queue (2) is full.
+        waiting = [
+            post(server, "forward_backward", content=fwd_bwd_body(model_id, s)) for s in (2, 3)
+        ]
+        assert all(r.status_code == 200 for r in waiting)
+        refused = post(server, "forward_backward", content=fwd_bwd_body(model_id, 4))
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) >= 1
+        assert "queued" in refused.json()["detail"]
+        # The request the queue waits for is never refused (else: deadlock), and once it
+        # runs everything drains; the refused seq 4 is then accepted as it was.
+        first = post(server, "forward_backward", content=fwd_bwd_body(model_id, 1))
+        assert first.status_code == 200
+        for response in [first, *waiting]:
+            assert "loss:sum" in str(retrieve(server, response.json()["request_id"]).content)
+        again = post(server, "forward_backward", content=fwd_bwd_body(model_id, 4))
+        assert again.status_code == 200
+
+        # The official SDK pipelines 12 requests into a queue of 2: its retries cope, and
+        # the results are the same as on an unbounded server.
+        sdk = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
+        client = sdk.create_lora_training_client(base_model=TINY, rank=4, seed=1).result()
+        data = [sdk_datum(b"backpressure")]
+        futures = []
+        for _ in range(6):
+            futures.append(client.forward_backward(data, "cross_entropy"))
+            futures.append(client.optim_step(types.AdamParams(learning_rate=1e-2)))
+        losses = [f.result().metrics["loss:sum"] for f in futures[::2]]
+        assert all(f.result().metrics["step"] > 0 for f in futures[1::2])
+        assert losses[-1] < losses[0]
+        sdk.close("success").result()
+    finally:
+        server.stop()
+
+
+def test_a_silent_session_expires_and_frees_its_runs_without_touching_others(tmp_path):
+    server = ServerProcess(tmp_path, "--session-timeout", "2")
+    try:
+        silent, silent_session = raw_model_and_session(server)
+        live, live_session = raw_model_and_session(server)
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(0.3):
+                post(server, "session_heartbeat", json={"session_id": live_session})
+
+        threading.Thread(target=beat, daemon=True).start()
+        try:
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                if post(server, "get_info", json={"model_id": silent}).status_code != 200:
+                    break
+                time.sleep(0.25)
+            # The silent session's run is unloaded; its heartbeat now says "gone".
+            gone = post(server, "get_info", json={"model_id": silent})
+            assert gone.status_code == 409 and "unloaded" in gone.json()["detail"]
+            beat_again = post(server, "session_heartbeat", json={"session_id": silent_session})
+            assert beat_again.status_code == 410
+            # The live session's run still trains.
+            done = post(server, "forward_backward", content=fwd_bwd_body(live, 1))
+            assert "loss:sum" in str(retrieve(server, done.json()["request_id"]).content)
+            assert post(server, "get_info", json={"model_id": live}).status_code == 200
+        finally:
+            stop.set()
+    finally:
+        server.stop()
+
+
+def raw_model_and_session(server) -> tuple[str, str]:
+    model_id = raw_model(server)
+    return model_id, model_id.split(":train:")[0]
+
+
+def test_requests_in_flight_at_a_crash_fail_clearly_after_restart(tmp_path):
+    server = ServerProcess(tmp_path)
+    model_id = raw_model(server)
+    # seq 2 waits for seq 1, which never comes: it is in flight when the server dies.
+    in_flight = post(server, "forward_backward", content=fwd_bwd_body(model_id, 2))
+    request_id = in_flight.json()["request_id"]
+    server.stop(kill=True)
+    server.start()
+    try:
+        failed = retrieve(server, request_id)
+        assert failed.status_code == 200
+        body = failed.json()
+        assert body["category"] == "server" and "restarted" in body["error"]
+        # The run itself did not survive (only checkpoints do), and says so.
+        assert post(server, "get_info", json={"model_id": model_id}).status_code == 404
+    finally:
+        server.stop()
+
+
+def test_api_keys_never_reach_the_logs(tmp_path):
+    server = ServerProcess(tmp_path, "--log-level", "debug")
+    try:
+        model_id = raw_model(server)
+        post(server, "get_info", key=KEYS[1], json={"model_id": model_id})  # a 404
+        post(server, "create_session", key="tml-not-a-key", json={})  # a 401
+        raw_session(server, key=KEYS[1])
+    finally:
+        server.stop()
+    log = server.proc.stdout.read().decode()
+    assert "POST /api/v1/create_session" in log  # the log is there...
+    for secret in (*KEYS, "tml-not-a-key"):
+        assert secret not in log  # ...and holds no key
