@@ -108,8 +108,9 @@ BENCH_KEY = "tml-benchmark"
 
 
 @contextlib.contextmanager
-def tinkerd_server(model_name: str):
-    """`tinkerd serve` in a subprocess on a free loopback port; yields its URL."""
+def tinkerd_server(model_name: str, info: dict | None = None):
+    """`tinkerd serve` in a subprocess on a free loopback port; yields its URL (and puts
+    the process id in `info["pid"]`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -128,6 +129,8 @@ def tinkerd_server(model_name: str):
     if model_name != "tinkerd/tiny":
         args += ["--model", model_name]
     proc = subprocess.Popen(args)
+    if info is not None:
+        info["pid"] = proc.pid
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):

@@ -75,6 +75,9 @@ def test_a_silent_session_expires_and_frees_its_runs_without_touching_others(tmp
             done = post(server, "forward_backward", content=fwd_bwd_body(live, 1))
             assert "loss:sum" in str(retrieve(server, done.json()["request_id"]).content)
             assert post(server, "get_info", json={"model_id": live}).status_code == 200
+            # A session that ends (the SDK's close) frees its runs at once.
+            post(server, f"sessions/{live_session}/finish", json={})
+            assert post(server, "get_info", json={"model_id": live}).status_code == 409
         finally:
             stop.set()
     finally:

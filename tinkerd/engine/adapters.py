@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import secrets
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -91,8 +92,7 @@ def delete_run(run: Run) -> None:
         for p in run.params:
             p.grad = None
         base.adapters.discard(run.model_id)
-        base.peft_model.delete_adapter(run.model_id)
-        _repoint_active(base)
+        _delete_adapter(base, run.model_id)
 
 
 def validate_adam_params(adam: AdamParams) -> None:
@@ -177,8 +177,14 @@ def snapshot_weights(run: Run) -> tuple[object, dict[str, torch.Tensor]]:
 
 def remove_adapter(base: BaseModel, name: str) -> None:
     with base.lock:
+        _delete_adapter(base, name)
+
+
+def _delete_adapter(base: BaseModel, name: str) -> None:
+    with warnings.catch_warnings():  # PEFT warns when the active one goes; we repoint it
+        warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
         base.peft_model.delete_adapter(name)
-        _repoint_active(base)
+    _repoint_active(base)
 
 
 def _repoint_active(base: BaseModel) -> None:
