@@ -55,22 +55,30 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     models = [TINY_MODEL_NAME, *(args.model or [])]
     data_dir = Path(args.data_dir).expanduser()
-    engine = Engine(extra_models=args.model, data_dir=data_dir)
-    server = Server(
-        engine,
-        data_dir,
-        keys,
-        models,
-        poll_timeout=args.poll_timeout,
-        max_pending=args.max_queue,
-        session_timeout=args.session_timeout,
-    )
-    print(
-        f"tinkerd serving {models} on http://{args.host}:{args.port} "
-        f"({len(keys)} API key(s); data in {server.store.path})",
-        flush=True,
-    )
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+
+    def run_server(engine: Engine) -> None:
+        server = Server(
+            engine,
+            data_dir,
+            keys,
+            models,
+            poll_timeout=args.poll_timeout,
+            max_pending=args.max_queue,
+            session_timeout=args.session_timeout,
+        )
+        print(
+            f"tinkerd serving {models} on http://{args.host}:{args.port} "
+            f"({len(keys)} API key(s); data in {server.store.path})",
+            flush=True,
+        )
+        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+
+    world = int(os.environ.get("WORLD_SIZE", args.nproc))
+    if world > 1:
+        from tinkerd.server.ranks import serve_ranks
+
+        return serve_ranks(world, args, data_dir, run_server)
+    run_server(Engine(extra_models=args.model, data_dir=data_dir))
     return 0
 
 
@@ -123,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=300.0,
         help="seconds without a heartbeat after which a session's runs are unloaded",
+    )
+    serve.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel ranks on this machine (torch.distributed; or launch with torchrun)",
+    )
+    serve.add_argument(
+        "--fsdp", action="store_true", help="shard base models over the ranks with FSDP2"
     )
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=_serve)

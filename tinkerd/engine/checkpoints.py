@@ -199,11 +199,13 @@ def _read_verified(path: Path, filename: str) -> bytes:
 class CheckpointStore:
     """Checkpoints under one root directory. Thread-safe; one process per root."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, recover: bool = True):
+        """`recover`: finish or remove what a crash cut off. Only the one process that
+        writes to `root` may (other data-parallel ranks only read)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # serialises the renames of save and delete
-        for tmp in sorted(self.root.glob(f"*/*/{TMP_PREFIX}*")):
+        for tmp in [] if not recover else sorted(self.root.glob(f"*/*/{TMP_PREFIX}*")):
             # A crash in the middle of an overwrite leaves the old checkpoint aside as
             # trash with nothing in its place: put it back rather than lose it.
             m = re.fullmatch(rf"{re.escape(TMP_PREFIX)}trash-(.+)-[0-9a-f]{{8}}", tmp.name)

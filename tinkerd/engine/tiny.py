@@ -46,18 +46,19 @@ def default_cache_dir() -> Path:
 
 def tiny_model_dir(cache_dir: Path | None = None) -> Path:
     """Directory holding `tinkerd/tiny`, created (atomically) if it is not there yet."""
+    import fcntl
+
     target = (cache_dir or default_cache_dir()) / f"tiny-v{TINY_VERSION}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    _write_tiny_model(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process won the race; its copy is identical
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Processes that start together (data-parallel ranks, test workers) build it once.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():
+            tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+            _write_tiny_model(tmp)
+            os.replace(tmp, target)
     return target
 
 

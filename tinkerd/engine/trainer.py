@@ -69,10 +69,12 @@ class Engine:
         device: str | None = None,
         extra_models: list[str] | None = None,
         data_dir: Path | None = None,
+        recover_checkpoints: bool = True,
     ):
         self.data_dir = Path(data_dir or os.environ.get("TINKERD_DATA_DIR") or "~/.tinkerd")
         self.data_dir = self.data_dir.expanduser()
         self._checkpoints: CheckpointStore | None = None
+        self._recover_checkpoints = recover_checkpoints
         self.registry = BaseModelRegistry(cache_dir=cache_dir, device=device)
         self.advertised_models = [TINY_MODEL_NAME, *(extra_models or [])]
         self._runs: dict[str, Run] = {}
@@ -151,7 +153,8 @@ class Engine:
         """Durable checkpoints under `<data_dir>/checkpoints` (made on first use)."""
         with self._lock:
             if self._checkpoints is None:
-                self._checkpoints = CheckpointStore(self.data_dir / "checkpoints")
+                root = self.data_dir / "checkpoints"
+                self._checkpoints = CheckpointStore(root, recover=self._recover_checkpoints)
             return self._checkpoints
 
     def save_state(self, model_id: str, name: str, overwrite: bool = False) -> CheckpointInfo:

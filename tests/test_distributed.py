@@ -1,0 +1,81 @@
+"""`tinkerd serve --nproc 2`: two CPU ranks over gloo train like one process, with and
+without FSDP2, and a checkpoint saved under one layout resumes under the other."""
+
+import pytest
+import torch
+from conftest import KEYS, TINY, ServerProcess, make_datum
+from test_fx_loss import RANKS, weighted_nll
+
+from tinkerd import ServiceClient
+from tinkerd.client.transport import InProcessTransport
+from tinkerd.errors import InvalidRequestError
+from tinkerd.types import AdamParams, SamplingParams
+
+FIVE = [make_datum([256, *f"datum {i} of an uneven batch".encode()]) for i in range(5)]
+ONE = [make_datum([256, *b"a batch of one leaves a rank idle"])]
+TWO_RANKS = ("--nproc", "2")
+
+
+def train(client, steps: int = 3) -> list[float]:
+    losses = []
+    for i in range(steps):
+        future = client.forward_backward(ONE if i == 1 else FIVE)
+        client.optim_step(AdamParams(learning_rate=1e-2))
+        losses.append(future.result().metrics["loss:sum"])
+    return losses
+
+
+def logprobs(client) -> torch.Tensor:
+    out = client.forward(FIVE).result()
+    return torch.cat([o["logprobs"].to_torch() for o in out.loss_fn_outputs])
+
+
+def serving(data_dir, *layout: str):
+    server = ServerProcess(data_dir, *layout)
+    return server, ServiceClient(base_url=server.url, api_key=KEYS[0])
+
+
+@pytest.mark.parametrize(
+    "first, second", [(TWO_RANKS, ()), ((), TWO_RANKS), ((*TWO_RANKS, "--fsdp"), ())]
+)
+def test_ranks_train_like_one_process_and_resume_across_layouts(first, second, engine, tmp_path):
+    reference = ServiceClient(transport=InProcessTransport(engine=engine))  # one process
+    one = reference.create_lora_training_client(TINY, rank=8, seed=11)
+    server, service = serving(tmp_path, *first)
+    try:
+        run = service.create_lora_training_client(TINY, rank=8, seed=11)
+        assert train(run) == pytest.approx(train(one), rel=1e-5)
+        assert torch.allclose(logprobs(run), logprobs(one), atol=1e-5)
+
+        # The traced custom loss: every rank's logprobs meet on rank 0 for the gradient.
+        mine = service.create_custom_loss(weighted_nll, RANKS[weighted_nll]).result()
+        theirs = reference.create_custom_loss(weighted_nll, RANKS[weighted_nll]).result()
+        got = run.forward_backward_custom(FIVE, mine).result().loss_total
+        expected = one.forward_backward_custom(FIVE, theirs).result().loss_total
+        assert got == pytest.approx(expected, rel=1e-5)
+        for client in (run, one):
+            client.optim_step(AdamParams(learning_rate=1e-2))
+        assert torch.allclose(logprobs(run), logprobs(one), atol=1e-5)
+
+        sampler = run.save_weights_and_get_sampling_client()
+        prompt, params = FIVE[0].model_input, SamplingParams(max_tokens=4)
+        if "--fsdp" in first:  # rank 0 alone cannot run a forward of a sharded base
+            with pytest.raises(InvalidRequestError, match="fsdp"):
+                sampler.sample(prompt, 1, params).result()
+        else:
+            assert len(sampler.sample(prompt, 2, params).result().sequences) == 2
+        path = run.save_state("layout").result().path
+        saved = logprobs(run)
+        service.close()
+    finally:
+        server.stop()
+
+    server, service = serving(tmp_path, *second)  # same data dir, the other layout
+    try:
+        resumed = service.create_training_client_from_state_with_optimizer(path)
+        assert torch.allclose(logprobs(resumed), saved, atol=1e-6)
+        train(resumed, 2), train(one, 2)
+        assert torch.allclose(logprobs(resumed), logprobs(one), atol=1e-5)
+        service.close()
+    finally:
+        server.stop()

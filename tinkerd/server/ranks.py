@@ -1,0 +1,91 @@
+"""`tinkerd serve --nproc N` (or under torchrun): start the torch.distributed ranks.
+
+Rank 0 is this process and runs the HTTP server over a `DistributedEngine`; the other
+ranks (spawned here, or started by torchrun on any node) run `serve_worker`. Without a GPU
+the ranks talk over gloo and split the machine's cores; with GPUs, over NCCL, one GPU each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import os
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tinkerd.engine.distributed import DistributedEngine, serve_worker, shard_base_with_fsdp
+from tinkerd.engine.tiny import TINY_MODEL_NAME
+from tinkerd.engine.trainer import Engine
+
+
+def serve_ranks(
+    world: int, args: argparse.Namespace, data_dir: Path, run_server: Callable[[Engine], None]
+) -> int:
+    if "RANK" in os.environ:  # torchrun started every rank, this one included
+        rank = int(os.environ["RANK"])
+    else:
+        rank = 0
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
+        context = torch.multiprocessing.get_context("spawn")
+        for other in range(1, world):
+            context.Process(
+                target=_worker, args=(other, world, args, data_dir), daemon=True
+            ).start()
+    engine = _start_rank(rank, world, args, data_dir)
+    if rank != 0:
+        serve_worker(engine)
+        dist.destroy_process_group()
+        return 0
+    distributed = DistributedEngine(engine, fsdp=args.fsdp)
+    try:
+        run_server(distributed)
+    finally:
+        distributed.stop_workers()
+        dist.destroy_process_group()
+    return 0
+
+
+def _worker(rank: int, world: int, args: argparse.Namespace, data_dir: Path) -> None:
+    # Die with rank 0 (even on kill -9) rather than wait forever in a collective.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    serve_worker(_start_rank(rank, world, args, data_dir))
+    dist.destroy_process_group()
+
+
+def _start_rank(rank: int, world: int, args: argparse.Namespace, data_dir: Path) -> Engine:
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=30),
+    )
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    else:  # ranks on one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    engine = Engine(
+        extra_models=args.model,
+        data_dir=data_dir,
+        device=f"cuda:{local_rank}" if cuda else None,
+        recover_checkpoints=rank == 0,  # only rank 0 writes checkpoints
+    )
+    if args.fsdp:
+        for name in [TINY_MODEL_NAME, *(args.model or [])]:
+            shard_base_with_fsdp(engine, name)
+    return engine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
