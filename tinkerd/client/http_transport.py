@@ -44,6 +44,7 @@ T = TypeVar("T")
 API = "/api/v1"
 PROTOBUF = "application/x-protobuf"
 HEARTBEAT_SECONDS = 10.0
+RECONNECT_PATIENCE = 120.0  # a restart takes seconds; a dead server should not hang callers
 QUEUE_FULL_PATIENCE = 300.0  # as long as the official SDK keeps retrying a 429
 
 
@@ -114,18 +115,26 @@ class HttpTransport:
         return self._pollers.submit(self._poll, request_id, decode)
 
     def _poll(self, request_id: str, decode: Callable[[httpx.Response], T]) -> T:
-        backoff = 0.1
+        backoff, unreachable_since = 0.1, None
         while True:
             try:
                 response = self._http.post(
                     API + "/retrieve_future", json={"request_id": request_id}, timeout=90.0
                 )
-            except httpx.TransportError:  # server restarting or network blip: retry
-                if self._closed.is_set():
-                    raise
+            except httpx.TransportError as e:  # server restarting or network blip: retry
+                unreachable_since = unreachable_since or time.monotonic()
+                if (
+                    self._closed.is_set()
+                    or time.monotonic() - unreachable_since > RECONNECT_PATIENCE
+                ):
+                    raise RequestFailedError(
+                        f"the server has been unreachable for {RECONNECT_PATIENCE:.0f} s ({e}); "
+                        f"request {request_id} may still finish: retrieve it later"
+                    ) from None
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            unreachable_since = None
             if response.status_code == 408:
                 continue  # still running; the server long-polls, so no sleep is needed
             _raise_for_status(response)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from tinkerd.engine.distributed import DistributedEngine, serve_worker, shard_base_with_fsdp
+from tinkerd.engine.models import resolve_model_path
 from tinkerd.engine.tiny import TINY_MODEL_NAME
 from tinkerd.engine.trainer import Engine
 
@@ -63,6 +64,9 @@ def _start_rank(rank: int, world: int, args: argparse.Namespace, data_dir: Path)
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    # Build tinkerd/tiny before joining the group: under torch.distributed, transformers'
+    # save_pretrained writes the weights only on rank 0 and waits at a barrier.
+    resolve_model_path(TINY_MODEL_NAME)
     dist.init_process_group(
         "nccl" if cuda else "gloo",
         rank=rank,
