@@ -428,3 +428,10 @@ class TrainingRun(ResponseBase):
 class TrainingRunsResponse(ResponseBase):
     training_runs: list[TrainingRun]
     cursor: Cursor
+
+
+class CheckpointArchiveUrlResponse(ResponseBase):
+    url: str
+    """A signed URL that downloads the checkpoint's directory as a tar archive."""
+    expires: datetime.datetime
+    """When the URL stops working."""

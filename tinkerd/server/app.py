@@ -35,11 +35,13 @@ from tinkerd.custom_loss import (
     graph_loss_fn,
 )
 from tinkerd.engine.adapters import validate_adam_params, validate_lora_config
-from tinkerd.engine.checkpoints import CheckpointInfo, parse_tinker_path, tinker_path
+from tinkerd.engine.checkpoints import tinker_path
 from tinkerd.engine.trainer import Engine, SamplerWeights
 from tinkerd.errors import AuthenticationError, InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.fx_loss import CompiledLoss, compile_loss
+from tinkerd.server.catalog import Catalog
 from tinkerd.server.futures import PROTOBUF, FutureTable
+from tinkerd.server.rest import rest_router
 from tinkerd.server.scheduler import Scheduler
 from tinkerd.server.store import Store
 from tinkerd.types import AdamParams, LoraConfig, ModelInput, SampleResponse, SamplingParams
@@ -174,6 +176,7 @@ class Server:
         self.engine = engine
         self.checkpoints = engine.checkpoints  # opening it finishes what a crash cut off
         self.store = Store(data_dir)
+        self.catalog = Catalog(self.store, self.checkpoints)
         self.store.fail_unfinished("the server restarted before this request finished")
         self.scheduler = Scheduler()
         self.futures = FutureTable(self.store, self.scheduler, max_pending=max_pending)
@@ -478,12 +481,6 @@ def create_app(server: Server) -> FastAPI:
 
         return server.submit(who, "save_weights", work, model_id=body.model_id, seq_id=body.seq_id)
 
-    def readable_checkpoint(path: str, who: str) -> CheckpointInfo:
-        """A checkpoint of one of the caller's runs; another key's looks absent."""
-        model_id = parse_tinker_path(path)[0]
-        server.check_run(model_id, who)
-        return server.engine.checkpoints.resolve(path)
-
     @app.post(f"{API}/load_weights")
     def load_weights(body: LoadWeightsRequest, who: str = Owner) -> dict:
         if body.session_id is not None and body.model_seq_id is not None:
@@ -492,7 +489,7 @@ def create_app(server: Server) -> FastAPI:
             raise InvalidRequestError("give model_id (and seq_id), or session_id and model_seq_id")
         server.check_run(body.model_id, who)
         with server.releasing_seq_on_error(body.model_id, body.seq_id):
-            readable_checkpoint(body.path, who)
+            server.catalog.readable(body.path, who)
 
         def work() -> dict:
             server.engine.load_state(body.model_id, body.path, body.optimizer)
@@ -502,7 +499,7 @@ def create_app(server: Server) -> FastAPI:
 
     def create_model_from_state(body: LoadWeightsRequest, who: str) -> dict:
         own_session(body.session_id, who)
-        info = readable_checkpoint(body.path, who)
+        info = server.catalog.readable(body.path, who)
         if body.base_model not in (None, info.base_model):
             raise InvalidRequestError(
                 f"{body.path} was trained on {info.base_model!r}, not {body.base_model!r}"
@@ -530,7 +527,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post(f"{API}/weights_info")
     def weights_info(body: WeightsInfoRequest, who: str = Owner) -> dict:
-        info = readable_checkpoint(body.tinker_path, who)
+        info = server.catalog.readable(body.tinker_path, who)
         return info.weights_info().model_dump(mode="json")
 
     # ------------------------------------------------------------ sampling
@@ -556,7 +553,7 @@ def create_app(server: Server) -> FastAPI:
 
     def sampler_weights(base_model: str | None, model_path: str | None, who: str):
         if model_path is not None:
-            server.check_run(parse_tinker_path(model_path)[0], who)
+            server.catalog.readable(model_path, who)  # its own, or published
         elif base_model is not None and base_model not in server.served_models:
             raise InvalidRequestError(
                 f"base model {base_model!r} is not served here; available: {server.served_models}"
@@ -639,36 +636,7 @@ def create_app(server: Server) -> FastAPI:
             )
         return Response(stored.body, media_type=stored.content_type)
 
-    # ------------------------------------------------------------ REST: runs and sessions
-
-    def training_run(run: dict, who: str) -> dict:
-        return {
-            "training_run_id": run["model_id"],
-            "base_model": run["base_model"],
-            "model_owner": who,
-            "is_lora": True,
-            "corrupted": False,
-            "lora_rank": run["lora_config"]["rank"],
-            "last_request_time": _iso(run["last_request"]),
-            "user_metadata": {},
-        }
-
-    @app.get(f"{API}/training_runs")
-    def list_training_runs(limit: int = 20, offset: int = 0, who: str = Owner) -> dict:
-        runs = server.store.runs(who)
-        page = runs[offset : offset + limit]
-        return {
-            "training_runs": [training_run(r, who) for r in page],
-            "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)},
-        }
-
-    @app.get(f"{API}/training_runs/{{model_id}}")
-    def get_training_run(model_id: str, who: str = Owner) -> dict:
-        for run in server.store.runs(who):
-            if run["model_id"] == model_id:
-                return training_run(run, who)
-        raise NotFoundError(f"no training run {model_id!r}")
-
+    app.include_router(rest_router(server))
     return app
 
 
@@ -682,9 +650,3 @@ def only_last(response: SampleResponse, last_n: int | None) -> SampleResponse:
     if response.topk_prompt_logprobs is not None:
         response.topk_prompt_logprobs = [None] * blank + response.topk_prompt_logprobs[blank:]
     return response
-
-
-def _iso(timestamp: float) -> str:
-    import datetime
-
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat()

@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS futures (
     status TEXT NOT NULL, content_type TEXT, body BLOB, created REAL NOT NULL, finished REAL
 );
 CREATE INDEX IF NOT EXISTS runs_by_owner ON runs (owner);
+CREATE TABLE IF NOT EXISTS published (
+    tinker_path TEXT PRIMARY KEY, owner TEXT NOT NULL, published REAL NOT NULL
+);
 """
 
 
@@ -142,14 +145,44 @@ class Store:
         else:
             self._exec("UPDATE runs SET last_request=? WHERE model_id=?", (time.time(), model_id))
 
-    def runs(self, owner: str) -> list[dict]:
+    def runs(self, owner: str | None) -> list[dict]:
+        """Runs of one owner (None: everyone's), oldest first."""
+        where, args = ("WHERE owner=?", (owner,)) if owner is not None else ("", ())
         rows = self._exec(
-            "SELECT model_id, base_model, lora_config, created, last_request, status FROM runs "
-            "WHERE owner=? ORDER BY created",
-            (owner,),
+            "SELECT model_id, owner, base_model, lora_config, created, last_request, status, "
+            f"user_metadata FROM runs {where} ORDER BY created",
+            args,
         )
-        keys = ("model_id", "base_model", "lora_config", "created", "last_request", "status")
-        return [dict(zip(keys, row)) | {"lora_config": json.loads(row[2])} for row in rows]
+        keys = ("model_id", "owner", "base_model", "lora_config", "created", "last_request")
+        return [
+            dict(zip(keys, row))
+            | {
+                "status": row[6],
+                "lora_config": json.loads(row[3]),
+                "user_metadata": json.loads(row[7] or "{}"),
+            }
+            for row in rows
+        ]
+
+    # ---------------------------------------------------------------- published checkpoints
+
+    def set_published(self, tinker_path: str, owner: str, public: bool) -> bool:
+        """Publish (or unpublish) a checkpoint; False if it already was (or was not)."""
+        with self._lock:
+            if public:
+                cursor = self._db.execute(
+                    "INSERT OR IGNORE INTO published VALUES (?, ?, ?)",
+                    (tinker_path, owner, time.time()),
+                )
+            else:
+                cursor = self._db.execute(
+                    "DELETE FROM published WHERE tinker_path=?", (tinker_path,)
+                )
+            return cursor.rowcount == 1
+
+    def published(self) -> set[str]:
+        """Tinker paths of every published checkpoint."""
+        return {row[0] for row in self._exec("SELECT tinker_path FROM published")}
 
     # ---------------------------------------------------------------- futures
 
