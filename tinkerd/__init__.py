@@ -1,7 +1,7 @@
 """tinkerd: a self-hosted, Tinker-compatible LoRA fine-tuning service and SDK."""
 
 from tinkerd import types
-from tinkerd.client import APIFuture, SamplingClient, ServiceClient, TrainingClient
+from tinkerd.client import APIFuture, RestClient, SamplingClient, ServiceClient, TrainingClient
 from tinkerd.custom_loss import RegularizerSpec
 from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.types import (
@@ -27,6 +27,7 @@ __all__ = [
     "ModelInput",
     "NotFoundError",
     "RegularizerSpec",
+    "RestClient",
     "SampleResponse",
     "SamplingClient",
     "SamplingParams",
