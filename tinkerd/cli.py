@@ -1,4 +1,4 @@
-"""Command line: `tinkerd demo`, `tinkerd serve`."""
+"""Command line: `tinkerd demo`, `tinkerd serve`, `tinkerd runs|checkpoints|export`."""
 
 from __future__ import annotations
 
@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=_serve)
+
+    from tinkerd.rest_cli import register as register_rest
+
+    register_rest(sub)  # runs, checkpoints, export
     return parser
 
 

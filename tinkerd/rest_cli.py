@@ -1,0 +1,221 @@
+"""`tinkerd runs|checkpoints|export`: the RestClient from the command line.
+
+Each subcommand talks to a server when given `--base-url` (or `TINKERD_BASE_URL`), with
+`--api-key` (or `TINKER_API_KEY`), and otherwise works on the data directory
+(`--data-dir`, `TINKERD_DATA_DIR`, default `~/.tinkerd`) directly. `register` returns
+the `runs` and `checkpoints` sub-parsers so other modules can add subcommands to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def add_connection_args(parser: argparse.ArgumentParser) -> None:
+    """--base-url, --api-key, --data-dir and --json, as every REST subcommand takes them."""
+    parser.add_argument(
+        "--base-url",
+        default=os.environ.get("TINKERD_BASE_URL"),
+        help="a tinkerd server (default: $TINKERD_BASE_URL; none: the local data dir)",
+    )
+    parser.add_argument(
+        "--api-key", default=os.environ.get("TINKER_API_KEY"), help="default: $TINKER_API_KEY"
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("TINKERD_DATA_DIR", "~/.tinkerd"),
+        help="used without a server (default: $TINKERD_DATA_DIR or ~/.tinkerd)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def rest_client(args: argparse.Namespace):
+    """The RestClient the arguments name: a server's, or the data dir's."""
+    from tinkerd.client.rest_client import RestClient
+
+    if args.base_url:
+        return RestClient(args.base_url, args.api_key)
+    return RestClient(data_dir=args.data_dir)
+
+
+def _command(fn: Callable[[argparse.Namespace, Any], int]) -> Callable[[argparse.Namespace], int]:
+    """Run `fn(args, client)`; a tinkerd error is a one-line message and exit status 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        from tinkerd.errors import TinkerdError
+
+        client = rest_client(args)
+        try:
+            return fn(args, client)
+        except TinkerdError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        finally:
+            client.close()
+
+    return run
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _when(moment: Any) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+# ---------------------------------------------------------------- runs
+
+
+def _runs_list(args: argparse.Namespace, client: Any) -> int:
+    runs, offset = [], 0
+    while True:  # every page
+        page = client.list_training_runs(limit=100, offset=offset).result()
+        runs += page.training_runs
+        offset += len(page.training_runs)
+        if not page.training_runs or offset >= page.cursor.total_count:
+            break
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
+        return 0
+    rows = [
+        [
+            r.training_run_id,
+            r.base_model,
+            str(r.lora_rank),
+            _when(r.last_request_time),
+            r.last_checkpoint.tinker_path if r.last_checkpoint else "-",
+        ]
+        for r in runs
+    ]
+    _table(rows, ["RUN", "BASE MODEL", "RANK", "LAST REQUEST (UTC)", "LAST CHECKPOINT"])
+    return 0
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _checkpoints_list(args: argparse.Namespace, client: Any) -> int:
+    if args.run:
+        checkpoints = client.list_checkpoints(args.run).result().checkpoints
+    else:
+        checkpoints, offset = [], 0
+        while True:
+            page = client.list_user_checkpoints(limit=100, offset=offset).result()
+            checkpoints += page.checkpoints
+            offset += len(page.checkpoints)
+            if not page.checkpoints or offset >= page.cursor.total_count:
+                break
+    if args.json:
+        print(json.dumps([c.model_dump(mode="json") for c in checkpoints], indent=2))
+        return 0
+    rows = [
+        [
+            c.tinker_path,
+            c.checkpoint_type,
+            _when(c.time),
+            f"{(c.size_bytes or 0) / 1e6:.1f} MB",
+            "yes" if c.public else "no",
+        ]
+        for c in checkpoints
+    ]
+    _table(rows, ["TINKER PATH", "TYPE", "TIME (UTC)", "SIZE", "PUBLIC"])
+    return 0
+
+
+def _checkpoints_download(args: argparse.Namespace, client: Any) -> int:
+    out = client.download_checkpoint(args.path, Path(args.output)).result()
+    print(f"{args.path} -> {out} (a PEFT adapter directory; files checked against sha256)")
+    return 0
+
+
+def _checkpoints_delete(args: argparse.Namespace, client: Any) -> int:
+    client.delete_checkpoint_from_tinker_path(args.path).result()
+    print(f"deleted {args.path}")
+    return 0
+
+
+def _checkpoints_publish(args: argparse.Namespace, client: Any) -> int:
+    if args.undo:
+        client.unpublish_checkpoint_from_tinker_path(args.path).result()
+        print(f"{args.path} is private again")
+    else:
+        client.publish_checkpoint_from_tinker_path(args.path).result()
+        print(f"{args.path} is published: every API key of the server may read it")
+    return 0
+
+
+# ---------------------------------------------------------------- export
+
+
+def _export(args: argparse.Namespace, client: Any) -> int:
+    """Download the checkpoint (checked), then fold its LoRA into the base model."""
+    from tinkerd.engine.checkpoints import CheckpointStore, export_merged, parse_tinker_path
+    from tinkerd.engine.models import resolve_model_path
+    from tinkerd.errors import InvalidRequestError
+
+    out = Path(args.merged)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidRequestError(f"{out} exists and is not an empty directory")
+    model_id, kind, name = parse_tinker_path(args.path)
+    with tempfile.TemporaryDirectory(prefix="tinkerd-export-") as tmp:
+        client.download_checkpoint(args.path, Path(tmp) / model_id / kind / name).result()
+        info = CheckpointStore(Path(tmp), recover=False).get(model_id, kind, name)
+        export_merged(resolve_model_path(info.base_model), info, out)
+    print(f"{args.path} merged into {info.base_model} -> {out} (Hugging Face format)")
+    return 0
+
+
+# ---------------------------------------------------------------- parsers
+
+
+def register(sub: argparse._SubParsersAction) -> dict[str, argparse._SubParsersAction]:
+    """Add `runs`, `checkpoints` and `export` to the top-level sub-parsers; returns the
+    `runs` and `checkpoints` sub-parsers (add more subcommands to them freely)."""
+
+    def command(
+        group: argparse._SubParsersAction, name: str, fn: Callable, help: str
+    ) -> argparse.ArgumentParser:
+        parser = group.add_parser(name, help=help)
+        add_connection_args(parser)
+        parser.set_defaults(func=_command(fn))
+        return parser
+
+    runs = sub.add_parser("runs", help="training runs").add_subparsers(
+        dest="runs_command", required=True
+    )
+    command(runs, "list", _runs_list, "list training runs")
+
+    checkpoints = sub.add_parser("checkpoints", help="saved checkpoints").add_subparsers(
+        dest="checkpoints_command", required=True
+    )
+    listing = command(checkpoints, "list", _checkpoints_list, "list checkpoints (newest first)")
+    listing.add_argument("--run", help="only this training run's (oldest first)")
+    download = command(
+        checkpoints, "download", _checkpoints_download, "download a checkpoint's directory"
+    )
+    download.add_argument("path", metavar="TINKER_PATH")
+    download.add_argument("-o", "--output", required=True, help="directory to create")
+    delete = command(checkpoints, "delete", _checkpoints_delete, "delete a checkpoint")
+    delete.add_argument("path", metavar="TINKER_PATH")
+    publish = command(
+        checkpoints, "publish", _checkpoints_publish, "let every API key read a checkpoint"
+    )
+    publish.add_argument("path", metavar="TINKER_PATH")
+    publish.add_argument("--undo", action="store_true", help="unpublish")
+
+    export = command(
+        sub, "export", _export, "write a checkpoint merged into its base model (Hugging Face)"
+    )
+    export.add_argument("path", metavar="TINKER_PATH")
+    export.add_argument("--merged", required=True, metavar="OUT", help="directory to create")
+    return {"runs": runs, "checkpoints": checkpoints}
