@@ -132,7 +132,7 @@ def test_sdk_save_state_and_resume(server):
         tinker.RestClient(base_url=server.url, api_key=KEYS[1]).get_weights_info_by_tinker_path(
             path
         ).result()
-    with pytest.raises(Exception, match="no training run"):
+    with pytest.raises(Exception, match="no checkpoint"):
         bob.create_training_client_from_state(path).result()
     sdk.close("success").result()
     bob.close("success").result()

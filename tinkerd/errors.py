@@ -35,12 +35,6 @@ class ModelUnloadedError(InvalidRequestError):
     status_code = 409
 
 
-class ConflictError(InvalidRequestError):
-    """The request contradicts the object's state (e.g. publishing a public checkpoint)."""
-
-    status_code = 409
-
-
 class AuthenticationError(TinkerdError):
     """No API key, or one the server does not know."""
 

@@ -241,7 +241,7 @@ class RestClient:
         return self._submit(self._backend.delete, tinker_path)
 
     def publish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
-        """Let every API key read the checkpoint (never delete it); 409 if already public."""
+        """Let every API key read the checkpoint (never delete it). Idempotent."""
         return self._submit(self._backend.set_public, tinker_path, True)
 
     def unpublish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tinkerd.engine.checkpoints import CheckpointInfo, CheckpointStore, parse_tinker_path
-from tinkerd.errors import ConflictError, InvalidRequestError, NotFoundError
+from tinkerd.errors import InvalidRequestError, NotFoundError
 from tinkerd.server.store import Store
 from tinkerd.types import Checkpoint, CheckpointsListResponse, Cursor, TrainingRun
 
@@ -172,10 +172,10 @@ class Catalog:
         self.store.set_published(path, "", False)
 
     def set_public(self, path: str, who: str | None, public: bool) -> None:
-        """Publish or unpublish; 409 if it already is (or is not) public."""
+        """Publish or unpublish. Idempotent: the official SDK retries a 409 for minutes,
+        so publishing what is public (or the reverse) succeeds and changes nothing."""
         self.owned(path, who)
-        if not self.store.set_published(path, who or LOCAL, public):
-            raise ConflictError(f"{path} is already {'public' if public else 'private'}")
+        self.store.set_published(path, who or LOCAL, public)
 
     # ---------------------------------------------------------------- archives
 
