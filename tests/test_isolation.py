@@ -3,6 +3,7 @@ runs, checkpoints, samplers or futures. The test fails if a route is added witho
 probe here, so no endpoint escapes the check."""
 
 import json
+from collections.abc import Iterator
 
 import pytest
 from conftest import KEYS, TINY, make_datum
@@ -67,6 +68,7 @@ def fwd_bwd(model_id: str) -> bytes:
 def probes(a: dict[str, str], bob_session: str) -> dict[tuple[str, str], dict]:
     """One request per route, made with Bob's key against Alice's things."""
     prompt = {"chunks": [{"type": "encoded_text", "tokens": [256, 1]}]}
+    checkpoint = {"model_id": a["model"], "kind": "weights", "name": "ckpt"}
     return {
         ("POST", "/api/v1/session_heartbeat"): {"json": {"session_id": a["session"]}},
         ("POST", "/api/v1/sessions/{session_id}/finish"): {"path": {"session_id": a["session"]}},
@@ -109,6 +111,11 @@ def probes(a: dict[str, str], bob_session: str) -> dict[tuple[str, str], dict]:
         },
         ("POST", "/api/v1/retrieve_future"): {"json": {"request_id": a["request"]}},
         ("GET", "/api/v1/training_runs/{model_id}"): {"path": {"model_id": a["model"]}},
+        ("GET", "/api/v1/training_runs/{model_id}/checkpoints"): {"path": {"model_id": a["model"]}},
+        ("DELETE", CHECKPOINT): {"path": checkpoint},
+        ("POST", f"{CHECKPOINT}/publish"): {"path": checkpoint},
+        ("DELETE", f"{CHECKPOINT}/publish"): {"path": checkpoint},
+        ("GET", f"{CHECKPOINT}/archive"): {"path": checkpoint},
     }
 
 
@@ -121,7 +128,19 @@ OPEN = {
     ("POST", "/api/v1/create_session"),
     ("POST", "/api/v1/telemetry"),
 }
-LISTINGS = {("GET", "/api/v1/training_runs")}
+LISTINGS = {("GET", "/api/v1/training_runs"), ("GET", "/api/v1/checkpoints")}
+CHECKPOINT = "/api/v1/training_runs/{model_id}/checkpoints/{kind}/{name}"
+# Needs no key: a signed, short-lived link is the permission (checked below).
+SIGNED = {("GET", "/api/v1/checkpoint_archives/{model_id}/{kind}/{name}")}
+
+
+def api_routes(routes: list) -> Iterator[APIRoute]:
+    """Every APIRoute, those of included routers too (FastAPI wraps those; no prefixes)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif hasattr(route, "original_router"):
+            yield from api_routes(route.original_router.routes)
 
 
 def call(client: TestClient, method: str, path: str, probe: dict):
@@ -136,13 +155,8 @@ def test_every_route_hides_one_keys_things_from_another(app, alice):
     bob = TestClient(app, headers={"X-API-Key": BOB})
     bob_session = bob.post("/api/v1/create_session", json={}).json()["session_id"]
     table = probes(alice, bob_session)
-    routes = {
-        (method, route.path)
-        for route in app.routes
-        if isinstance(route, APIRoute)
-        for method in route.methods
-    }
-    assert routes == set(table) | OPEN | LISTINGS, "a route without an isolation probe"
+    routes = {(method, route.path) for route in api_routes(app.routes) for method in route.methods}
+    assert routes == set(table) | OPEN | LISTINGS | SIGNED, "a route without an isolation probe"
 
     for (method, path), probe in table.items():
         response = call(bob, method, path, probe)
@@ -151,6 +165,9 @@ def test_every_route_hides_one_keys_things_from_another(app, alice):
     for method, path in LISTINGS:
         listed = bob.request(method, path).text
         assert alice["model"] not in listed and alice["path"] not in listed
+    archive = "/api/v1/checkpoint_archives/{model_id}/weights/ckpt".format(model_id=alice["model"])
+    for query in ("", "?expires=99999999999&signature=00", "?expires=1&signature=00"):
+        assert bob.get(archive + query).status_code == 404  # no link, a forged or old one
 
     # Everything of Alice's still works for Alice after Bob's attempts.
     mine = TestClient(app, headers={"X-API-Key": ALICE})
@@ -161,6 +178,12 @@ def test_every_route_hides_one_keys_things_from_another(app, alice):
     )
     info = mine.post("/api/v1/weights_info", json={"tinker_path": alice["path"]})
     assert info.status_code == 200 and info.json()["lora_rank"] == 4
+    link = mine.get(
+        CHECKPOINT.format(**table[("DELETE", CHECKPOINT)]["path"]) + "/archive",
+        follow_redirects=False,
+    )
+    assert link.status_code == 302
+    assert TestClient(app).get(link.headers["location"]).status_code == 200  # keyless
     assert (
         json.loads(mine.get(f"/api/v1/samplers/{alice['sampling']}").text)["model_path"]
         == alice["sampler_path"]
