@@ -123,6 +123,8 @@ def test_cli_on_a_local_data_dir(engine, capsys, tmp_path, monkeypatch):
     assert code == 0
     code, out, _ = cli(capsys, "checkpoints", "list", "--run", run, "--data-dir", data_dir)
     assert path not in out
+    code, _, err = cli(capsys, "runs", "list", "--data-dir", str(tmp_path / "typo"))
+    assert code == 1 and "no tinkerd data directory" in err and not (tmp_path / "typo").exists()
     with pytest.raises(SystemExit):  # a subcommand is required
         main(["checkpoints"])
     service.close()

@@ -51,14 +51,16 @@ def _command(fn: Callable[[argparse.Namespace, Any], int]) -> Callable[[argparse
     def run(args: argparse.Namespace) -> int:
         from tinkerd.errors import TinkerdError
 
-        client = rest_client(args)
+        client = None
         try:
+            client = rest_client(args)
             return fn(args, client)
         except TinkerdError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         finally:
-            client.close()
+            if client is not None:
+                client.close()
 
     return run
 

@@ -20,7 +20,7 @@ import httpx
 
 from tinkerd.client.futures import APIFuture
 from tinkerd.engine.checkpoints import CheckpointStore, parse_tinker_path
-from tinkerd.errors import error_for_status
+from tinkerd.errors import NotFoundError, error_for_status
 from tinkerd.server.catalog import (
     ARCHIVE_URL_SECONDS,
     Catalog,
@@ -124,6 +124,8 @@ class LocalRest:
     @classmethod
     def open(cls, data_dir: Path | str, live_runs: LiveRuns = dict) -> LocalRest:
         data_dir = Path(data_dir).expanduser()
+        if not data_dir.is_dir():
+            raise NotFoundError(f"no tinkerd data directory at {data_dir}")
         # recover=False: a server may be writing to this directory right now.
         store = CheckpointStore(data_dir / "checkpoints", recover=False)
         return cls(Catalog(Store(data_dir), store, live_runs))
