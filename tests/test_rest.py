@@ -23,7 +23,7 @@ def alice_run(server):
     client = sdk.create_lora_training_client(base_model=TINY, rank=4, seed=1).result()
     state = client.save_state("rest-state").result().path
     sampler = client.save_weights_for_sampler("rest-sampler").result().path
-    yield client.model_id, state, sampler
+    yield client.model_id, state, sampler, client
     sdk.close("success").result()
 
 
@@ -32,7 +32,7 @@ def checkpoint_dir(server, path: str):
 
 
 def test_official_rest_client_every_method(server, alice_run):
-    run, state, sampler = alice_run
+    run, state, sampler, training = alice_run
     rest = tinker.RestClient(base_url=server.url, api_key=ALICE)
 
     runs = rest.list_training_runs(limit=1000).result()
@@ -67,23 +67,23 @@ def test_official_rest_client_every_method(server, alice_run):
         assert not rest.list_checkpoints(run).result().checkpoints[0].public
 
     # delete: by id, then by path; both gone from listings and from disk
-    sdk = tinker.ServiceClient(base_url=server.url, api_key=ALICE)
-    extra = sdk.create_training_client_from_state(state).result()
-    a = extra.save_state("to-delete-a").result().path
-    b = extra.save_state("to-delete-b").result().path
-    rest.delete_checkpoint(extra.model_id, "weights/to-delete-a").result()
+    a = training.save_state("to-delete-a").result().path
+    b = training.save_state("to-delete-b").result().path
+    rest.delete_checkpoint(run, "weights/to-delete-a").result()
     rest.delete_checkpoint_from_tinker_path(b).result()
-    assert rest.list_checkpoints(extra.model_id).result().checkpoints == []
+    assert [c.tinker_path for c in rest.list_checkpoints(run).result().checkpoints] == [
+        state,
+        sampler,
+    ]
     assert not checkpoint_dir(server, a).exists() and not checkpoint_dir(server, b).exists()
     with pytest.raises(tinker.NotFoundError):
         rest.delete_checkpoint_from_tinker_path(a).result()
     with pytest.raises(tinker.NotFoundError):
         rest.get_weights_info_by_tinker_path(a).result()
-    sdk.close("success").result()
 
 
 def test_another_key_sees_nothing_until_published(server, alice_run):
-    run, state, sampler = alice_run
+    run, state, sampler, _ = alice_run
     alice = tinker.RestClient(base_url=server.url, api_key=ALICE)
     bob = tinker.RestClient(base_url=server.url, api_key=BOB)
     bob_sdk = tinker.ServiceClient(base_url=server.url, api_key=BOB)
@@ -161,7 +161,7 @@ def test_archive_download_is_signed_and_scoped(server, alice_run):
     older SDKs use (302 to a signed URL)."""
     from tinkerd import RestClient
 
-    run, state, _ = alice_run
+    run, state, _, _ = alice_run
     alice, bob = RestClient(server.url, ALICE), RestClient(server.url, BOB)
     archive = alice.get_checkpoint_archive_url_from_tinker_path(state).result()
     assert archive.url.startswith(server.url) and ALICE not in archive.url
