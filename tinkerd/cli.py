@@ -36,8 +36,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from tinkerd.engine.sampler_backend import sampler_factory
     from tinkerd.engine.tiny import TINY_MODEL_NAME
     from tinkerd.engine.trainer import Engine
+    from tinkerd.errors import InvalidRequestError
     from tinkerd.server.app import Server, create_app
 
     keys = list(args.api_key or [])
@@ -52,6 +54,11 @@ def _serve(args: argparse.Namespace) -> int:
             "TINKERD_API_KEYS (with no key, tinkerd only binds to loopback)",
             file=sys.stderr,
         )
+        return 2
+    try:
+        samplers = sampler_factory(args.sampler)
+    except InvalidRequestError as e:
+        print(f"tinkerd serve: {e}", file=sys.stderr)
         return 2
     models = [TINY_MODEL_NAME, *(args.model or [])]
     data_dir = Path(args.data_dir).expanduser()
@@ -78,7 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
         from tinkerd.server.ranks import serve_ranks
 
         return serve_ranks(world, args, data_dir, run_server)
-    run_server(Engine(extra_models=args.model, data_dir=data_dir))
+    run_server(Engine(extra_models=args.model, data_dir=data_dir, sampler_factory=samplers))
     return 0
 
 
@@ -140,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--fsdp", action="store_true", help="shard base models over the ranks with FSDP2"
+    )
+    serve.add_argument(
+        "--sampler",
+        choices=["builtin", "vllm"],
+        default="builtin",
+        help="sampler backend: tinkerd's batched sampler, or vLLM on a GPU (tinkerd[vllm])",
     )
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=_serve)

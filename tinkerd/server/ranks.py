@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from tinkerd.engine.distributed import DistributedEngine, serve_worker, shard_base_with_fsdp
 from tinkerd.engine.models import resolve_model_path
+from tinkerd.engine.sampler_backend import sampler_factory
 from tinkerd.engine.tiny import TINY_MODEL_NAME
 from tinkerd.engine.trainer import Engine
 
@@ -82,6 +83,7 @@ def _start_rank(rank: int, world: int, args: argparse.Namespace, data_dir: Path)
         data_dir=data_dir,
         device=f"cuda:{local_rank}" if cuda else None,
         recover_checkpoints=rank == 0,  # only rank 0 writes checkpoints
+        sampler_factory=sampler_factory(args.sampler),  # used on rank 0 alone
     )
     if args.fsdp:
         for name in [TINY_MODEL_NAME, *(args.model or [])]:
