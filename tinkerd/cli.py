@@ -36,6 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from tinkerd.engine import batch
     from tinkerd.engine.sampler_backend import sampler_factory
     from tinkerd.engine.tiny import TINY_MODEL_NAME
     from tinkerd.engine.trainer import Engine
@@ -60,6 +61,9 @@ def _serve(args: argparse.Namespace) -> int:
     except InvalidRequestError as e:
         print(f"tinkerd serve: {e}", file=sys.stderr)
         return 2
+    if args.max_batch_tokens:  # here, and in ranks started later (read at import)
+        batch.MAX_BATCH_TOKENS = args.max_batch_tokens
+        os.environ["TINKERD_MAX_BATCH_TOKENS"] = str(args.max_batch_tokens)
     models = [TINY_MODEL_NAME, *(args.model or [])]
     data_dir = Path(args.data_dir).expanduser()
 
@@ -132,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=4096,
         help="requests queued at most; beyond it the server answers 429 with Retry-After",
+    )
+    serve.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        help="most padded tokens (data x longest datum) in one request (default 1048576)",
     )
     serve.add_argument(
         "--session-timeout",
