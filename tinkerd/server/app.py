@@ -39,7 +39,7 @@ from tinkerd.engine.checkpoints import CheckpointInfo, parse_tinker_path, tinker
 from tinkerd.engine.trainer import Engine, SamplerWeights
 from tinkerd.errors import AuthenticationError, InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.fx_loss import CompiledLoss, compile_loss
-from tinkerd.server.dashboard import dashboard_router, split_key_label
+from tinkerd.server.dashboard import add_dashboard, split_key_label
 from tinkerd.server.futures import PROTOBUF, FutureTable
 from tinkerd.server.metrics import timed
 from tinkerd.server.scheduler import Scheduler
@@ -264,7 +264,7 @@ class Server:
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="tinkerd", version="0.1.0", docs_url="/docs")
     app.state.server = server
-    app.include_router(dashboard_router(server))  # the web dashboard and its JSON API
+    add_dashboard(app, server)  # the web dashboard at / and its JSON API
 
     @app.exception_handler(TinkerdError)
     async def tinkerd_error(_: Request, e: TinkerdError) -> JSONResponse:
