@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tinkerd.errors import NotFoundError
 from tinkerd.server.metrics import per_step
@@ -35,14 +35,21 @@ def split_key_label(entry: str) -> tuple[str, str | None]:
     return entry, None
 
 
-class RunSummary(BaseModel):
+class Documented(BaseModel):
+    """Field docstrings go into the OpenAPI schema."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+
+class RunSummary(Documented):
     model_id: str
     base_model: str
     lora_rank: int
     owner: str
     """The owner key's label (`--api-key KEY=LABEL`), else a fingerprint of it: never the key."""
     steps: int
-    """Optimizer steps taken (recorded ones; a run made from a checkpoint counts its steps)."""
+    """The run's step count at its last recorded optim_step (a run made from a checkpoint
+    counts the checkpoint's steps too); 0 before its first."""
     created: float
     """Unix time, seconds."""
     last_activity: float
@@ -51,12 +58,12 @@ class RunSummary(BaseModel):
     """active, finished, expired, unloaded, failed, or lost (the server restarted)."""
 
 
-class RunList(BaseModel):
+class RunList(Documented):
     runs: list[RunSummary]
     """The caller's runs, most recently active first."""
 
 
-class CheckpointSummary(BaseModel):
+class CheckpointSummary(Documented):
     tinker_path: str
     kind: str
     """`weights` (save_state: weights and optimizer) or `sampler_weights`."""
@@ -74,7 +81,7 @@ class RunDetail(RunSummary):
     """Oldest first."""
 
 
-class RunMetrics(BaseModel):
+class RunMetrics(Documented):
     model_id: str
     since_step: int
     metric_names: list[str]
@@ -130,12 +137,14 @@ def add_dashboard(app: FastAPI, server: Server) -> None:
 
     @app.get(f"{API}/runs", response_model=RunList)
     def list_runs(who: str = Owner) -> dict:
+        """The caller's training runs (another key's are never listed)."""
         steps = server.store.run_steps(who)
         runs = [summary(r | {"owner": who}, steps) for r in server.store.runs(who)]
         return {"runs": sorted(runs, key=lambda r: -r["last_activity"])}
 
     @app.get(f"{API}/runs/{{model_id}}", response_model=RunDetail)
     def get_run(model_id: str, who: str = Owner) -> dict:
+        """One of the caller's runs with its checkpoints (404 for another key's run)."""
         run = own_run(model_id, who)
         checkpoints = [
             {
@@ -157,6 +166,8 @@ def add_dashboard(app: FastAPI, server: Server) -> None:
         since_step: int = Query(0, ge=0, le=2**53, description="only steps >= this one"),
         who: str = Owner,
     ) -> dict:
+        """The run's metrics per optimizer step; poll with since_step = the last step seen
+        (it may still grow) to get only what is new. 404 for another key's run."""
         own_run(model_id, who)
         steps = per_step(server.store.metric_rows(model_id, since_step))
         names = sorted({k for s in steps for k in s} - {"step", "time"})
