@@ -15,6 +15,8 @@ from conftest import KEYS, TINY, ServerProcess, make_datum
 from tinkerd import RegularizerSpec, ServiceClient
 from tinkerd.cli import main
 from tinkerd.server.app import fingerprint
+from tinkerd.server.dashboard import split_key_label
+from tinkerd.server.metrics import per_step
 
 CAROL = "tml-carol-key"  # served as --api-key tml-carol-key=carol: a labelled key
 ALICE, BOB = KEYS
@@ -228,3 +230,30 @@ def test_the_page_shows_the_run_and_its_charts_grow_live(served, sdk, tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     if os.environ.get("TINKERD_UPDATE_SCREENSHOT"):  # refresh the one in the README
         shutil.copy(shot, DOCS_SCREENSHOT)
+
+
+def test_a_step_folds_its_operations():
+    """Gradient accumulation: two forward_backwards and an optim_step make one step."""
+    rows = [
+        (1, "forward_backward", 10.0, "loss", 2.0),
+        (1, "forward_backward", 10.0, "sq/grad_norm:mean", 1.0),
+        (1, "forward_backward", 10.0, "step_time_s", 0.25),
+        (1, "forward_backward", 11.0, "loss", 3.0),
+        (1, "forward_backward", 11.0, "sq/grad_norm:mean", 3.0),
+        (1, "forward_backward", 11.0, "step_time_s", 0.25),
+        (1, "optim_step", 12.0, "grad_norm", 5.0),
+        (1, "optim_step", 12.0, "step_time_s", 0.5),
+        (2, "forward_backward", 13.0, "loss", 1.0),
+    ]
+    assert per_step(rows) == [
+        {"step": 1, "time": 12.0, "loss": 5.0, "sq/grad_norm:mean": 2.0}
+        | {"step_time_s": 1.0, "grad_norm": 5.0},
+        {"step": 2, "time": 13.0, "loss": 1.0},
+    ]
+
+
+def test_key_labels():
+    assert split_key_label("tml-a=alice") == ("tml-a", "alice")
+    assert split_key_label("tml-a") == ("tml-a", None)
+    assert split_key_label("c2VjcmV0==") == ("c2VjcmV0==", None)  # base64 padding: all key
+    assert split_key_label("tml-a=two words") == ("tml-a=two words", None)

@@ -10,7 +10,9 @@ const KEY_ITEM = "tinkerd-api-key";
 const FIRST = ["loss", "grad_norm", "learning_rate", "tokens", "step_time_s"];
 const SVG = "http://www.w3.org/2000/svg";
 
-const state = { run: null, points: new Map(), timer: null };
+// `poll` is one loop at a time: each call gets a generation, and a call that finds a newer
+// one when its requests come back (the run changed meanwhile) drops its answers.
+const state = { run: null, points: new Map(), lastStep: 0, timer: null, generation: 0 };
 const $ = (id) => document.getElementById(id);
 
 function fragment() {
@@ -85,6 +87,7 @@ function select(modelId) {
   if (modelId === state.run) return;
   state.run = modelId;
   state.points = new Map();
+  state.lastStep = 0;
   const params = fragment();
   params.set("run", modelId);
   history.replaceState(null, "", location.pathname + "#" + params.toString());
@@ -96,8 +99,8 @@ function select(modelId) {
 function chart(name, points) {
   const W = 340, H = 150, L = 52, R = 10, T = 22, B = 22;
   const xs = points.map((p) => p.step), ys = points.map((p) => p[name]);
-  const [x0, x1] = [Math.min(...xs), Math.max(...xs)];
-  let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
+  const [x0, x1] = [xs[0], xs[xs.length - 1]]; // points come in step order
+  let [y0, y1] = ys.reduce(([lo, hi], v) => [Math.min(lo, v), Math.max(hi, v)], [ys[0], ys[0]]);
   if (y0 === y1) [y0, y1] = [y0 - (Math.abs(y0) || 1) * 0.05, y1 + (Math.abs(y1) || 1) * 0.05];
   const x = (s) => L + (x1 === x0 ? (W - L - R) / 2 : ((s - x0) / (x1 - x0)) * (W - L - R));
   const y = (v) => T + (1 - (v - y0) / (y1 - y0)) * (H - T - B);
@@ -147,8 +150,10 @@ function renderCheckpoints(checkpoints) {
 
 async function poll() {
   clearTimeout(state.timer);
+  const generation = ++state.generation;
   try {
     const { runs } = await api("/runs");
+    if (generation !== state.generation) return;
     const wanted = fragment().get("run");
     if (!state.run && runs.length) {
       state.run = runs.some((r) => r.model_id === wanted) ? wanted : runs[0].model_id;
@@ -156,13 +161,16 @@ async function poll() {
     renderRuns(runs);
     if (state.run) {
       const id = encodeURIComponent(state.run);
-      const known = [...state.points.keys()];
-      const since = known.length ? Math.max(...known) : 0; // its last step may have grown
+      const since = state.lastStep; // that step may have grown since: fetch it again
       const [detail, metrics] = await Promise.all([
         api(`/runs/${id}`),
         api(`/runs/${id}/metrics?since_step=${since}`),
       ]);
-      for (const p of metrics.steps) state.points.set(p.step, p);
+      if (generation !== state.generation) return;
+      for (const p of metrics.steps) {
+        state.points.set(p.step, p);
+        state.lastStep = Math.max(state.lastStep, p.step);
+      }
       const names = new Set(metrics.metric_names);
       for (const p of state.points.values()) Object.keys(p).forEach((k) => names.add(k));
       ["step", "time"].forEach((k) => names.delete(k));
@@ -174,6 +182,7 @@ async function poll() {
     $("status").textContent = `updated ${new Date().toLocaleTimeString()}`;
     $("main").dataset.loaded = "true";
   } catch (e) {
+    if (generation !== state.generation) return;
     if (e.auth) return askForKey("That key was not accepted.");
     $("status").textContent = `error: ${e.message}`;
   }
@@ -183,6 +192,10 @@ async function poll() {
 function askForKey(message) {
   sessionStorage.removeItem(KEY_ITEM);
   clearTimeout(state.timer);
+  state.generation++; // a poll in flight stops there
+  Object.assign(state, { run: null, points: new Map(), lastStep: 0 });
+  $("charts").replaceChildren();
+  $("run").hidden = true;
   $("main").hidden = true;
   $("forget").hidden = true;
   $("login").hidden = false;
