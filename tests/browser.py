@@ -114,11 +114,14 @@ class Browser:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, expected, timeout: float = 30.0):
-        """Evaluate `expression` until it equals `expected`; return the last value."""
+        """Evaluate `expression` until it equals `expected` (errors count as not yet)."""
         deadline = time.monotonic() + timeout
         value = None
         while time.monotonic() < deadline:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except RuntimeError as e:  # e.g. the page is still loading
+                value = e
             if value == expected:
                 return value
             time.sleep(0.2)

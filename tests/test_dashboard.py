@@ -199,6 +199,11 @@ CHART_POINTS = """(() => {
 })()"""
 
 
+LOG_IN = """document.getElementById('key').value = '%s';
+document.getElementById('login').requestSubmit();"""
+ERROR = "document.getElementById('login-error').textContent"
+
+
 def test_the_page_shows_the_run_and_its_charts_grow_live(served, sdk, tmp_path):
     """In headless Chromium: the run's row, a loss chart with one point per step trained,
     new points while it trains, its checkpoint, and no key left in the address bar."""
@@ -207,6 +212,14 @@ def test_the_page_shows_the_run_and_its_charts_grow_live(served, sdk, tmp_path):
     path = client.save_weights_for_sampler("for-the-screenshot").result().path
     browser = Browser()
     try:
+        browser.open(f"{served.url}/")  # no key yet: the page asks for one
+        browser.wait_for("document.getElementById('login').hidden", False)
+        browser.evaluate(LOG_IN % "tml-wrong")
+        browser.wait_for(ERROR, "That key was not accepted.")
+        browser.evaluate(LOG_IN % CAROL)
+        browser.wait_for("document.getElementById('runs').textContent.includes('carol')", True)
+        assert browser.evaluate("sessionStorage.getItem('tinkerd-api-key')") == CAROL
+
         browser.open(f"{served.url}/#key={CAROL}&run={client.model_id}")
         browser.wait_for(CHART_POINTS, STEPS)
         row = f"document.querySelector('#runs tr[data-run=\"{client.model_id}\"]')"

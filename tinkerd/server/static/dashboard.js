@@ -216,6 +216,18 @@ $("login").addEventListener("submit", (event) => {
   start();
 });
 $("forget").addEventListener("click", () => askForKey());
+// A link followed in an open tab changes only the fragment: no reload, so look again.
+window.addEventListener("hashchange", () => {
+  const params = fragment();
+  if (params.has("key")) {
+    takeKeyFromFragment();
+    Object.assign(state, { run: null, points: new Map(), lastStep: 0 });
+    $("charts").replaceChildren();
+    start(); // its poll opens the run the fragment names
+  } else if (params.get("run") && params.get("run") !== state.run) {
+    select(params.get("run"));
+  }
+});
 
 takeKeyFromFragment();
 // A server without keys (loopback only) accepts an empty key: try that first.
