@@ -109,6 +109,8 @@ def probes(a: dict[str, str], bob_session: str) -> dict[tuple[str, str], dict]:
         },
         ("POST", "/api/v1/retrieve_future"): {"json": {"request_id": a["request"]}},
         ("GET", "/api/v1/training_runs/{model_id}"): {"path": {"model_id": a["model"]}},
+        ("GET", "/api/v1/dashboard/runs/{model_id}"): {"path": {"model_id": a["model"]}},
+        ("GET", "/api/v1/dashboard/runs/{model_id}/metrics"): {"path": {"model_id": a["model"]}},
     }
 
 
@@ -121,7 +123,9 @@ OPEN = {
     ("POST", "/api/v1/create_session"),
     ("POST", "/api/v1/telemetry"),
 }
-LISTINGS = {("GET", "/api/v1/training_runs")}
+LISTINGS = {("GET", "/api/v1/training_runs"), ("GET", "/api/v1/dashboard/runs")}
+# The dashboard's page and its assets: the same for everyone, no key, nobody's data.
+PAGES = {("GET", "/"), ("GET", "/static/{name}")}
 
 
 def call(client: TestClient, method: str, path: str, probe: dict):
@@ -142,7 +146,7 @@ def test_every_route_hides_one_keys_things_from_another(app, alice):
         if isinstance(route, APIRoute)
         for method in route.methods
     }
-    assert routes == set(table) | OPEN | LISTINGS, "a route without an isolation probe"
+    assert routes == set(table) | OPEN | LISTINGS | PAGES, "a route without an isolation probe"
 
     for (method, path), probe in table.items():
         response = call(bob, method, path, probe)
@@ -174,3 +178,7 @@ def test_every_route_but_health_needs_a_known_key(app, alice):
             assert call(client, method, path, probe).status_code == 401, (method, path)
         for method, path in (OPEN | LISTINGS) - {("GET", "/api/v1/healthz")}:
             assert client.request(method, path, json={}).status_code == 401, (method, path)
+        for url in ("/", "/static/dashboard.js", "/static/dashboard.css"):
+            page = client.get(url)
+            assert page.status_code == 200 and alice["model"] not in page.text, url
+        assert client.get("/static/..%2Fapp.py").status_code == 404

@@ -1,10 +1,12 @@
-"""Command line: `tinkerd demo`, `tinkerd serve`."""
+"""Command line: `tinkerd demo`, `tinkerd serve`, `tinkerd runs show`."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from tinkerd.runs_cli import add_runs_commands
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -120,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="SQLite store and checkpoints (default: $TINKERD_DATA_DIR or ~/.tinkerd)",
     )
     serve.add_argument(
-        "--api-key", action="append", help="accepted API key (repeatable; also TINKERD_API_KEYS)"
+        "--api-key",
+        action="append",
+        help="accepted API key, optionally KEY=LABEL to name its owner on the dashboard "
+        "(repeatable; also TINKERD_API_KEYS, comma-separated)",
     )
     serve.add_argument(
         "--model", action="append", help="also serve this base model (HF hub id or local dir)"
@@ -165,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=_serve)
+    add_runs_commands(sub)  # tinkerd runs show RUN --metrics
     return parser
 
 

@@ -2,7 +2,8 @@
 
 One file (`<data_dir>/tinkerd.sqlite3`) in WAL mode, so a finished result can be fetched
 again after the client reconnects, and after the server restarts. Owners are API-key
-fingerprints, never keys.
+fingerprints, never keys. Training metrics (one row per metric per operation, see
+server/metrics.py) feed the dashboard.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ CREATE TABLE IF NOT EXISTS futures (
     status TEXT NOT NULL, content_type TEXT, body BLOB, created REAL NOT NULL, finished REAL
 );
 CREATE INDEX IF NOT EXISTS runs_by_owner ON runs (owner);
+CREATE TABLE IF NOT EXISTS metrics (
+    model_id TEXT NOT NULL, step INTEGER NOT NULL, kind TEXT NOT NULL, time REAL NOT NULL,
+    name TEXT NOT NULL, value REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metrics_by_run ON metrics (model_id, step);
 """
 
 
@@ -172,3 +178,38 @@ class Store:
             (request_id,),
         )
         return StoredFuture(*rows[0]) if rows else None
+
+    # ---------------------------------------------------------------- metrics
+
+    def add_metrics(self, model_id: str, step: int, kind: str, values: dict[str, float]) -> None:
+        """Record one operation's metrics at optimizer step `step`; it is the run's last
+        activity."""
+        now = time.time()
+        rows = [(model_id, step, kind, now, name, value) for name, value in values.items()]
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._db.execute("UPDATE runs SET last_request=? WHERE model_id=?", (now, model_id))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def metric_rows(self, model_id: str, since_step: int = 0) -> list[tuple]:
+        """`(step, kind, time, name, value)` of the run's operations at steps >= since_step,
+        in the order they were recorded."""
+        return self._exec(
+            "SELECT step, kind, time, name, value FROM metrics WHERE model_id=? AND step>=? "
+            "ORDER BY step, rowid",
+            (model_id, since_step),
+        )
+
+    def run_steps(self, owner: str) -> dict[str, int]:
+        """Optimizer steps recorded per run of `owner` (runs with none are left out)."""
+        rows = self._exec(
+            "SELECT m.model_id, MAX(m.step) FROM metrics m JOIN runs r ON m.model_id=r.model_id "
+            "WHERE r.owner=? AND m.kind='optim_step' GROUP BY m.model_id",
+            (owner,),
+        )
+        return dict(rows)
