@@ -36,6 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from tinkerd.engine.models import parse_model_specs
     from tinkerd.engine.tiny import TINY_MODEL_NAME
     from tinkerd.engine.trainer import Engine
     from tinkerd.server.app import Server, create_app
@@ -53,7 +54,11 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    models = [TINY_MODEL_NAME, *(args.model or [])]
+    try:
+        models = [TINY_MODEL_NAME, *parse_model_specs(args.model)]
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
     data_dir = Path(args.data_dir).expanduser()
 
     def run_server(engine: Engine) -> None:
@@ -112,7 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", action="append", help="accepted API key (repeatable; also TINKERD_API_KEYS)"
     )
     serve.add_argument(
-        "--model", action="append", help="also serve this base model (HF hub id or local dir)"
+        "--model",
+        action="append",
+        metavar="[NAME=]SOURCE",
+        help="also serve this base model: a local dir, an HF hub id or tinkerd/tiny-chat; "
+        "NAME=SOURCE serves it under NAME (e.g. "
+        "meta-llama/Llama-3.1-8B-Instruct=tinkerd/tiny-chat, for clients that pick a chat "
+        "format by model name)",
     )
     serve.add_argument(
         "--poll-timeout",
