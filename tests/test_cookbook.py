@@ -40,21 +40,20 @@ def make_workdir(root: Path) -> Path:
 
     rng = random.Random(0)
     pairs = [(rng.randint(1, 4), rng.randint(1, 4)) for _ in range(64)]
-    _write_jsonl(
-        root / "HuggingFaceH4/no_robots/data/train.jsonl",
-        [
-            {
-                "prompt": f"What is {a} plus {b}?",
-                "prompt_id": str(i),
-                "messages": [
-                    {"role": "user", "content": f"What is {a} plus {b}?{SUFFIX}"},
-                    {"role": "assistant", "content": f"\\boxed{{{a + b}}}"},
-                ],
-                "category": "Math",
-            }
-            for i, (a, b) in enumerate(pairs)
-        ],
-    )
+    no_robots = [
+        {
+            "prompt": f"What is {a} plus {b}?",
+            "prompt_id": str(i),
+            "messages": [
+                {"role": "user", "content": f"What is {a} plus {b}?{SUFFIX}"},
+                {"role": "assistant", "content": f"\\boxed{{{a + b}}}"},
+            ],
+            "category": "Math",
+        }
+        for i, (a, b) in enumerate(pairs)
+    ]
+    _write_jsonl(root / "HuggingFaceH4/no_robots/data/train.jsonl", no_robots)
+    _write_jsonl(root / "HuggingFaceH4/no_robots/data/test.jsonl", no_robots[:8])
     _write_jsonl(
         root / "openai/gsm8k/main/train.jsonl",
         [
