@@ -39,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tinkerd.engine import batch
+    from tinkerd.engine.models import parse_model_specs
     from tinkerd.engine.sampler_backend import sampler_factory
     from tinkerd.engine.tiny import TINY_MODEL_NAME
     from tinkerd.engine.trainer import Engine
@@ -60,13 +61,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         samplers = sampler_factory(args.sampler)
-    except InvalidRequestError as e:
+        models = [TINY_MODEL_NAME, *parse_model_specs(args.model)]
+    except (InvalidRequestError, ValueError) as e:
         print(f"tinkerd serve: {e}", file=sys.stderr)
         return 2
     if args.max_batch_tokens:  # here, and in ranks started later (read at import)
         batch.MAX_BATCH_TOKENS = args.max_batch_tokens
         os.environ["TINKERD_MAX_BATCH_TOKENS"] = str(args.max_batch_tokens)
-    models = [TINY_MODEL_NAME, *(args.model or [])]
     data_dir = Path(args.data_dir).expanduser()
 
     def run_server(engine: Engine) -> None:
@@ -128,7 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable; also TINKERD_API_KEYS, comma-separated)",
     )
     serve.add_argument(
-        "--model", action="append", help="also serve this base model (HF hub id or local dir)"
+        "--model",
+        action="append",
+        metavar="[NAME=]SOURCE",
+        help="also serve this base model: a local dir, an HF hub id or tinkerd/tiny-chat; "
+        "NAME=SOURCE serves it under NAME (e.g. "
+        "meta-llama/Llama-3.1-8B-Instruct=tinkerd/tiny-chat, for clients that pick a chat "
+        "format by model name)",
     )
     serve.add_argument(
         "--poll-timeout",

@@ -40,7 +40,7 @@ from tinkerd.engine.checkpoints import (
     load_optimizer_state,
     tinker_path,
 )
-from tinkerd.engine.models import BaseModel, BaseModelRegistry
+from tinkerd.engine.models import BaseModel, BaseModelRegistry, parse_model_specs
 from tinkerd.engine.sampler import BASE_ADAPTER, Sampler, make_spec
 from tinkerd.engine.sampler_backend import SamplerBackend, SamplerFactory
 from tinkerd.engine.tiny import TINY_MODEL_NAME
@@ -77,8 +77,9 @@ class Engine:
         self.data_dir = self.data_dir.expanduser()
         self._checkpoints: CheckpointStore | None = None
         self._recover_checkpoints = recover_checkpoints
-        self.registry = BaseModelRegistry(cache_dir=cache_dir, device=device)
-        self.advertised_models = [TINY_MODEL_NAME, *(extra_models or [])]
+        sources = parse_model_specs(extra_models)  # `NAME=SOURCE` or `SOURCE`
+        self.registry = BaseModelRegistry(cache_dir=cache_dir, device=device, sources=sources)
+        self.advertised_models = [TINY_MODEL_NAME, *sources]
         self._runs: dict[str, Run] = {}
         self._unloaded: set[str] = set()
         self._lock = threading.Lock()

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from tinkerd.engine.distributed import DistributedEngine, serve_worker, shard_base_with_fsdp
-from tinkerd.engine.models import resolve_model_path
+from tinkerd.engine.models import parse_model_specs, resolve_model_path
 from tinkerd.engine.sampler_backend import sampler_factory
 from tinkerd.engine.tiny import TINY_MODEL_NAME
 from tinkerd.engine.trainer import Engine
@@ -86,7 +86,7 @@ def _start_rank(rank: int, world: int, args: argparse.Namespace, data_dir: Path)
         sampler_factory=sampler_factory(args.sampler),  # used on rank 0 alone
     )
     if args.fsdp:
-        for name in [TINY_MODEL_NAME, *(args.model or [])]:
+        for name in [TINY_MODEL_NAME, *parse_model_specs(args.model)]:
             shard_base_with_fsdp(engine, name)
     return engine
 
