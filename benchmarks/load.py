@@ -9,8 +9,8 @@ sessions free their runs). Writes a table to docs/reliability.md.
 from __future__ import annotations
 
 import argparse
+import math
 import re
-import statistics
 import threading
 import time
 import traceback
@@ -90,12 +90,9 @@ def report(args: argparse.Namespace, result: dict) -> str:
     lat = result["latencies"]
 
     def pct(values: list[float], q: int) -> str:
-        cut = (
-            statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-            if len(values) > 1
-            else values[0]
-        )
-        return f"{cut * 1000:,.0f}"
+        """Nearest-rank percentile, in ms."""
+        ordered = sorted(values)
+        return f"{ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)] * 1000:,.0f}"
 
     rows = "\n".join(
         f"| {name} | {len(v)} | {pct(v, 50)} | {pct(v, 95)} | {max(v) * 1000:,.0f} |"

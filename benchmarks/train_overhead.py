@@ -108,9 +108,9 @@ BENCH_KEY = "tml-benchmark"
 
 
 @contextlib.contextmanager
-def tinkerd_server(model_name: str, info: dict | None = None):
-    """`tinkerd serve` in a subprocess on a free loopback port; yields its URL (and puts
-    the process id in `info["pid"]`)."""
+def tinkerd_server(model_name: str, info: dict | None = None, extra: tuple[str, ...] = ()):
+    """`tinkerd serve` (with `extra` arguments) in a subprocess on a free loopback port;
+    yields its URL (and puts the process id in `info["pid"]`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -125,6 +125,7 @@ def tinkerd_server(model_name: str, info: dict | None = None):
         tempfile.mkdtemp(prefix="tinkerd-bench-"),
         "--api-key",
         BENCH_KEY,
+        *extra,
     ]
     if model_name != "tinkerd/tiny":
         args += ["--model", model_name]

@@ -12,4 +12,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${pip[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
 fi
 "${pip[@]}" -e '.[dev]'
+# tinker-cookbook, for tests/test_cookbook.py: only what its two minimal recipes import
+# (requirements-cookbook.txt), then the cookbook itself without its large dependency set.
+"${pip[@]}" -r requirements-cookbook.txt
+"${pip[@]}" --no-deps "tinker-cookbook==0.6.1"
 exec .venv/bin/python -m pytest "$@"

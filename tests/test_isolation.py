@@ -116,6 +116,9 @@ def probes(a: dict[str, str], bob_session: str) -> dict[tuple[str, str], dict]:
         ("POST", f"{CHECKPOINT}/publish"): {"path": checkpoint},
         ("DELETE", f"{CHECKPOINT}/publish"): {"path": checkpoint},
         ("GET", f"{CHECKPOINT}/archive"): {"path": checkpoint},
+        ("PUT", f"{CHECKPOINT}/ttl"): {"path": checkpoint, "json": {"ttl_seconds": 1}},
+        ("GET", "/api/v1/dashboard/runs/{model_id}"): {"path": {"model_id": a["model"]}},
+        ("GET", "/api/v1/dashboard/runs/{model_id}/metrics"): {"path": {"model_id": a["model"]}},
     }
 
 
@@ -128,7 +131,13 @@ OPEN = {
     ("POST", "/api/v1/create_session"),
     ("POST", "/api/v1/telemetry"),
 }
-LISTINGS = {("GET", "/api/v1/training_runs"), ("GET", "/api/v1/checkpoints")}
+LISTINGS = {
+    ("GET", "/api/v1/training_runs"),
+    ("GET", "/api/v1/checkpoints"),
+    ("GET", "/api/v1/dashboard/runs"),
+}
+# The dashboard's page and its assets: the same for everyone, no key, nobody's data.
+PAGES = {("GET", "/"), ("GET", "/static/{name}")}
 CHECKPOINT = "/api/v1/training_runs/{model_id}/checkpoints/{kind}/{name}"
 # Needs no key: a signed, short-lived link is the permission (checked below).
 SIGNED = {("GET", "/api/v1/checkpoint_archives/{model_id}/{kind}/{name}")}
@@ -156,7 +165,8 @@ def test_every_route_hides_one_keys_things_from_another(app, alice):
     bob_session = bob.post("/api/v1/create_session", json={}).json()["session_id"]
     table = probes(alice, bob_session)
     routes = {(method, route.path) for route in api_routes(app.routes) for method in route.methods}
-    assert routes == set(table) | OPEN | LISTINGS | SIGNED, "a route without an isolation probe"
+    expected = set(table) | OPEN | LISTINGS | PAGES | SIGNED
+    assert routes == expected, "a route without an isolation probe"
 
     for (method, path), probe in table.items():
         response = call(bob, method, path, probe)
@@ -197,3 +207,7 @@ def test_every_route_but_health_needs_a_known_key(app, alice):
             assert call(client, method, path, probe).status_code == 401, (method, path)
         for method, path in (OPEN | LISTINGS) - {("GET", "/api/v1/healthz")}:
             assert client.request(method, path, json={}).status_code == 401, (method, path)
+        for url in ("/", "/static/dashboard.js", "/static/dashboard.css"):
+            page = client.get(url)
+            assert page.status_code == 200 and alice["model"] not in page.text, url
+        assert client.get("/static/..%2Fapp.py").status_code == 404

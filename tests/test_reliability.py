@@ -3,6 +3,7 @@
 import threading
 import time
 
+import pytest
 import tinker
 from conftest import KEYS, TINY, ServerProcess
 from test_official_sdk import fwd_bwd_body, post, raw_model, raw_session, retrieve, sdk_datum
@@ -10,7 +11,7 @@ from tinker import types
 
 
 def test_a_full_queue_answers_429_and_the_sdk_retries_through_it(tmp_path):
-    server = ServerProcess(tmp_path, "--max-queue", "2")
+    server = ServerProcess(tmp_path, "--max-queue", "2", "--max-batch-tokens", "256")
     try:
         model_id = raw_model(server)
         # seqs 2 and 3 wait for seq 1: the queue (2) is full.
@@ -43,6 +44,9 @@ def test_a_full_queue_answers_429_and_the_sdk_retries_through_it(tmp_path):
         losses = [f.result().metrics["loss:sum"] for f in futures[::2]]
         assert all(f.result().metrics["step"] > 0 for f in futures[1::2])
         assert losses[-1] < losses[0]
+        # The configured batch limit: 3 data x 120 tokens > 256 is refused, clearly.
+        with pytest.raises(tinker.BadRequestError, match="server's limit of 256"):
+            client.forward_backward([sdk_datum(b"x" * 120)] * 3, "cross_entropy").result()
         sdk.close("success").result()
     finally:
         server.stop()

@@ -5,6 +5,7 @@ import asyncio
 import datetime
 import io
 import tarfile
+import time
 
 import httpx
 import pytest
@@ -65,6 +66,20 @@ def test_official_rest_client_every_method(server, alice_run):
     for _ in range(2):
         rest.unpublish_checkpoint_from_tinker_path(state).result()
         assert not rest.list_checkpoints(run).result().checkpoints[0].public
+
+    # a TTL shows in listings, can be lifted, and deletes the checkpoint once it passes
+    rest.set_checkpoint_ttl_from_tinker_path(state, 3600).result()
+    assert rest.list_checkpoints(run).result().checkpoints[0].expires_at is not None
+    rest.set_checkpoint_ttl_from_tinker_path(state, None).result()
+    assert rest.list_checkpoints(run).result().checkpoints[0].expires_at is None
+    with pytest.raises(tinker.BadRequestError):
+        rest.set_checkpoint_ttl_from_tinker_path(state, 0).result()
+    short = training.save_state("short-lived").result().path
+    rest.set_checkpoint_ttl_from_tinker_path(short, 1).result()
+    time.sleep(1.1)
+    with pytest.raises(tinker.NotFoundError):
+        rest.get_weights_info_by_tinker_path(short).result()
+    assert not checkpoint_dir(server, short).exists()
 
     # delete: by id, then by path; both gone from listings and from disk
     a = training.save_state("to-delete-a").result().path

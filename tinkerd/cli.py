@@ -6,6 +6,9 @@ import argparse
 import os
 import sys
 
+from tinkerd.rest_cli import register as register_rest
+from tinkerd.runs_cli import add_show_command
+
 
 def _demo(args: argparse.Namespace) -> int:
     if args.rl:
@@ -36,8 +39,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from tinkerd.engine import batch
+    from tinkerd.engine.models import parse_model_specs
+    from tinkerd.engine.sampler_backend import sampler_factory
     from tinkerd.engine.tiny import TINY_MODEL_NAME
     from tinkerd.engine.trainer import Engine
+    from tinkerd.errors import InvalidRequestError
     from tinkerd.server.app import Server, create_app
 
     keys = list(args.api_key or [])
@@ -53,7 +60,15 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    models = [TINY_MODEL_NAME, *(args.model or [])]
+    try:
+        samplers = sampler_factory(args.sampler)
+        models = [TINY_MODEL_NAME, *parse_model_specs(args.model)]
+    except (InvalidRequestError, ValueError) as e:
+        print(f"tinkerd serve: {e}", file=sys.stderr)
+        return 2
+    if args.max_batch_tokens:  # here, and in ranks started later (read at import)
+        batch.MAX_BATCH_TOKENS = args.max_batch_tokens
+        os.environ["TINKERD_MAX_BATCH_TOKENS"] = str(args.max_batch_tokens)
     data_dir = Path(args.data_dir).expanduser()
 
     def run_server(engine: Engine) -> None:
@@ -78,7 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
         from tinkerd.server.ranks import serve_ranks
 
         return serve_ranks(world, args, data_dir, run_server)
-    run_server(Engine(extra_models=args.model, data_dir=data_dir))
+    run_server(Engine(extra_models=args.model, data_dir=data_dir, sampler_factory=samplers))
     return 0
 
 
@@ -109,10 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="SQLite store and checkpoints (default: $TINKERD_DATA_DIR or ~/.tinkerd)",
     )
     serve.add_argument(
-        "--api-key", action="append", help="accepted API key (repeatable; also TINKERD_API_KEYS)"
+        "--api-key",
+        action="append",
+        help="accepted API key, optionally KEY=LABEL to name its owner on the dashboard "
+        "(repeatable; also TINKERD_API_KEYS, comma-separated)",
     )
     serve.add_argument(
-        "--model", action="append", help="also serve this base model (HF hub id or local dir)"
+        "--model",
+        action="append",
+        metavar="[NAME=]SOURCE",
+        help="also serve this base model: a local dir, an HF hub id or tinkerd/tiny-chat; "
+        "NAME=SOURCE serves it under NAME (e.g. "
+        "meta-llama/Llama-3.1-8B-Instruct=tinkerd/tiny-chat, for clients that pick a chat "
+        "format by model name)",
     )
     serve.add_argument(
         "--poll-timeout",
@@ -125,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=4096,
         help="requests queued at most; beyond it the server answers 429 with Retry-After",
+    )
+    serve.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        help="most padded tokens (data x longest datum) in one request (default 1048576)",
     )
     serve.add_argument(
         "--session-timeout",
@@ -141,12 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--fsdp", action="store_true", help="shard base models over the ranks with FSDP2"
     )
+    serve.add_argument(
+        "--sampler",
+        choices=["builtin", "vllm"],
+        default="builtin",
+        help="sampler backend: tinkerd's batched sampler, or vLLM on a GPU (tinkerd[vllm])",
+    )
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=_serve)
-
-    from tinkerd.rest_cli import register as register_rest
-
-    register_rest(sub)  # runs, checkpoints, export
+    rest = register_rest(sub)  # runs list, checkpoints list|download|delete|publish, export
+    add_show_command(rest["runs"])  # tinkerd runs show RUN --metrics
     return parser
 
 

@@ -96,6 +96,11 @@ class HttpRest:
         url = f"/training_runs/{run}/checkpoints/{checkpoint}/publish"
         self._call("POST" if public else "DELETE", url)
 
+    def set_ttl(self, tinker_path: str, ttl_seconds: int | None) -> None:
+        run, checkpoint = _checkpoint_id(tinker_path)
+        url = f"/training_runs/{run}/checkpoints/{checkpoint}/ttl"
+        self._call("PUT", url, json={"ttl_seconds": ttl_seconds})
+
     def archive_url(self, tinker_path: str) -> CheckpointArchiveUrlResponse:
         run, checkpoint = _checkpoint_id(tinker_path)
         url = f"/training_runs/{run}/checkpoints/{checkpoint}/archive"
@@ -151,6 +156,9 @@ class LocalRest:
 
     def set_public(self, tinker_path: str, public: bool) -> None:
         self.catalog.set_public(tinker_path, None, public)
+
+    def set_ttl(self, tinker_path: str, ttl_seconds: int | None) -> None:
+        self.catalog.set_ttl(tinker_path, None, ttl_seconds)
 
     def archive_url(self, tinker_path: str) -> CheckpointArchiveUrlResponse:
         """A file:// URL of the archive, written to a temporary file."""
@@ -248,6 +256,12 @@ class RestClient:
 
     def unpublish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
         return self._submit(self._backend.set_public, tinker_path, False)
+
+    def set_checkpoint_ttl_from_tinker_path(
+        self, tinker_path: str, ttl_seconds: int | None
+    ) -> APIFuture[None]:
+        """Delete the checkpoint `ttl_seconds` from now (None: keep it for good)."""
+        return self._submit(self._backend.set_ttl, tinker_path, ttl_seconds)
 
     def get_checkpoint_archive_url(
         self, training_run_id: str, checkpoint_id: str

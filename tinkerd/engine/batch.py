@@ -7,6 +7,7 @@ partial gradient behind.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,8 @@ from tinkerd.errors import InvalidRequestError
 from tinkerd.losses import LossSpec
 from tinkerd.types import Datum
 
-MAX_BATCH_TOKENS = 1 << 20
+MAX_BATCH_TOKENS = int(os.environ.get("TINKERD_MAX_BATCH_TOKENS", 1 << 20))
+"""Most padded tokens (data x longest datum) in one request (`serve --max-batch-tokens`)."""
 
 
 @dataclass
@@ -100,7 +102,10 @@ def collate(
             raise InvalidRequestError(f"loss_fn_inputs[{key!r}] must be given for all data or none")
     lengths = [len(t) for t in tokens_per_datum]
     if len(data) * max(lengths) > MAX_BATCH_TOKENS:
-        raise InvalidRequestError(f"batch too large: more than {MAX_BATCH_TOKENS} padded tokens")
+        raise InvalidRequestError(
+            f"batch too large: {len(data)} data x {max(lengths)} tokens is more than this "
+            f"server's limit of {MAX_BATCH_TOKENS} padded tokens; split it"
+        )
     input_ids = torch.zeros(len(data), max(lengths), dtype=torch.long)
     for row, tokens in enumerate(tokens_per_datum):
         input_ids[row, : len(tokens)] = torch.tensor(tokens)

@@ -329,4 +329,7 @@ def shard_base_with_fsdp(engine: Engine, base_model: str) -> None:
         raise InvalidRequestError(f"{base_model}: no decoder layers to shard with FSDP")
     for layer in layers:
         fully_shard(layer)
-    fully_shard(base.model)
+    # FSDP2 leaves the root's parameters gathered after a forward by default; rank 0 alone
+    # then reading a state_dict (a checkpoint save) reshards them on rank 0 only, and the
+    # next forward's all-gathers no longer match across ranks. Reshard after every forward.
+    fully_shard(base.model, reshard_after_forward=True)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tinkerd.engine.tiny import TINY_MODEL_NAME, tiny_model_dir
+from tinkerd.engine.tiny_chat import TINY_CHAT_MODEL_NAME, tiny_chat_model_dir
 
 # PEFT calls a transformers property that transformers 5 deprecates; not ours to fix.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -111,9 +112,31 @@ def classify_linears(model: nn.Module) -> dict[str, str]:
     return roles
 
 
+def parse_model_specs(specs: list[str] | None) -> dict[str, str]:
+    """`--model` values to {served name: source}: `NAME=SOURCE` serves SOURCE (a built-in
+    name, a local directory or a hub id) under NAME; a bare `SOURCE` serves it as itself.
+
+    A renaming lets a client that picks its chat format by model name (the
+    tinker-cookbook's renderers) use a local model, e.g.
+    `meta-llama/Llama-3.1-8B-Instruct=tinkerd/tiny-chat`.
+    """
+    sources: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, source = spec.partition("=")
+        name, source = name.strip(), source.strip() if sep else name.strip()
+        if not name or not source:
+            raise ValueError(f"--model {spec!r}: expected NAME=SOURCE or SOURCE")
+        if name in sources or name == TINY_MODEL_NAME:
+            raise ValueError(f"--model {spec!r}: {name!r} is already served")
+        sources[name] = source
+    return sources
+
+
 def resolve_model_path(name: str, cache_dir: Path | None = None) -> Path | str:
     if name == TINY_MODEL_NAME:
         return tiny_model_dir(cache_dir)
+    if name == TINY_CHAT_MODEL_NAME:
+        return tiny_chat_model_dir(cache_dir)
     if os.path.isdir(os.path.expanduser(name)):
         return Path(os.path.expanduser(name)).resolve()
     return name  # a hub id
@@ -124,14 +147,16 @@ def load_base_model(
     cache_dir: Path | None = None,
     device: str | None = None,
     dtype: torch.dtype | None = None,
+    source: str | None = None,
 ) -> BaseModel:
+    """Load `source` (default: `name` itself) and call it `name`."""
     from huggingface_hub.utils import disable_progress_bars
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     disable_progress_bars()
     hf_logging.disable_progress_bar()  # a server log is no place for tqdm bars
-    path = resolve_model_path(name, cache_dir)
+    path = resolve_model_path(source or name, cache_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -151,9 +176,16 @@ def load_base_model(
 class BaseModelRegistry:
     """Loads each base model once per process; every run on it shares the weights."""
 
-    def __init__(self, cache_dir: Path | None = None, device: str | None = None):
+    def __init__(
+        self,
+        cache_dir: Path | None = None,
+        device: str | None = None,
+        sources: dict[str, str] | None = None,
+    ):
         self.cache_dir = cache_dir
         self.device = device
+        self.sources = dict(sources or {})
+        """Served name -> what to load for it, for names that are not their own source."""
         self._models: dict[str, BaseModel] = {}
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -167,7 +199,7 @@ class BaseModelRegistry:
             with self._lock:
                 if name in self._models:
                     return self._models[name]
-            base = load_base_model(name, self.cache_dir, self.device)
+            base = load_base_model(name, self.cache_dir, self.device, source=self.sources.get(name))
             with self._lock:
                 self._models[name] = base
             return base

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,9 +47,16 @@ def default_cache_dir() -> Path:
 
 def tiny_model_dir(cache_dir: Path | None = None) -> Path:
     """Directory holding `tinkerd/tiny`, created (atomically) if it is not there yet."""
+    return cached_model_dir(f"tiny-v{TINY_VERSION}", _write_tiny_model, cache_dir)
+
+
+def cached_model_dir(
+    dirname: str, write: Callable[[Path], None], cache_dir: Path | None = None
+) -> Path:
+    """`cache_dir/dirname`, made by `write(tmp_dir)` and renamed into place on first use."""
     import fcntl
 
-    target = (cache_dir or default_cache_dir()) / f"tiny-v{TINY_VERSION}"
+    target = (cache_dir or default_cache_dir()) / dirname
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +65,7 @@ def tiny_model_dir(cache_dir: Path | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").exists():
             tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-            _write_tiny_model(tmp)
+            write(tmp)
             os.replace(tmp, target)
     return target
 
@@ -81,6 +89,14 @@ def _byte_to_unicode() -> dict[int, str]:
 
 def build_tokenizer():
     """A byte-level fast tokenizer: token id == byte value, plus bos/eos/pad."""
+    return byte_level_tokenizer([BOS, EOS, PAD], bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+
+def byte_level_tokenizer(special_tokens: list[str], **kwargs):
+    """Token id == byte value (0..255); `special_tokens` get ids 256, 257, ... in order.
+
+    `kwargs` go to `PreTrainedTokenizerFast` (bos_token=..., chat_template=..., ...).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -88,29 +104,27 @@ def build_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([BOS, EOS, PAD])
+    tok.add_special_tokens(special_tokens)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        model_max_length=TINY_CONFIG["max_position_embeddings"],
+        tokenizer_object=tok, model_max_length=TINY_CONFIG["max_position_embeddings"], **kwargs
     )
 
 
-def _write_tiny_model(out: Path) -> None:
+def write_seeded_llama(out: Path, config: dict, tokenizer, name: str, version: int) -> None:
+    """Save a Llama made from seed 0 with `config`, and `tokenizer`, in HF format to `out`."""
     from huggingface_hub.utils import disable_progress_bars
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     disable_progress_bars()
     hf_logging.disable_progress_bar()
-    config = LlamaConfig(**TINY_CONFIG)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(LlamaConfig(**config))
     model.save_pretrained(out)
-    build_tokenizer().save_pretrained(out)
-    (out / "tinkerd.json").write_text(
-        json.dumps({"name": TINY_MODEL_NAME, "version": TINY_VERSION})
-    )
+    tokenizer.save_pretrained(out)
+    (out / "tinkerd.json").write_text(json.dumps({"name": name, "version": version}))
+
+
+def _write_tiny_model(out: Path) -> None:
+    write_seeded_llama(out, TINY_CONFIG, build_tokenizer(), TINY_MODEL_NAME, TINY_VERSION)

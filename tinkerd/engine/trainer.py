@@ -40,8 +40,9 @@ from tinkerd.engine.checkpoints import (
     load_optimizer_state,
     tinker_path,
 )
-from tinkerd.engine.models import BaseModel, BaseModelRegistry
+from tinkerd.engine.models import BaseModel, BaseModelRegistry, parse_model_specs
 from tinkerd.engine.sampler import BASE_ADAPTER, Sampler, make_spec
+from tinkerd.engine.sampler_backend import SamplerBackend, SamplerFactory
 from tinkerd.engine.tiny import TINY_MODEL_NAME
 from tinkerd.errors import InvalidRequestError, ModelUnloadedError, NotFoundError
 from tinkerd.types import (
@@ -70,17 +71,21 @@ class Engine:
         extra_models: list[str] | None = None,
         data_dir: Path | None = None,
         recover_checkpoints: bool = True,
+        sampler_factory: SamplerFactory = Sampler,
     ):
         self.data_dir = Path(data_dir or os.environ.get("TINKERD_DATA_DIR") or "~/.tinkerd")
         self.data_dir = self.data_dir.expanduser()
         self._checkpoints: CheckpointStore | None = None
         self._recover_checkpoints = recover_checkpoints
-        self.registry = BaseModelRegistry(cache_dir=cache_dir, device=device)
-        self.advertised_models = [TINY_MODEL_NAME, *(extra_models or [])]
+        sources = parse_model_specs(extra_models)  # `NAME=SOURCE` or `SOURCE`
+        self.registry = BaseModelRegistry(cache_dir=cache_dir, device=device, sources=sources)
+        self.advertised_models = [TINY_MODEL_NAME, *sources]
         self._runs: dict[str, Run] = {}
         self._unloaded: set[str] = set()
         self._lock = threading.Lock()
-        self._samplers: dict[str, Sampler] = {}
+        self.sampler_factory = sampler_factory
+        """Makes the sampler backend of each base model (`tinkerd.engine.sampler_backend`)."""
+        self._samplers: dict[str, SamplerBackend] = {}
         self._sampler_weights: dict[str, SamplerWeights] = {}  # by sampler_id
         self._snapshots: OrderedDict[str, SamplerWeights] = OrderedDict()  # in memory, LRU
         self.max_snapshots = MAX_SNAPSHOTS
@@ -376,7 +381,7 @@ class Engine:
         with self._lock:
             sampler = self._samplers.get(base.name)
             if sampler is None:
-                sampler = self._samplers[base.name] = Sampler(base)
+                sampler = self._samplers[base.name] = self.sampler_factory(base)
         spec = make_spec(
             base,
             prompt,
@@ -411,7 +416,7 @@ class Engine:
     def sampler_stats(self, base_model: str) -> list[tuple[int, int]]:
         """(rows, distinct requests) of the base's recent decode steps."""
         sampler = self._samplers.get(base_model)
-        return list(sampler.steps) if sampler else []
+        return list(getattr(sampler, "steps", []))
 
     def _evict_snapshots(self) -> None:
         """Unload the least recently used sampler versions beyond `max_snapshots`."""

@@ -40,7 +40,9 @@ from tinkerd.engine.trainer import Engine, SamplerWeights
 from tinkerd.errors import AuthenticationError, InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.fx_loss import CompiledLoss, compile_loss
 from tinkerd.server.catalog import Catalog
+from tinkerd.server.dashboard import add_dashboard, split_key_label
 from tinkerd.server.futures import PROTOBUF, FutureTable
+from tinkerd.server.metrics import timed
 from tinkerd.server.rest import rest_router
 from tinkerd.server.scheduler import Scheduler
 from tinkerd.server.store import Store
@@ -180,7 +182,9 @@ class Server:
         self.store.fail_unfinished("the server restarted before this request finished")
         self.scheduler = Scheduler()
         self.futures = FutureTable(self.store, self.scheduler, max_pending=max_pending)
-        self.api_keys = [k.encode() for k in api_keys]
+        labelled = [split_key_label(k) for k in api_keys]  # `KEY=LABEL` names a key's owner
+        self.api_keys = [k.encode() for k, _ in labelled]
+        self.key_labels = {fingerprint(k): label for k, label in labelled if label}
         self.served_models = served_models
         self.poll_timeout = poll_timeout
         self.traced_losses: dict[tuple[str, str], CompiledLoss] = {}  # (owner, loss_id)
@@ -230,6 +234,14 @@ class Server:
                 raise AuthenticationError("missing or unknown API key (send it as X-API-Key)")
         return fingerprint(key) if key else "anonymous"
 
+    def owner_label(self, owner: str) -> str:
+        """What the dashboard shows for an owner: its key's label, else the fingerprint."""
+        return self.key_labels.get(owner, owner)
+
+    def recorded(self, model_id: str, kind: str, work: Callable[[], Any], tokens: int = 0):
+        """`work` recording its metrics for the dashboard when it succeeds (metrics.py)."""
+        return timed(self.store, self.engine, model_id, kind, work, tokens)
+
     def check_run(self, model_id: str, owner: str) -> None:
         if self.store.run_owner(model_id) != owner:  # another key's run looks absent
             raise NotFoundError(f"no training run {model_id!r}")
@@ -255,6 +267,7 @@ class Server:
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="tinkerd", version="0.1.0", docs_url="/docs")
     app.state.server = server
+    add_dashboard(app, server)  # the web dashboard at / and its JSON API
 
     @app.exception_handler(TinkerdError)
     async def tinkerd_error(_: Request, e: TinkerdError) -> JSONResponse:
@@ -378,10 +391,14 @@ def create_app(server: Server) -> FastAPI:
                 req["model_id"], req["data"], req["loss_fn"], req["loss_fn_config"]
             )
         backward = not req["forward_only"]
+        work = lambda: server.engine.run_loss(prepared, backward)
+        if backward:
+            tokens = sum(d.model_input.length for d in req["data"])
+            work = server.recorded(req["model_id"], "forward_backward", work, tokens)
         return server.submit(
             who,
             "forward" if req["forward_only"] else "forward_backward",
-            lambda: server.engine.run_loss(prepared, backward),
+            work,
             encode=lambda out: (PROTOBUF, wire_proto.encode_forward_backward_output(out)),
             model_id=req["model_id"],
             seq_id=req["seq_id"],
@@ -422,10 +439,11 @@ def create_app(server: Server) -> FastAPI:
             out, evaluation = server.engine.forward_backward_custom(model_id, data, gradient_fn)
             return evaluation.output(out)
 
+        tokens = sum(d.model_input.length for d in data)
         return server.submit(
             who,
             "forward_backward",
-            work,
+            server.recorded(model_id, "forward_backward", work, tokens),
             encode=lambda out: (PROTOBUF, wire_proto.encode_forward_backward_output(out)),
             model_id=model_id,
             seq_id=req["seq_id"],
@@ -450,7 +468,9 @@ def create_app(server: Server) -> FastAPI:
         return server.submit(
             who,
             "optim_step",
-            lambda: server.engine.optim_step(body.model_id, adam),
+            server.recorded(
+                body.model_id, "optim_step", lambda: server.engine.optim_step(body.model_id, adam)
+            ),
             model_id=body.model_id,
             seq_id=body.seq_id,
         )

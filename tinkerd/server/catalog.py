@@ -14,6 +14,7 @@ statement about access, not about the weights.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import hmac
@@ -65,6 +66,7 @@ class Catalog:
 
     def readable(self, path: str, who: str | None) -> CheckpointInfo:
         """The checkpoint at `path` if `who` may read it: its own run's, or published."""
+        self.expire()
         model_id = parse_tinker_path(path)[0]
         if not self._may_change(model_id, who) and path not in self.store.published():
             raise NotFoundError(f"no checkpoint {path}")
@@ -139,13 +141,18 @@ class Catalog:
 
     def _checkpoints(self, model_id: str | None, who: str | None) -> list[Checkpoint]:
         """Checkpoints (of one run, or all) that `who` may read, oldest first."""
+        expiries = self.expire()
         published = self.store.published()
         owners = {r["model_id"] for r in self.store.runs(who)} if who is not None else None
-        return [
+        found = [
             info.as_checkpoint(public=info.tinker_path in published)
             for info in self.checkpoints.list(model_id)
             if owners is None or info.model_id in owners or info.tinker_path in published
         ]
+        for checkpoint in found:
+            if checkpoint.tinker_path in expiries:
+                checkpoint.expires_at = _utc(expiries[checkpoint.tinker_path])
+        return found
 
     def list_checkpoints(self, model_id: str, who: str | None) -> CheckpointsListResponse:
         """A run's checkpoints: all of them for its owner, the published ones for others
@@ -170,6 +177,28 @@ class Catalog:
         info = self.owned(path, who)
         self.checkpoints.delete(info.model_id, info.kind, info.name)
         self.store.set_published(path, "", False)
+        self.store.set_expiry(path, None)
+
+    def set_ttl(self, path: str, who: str | None, ttl_seconds: int | None) -> None:
+        """Delete the checkpoint `ttl_seconds` from now (None: keep it)."""
+        self.owned(path, who)
+        if ttl_seconds is not None and ttl_seconds <= 0:
+            raise InvalidRequestError(f"ttl_seconds must be > 0 or null, got {ttl_seconds}")
+        expires = None if ttl_seconds is None else time.time() + ttl_seconds
+        self.store.set_expiry(path, expires)
+
+    def expire(self) -> dict[str, float]:
+        """Delete the checkpoints whose TTL has passed; returns the expiries still ahead.
+        Called before every read and listing, so an expired checkpoint is never served."""
+        expiries, now = self.store.expiries(), time.time()
+        for path in [p for p, t in expiries.items() if t <= now]:
+            with contextlib.suppress(NotFoundError):
+                model_id, kind, name = parse_tinker_path(path)
+                self.checkpoints.delete(model_id, kind, name)
+            self.store.set_published(path, "", False)
+            self.store.set_expiry(path, None)
+            del expiries[path]
+        return expiries
 
     def set_public(self, path: str, who: str | None, public: bool) -> None:
         """Publish or unpublish. Idempotent: the official SDK retries a 409 for minutes,

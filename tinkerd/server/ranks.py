@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from tinkerd.engine.distributed import DistributedEngine, serve_worker, shard_base_with_fsdp
-from tinkerd.engine.models import resolve_model_path
+from tinkerd.engine.models import parse_model_specs, resolve_model_path
+from tinkerd.engine.sampler_backend import sampler_factory
 from tinkerd.engine.tiny import TINY_MODEL_NAME
 from tinkerd.engine.trainer import Engine
 
@@ -82,9 +83,10 @@ def _start_rank(rank: int, world: int, args: argparse.Namespace, data_dir: Path)
         data_dir=data_dir,
         device=f"cuda:{local_rank}" if cuda else None,
         recover_checkpoints=rank == 0,  # only rank 0 writes checkpoints
+        sampler_factory=sampler_factory(args.sampler),  # used on rank 0 alone
     )
     if args.fsdp:
-        for name in [TINY_MODEL_NAME, *(args.model or [])]:
+        for name in [TINY_MODEL_NAME, *parse_model_specs(args.model)]:
             shard_base_with_fsdp(engine, name)
     return engine
 

@@ -16,11 +16,17 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from tinkerd.server.catalog import checkpoint_path, tar_stream
 
 API = "/api/v1"
 Scope = Literal["owned", "accessible"]
+
+
+class TtlRequest(BaseModel):
+    ttl_seconds: int | None = None
+    """Seconds from now until the checkpoint is deleted; null: never."""
 
 
 def rest_router(server) -> APIRouter:
@@ -66,6 +72,13 @@ def rest_router(server) -> APIRouter:
     @router.delete(f"{CHECKPOINT}/publish")
     def unpublish(model_id: str, kind: str, name: str, who: str = Owner) -> Response:
         catalog.set_public(checkpoint_path(model_id, f"{kind}/{name}"), who, False)
+        return Response(status_code=204)
+
+    @router.put(f"{CHECKPOINT}/ttl")
+    def set_ttl(
+        model_id: str, kind: str, name: str, body: TtlRequest, who: str = Owner
+    ) -> Response:
+        catalog.set_ttl(checkpoint_path(model_id, f"{kind}/{name}"), who, body.ttl_seconds)
         return Response(status_code=204)
 
     @router.get(f"{CHECKPOINT}/archive")

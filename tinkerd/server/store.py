@@ -2,7 +2,8 @@
 
 One file (`<data_dir>/tinkerd.sqlite3`) in WAL mode, so a finished result can be fetched
 again after the client reconnects, and after the server restarts. Owners are API-key
-fingerprints, never keys.
+fingerprints, never keys. Training metrics (one row per metric per operation, see
+server/metrics.py) feed the dashboard.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ CREATE INDEX IF NOT EXISTS runs_by_owner ON runs (owner);
 CREATE TABLE IF NOT EXISTS published (
     tinker_path TEXT PRIMARY KEY, owner TEXT NOT NULL, published REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS checkpoint_ttl (tinker_path TEXT PRIMARY KEY, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS metrics (
+    model_id TEXT NOT NULL, step INTEGER NOT NULL, kind TEXT NOT NULL, time REAL NOT NULL,
+    name TEXT NOT NULL, value REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metrics_by_run ON metrics (model_id, step);
 """
 
 
@@ -184,6 +191,18 @@ class Store:
         """Tinker paths of every published checkpoint."""
         return {row[0] for row in self._exec("SELECT tinker_path FROM published")}
 
+    def set_expiry(self, tinker_path: str, expires: float | None) -> None:
+        """When (unix seconds) the checkpoint is to be deleted; None: never."""
+        if expires is None:
+            self._exec("DELETE FROM checkpoint_ttl WHERE tinker_path=?", (tinker_path,))
+        else:
+            self._exec(
+                "INSERT OR REPLACE INTO checkpoint_ttl VALUES (?, ?)", (tinker_path, expires)
+            )
+
+    def expiries(self) -> dict[str, float]:
+        return dict(self._exec("SELECT tinker_path, expires FROM checkpoint_ttl"))
+
     # ---------------------------------------------------------------- futures
 
     def add_future(self, request_id: str, owner: str, model_id: str | None, kind: str) -> None:
@@ -205,3 +224,38 @@ class Store:
             (request_id,),
         )
         return StoredFuture(*rows[0]) if rows else None
+
+    # ---------------------------------------------------------------- metrics
+
+    def add_metrics(self, model_id: str, step: int, kind: str, values: dict[str, float]) -> None:
+        """Record one operation's metrics at optimizer step `step`; it is the run's last
+        activity."""
+        now = time.time()
+        rows = [(model_id, step, kind, now, name, value) for name, value in values.items()]
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._db.execute("UPDATE runs SET last_request=? WHERE model_id=?", (now, model_id))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def metric_rows(self, model_id: str, since_step: int = 0) -> list[tuple]:
+        """`(step, kind, time, name, value)` of the run's operations at steps >= since_step,
+        in the order they were recorded."""
+        return self._exec(
+            "SELECT step, kind, time, name, value FROM metrics WHERE model_id=? AND step>=? "
+            "ORDER BY step, rowid",
+            (model_id, since_step),
+        )
+
+    def run_steps(self, owner: str) -> dict[str, int]:
+        """Optimizer steps recorded per run of `owner` (runs with none are left out)."""
+        rows = self._exec(
+            "SELECT m.model_id, MAX(m.step) FROM metrics m JOIN runs r ON m.model_id=r.model_id "
+            "WHERE r.owner=? AND m.kind='optim_step' GROUP BY m.model_id",
+            (owner,),
+        )
+        return dict(rows)

@@ -1,0 +1,46 @@
+"""The sampler backend interface: what the engine needs from whatever decodes tokens.
+
+The engine makes one backend per base model (`factory(base)`) and hands it validated
+`SampleSpec`s. The built-in `Sampler` (batched KV cache, per-row LoRA, on the engine's own
+copy of the base) is the default; `tinkerd.engine.vllm_sampler.VLLMSampler` decodes on a
+GPU with vLLM, loading each adapter by path. `tinkerd serve --sampler NAME` picks one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Protocol, runtime_checkable
+
+from tinkerd.engine.models import BaseModel
+from tinkerd.engine.sampler import Sampler, SampleSpec
+from tinkerd.errors import InvalidRequestError
+
+
+@runtime_checkable
+class SamplerBackend(Protocol):
+    def submit(self, spec: SampleSpec) -> Future:
+        """Queue a validated request; the future resolves to a `SampleResponse` with the
+        sampled tokens and each token's logprob (temperature 1, before top-k/top-p)."""
+
+    def adapters_in_use(self) -> set[str]:
+        """Adapter names that queued or running requests read (not to be unloaded)."""
+
+    def close(self) -> None:
+        """Fail what is queued and release the backend's threads and memory."""
+
+
+SamplerFactory = Callable[[BaseModel], SamplerBackend]
+
+
+def sampler_factory(name: str) -> SamplerFactory:
+    """The backend called `name`: "builtin" or "vllm" (needs `pip install tinkerd[vllm]`
+    and a CUDA GPU)."""
+    if name == "builtin":
+        return Sampler
+    if name == "vllm":
+        from tinkerd.engine.vllm_sampler import VLLMSampler, check_vllm_available
+
+        check_vllm_available()
+        return VLLMSampler
+    raise InvalidRequestError(f"unknown sampler backend {name!r}: use builtin or vllm")
