@@ -31,11 +31,6 @@ def add_show_command(runs_sub: argparse._SubParsersAction) -> None:
     show.set_defaults(func=show_run)
 
 
-def add_runs_commands(sub: argparse._SubParsersAction) -> None:
-    runs = sub.add_parser("runs", help="training runs on a tinkerd server")
-    add_show_command(runs.add_subparsers(dest="runs_command", required=True))
-
-
 def _get(args: argparse.Namespace, path: str) -> dict:
     import httpx
 
