@@ -78,14 +78,18 @@ def _when(moment: Any) -> str:
 # ---------------------------------------------------------------- runs
 
 
+def _every_page(list_page: Callable[..., Any], field: str) -> list:
+    """All items of a paged listing (`list_page(limit=, offset=)` returning a future)."""
+    items: list = []
+    while True:
+        page = list_page(limit=100, offset=len(items)).result()
+        items += getattr(page, field)
+        if not getattr(page, field) or len(items) >= page.cursor.total_count:
+            return items
+
+
 def _runs_list(args: argparse.Namespace, client: Any) -> int:
-    runs, offset = [], 0
-    while True:  # every page
-        page = client.list_training_runs(limit=100, offset=offset).result()
-        runs += page.training_runs
-        offset += len(page.training_runs)
-        if not page.training_runs or offset >= page.cursor.total_count:
-            break
+    runs = _every_page(client.list_training_runs, "training_runs")
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
         return 0
@@ -110,13 +114,7 @@ def _checkpoints_list(args: argparse.Namespace, client: Any) -> int:
     if args.run:
         checkpoints = client.list_checkpoints(args.run).result().checkpoints
     else:
-        checkpoints, offset = [], 0
-        while True:
-            page = client.list_user_checkpoints(limit=100, offset=offset).result()
-            checkpoints += page.checkpoints
-            offset += len(page.checkpoints)
-            if not page.checkpoints or offset >= page.cursor.total_count:
-                break
+        checkpoints = _every_page(client.list_user_checkpoints, "checkpoints")
     if args.json:
         print(json.dumps([c.model_dump(mode="json") for c in checkpoints], indent=2))
         return 0

@@ -20,8 +20,8 @@ def add_show_command(runs_sub: argparse._SubParsersAction) -> None:
     show.add_argument("--json", action="store_true", help="print the API's JSON instead")
     show.add_argument(
         "--base-url",
-        default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"),
-        help="the server (default: $TINKER_BASE_URL or http://127.0.0.1:8000)",
+        default=os.environ.get("TINKERD_BASE_URL", "http://127.0.0.1:8000"),
+        help="the server (default: $TINKERD_BASE_URL or http://127.0.0.1:8000)",
     )
     show.add_argument(
         "--api-key",
