@@ -76,7 +76,7 @@ def test_step_logits_equal_the_hf_forward(engine, adapters):
         logits, hf_cache = hf(ids, mask, positions)
         _, fast_cache = hf(ids, mask, positions)
         _grow_in_place(fast_cache)  # as the sampler's cache: appends in place
-        lora = fast.lora(row_adapters, base.device)
+        lora = fast.plan(row_adapters, base.device)
         position = positions[:, -1]
         for _ in range(6):
             tokens = logits.argmax(-1)

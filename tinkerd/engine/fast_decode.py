@@ -18,13 +18,12 @@ sequence length, LoRA variants such as DoRA): the sampler then uses the HF forwa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _weight(module: nn.Module) -> Tensor:
@@ -76,8 +75,12 @@ class LoraProjection:
 
 
 class FastDecoder:
-    """Decode steps for one Llama model. Weights are read from the model at every step
-    (nothing is copied), so it always computes with the model's current weights."""
+    """Decode steps for one Llama model.
+
+    The q/k/v and gate/up projections run as one matrix product each, on copies of
+    their weights concatenated by `plan` (again whenever a weight changed). Everything
+    else (norms, o/down projections, unembedding, embeddings) is read from the model at
+    every step."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -90,15 +93,60 @@ class FastDecoder:
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
         self.eps = [
-            (layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon)
+            (
+                layer.input_layernorm.variance_epsilon,
+                layer.post_attention_layernorm.variance_epsilon,
+            )
             for layer in self.layers
         ]
         self.norm_eps = inner.norm.variance_epsilon
         self._rope: Tensor | None = None  # [positions, 2, head_dim]: cos, sin with sign
+        self._fused: list[tuple[Tensor, Tensor]] = []  # per layer: (W_qkv, W_gate_up)
+        self._fused_from: list = []  # (data_ptr, version) of each weight fused
 
     @classmethod
     def build(cls, model: nn.Module) -> FastDecoder | None:
         return None if unsupported_reason(model) else cls(model)
+
+    def plan(self, adapters: list[str], device: torch.device) -> list[dict] | None:
+        """Get ready to decode rows whose adapters are `adapters` (PEFT names; the base's
+        name for none): refresh the fused weights if any changed, and return per layer
+        (then for the unembedding) the LoraProjection of each adapted fused projection.
+        None: some adapter uses a LoRA variant (e.g. DoRA) or bias not computed here."""
+        self._refresh_fused()
+        names = list(dict.fromkeys(adapters))
+        out = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            groups = {
+                "qkv": [attn.q_proj, attn.k_proj, attn.v_proj],
+                "o": [attn.o_proj],
+                "gate_up": [mlp.gate_proj, mlp.up_proj],
+                "down": [mlp.down_proj],
+            }
+            found = {}
+            for key, modules in groups.items():
+                proj = _lora_projection(modules, names, adapters, device)
+                if proj is False:
+                    return None
+                if proj is not None:
+                    found[key] = proj
+            out.append(found)
+        head = _lora_projection([self.model.lm_head], names, adapters, device)
+        if head is False:
+            return None
+        out.append({"lm_head": head} if head is not None else {})
+        return out
+
+    def _refresh_fused(self) -> None:
+        weights = [
+            [_weight(m) for m in (a.q_proj, a.k_proj, a.v_proj, l.mlp.gate_proj, l.mlp.up_proj)]
+            for l, a in ((layer, layer.self_attn) for layer in self.layers)  # noqa: E741
+        ]
+        stamp = [(w.data_ptr(), w._version) for ws in weights for w in ws]
+        if stamp != self._fused_from:
+            self._fused = [(torch.cat(ws[:3]), torch.cat(ws[3:])) for ws in weights]
+            self._fused_from = stamp
 
     def rope_table(self) -> Tensor:
         """`[max positions, 2, head_dim]`: the rotary module's own cos and sin for every
@@ -107,35 +155,15 @@ class FastDecoder:
         if self._rope is None:
             inner = self.model.model
             weight = inner.embed_tokens.weight
-            positions = torch.arange(self.model.config.max_position_embeddings, device=weight.device)
+            positions = torch.arange(
+                self.model.config.max_position_embeddings, device=weight.device
+            )
             probe = weight.new_empty(1)  # only its dtype and device are read
             cos, sin = inner.rotary_emb(probe, positions[None])
             half = self.head_dim // 2
             sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)
             self._rope = torch.stack([cos[0], sin], 1)
         return self._rope
-
-    def lora(self, adapters: list[str], device: torch.device) -> list[dict] | None:
-        """Per layer, the LoraProjection of each adapted projection for rows whose adapters
-        are `adapters` (PEFT names; the base's name for none). None: some adapter uses a
-        LoRA variant (e.g. DoRA) or bias this path does not compute."""
-        names = list(dict.fromkeys(adapters))
-        out = []
-        for layer in self.layers:
-            found = {}
-            for name in PROJECTIONS:
-                module = _module(layer, name)
-                proj = _lora_projection(module, names, adapters, device)
-                if proj is False:
-                    return None
-                if proj is not None:
-                    found[name] = proj
-            out.append(found)
-        head = _lora_projection(self.model.lm_head, names, adapters, device)
-        if head is False:
-            return None
-        out.append({"lm_head": head} if head is not None else {})
-        return out
 
     def step(
         self, tokens: Tensor, positions: Tensor, mask: Tensor, cache, lora: list[dict] | None
@@ -145,79 +173,103 @@ class FastDecoder:
         tokens: `[rows]` ids; positions: `[rows]` their position ids; mask: `[rows,
         cache_len + 1]` 1 where the cache (then the new token) holds a real token; cache:
         transformers cache whose layers append in place (`update`), left-padded like mask;
-        lora: from `lora()` for these rows, or None (no adapters)."""
+        lora: what `plan` returned for these rows (None: no adapters). Call `plan` first."""
         rows = tokens.shape[0]
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        q_end, k_end = heads * dim, (heads + kv_heads) * dim
         rope = self.rope_table()[positions]  # [rows, 2, dim]
         cos, sin = rope[:, None, 0], rope[:, None, 1]  # [rows, 1, dim]
-        attend = mask.bool()[:, None, None, :]  # [rows, 1, 1, len]: sdpa's True = attend
         x = self.model.model.embed_tokens(tokens)  # [rows, hidden]
+        # additive attention mask [rows, 1, 1, len]: 0 to attend, -inf for padding
+        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+        bias = bias.masked_fill_(mask == 0, -math.inf)[:, None, None]
         no_lora: dict = {}
         for i, layer in enumerate(self.layers):
             adapted = lora[i] if lora else no_lora
+            w_qkv, w_gate_up = self._fused[i]
             eps_in, eps_post = self.eps[i]
             attn, mlp = layer.self_attn, layer.mlp
-            h = F.rms_norm(x, x.shape[-1:], layer.input_layernorm.weight, eps_in)
-            q = _linear(h, attn.q_proj, adapted.get("q_proj"))
-            k = _linear(h, attn.k_proj, adapted.get("k_proj"))
-            v = _linear(h, attn.v_proj, adapted.get("v_proj"))
-            qk = torch.cat([q, k], 1).view(rows, heads + kv_heads, 2, dim // 2)
+            h = _rms_norm(x, layer.input_layernorm.weight, eps_in)
+            qkv = _project(h, w_qkv, adapted.get("qkv"))
+            qk = qkv[:, :k_end].view(rows, heads + kv_heads, 2, dim // 2)
             # rotate_half(x) * sin == (x with its halves swapped) * sin with first half negated
             qk = qk.view(rows, -1, dim) * cos + qk.flip(2).view(rows, -1, dim) * sin
             keys, values = cache.layers[i].update(
-                qk[:, heads:, None], v.view(rows, kv_heads, 1, dim)
+                qk[:, heads:, None], qkv[:, k_end:].view(rows, kv_heads, 1, dim)
             )
             out = F.scaled_dot_product_attention(
                 qk[:, :heads, None],  # [rows, heads, 1, dim]
                 keys,
                 values,
-                attn_mask=attend,
+                attn_mask=bias,
                 scale=self.scaling,
                 enable_gqa=heads != kv_heads,
             )
-            x = x + _linear(out.view(rows, heads * dim), attn.o_proj, adapted.get("o_proj"))
-            h = F.rms_norm(x, x.shape[-1:], layer.post_attention_layernorm.weight, eps_post)
-            gate = _linear(h, mlp.gate_proj, adapted.get("gate_proj"))
-            up = _linear(h, mlp.up_proj, adapted.get("up_proj"))
-            x = x + _linear(F.silu(gate).mul_(up), mlp.down_proj, adapted.get("down_proj"))
-        x = F.rms_norm(x, x.shape[-1:], self.model.model.norm.weight, self.norm_eps)
+            x = _project(out.view(rows, q_end), _weight(attn.o_proj), adapted.get("o"), x)
+            h = _rms_norm(x, layer.post_attention_layernorm.weight, eps_post)
+            gate_up = _project(h, w_gate_up, adapted.get("gate_up"))
+            half = gate_up.shape[1] // 2
+            act = F.silu(gate_up[:, :half]).mul_(gate_up[:, half:])
+            x = _project(act, _weight(mlp.down_proj), adapted.get("down"), x)
+        x = _rms_norm(x, self.model.model.norm.weight, self.norm_eps)
         head = lora[-1].get("lm_head") if lora else None
-        return _linear(x, self.model.lm_head, head)
+        return _project(x, _weight(self.model.lm_head), head)
 
 
-def _module(layer: nn.Module, name: str) -> nn.Module:
-    return getattr(layer.mlp if name in ("gate_proj", "up_proj", "down_proj") else layer.self_attn, name)
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """LlamaRMSNorm: in float32, then back to x's dtype before the weight."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True).add_(eps))
+    return weight * h.to(x.dtype)
 
 
-def _linear(x: Tensor, module: nn.Module, lora: LoraProjection | None) -> Tensor:
-    y = F.linear(x, _weight(module))
-    if lora is None:
-        return y
-    return (y + lora.delta(x)).to(y.dtype)  # as PEFT: the LoRA term in its own dtype
+def _project(
+    x: Tensor, weight: Tensor, lora: LoraProjection | None, residual: Tensor | None = None
+) -> Tensor:
+    """`residual + x W^T (+ the rows' LoRA terms)`; `[rows, out]`."""
+    if residual is None:
+        y = F.linear(x, weight)
+    elif lora is None:
+        return torch.addmm(residual, x, weight.t())
+    else:
+        y = F.linear(x, weight)
+    if lora is not None:
+        y = (y + lora.delta(x)).to(y.dtype)  # as PEFT: the LoRA term in its own dtype
+    return y if residual is None else residual + y
 
 
 def _lora_projection(
-    module: nn.Module, names: list[str], adapters: list[str], device: torch.device
+    modules: list[nn.Module], names: list[str], adapters: list[str], device: torch.device
 ) -> LoraProjection | None | bool:
-    """The stacked adapters of `module` for the batch; None if none of them adapts it;
-    False if one does in a way not computed here."""
-    lora_a = getattr(module, "lora_A", None)
-    if lora_a is None:
+    """The adapters of the batch for `modules` (whose outputs are concatenated, as in a
+    fused projection), stacked; None if none of them adapts these; False if one does in
+    a way not computed here. B is block-diagonal across the modules' outputs: the zeros
+    add exactly nothing."""
+    blocks = []  # (adapter index, output offset, A, B * scaling)
+    offset = 0
+    for module in modules:
+        lora_a = getattr(module, "lora_A", None) or {}
+        for k, name in enumerate(names):
+            if name not in lora_a:
+                continue
+            lora_b = module.lora_B[name]
+            if name in getattr(module, "lora_variant", {}) or lora_b.bias is not None:
+                return False
+            blocks.append((k, offset, lora_a[name].weight, lora_b.weight * module.scaling[name]))
+        if getattr(module, "merged", False):
+            return False
+        offset += _weight(module).shape[0]
+    if not blocks:
         return None
-    used = [n for n in names if n in lora_a]
-    if not used:
-        return None
-    if any(n in getattr(module, "lora_variant", {}) for n in used):
-        return False
-    if any(module.lora_B[n].bias is not None for n in used) or module.merged:
-        return False
-    a = torch.cat([lora_a[n].weight for n in used])
-    b = torch.cat([module.lora_B[n].weight * module.scaling[n] for n in used], 1)
-    if used == names and len(used) == 1:
+    a = torch.cat([block[2] for block in blocks])
+    b = a.new_zeros((offset, a.shape[0]))
+    column = 0
+    for _, start, _, scaled in blocks:
+        b[start : start + scaled.shape[0], column : column + scaled.shape[1]] = scaled
+        column += scaled.shape[1]
+    owner = torch.cat([torch.full((block[2].shape[0],), block[0]) for block in blocks])
+    if len(names) == 1:
         return LoraProjection(a, b, None)  # every row uses the one adapter
-    owner = torch.cat(
-        [torch.full((lora_a[n].weight.shape[0],), k, device=device) for k, n in enumerate(used)]
-    )
-    row_adapter = torch.tensor([used.index(n) if n in used else -1 for n in adapters], device=device)
+    row_adapter = torch.tensor([names.index(n) for n in adapters])
     mask = (row_adapter[:, None] == owner[None, :]).to(a.dtype)
-    return LoraProjection(a, b, mask)
+    return LoraProjection(a, b, mask.to(device))

@@ -447,10 +447,10 @@ class Sampler:
         plan, lora, fast = self._fast_lora
         if plan is not self._plan:
             lora, fast = None, self._fast is not None and _mergeable(self._cache)
-            if fast and self.base.peft_model is not None:
+            if fast:
                 adapters = [r.job.spec.adapter for r in self._rows]
                 with self.base.lock:
-                    lora = self._fast.lora(adapters, self.base.device)
+                    lora = self._fast.plan(adapters, self.base.device)
                 fast = lora is not None
             self._fast_lora = (self._plan, lora, fast)
         return lora, fast
