@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import TINY, make_datum
 
+from tinkerd.engine import fast_decode
 from tinkerd.engine.fast_decode import FastDecoder, unsupported_reason
 from tinkerd.engine.sampler import BASE_ADAPTER, Sampler, _grow_in_place, make_spec
 from tinkerd.types import AdamParams, LoraConfig, SamplingParams
@@ -51,9 +52,13 @@ def test_supports_llama_only(engine):
     assert "dynamic" in unsupported_reason(dynamic)
 
 
-def test_step_logits_equal_the_hf_forward(engine, adapters):
+@pytest.mark.parametrize("fused", [True, False])
+def test_step_logits_equal_the_hf_forward(engine, adapters, fused, monkeypatch):
     """Mixed prompt lengths and a mixed batch of adapters (two LoRAs and the bare base):
-    each decode step's logits equal the PEFT model's forward on the same cache."""
+    each decode step's logits equal the PEFT model's forward on the same cache, with the
+    q/k/v and gate/up weights fused (small models) or not (large ones)."""
+    if not fused:
+        monkeypatch.setattr(fast_decode, "MAX_FUSED_BYTES", 0)
     base = engine.base_model(TINY)
     rows_of = [0, 1, 2, 3, 1, 0]
     row_adapters = [adapters[0], adapters[1], BASE_ADAPTER, adapters[0], BASE_ADAPTER, adapters[1]]
@@ -77,6 +82,7 @@ def test_step_logits_equal_the_hf_forward(engine, adapters):
         _, fast_cache = hf(ids, mask, positions)
         _grow_in_place(fast_cache)  # as the sampler's cache: appends in place
         lora = fast.plan(row_adapters, base.device)
+        assert isinstance(fast._fused[0][0], torch.Tensor) == fused
         position = positions[:, -1]
         for _ in range(6):
             tokens = logits.argmax(-1)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+MAX_FUSED_BYTES = 1 << 30  # larger models multiply q/k/v and gate/up separately, uncopied
+
 
 def _weight(module: nn.Module) -> Tensor:
     """The frozen base weight of a Linear, whether or not PEFT wrapped it."""
@@ -78,7 +80,8 @@ class FastDecoder:
     """Decode steps for one Llama model.
 
     The q/k/v and gate/up projections run as one matrix product each, on copies of
-    their weights concatenated by `plan` (again whenever a weight changed). Everything
+    their weights concatenated by `plan` (again whenever a weight changed; not for
+    models over MAX_FUSED_BYTES, where the copies would cost more than they save). Everything
     else (norms, o/down projections, unembedding, embeddings) is read from the model at
     every step."""
 
@@ -101,7 +104,7 @@ class FastDecoder:
         ]
         self.norm_eps = inner.norm.variance_epsilon
         self._rope: Tensor | None = None  # [positions, 2, head_dim]: cos, sin with sign
-        self._fused: list[tuple[Tensor, Tensor]] = []  # per layer: (W_qkv, W_gate_up)
+        self._fused: list[tuple] = []  # per layer: (W_qkv, W_gate_up), each maybe a list
         self._fused_from: list = []  # (data_ptr, version) of each weight fused
 
     @classmethod
@@ -145,7 +148,11 @@ class FastDecoder:
         ]
         stamp = [(w.data_ptr(), w._version) for ws in weights for w in ws]
         if stamp != self._fused_from:
-            self._fused = [(torch.cat(ws[:3]), torch.cat(ws[3:])) for ws in weights]
+            size = sum(w.numel() * w.element_size() for ws in weights for w in ws)
+            if size <= MAX_FUSED_BYTES:
+                self._fused = [(torch.cat(ws[:3]), torch.cat(ws[3:])) for ws in weights]
+            else:  # a large model: the copies would cost more memory than they save time
+                self._fused = [(ws[:3], ws[3:]) for ws in weights]
             self._fused_from = stamp
 
     def rope_table(self) -> Tensor:
@@ -224,15 +231,19 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def _project(
-    x: Tensor, weight: Tensor, lora: LoraProjection | None, residual: Tensor | None = None
+    x: Tensor,
+    weight: Tensor | list[Tensor],
+    lora: LoraProjection | None,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """`residual + x W^T (+ the rows' LoRA terms)`; `[rows, out]`."""
-    if residual is None:
+    """`residual + x W^T (+ the rows' LoRA terms)`; `[rows, out]`. A list of weights
+    stands for their concatenation along the output."""
+    if isinstance(weight, list):
+        y = torch.cat([F.linear(x, w) for w in weight], -1)
+    elif residual is None or lora is not None:
         y = F.linear(x, weight)
-    elif lora is None:
-        return torch.addmm(residual, x, weight.t())
     else:
-        y = F.linear(x, weight)
+        return torch.addmm(residual, x, weight.t())
     if lora is not None:
         y = (y + lora.delta(x)).to(y.dtype)  # as PEFT: the LoRA term in its own dtype
     return y if residual is None else residual + y
