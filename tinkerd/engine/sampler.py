@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tinkerd.engine.fast_decode import FastDecoder
 from tinkerd.engine.models import BaseModel
 from tinkerd.errors import InvalidRequestError
 from tinkerd.types import SampledSequence, SampleResponse, SamplingParams
@@ -222,9 +223,13 @@ def _plan(rows: list[_Row], vocab: int, device: torch.device) -> _Plan:
 class Sampler:
     """Decodes every sample request on one base model, batched, on a background thread."""
 
-    def __init__(self, base: BaseModel, max_batch_rows: int = MAX_BATCH_ROWS):
+    def __init__(
+        self, base: BaseModel, max_batch_rows: int = MAX_BATCH_ROWS, fast_decode: bool = True
+    ):
         self.base = base
         self.max_batch_rows = max_batch_rows
+        # decode steps straight from the weights where the architecture allows (Llama)
+        self._fast = FastDecoder.build(base.model) if fast_decode else None
         self._pending: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._reset()
@@ -259,6 +264,7 @@ class Sampler:
         self._positions: Tensor | None = None  # [rows, 1] position id of the next input
         self._next_logits: Tensor | None = None  # [rows, vocab] float32
         self._plan: _Plan | None = None
+        self._fast_lora: tuple[_Plan | None, list | None, bool] = (None, None, False)
 
     def submit(self, spec: SampleSpec) -> Future:
         """Queue a validated request; the future resolves to a SampleResponse."""
@@ -416,16 +422,38 @@ class Sampler:
             rows = self._rows
             tokens = tokens[torch.tensor(alive, device=tokens.device)]
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], 1)
-        logits, self._cache = self._forward(
-            tokens[:, None],
-            self._mask,
-            self._positions,
-            [r.job.spec.adapter for r in rows],
-            self._cache,
-            1,
-        )
+        lora, fast = self._fast_lora_for_plan()
+        if fast:
+            with self.base.lock:
+                logits = self._fast.step(
+                    tokens, self._positions[:, 0], self._mask, self._cache, lora
+                )
+        else:
+            logits, self._cache = self._forward(
+                tokens[:, None],
+                self._mask,
+                self._positions,
+                [r.job.spec.adapter for r in rows],
+                self._cache,
+                1,
+            )
+            logits = logits[:, -1]
         self._positions = self._positions + 1
-        self._next_logits = logits[:, -1].float()
+        self._next_logits = logits.float()
+
+    def _fast_lora_for_plan(self) -> tuple[list | None, bool]:
+        """(the fast path's adapters for the current rows, whether it can run this step):
+        worked out once per batch change."""
+        plan, lora, fast = self._fast_lora
+        if plan is not self._plan:
+            lora, fast = None, self._fast is not None and _mergeable(self._cache)
+            if fast:
+                adapters = [r.job.spec.adapter for r in self._rows]
+                with self.base.lock:
+                    lora = self._fast.plan(adapters, self.base.device)
+                fast = lora is not None
+            self._fast_lora = (self._plan, lora, fast)
+        return lora, fast
 
     def _retire(self, alive: list[int]) -> None:
         """Keep only the rows at indices `alive`, and drop the leading cache columns that
