@@ -40,7 +40,7 @@ from tinkerd.engine.trainer import Engine, SamplerWeights
 from tinkerd.errors import AuthenticationError, InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.fx_loss import CompiledLoss, compile_loss
 from tinkerd.server.futures import PROTOBUF, FutureTable
-from tinkerd.server.scheduler import Scheduler
+from tinkerd.server.scheduler import Scheduler, loss_work
 from tinkerd.server.store import Store
 from tinkerd.types import AdamParams, LoraConfig, ModelInput, SampleResponse, SamplingParams
 
@@ -378,7 +378,7 @@ def create_app(server: Server) -> FastAPI:
         return server.submit(
             who,
             "forward" if req["forward_only"] else "forward_backward",
-            lambda: server.engine.run_loss(prepared, backward),
+            loss_work(server.engine, prepared, backward),
             encode=lambda out: (PROTOBUF, wire_proto.encode_forward_backward_output(out)),
             model_id=req["model_id"],
             seq_id=req["seq_id"],
