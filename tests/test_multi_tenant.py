@@ -37,17 +37,27 @@ def adapter(engine, model_id):
     }
 
 
-def test_runs_trained_together_end_as_trained_alone(engine):
-    alone = [engine.create_model(TINY, c) for c in CONFIGS]
-    together = [engine.create_model(TINY, c) for c in CONFIGS]
+UNIFORM = [LoraConfig(rank=4, seed=s) for s in (7, 8, 9)]
+
+
+def same_rows(k: int, step: int) -> list[Datum]:
+    return [make_datum([256, *f"{k} {step} {t}".encode()]) for t in ("ab", "uvwxyz")]
+
+
+@pytest.mark.parametrize(
+    "configs, data",
+    [(CONFIGS, run_data), (UNIFORM, same_rows)],  # per-segment loop; batched matmul
+    ids=["mixed", "uniform"],
+)
+def test_runs_trained_together_end_as_trained_alone(engine, configs, data):
+    alone = [engine.create_model(TINY, c) for c in configs]
+    together = [engine.create_model(TINY, c) for c in configs]
     for step in range(2):
         outs_alone = [
-            engine.forward_backward(m, run_data(k, step), "cross_entropy")
-            for k, m in enumerate(alone)
+            engine.forward_backward(m, data(k, step), "cross_entropy") for k, m in enumerate(alone)
         ]
         requests = [
-            engine.prepare(m, run_data(k, step), "cross_entropy", None)
-            for k, m in enumerate(together)
+            engine.prepare(m, data(k, step), "cross_entropy", None) for k, m in enumerate(together)
         ]
         outs_together = engine.run_losses(requests, backward=True)
         for a, b in zip(outs_alone, outs_together):
@@ -63,7 +73,7 @@ def test_runs_trained_together_end_as_trained_alone(engine):
         assert a.keys() == b.keys()
         assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in a.items() if "lora_B" in n)
         for name in a:
-            assert torch.allclose(a[name], b[name], atol=1e-6), name
+            assert torch.allclose(a[name], b[name], atol=1e-5), name
     for m in alone + together:
         engine.unload_model(m)
 

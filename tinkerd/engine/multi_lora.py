@@ -19,6 +19,7 @@ import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 
@@ -41,6 +42,8 @@ def _routed_forward(layer: nn.Module, segments: list[Segment], rows: int):
     """A forward for `layer` that adds each segment's own adapter (or none, where the
     adapter does not adapt this layer: e.g. an attention-only run at an MLP layer)."""
     mine = [s for s in segments if s.adapter in layer.lora_A]
+    if _uniform(layer, mine, rows):
+        return types.MethodType(_batched_forward(layer, mine, rows), layer)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -54,6 +57,42 @@ def _routed_forward(layer: nn.Module, segments: list[Segment], rows: int):
         return result
 
     return types.MethodType(forward, layer)
+
+
+def _uniform(layer: nn.Module, segments: list[Segment], rows: int) -> bool:
+    """Whether the segments tile all rows in equal parts, each through an adapter of the
+    same shape here: then one batched matmul serves them all."""
+    sizes = {s.end - s.start for s in segments}
+    shapes = {layer.lora_A[s.adapter].weight.shape for s in segments}
+    tiled = all(s.start == i * (rows // len(segments)) for i, s in enumerate(segments))
+    return (
+        len(segments) > 1
+        and len(sizes) == 1
+        and len(shapes) == 1
+        and tiled
+        and (len(segments) * sizes.pop() == rows)
+    )
+
+
+def _batched_forward(layer: nn.Module, segments: list[Segment], rows: int):
+    """The same sum as the per-segment loop, as two `bmm`s over the stacked adapters
+    (`[K, rank, in]`, `[K, out, rank]`): a few kernels per layer however many runs."""
+    weight = layer.lora_A[segments[0].adapter].weight
+    scale = torch.tensor([layer.scaling[s.adapter] for s in segments], dtype=weight.dtype)
+    scale = scale.to(weight.device)[:, None, None]
+    k = len(segments)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if x.shape[0] != rows:
+            raise RuntimeError(f"multi-LoRA routing expects {rows} rows, got {x.shape[0]}")
+        a = torch.stack([self.lora_A[s.adapter].weight for s in segments])
+        b = torch.stack([self.lora_B[s.adapter].weight for s in segments])
+        xs = x.to(a.dtype).reshape(k, -1, x.shape[-1])  # segment i's rows, flattened
+        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)) * scale
+        return result + delta.reshape(result.shape).to(result.dtype)
+
+    return forward
 
 
 @contextlib.contextmanager
