@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
+from tinkerd.server.scheduler import Scheduler, loss_work
 from tinkerd.types import (
     AdamParams,
     Datum,
@@ -147,12 +148,12 @@ def default_engine():
 
 
 class InProcessTransport:
-    """Runs requests on an engine in this process, through the same FIFO scheduler the
-    server uses: one lane per base model, so a client's requests run in order."""
+    """Runs requests on an engine in this process, through the same scheduler the server
+    uses: one lane per base model, keyed by run, so a run's requests run in order, runs
+    take turns, and concurrent forward_backward calls of several runs share a pass."""
 
     def __init__(self, engine=None, cache_dir: Path | None = None):
         from tinkerd.engine.trainer import Engine
-        from tinkerd.server.scheduler import Scheduler
 
         self.engine = engine or (Engine(cache_dir=cache_dir) if cache_dir else default_engine())
         self.scheduler = Scheduler()
@@ -160,6 +161,19 @@ class InProcessTransport:
 
     def _lane(self, model_id: str) -> str:
         return self._lanes.get(model_id, "default")
+
+    def _submit(self, model_id: str, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue `fn(*args)` behind the run's earlier requests (never unkeyed: every
+        request of a run must take the run's turns)."""
+        return self.scheduler.submit_keyed(self._lane(model_id), model_id, lambda: fn(*args))
+
+    def _loss(self, model_id, data, loss_fn, loss_fn_config, backward: bool) -> Future:
+        try:  # bad input fails now, before it queues
+            request = self.engine.prepare(model_id, data, loss_fn, loss_fn_config)
+        except Exception as e:
+            return failed_future(e)
+        work = loss_work(self.engine, request, backward)
+        return self.scheduler.submit_keyed(self._lane(model_id), model_id, work)
 
     def get_server_capabilities(self) -> Future[GetServerCapabilitiesResponse]:
         return self.scheduler.submit("control", self.engine.get_server_capabilities)
@@ -173,50 +187,35 @@ class InProcessTransport:
         return self.scheduler.submit(base_model, create)
 
     def get_info(self, model_id: str) -> Future[GetInfoResponse]:
-        return self.scheduler.submit(self._lane(model_id), self.engine.get_info, model_id)
+        return self._submit(model_id, self.engine.get_info, model_id)
 
     def forward(self, model_id, data, loss_fn, loss_fn_config) -> Future[ForwardBackwardOutput]:
-        return self.scheduler.submit(
-            self._lane(model_id), self.engine.forward, model_id, data, loss_fn, loss_fn_config
-        )
+        return self._loss(model_id, data, loss_fn, loss_fn_config, backward=False)
 
     def forward_backward(
         self, model_id, data, loss_fn, loss_fn_config
     ) -> Future[ForwardBackwardOutput]:
-        return self.scheduler.submit(
-            self._lane(model_id),
-            self.engine.forward_backward,
-            model_id,
-            data,
-            loss_fn,
-            loss_fn_config,
-        )
+        return self._loss(model_id, data, loss_fn, loss_fn_config, backward=True)
 
     def forward_backward_custom(
         self, model_id: str, data: list[Datum], gradient_fn: GradientFn
     ) -> Future[tuple[ForwardBackwardOutput, Any]]:
         # One forward and one backward on the live graph, run in the run's lane.
-        return self.scheduler.submit(
-            self._lane(model_id), self.engine.forward_backward_custom, model_id, data, gradient_fn
+        return self._submit(
+            model_id, self.engine.forward_backward_custom, model_id, data, gradient_fn
         )
 
     def optim_step(self, model_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]:
-        return self.scheduler.submit(
-            self._lane(model_id), self.engine.optim_step, model_id, adam_params
-        )
+        return self._submit(model_id, self.engine.optim_step, model_id, adam_params)
 
     def unload_model(self, model_id: str) -> Future[UnloadModelResponse]:
-        return self.scheduler.submit(self._lane(model_id), self.engine.unload_model, model_id)
+        return self._submit(model_id, self.engine.unload_model, model_id)
 
     def save_state(self, model_id: str, name: str) -> Future[str]:
-        return self.scheduler.submit(
-            self._lane(model_id), lambda: self.engine.save_state(model_id, name).tinker_path
-        )
+        return self._submit(model_id, lambda: self.engine.save_state(model_id, name).tinker_path)
 
     def load_state(self, model_id: str, path: str, with_optimizer: bool) -> Future[None]:
-        return self.scheduler.submit(
-            self._lane(model_id), self.engine.load_state, model_id, path, with_optimizer
-        )
+        return self._submit(model_id, self.engine.load_state, model_id, path, with_optimizer)
 
     def create_model_from_state(
         self, path: str, with_optimizer: bool
@@ -237,7 +236,7 @@ class InProcessTransport:
         def save() -> SamplerRef:
             return _ref(self.engine.save_weights_for_sampler(model_id, name))
 
-        return self.scheduler.submit(self._lane(model_id), save)
+        return self._submit(model_id, save)
 
     def create_sampler(self, base_model: str | None, model_path: str | None) -> Future[SamplerRef]:
         def create() -> SamplerRef:

@@ -222,6 +222,10 @@ class _ShardedRequest:
     loss_fn: str
     loss_fn_config: dict | None
 
+    @property
+    def padded_tokens(self) -> int:
+        return len(self.data) * max(d.model_input.length for d in self.data)
+
 
 class DistributedEngine:
     """Rank 0's engine: the local `Engine`'s API, with training operations run on every
@@ -270,6 +274,17 @@ class DistributedEngine:
     def run_loss(self, request: _ShardedRequest, backward: bool) -> ForwardBackwardOutput:
         args = (request.data, request.loss_fn, request.loss_fn_config, backward, self.fsdp)
         return self._everywhere("loss", request.model_id, *args)
+
+    def run_losses(self, requests: list[_ShardedRequest], backward: bool) -> list[Any]:
+        """One request after another: no packing across runs here (each is already cut
+        into per-rank shards, and every rank must see the same operations)."""
+        results: list[Any] = []
+        for request in requests:
+            try:
+                results.append(self.run_loss(request, backward))
+            except Exception as e:  # noqa: BLE001 -- handed back as that request's result
+                results.append(e)
+        return results
 
     def forward(self, model_id, data, loss_fn="cross_entropy", loss_fn_config=None):
         return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), False)

@@ -41,6 +41,7 @@ from tinkerd.engine.checkpoints import (
     tinker_path,
 )
 from tinkerd.engine.models import BaseModel, BaseModelRegistry, parse_model_specs
+from tinkerd.engine.multi_lora import Segment, packed_logits, pad_cat, trainable
 from tinkerd.engine.sampler import BASE_ADAPTER, Sampler, make_spec
 from tinkerd.engine.sampler_backend import SamplerBackend, SamplerFactory
 from tinkerd.engine.tiny import TINY_MODEL_NAME
@@ -293,13 +294,81 @@ class Engine:
             elementwise = request.spec.fn(logprobs, inputs, request.config)
             loss = elementwise.sum()
             if not torch.isfinite(loss):
-                raise InvalidRequestError(
-                    f"{request.loss_fn} loss is {loss.item()}; no gradient was applied "
-                    "(check advantages and sampling logprobs)"
-                )
+                raise _non_finite(request, loss)
             if backward:
                 loss.backward()
         return _output(batch, logprobs.detach(), elementwise.detach(), loss.item())
+
+    def run_losses(
+        self, requests: list[LossRequest], backward: bool
+    ) -> list[ForwardBackwardOutput | Exception]:
+        """Several requests (of distinct runs, or not) on one base in one batched pass:
+        their rows are packed end to end, each run's rows go through its own adapter
+        (`multi_lora`), each request's loss is its own, and one backward of their sum
+        gives every run exactly the gradient its request alone would. Returns one output
+        per request, or the Exception that request failed with (the others still run)."""
+        if len(requests) == 1:
+            try:
+                return [self.run_loss(requests[0], backward)]
+            except Exception as e:  # noqa: BLE001 -- handed back as that request's result
+                return [e]
+        results: list[Any] = [None] * len(requests)
+        by_base: dict[str, list[tuple[int, Run]]] = {}
+        for i, request in enumerate(requests):
+            try:
+                run = self.run(request.model_id)  # may have been unloaded while queued
+            except Exception as e:  # noqa: BLE001
+                results[i] = e
+                continue
+            by_base.setdefault(run.base.name, []).append((i, run))
+        for members in by_base.values():
+            outputs = self._packed_pass([requests[i] for i, _ in members], members, backward)
+            for (i, _), out in zip(members, outputs):
+                results[i] = out
+        return results
+
+    def _packed_pass(
+        self, requests: list[LossRequest], members: list[tuple[int, Run]], backward: bool
+    ) -> list[ForwardBackwardOutput | Exception]:
+        base = members[0][1].base
+        width = max(r.batch.input_ids.shape[1] for r in requests)
+        segments, start = [], 0
+        for request, (_, run) in zip(requests, members):
+            rows = request.batch.input_ids.shape[0]
+            segments.append(Segment(run.model_id, start, start + rows))
+            start += rows
+        input_ids = pad_cat([r.batch.input_ids for r in requests], width).to(base.device)
+        results: list[Any] = [None] * len(requests)
+        finished = []  # (index, logprobs, elementwise, loss) of the finite losses
+        with base.lock, torch.set_grad_enabled(backward):
+            if backward:
+                for _, run in members:
+                    trainable(run.params)
+            logits = packed_logits(base.peft_model, input_ids, segments)
+            for k, (request, seg) in enumerate(zip(requests, segments)):
+                batch = request.batch
+                mask = batch.mask.to(base.device)
+                rows = logits[seg.start : seg.end, : mask.shape[1]][mask].float()
+                logprobs = target_logprobs(rows, batch.targets.to(base.device))
+                inputs = {key: v.to(logprobs.device) for key, v in batch.inputs.items()}
+                elementwise = request.spec.fn(logprobs, inputs, request.config)
+                loss = elementwise.sum()
+                if not torch.isfinite(loss):
+                    results[k] = _non_finite(request, loss)
+                    continue
+                finished.append((k, logprobs, elementwise, loss))
+            if backward and finished:
+                # Only into the runs whose loss is finite: the others' adapters are in the
+                # graph too, and would otherwise accumulate a (zero) gradient.
+                params = list(
+                    {id(p): p for k, *_ in finished for p in members[k][1].params}.values()
+                )
+                torch.stack([loss for *_, loss in finished]).sum().backward(inputs=params)
+        for k, logprobs, elementwise, loss in finished:
+            results[k] = _output(
+                requests[k].batch, logprobs.detach(), elementwise.detach(), loss.item()
+            )
+        return results
 
     # ------------------------------------------------------------ sampling
 
@@ -460,15 +529,31 @@ class LossRequest:
     config: dict[str, float]
     batch: Batch
 
+    @property
+    def padded_tokens(self) -> int:
+        return self.batch.input_ids.numel()
+
 
 def token_logprobs(model: torch.nn.Module, batch: Batch, device: torch.device) -> Tensor:
     """Log-probability of each target token, `[n_tokens]` (or `[n_tokens, k]`), float32."""
     logits = model(input_ids=batch.input_ids.to(device)).logits
     logits = logits[batch.mask.to(device)].float()  # [n_tokens, vocab]: real positions only
-    targets = batch.targets.to(device)
+    return target_logprobs(logits, batch.targets.to(device))
+
+
+def target_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """Log-probability of `targets` (`[n_tokens]` or `[n_tokens, k]`) under `logits`
+    (`[n_tokens, vocab]`, float32)."""
     if targets.ndim == 1:
         return -F.cross_entropy(logits, targets, reduction="none")
     return logits.log_softmax(-1).gather(-1, targets)
+
+
+def _non_finite(request: LossRequest, loss: Tensor) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"{request.loss_fn} loss is {loss.item()}; no gradient was applied "
+        "(check advantages and sampling logprobs)"
+    )
 
 
 def _output(

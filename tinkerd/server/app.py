@@ -42,9 +42,9 @@ from tinkerd.fx_loss import CompiledLoss, compile_loss
 from tinkerd.server.catalog import Catalog
 from tinkerd.server.dashboard import add_dashboard, split_key_label
 from tinkerd.server.futures import PROTOBUF, FutureTable
-from tinkerd.server.metrics import timed
+from tinkerd.server.metrics import record, timed
 from tinkerd.server.rest import rest_router
-from tinkerd.server.scheduler import Scheduler
+from tinkerd.server.scheduler import Scheduler, loss_work
 from tinkerd.server.store import Store
 from tinkerd.types import AdamParams, LoraConfig, ModelInput, SampleResponse, SamplingParams
 
@@ -391,10 +391,18 @@ def create_app(server: Server) -> FastAPI:
                 req["model_id"], req["data"], req["loss_fn"], req["loss_fn_config"]
             )
         backward = not req["forward_only"]
-        work = lambda: server.engine.run_loss(prepared, backward)
+        work = loss_work(server.engine, prepared, backward)
         if backward:
             tokens = sum(d.model_input.length for d in req["data"])
-            work = server.recorded(req["model_id"], "forward_backward", work, tokens)
+            work.after = lambda result, seconds: record(
+                server.store,
+                server.engine,
+                req["model_id"],
+                "forward_backward",
+                result,
+                seconds,
+                tokens,
+            )
         return server.submit(
             who,
             "forward" if req["forward_only"] else "forward_backward",

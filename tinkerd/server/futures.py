@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tinkerd.errors import QueueFullError, TinkerdError
-from tinkerd.server.scheduler import Scheduler
+from tinkerd.server.scheduler import Batchable, Scheduler
 from tinkerd.server.store import Store, StoredFuture
 
 log = logging.getLogger("tinkerd.server")
@@ -104,12 +104,13 @@ class FutureTable:
         owner: str,
         kind: str,
         lane: str | None,
-        work: Callable[[], Any],
+        work: Callable[[], Any] | Batchable,
         encode: Callable[[Any], Encoded] = encode_json,
         model_id: str | None = None,
         seq_id: int | None = None,
     ) -> str:
-        """Queue `work`; return its request_id (an earlier one for a re-sent seq_id)."""
+        """Queue `work` (behind the earlier work of `model_id`, which it may share a pass
+        with if Batchable); return its request_id (an earlier one for a re-sent seq_id)."""
         with self._lock:
             gate = self._gates.setdefault(model_id, _SeqGate()) if model_id and seq_id else None
             if gate and seq_id in gate.request_ids:
@@ -127,7 +128,7 @@ class FutureTable:
 
             def start() -> None:
                 # lane None: `work` has started already elsewhere and returns its Future
-                future = self.scheduler.submit(lane, work) if lane else work()
+                future = self.scheduler.submit_keyed(lane, model_id, work) if lane else work()
                 future.add_done_callback(lambda f: self._record(request_id, f, encode))
 
             if gate is None or seq_id < gate.next_seq:

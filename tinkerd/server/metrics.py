@@ -4,7 +4,8 @@ forward_backward and optim_step; the dashboard and `tinkerd runs show --metrics`
 Recorded (one store row per metric per operation):
 - forward_backward, built-in losses and server-side custom losses (`create_custom_loss`):
   `loss` (summed over tokens: the result's `loss:sum`), `tokens` (input tokens of the
-  batch), `step_time_s` (seconds the engine spent on it), and every other metric of the
+  batch), `step_time_s` (seconds the engine spent on it; when several runs' requests
+  share one packed pass, that pass's seconds), and every other metric of the
   result under its SDK name; for a custom loss that is its breakdown: `base_loss:sum`,
   `<regularizer>/value:sum`, `<regularizer>/contribution:sum`, `<regularizer>/grad_norm:mean`
   (with track_grad_norms), `regularizer_total:sum`, `total_grad_norm:mean`, ...
@@ -37,30 +38,44 @@ log = logging.getLogger("tinkerd.server")
 LAST = {"grad_norm", "learning_rate"}  # one per step: a step's value is its optim_step's
 
 
+def record(
+    store: Store,
+    engine: Any,
+    model_id: str,
+    kind: str,
+    result: Any,
+    seconds: float,
+    tokens: int = 0,
+) -> None:
+    """Store the metrics of a finished forward_backward or optim_step (run in its lane, so
+    the run's step count is the one its gradient goes into). Never raises: a metrics
+    hiccup must not fail training."""
+    try:
+        if kind == "optim_step":
+            metrics = result.metrics or {}
+            values = {k: metrics.get(k) for k in ("grad_norm", "learning_rate")}
+            step = int(metrics["step"])
+        else:
+            values = {k: v for k, v in result.metrics.items() if k != "loss:sum"}
+            values |= {"loss": result.metrics.get("loss:sum"), "tokens": tokens}
+            step = engine.run(model_id).step + 1
+        values["step_time_s"] = seconds
+        finite = {k: float(v) for k, v in values.items() if _finite(v)}
+        store.add_metrics(model_id, step, kind, finite)
+    except Exception:  # noqa: BLE001
+        log.exception("could not record the metrics of %s on %s", kind, model_id)
+
+
 def timed(
     store: Store, engine: Any, model_id: str, kind: str, work: Callable[[], Any], tokens: int = 0
 ) -> Callable[[], Any]:
     """`work` (a forward_backward or optim_step, run in its lane) made to record its metrics
-    when it succeeds. Recording never fails the operation."""
+    when it succeeds."""
 
     def run() -> Any:
         start = time.perf_counter()
         result = work()
-        seconds = time.perf_counter() - start
-        try:
-            if kind == "optim_step":
-                metrics = result.metrics or {}
-                values = {k: metrics.get(k) for k in ("grad_norm", "learning_rate")}
-                step = int(metrics["step"])
-            else:
-                values = {k: v for k, v in result.metrics.items() if k != "loss:sum"}
-                values |= {"loss": result.metrics.get("loss:sum"), "tokens": tokens}
-                step = engine.run(model_id).step + 1  # in the lane: no optim_step meanwhile
-            values["step_time_s"] = seconds
-            finite = {k: float(v) for k, v in values.items() if _finite(v)}
-            store.add_metrics(model_id, step, kind, finite)
-        except Exception:  # noqa: BLE001 -- a metrics hiccup must not fail training
-            log.exception("could not record the metrics of %s on %s", kind, model_id)
+        record(store, engine, model_id, kind, result, time.perf_counter() - start, tokens)
         return result
 
     return run

@@ -1,35 +1,186 @@
-"""Request queue in front of the engine: FIFO lanes, one worker thread per lane.
+"""Request queue in front of the engine: lanes of keyed queues, turn-taking, packing.
 
-A lane is a base model. Work on one base runs in submission order (so one training
-client's operations never reorder), while different base models run side by side.
+A lane is a base model: one worker thread runs its work, since every run on a base
+shares one module tree. Different base models run side by side.
+
+Within a lane, work is queued per key (a run's model_id; None for work of no run).
+Each key's work runs in submission order, so one run's operations never reorder. Keys
+take turns, round-robin: the worker runs the head of the next key in turn, so a run
+that queued a huge batch (or many requests) delays another run by at most one pass.
+
+`Batchable` work (a forward_backward) can share its pass: when its key's turn comes, the
+heads of the other keys that are Batchable of the same `group` join it, in turn order,
+while the pass stays within `MAX_PASS_TOKENS` (the first always runs, however large).
+Their `run_many` then runs them all in one call: one batched pass over the base model.
 The caller gets a `concurrent.futures.Future` at once and never waits on the engine.
 """
 
 from __future__ import annotations
 
+import atexit
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+MAX_PASS_TOKENS = 8192  # padded tokens one packed pass may hold (bounds its activations)
+
+
+@dataclass
+class Batchable:
+    """Work that may run in one call together with other keys' work of the same group."""
+
+    group: Hashable
+    """Only work of equal groups packs together; their `run_many` must be interchangeable."""
+    tokens: int
+    """Padded tokens it adds to a pass."""
+    payload: Any
+    run_many: Callable[[list[Any]], list[Any]]
+    """payloads -> one result per payload, in order; an Exception instance is that
+    payload's failure (the others still succeed)."""
+    after: Callable[[Any, float], None] | None = None
+    """Called in the lane with this payload's result and the pass's seconds, once it
+    succeeded and before its future resolves (e.g. to record metrics); must not raise."""
+
+
+def loss_work(engine: Any, request: Any, backward: bool) -> Batchable:
+    """A validated forward (`backward=False`) or forward_backward request (from
+    `engine.prepare`) as work that may share one pass with other runs' requests
+    (`engine.run_losses`)."""
+    return Batchable(
+        group=("loss", id(engine), backward),
+        tokens=request.padded_tokens,
+        payload=request,
+        run_many=lambda requests: engine.run_losses(requests, backward),
+    )
+
+
+_Item = tuple[Callable[[], Any] | Batchable, Future]
+
+
+class _Lane:
+    def __init__(self, name: str, max_pass_tokens: int, log: deque):
+        self.queues: OrderedDict[Hashable, deque[_Item]] = OrderedDict()  # in turn order
+        self.cond = threading.Condition()
+        self.closed = False
+        self.max_pass_tokens = max_pass_tokens
+        self.log = log
+        self.thread = threading.Thread(target=self._loop, name=f"tinkerd-lane-{name}", daemon=True)
+        self.thread.start()
+
+    def put(self, key: Hashable, work: Callable[[], Any] | Batchable) -> Future:
+        future: Future = Future()
+        with self.cond:
+            if self.closed:
+                raise RuntimeError("cannot schedule new work after shutdown")
+            self.queues.setdefault(key, deque()).append((work, future))
+            self.cond.notify()
+        return future
+
+    def _take(self) -> list[tuple[Hashable, _Item]]:
+        """The next pass: the head of the key whose turn it is, and packable heads of
+        other keys. Every key served goes to the back of the turn order."""
+        key, queue = next(iter(self.queues.items()))
+        taken = [(key, queue.popleft())]
+        first = taken[0][1][0]
+        if isinstance(first, Batchable):
+            tokens = first.tokens
+            for other, q in list(self.queues.items())[1:]:
+                work = q[0][0]
+                if (
+                    isinstance(work, Batchable)
+                    and work.group == first.group
+                    and tokens + work.tokens <= self.max_pass_tokens
+                ):
+                    taken.append((other, q.popleft()))
+                    tokens += work.tokens
+        for k, _ in taken:
+            q = self.queues.pop(k)
+            if q:
+                self.queues[k] = q  # to the back of the turn order
+        return taken
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queues and not self.closed:
+                    self.cond.wait()
+                if not self.queues:
+                    return  # closed and drained
+                taken = self._take()
+            self.log.append(tuple(k for k, _ in taken))
+            _run(taken)
+
+    def close(self, cancel: bool) -> None:
+        with self.cond:
+            self.closed = True
+            if cancel:
+                for queue in self.queues.values():
+                    for _, future in queue:
+                        future.cancel()
+                self.queues.clear()
+            self.cond.notify()
+
+
+def _run(taken: list[tuple[Hashable, _Item]]) -> None:
+    items = [item for _, item in taken]
+    futures = [f for _, f in items if f.set_running_or_notify_cancel()]
+    live = [(w, f) for w, f in items if f in futures]
+    if not live:
+        return
+    start = time.perf_counter()
+    try:
+        if isinstance(live[0][0], Batchable):
+            results = live[0][0].run_many([w.payload for w, _ in live])
+        else:
+            results = [live[0][0]()]
+    except BaseException as e:  # noqa: BLE001 -- every failure reaches its callers
+        results = [e] * len(live)
+    seconds = time.perf_counter() - start
+    for (work, future), result in zip(live, results):
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+            continue
+        if isinstance(work, Batchable) and work.after is not None:
+            work.after(result, seconds)
+        future.set_result(result)
 
 
 class Scheduler:
-    def __init__(self) -> None:
-        self._lanes: dict[str, ThreadPoolExecutor] = {}
+    def __init__(self, max_pass_tokens: int = MAX_PASS_TOKENS) -> None:
+        self._lanes: dict[str, _Lane] = {}
         self._lock = threading.Lock()
+        self.max_pass_tokens = max_pass_tokens
+        self.passes: deque[tuple[Hashable, ...]] = deque(maxlen=4096)
+        """Keys served by each recent pass, all lanes together: how much was packed."""
+        # A daemon worker still inside a torch op at interpreter teardown aborts the
+        # process: finish queued work and join the workers first.
+        atexit.register(self.shutdown)
+
+    def submit_keyed(
+        self, lane: str, key: Hashable, work: Callable[[], T] | Batchable
+    ) -> Future[T]:
+        """Queue `work` (a no-argument callable, or a Batchable) behind `key`'s earlier work."""
+        with self._lock:
+            worker = self._lanes.get(lane)
+            if worker is None:
+                worker = self._lanes[lane] = _Lane(lane, self.max_pass_tokens, self.passes)
+        return worker.put(key, work)
 
     def submit(self, lane: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        with self._lock:
-            executor = self._lanes.get(lane)
-            if executor is None:
-                executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinkerd-lane")
-                self._lanes[lane] = executor
-        return executor.submit(fn, *args, **kwargs)
+        """Queue `fn(*args, **kwargs)` as work of no run (key None)."""
+        return self.submit_keyed(lane, None, lambda: fn(*args, **kwargs))
 
     def shutdown(self, wait: bool = True) -> None:
+        """Stop taking work; with `wait`, finish what is queued, else cancel it."""
         with self._lock:
             lanes, self._lanes = list(self._lanes.values()), {}
-        for executor in lanes:
-            executor.shutdown(wait=wait, cancel_futures=not wait)
+        for lane in lanes:
+            lane.close(cancel=not wait)
+        for lane in lanes:
+            if wait and lane.thread is not threading.current_thread():
+                lane.thread.join()
