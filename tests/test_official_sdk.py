@@ -203,8 +203,8 @@ def raw_session(server, key=KEYS[0]) -> str:
     return post(server, "create_session", key=key, json={}).json()["session_id"]
 
 
-def raw_model(server, seq: int = 0) -> str:
-    session = raw_session(server)
+def raw_model(server, seq: int = 0, session: str | None = None) -> str:
+    session = session or raw_session(server)
     body = {
         "session_id": session,
         "model_seq_id": seq,

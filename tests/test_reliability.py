@@ -55,15 +55,19 @@ def test_a_full_queue_answers_429_and_the_sdk_retries_through_it(tmp_path):
 def test_a_silent_session_expires_and_frees_its_runs_without_touching_others(tmp_path):
     server = ServerProcess(tmp_path, "--session-timeout", "2")
     try:
-        silent, silent_session = raw_model_and_session(server)
-        live, live_session = raw_model_and_session(server)
+        silent_session, live_session = raw_session(server), raw_session(server)
+        beating = {silent_session, live_session}  # both beat until their runs exist
         stop = threading.Event()
 
         def beat() -> None:
             while not stop.wait(0.3):
-                post(server, "session_heartbeat", json={"session_id": live_session})
+                for session in list(beating):
+                    post(server, "session_heartbeat", json={"session_id": session})
 
         threading.Thread(target=beat, daemon=True).start()
+        silent = raw_model(server, session=silent_session)
+        live = raw_model(server, session=live_session)
+        beating.discard(silent_session)  # from now on, one client is silent
         try:
             deadline = time.time() + 30
             while time.time() < deadline:
@@ -86,11 +90,6 @@ def test_a_silent_session_expires_and_frees_its_runs_without_touching_others(tmp
             stop.set()
     finally:
         server.stop()
-
-
-def raw_model_and_session(server) -> tuple[str, str]:
-    model_id = raw_model(server)
-    return model_id, model_id.split(":train:")[0]
 
 
 def test_requests_in_flight_at_a_crash_fail_clearly_after_restart(tmp_path):

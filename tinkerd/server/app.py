@@ -218,6 +218,16 @@ class Server:
         for sampling_id in [s for s in self.sampling_sessions if s.startswith(prefix)]:
             self.sampling_sessions.pop(sampling_id, None)
 
+    def check_session_alive(self, session_id: str, model_id: str) -> None:
+        """After a run was created: if its session ended meanwhile (expired while the base
+        model loaded), free the run now, since the session's release could not see it.
+        The release marks the session finished before it unloads, so one of the two
+        always frees the run."""
+        if self.store.session_finished(session_id):
+            with contextlib.suppress(TinkerdError):
+                self.engine.unload_model(model_id)
+            raise InvalidRequestError(f"session {session_id} ended while {model_id} was created")
+
     def compiled_loss(self, loss_id: Any, owner: str) -> CompiledLoss:
         compiled = self.traced_losses.get((owner, str(loss_id)))
         if compiled is None:
@@ -364,6 +374,7 @@ def create_app(server: Server) -> FastAPI:
             except Exception:
                 server.store.touch_run(model_id, status="failed")
                 raise
+            server.check_session_alive(body.session_id, model_id)
             return {"model_id": model_id, "type": "create_model"}
 
         return server.submit(who, "create_model", work, lane=body.base_model)
@@ -549,6 +560,7 @@ def create_app(server: Server) -> FastAPI:
             except Exception:
                 server.store.touch_run(model_id, status="failed")
                 raise
+            server.check_session_alive(body.session_id, model_id)
             return {"path": body.path, "model_id": model_id, "type": "load_weights"}
 
         return server.submit(who, "load_weights", work, lane=info.base_model)
