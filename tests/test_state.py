@@ -18,9 +18,13 @@ ADAM = AdamParams(learning_rate=1e-2)
 
 
 def train(client, steps: int) -> None:
+    """`steps` pipelined steps, finished on return: a run trained while another run's
+    requests are queued may share packed passes with it, which changes float rounding
+    (not results beyond it; tests/test_multi_tenant.py), and this file checks bits."""
     for _ in range(steps):
         client.forward_backward(DATA)
-        client.optim_step(ADAM)
+        last = client.optim_step(ADAM)
+    last.result()
 
 
 def logprobs(client) -> torch.Tensor:

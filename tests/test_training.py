@@ -114,7 +114,8 @@ def test_several_clients_train_at_once(service, batch):
         t.start()
     for t in threads:
         t.join()
-    assert all(results[i] == expected for i in range(3))
+    # Concurrent runs share packed passes: the same results up to float rounding.
+    assert all(results[i] == pytest.approx(expected, rel=1e-5) for i in range(3))
 
 
 def test_async_api_pipelines(service, batch):
