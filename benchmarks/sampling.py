@@ -336,7 +336,8 @@ def main() -> None:
     second = (
         f"With a second thread running torch ops in tinkerd's process (as a training lane "
         f"does in `tinkerd serve`), {cases[big].label} gives {shared:,.0f} tok/s "
-        f"({shared / alone:.2f}x its figure above): libgomp then stops spin-waiting."
+        f"({shared / alone:.2f}x its figure above): libgomp's spin-waiting changes with "
+        "the process's thread count, for better or worse depending on the machine."
     )
     steps = engine.sampler_stats(args.model)
     print(f"machine: {machine()}")
