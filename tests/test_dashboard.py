@@ -226,10 +226,10 @@ def test_the_page_shows_the_run_and_its_charts_grow_live(served, sdk, tmp_path):
         assert browser.evaluate(f"{row}.children[4].textContent") == str(STEPS)
         assert browser.evaluate(f"{row}.children[3].textContent") == "carol"
         assert CAROL not in browser.evaluate("location.href")
-        charts = browser.evaluate(
-            "[...document.querySelectorAll('[data-metric]')].map(c => c.dataset.metric)"
-        )
-        assert {"loss", "grad_norm", "learning_rate", "tokens", "step_time_s"} <= set(charts)
+        # Every chart is drawn (a poll may be redrawing them at any instant: wait, not peek).
+        metrics = ["loss", "grad_norm", "learning_rate", "tokens", "step_time_s"]
+        drawn = "document.querySelector(`[data-metric='${m}']`)"
+        browser.wait_for(f"{metrics}.every(m => {drawn})", True)
         browser.wait_for(
             f"document.querySelector('#checkpoints').textContent.includes('{path}')", True
         )

@@ -18,6 +18,7 @@ The caller gets a `concurrent.futures.Future` at once and never waits on the eng
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("tinkerd.scheduler")
 MAX_PASS_TOKENS = 8192  # padded tokens one packed pass may hold (bounds its activations)
 
 
@@ -44,7 +46,8 @@ class Batchable:
     payload's failure (the others still succeed)."""
     after: Callable[[Any, float], None] | None = None
     """Called in the lane with this payload's result and the pass's seconds, once it
-    succeeded and before its future resolves (e.g. to record metrics); must not raise."""
+    succeeded and before its future resolves (e.g. to record metrics); its errors are
+    logged, never the request's."""
 
 
 def loss_work(engine: Any, request: Any, backward: bool) -> Batchable:
@@ -146,7 +149,10 @@ def _run(taken: list[tuple[Hashable, _Item]]) -> None:
             future.set_exception(result)
             continue
         if isinstance(work, Batchable) and work.after is not None:
-            work.after(result, seconds)
+            try:
+                work.after(result, seconds)
+            except Exception:  # noqa: BLE001 -- bookkeeping must never strand a caller
+                log.exception("after-hook of a finished request failed")
         future.set_result(result)
 
 
