@@ -40,7 +40,7 @@ from _report import machine, record  # noqa: E402
 
 from tinkerd import AdamParams, Datum, ModelInput, ServiceClient  # noqa: E402
 from tinkerd.client.transport import InProcessTransport  # noqa: E402
-from tinkerd.engine.trainer import Engine  # noqa: E402
+from tinkerd.engine import Engine  # noqa: E402
 from tinkerd.types import LoraConfig  # noqa: E402
 
 LLAMA_50M = dict(  # ~50M parameters, random init: 8 x 4.96M in the blocks + 2 x 5.2M

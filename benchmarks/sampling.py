@@ -41,9 +41,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, record  # noqa: E402
 
+from tinkerd.engine import Engine  # noqa: E402
 from tinkerd.engine.adapters import snapshot_weights  # noqa: E402
 from tinkerd.engine.models import resolve_model_path  # noqa: E402
-from tinkerd.engine.trainer import Engine  # noqa: E402
 from tinkerd.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams  # noqa: E402
 
 Decode = Callable[[], int]  # runs one decode, returns how many tokens it generated

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
 
 import pytest  # noqa: E402
 
-from tinkerd.engine.trainer import Engine  # noqa: E402
+from tinkerd.engine import Engine  # noqa: E402
 from tinkerd.types import Datum, ModelInput  # noqa: E402
 
 TINY = "tinkerd/tiny"

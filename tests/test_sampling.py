@@ -182,7 +182,7 @@ def test_concurrent_requests_share_a_batch_with_their_own_adapters(engine):
         sample(s, PROMPTS[i], 2, max_tokens=24, seed=i, stop=[]) for i, s in enumerate(samplers)
     ]
     assert alone[0].sequences[0].tokens != alone[1].sequences[0].tokens  # adapters differ
-    engine._samplers[TINY].steps.clear()
+    engine.samplers.samplers[TINY].steps.clear()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         futures = [
             pool.submit(lambda i, s: sample(s, PROMPTS[i], 2, max_tokens=24, seed=i, stop=[]), i, s)

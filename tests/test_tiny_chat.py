@@ -105,7 +105,7 @@ def test_model_specs():
 
 
 def test_engine_serves_tiny_chat_under_another_name(tmp_path):
-    from tinkerd.engine.trainer import Engine
+    from tinkerd.engine import Engine
     from tinkerd.types import LoraConfig
 
     name = "meta-llama/Llama-3.1-8B-Instruct"

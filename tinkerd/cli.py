@@ -39,11 +39,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from tinkerd.engine import batch
+    from tinkerd.engine import Engine, batch
     from tinkerd.engine.models import parse_model_specs
     from tinkerd.engine.sampler_backend import sampler_factory
     from tinkerd.engine.tiny import TINY_MODEL_NAME
-    from tinkerd.engine.trainer import Engine
     from tinkerd.errors import InvalidRequestError
     from tinkerd.server.app import Server, create_app
 

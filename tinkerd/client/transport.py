@@ -141,7 +141,7 @@ def default_engine():
     global _default_engine
     with _default_lock:
         if _default_engine is None:
-            from tinkerd.engine.trainer import Engine
+            from tinkerd.engine import Engine
 
             _default_engine = Engine()
         return _default_engine
@@ -153,7 +153,7 @@ class InProcessTransport:
     take turns, and concurrent forward_backward calls of several runs share a pass."""
 
     def __init__(self, engine=None, cache_dir: Path | None = None):
-        from tinkerd.engine.trainer import Engine
+        from tinkerd.engine import Engine
 
         self.engine = engine or (Engine(cache_dir=cache_dir) if cache_dir else default_engine())
         self.scheduler = Scheduler()

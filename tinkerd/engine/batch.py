@@ -7,7 +7,6 @@ partial gradient behind.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +16,9 @@ from tinkerd.errors import InvalidRequestError
 from tinkerd.losses import LossSpec
 from tinkerd.types import Datum
 
-MAX_BATCH_TOKENS = int(os.environ.get("TINKERD_MAX_BATCH_TOKENS", 1 << 20))
-"""Most padded tokens (data x longest datum) in one request (`serve --max-batch-tokens`)."""
+DEFAULT_MAX_BATCH_TOKENS = 1 << 20
+"""Most padded tokens (data x longest datum) in one request, unless the engine's config
+(`EngineConfig.max_batch_tokens`, `serve --max-batch-tokens`) says otherwise."""
 
 
 @dataclass
@@ -40,10 +40,17 @@ def _fail(i: int, what: str) -> InvalidRequestError:
 
 
 def collate(
-    data: list[Datum], loss: LossSpec | None, loss_name: str, vocab_size: int, max_len: int
+    data: list[Datum],
+    loss: LossSpec | None,
+    loss_name: str,
+    vocab_size: int,
+    max_len: int,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
 ) -> Batch:
     """Inputs a loss does not read are ignored (a datum may carry keys for several losses,
-    as the SDK's own examples do); `loss=None` is a custom loss, which reads none."""
+    as the SDK's own examples do); `loss=None` is a custom loss, which reads none.
+    `max_len`: the model's context, in tokens; `max_batch_tokens`: the most padded
+    tokens (data x longest datum) a request may have."""
     if not data:
         raise InvalidRequestError("data is empty: pass at least one Datum")
     required = set(loss.required) if loss else set()
@@ -101,10 +108,10 @@ def collate(
         elif len(parts) != len(data):
             raise InvalidRequestError(f"loss_fn_inputs[{key!r}] must be given for all data or none")
     lengths = [len(t) for t in tokens_per_datum]
-    if len(data) * max(lengths) > MAX_BATCH_TOKENS:
+    if len(data) * max(lengths) > max_batch_tokens:
         raise InvalidRequestError(
             f"batch too large: {len(data)} data x {max(lengths)} tokens is more than this "
-            f"server's limit of {MAX_BATCH_TOKENS} padded tokens; split it"
+            f"server's limit of {max_batch_tokens} padded tokens; split it"
         )
     input_ids = torch.zeros(len(data), max(lengths), dtype=torch.long)
     for row, tokens in enumerate(tokens_per_datum):

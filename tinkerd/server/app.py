@@ -34,9 +34,9 @@ from tinkerd.custom_loss import (
     evaluate,
     graph_loss_fn,
 )
+from tinkerd.engine import Engine, SamplerWeights
 from tinkerd.engine.adapters import validate_adam_params, validate_lora_config
 from tinkerd.engine.checkpoints import tinker_path
-from tinkerd.engine.trainer import Engine, SamplerWeights
 from tinkerd.errors import AuthenticationError, InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.fx_loss import CompiledLoss, compile_loss
 from tinkerd.server.catalog import Catalog

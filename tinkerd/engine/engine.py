@@ -1,0 +1,399 @@
+"""The engine: training runs (LoRA adapters) on shared base models.
+
+A facade: the runs registry lives here, checkpoints in `checkpoints`, the compute in
+`compute` (one path for every pass), sampler versions in `sampler_weights`. All methods
+are synchronous and thread-safe; calls on runs of one base model are serialised by that
+base's lock, since they share one module tree. Queueing, ordering and futures live above
+the engine (`tinkerd.server.scheduler`). With `parallel` a torch.distributed group, each
+rank's engine computes its share of every batch (`tinkerd.engine.distributed`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from tinkerd import losses
+from tinkerd.engine.adapters import Run, adam_step, create_run, delete_run
+from tinkerd.engine.batch import DEFAULT_MAX_BATCH_TOKENS, collate
+from tinkerd.engine.checkpoints import (
+    CheckpointInfo,
+    CheckpointStore,
+    load_adapter_weights,
+    load_optimizer_state,
+)
+from tinkerd.engine.compute import LossRequest, Member, loss_pass
+from tinkerd.engine.models import BaseModel, BaseModelRegistry, parse_model_specs
+from tinkerd.engine.parallel import SingleProcess
+from tinkerd.engine.sampler import Sampler
+from tinkerd.engine.sampler_backend import SamplerFactory
+from tinkerd.engine.sampler_weights import MAX_SNAPSHOTS, SamplerVersions, SamplerWeights
+from tinkerd.engine.tiny import TINY_MODEL_NAME
+from tinkerd.errors import InvalidRequestError, ModelUnloadedError, NotFoundError
+from tinkerd.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    GetServerCapabilitiesResponse,
+    LoraConfig,
+    ModelData,
+    OptimStepResponse,
+    SampleResponse,
+    SamplingParams,
+    SupportedModel,
+    UnloadModelResponse,
+    WeightsInfoResponse,
+)
+
+__all__ = ["Engine", "EngineConfig", "LossRequest", "SamplerWeights"]
+
+
+@dataclass
+class EngineConfig:
+    """Limits and sizes of an engine (`tinkerd serve` flags)."""
+
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    """Most padded tokens (data x longest datum) in one request (`--max-batch-tokens`)."""
+    max_snapshots: int = MAX_SNAPSHOTS
+    """Sampler weight versions kept loaded (LoRA-sized each), least recently used out."""
+
+
+class Engine:
+    def __init__(
+        self,
+        cache_dir: Path | None = None,
+        device: str | None = None,
+        extra_models: list[str] | None = None,
+        data_dir: Path | None = None,
+        recover_checkpoints: bool = True,
+        sampler_factory: SamplerFactory = Sampler,
+        config: EngineConfig | None = None,
+        parallel: SingleProcess | None = None,
+    ):
+        """`data_dir` defaults to $TINKERD_DATA_DIR, else ~/.tinkerd. `parallel`: this
+        process's place in a data-parallel group (default: a single process)."""
+        self.data_dir = Path(data_dir or os.environ.get("TINKERD_DATA_DIR") or "~/.tinkerd")
+        self.data_dir = self.data_dir.expanduser()
+        self.config = config or EngineConfig()
+        self.parallel = parallel or SingleProcess()
+        self._checkpoints: CheckpointStore | None = None
+        self._recover_checkpoints = recover_checkpoints
+        sources = parse_model_specs(extra_models)  # `NAME=SOURCE` or `SOURCE`
+        self.registry = BaseModelRegistry(cache_dir=cache_dir, device=device, sources=sources)
+        self.advertised_models = [TINY_MODEL_NAME, *sources]
+        self._runs: dict[str, Run] = {}
+        self._unloaded: set[str] = set()
+        self._lock = threading.Lock()
+        self.samplers = SamplerVersions(
+            self._load_base, lambda: self.checkpoints, sampler_factory, self.config.max_snapshots
+        )
+        """Sampler versions and the sampler backend of each base model."""
+
+    # ------------------------------------------------------------ runs
+
+    def get_server_capabilities(self) -> GetServerCapabilitiesResponse:
+        return GetServerCapabilitiesResponse(
+            supported_models=[
+                SupportedModel(model_name=name, trainable=True, sampleable=True)
+                for name in dict.fromkeys(self.advertised_models + self.registry.loaded())
+            ]
+        )
+
+    def create_model(
+        self, base_model: str, lora_config: LoraConfig, model_id: str | None = None
+    ) -> str:
+        """Create a LoRA training run on `base_model`; returns its model_id."""
+        model_id = model_id or f"run-{uuid.uuid4().hex[:12]}"
+        base = self._load_base(base_model)
+        run = create_run(base, model_id, lora_config)
+        with self._lock:
+            self._runs[model_id] = run
+        return model_id
+
+    def _load_base(self, name: str) -> BaseModel:
+        try:
+            return self.registry.get(name)
+        except (OSError, ValueError) as e:
+            raise InvalidRequestError(f"cannot load base model {name!r}: {e}") from None
+
+    def run(self, model_id: str) -> Run:
+        with self._lock:
+            if model_id in self._runs:
+                return self._runs[model_id]
+            if model_id in self._unloaded:
+                raise ModelUnloadedError(f"model {model_id!r} was unloaded")
+        raise NotFoundError(f"no training run {model_id!r}")
+
+    def base_model(self, name: str) -> BaseModel:
+        return self._load_base(name)
+
+    def get_info(self, model_id: str) -> GetInfoResponse:
+        run = self.run(model_id)
+        return GetInfoResponse(
+            type="get_info",
+            model_id=model_id,
+            model_data=ModelData(
+                arch=run.base.arch, model_name=run.base.name, tokenizer_id=str(run.base.path)
+            ),
+            is_lora=True,
+            lora_rank=run.lora.rank,
+            model_name=run.base.name,
+        )
+
+    def unload_model(self, model_id: str) -> UnloadModelResponse:
+        """Free the run's adapter and optimizer state; the base stays loaded."""
+        run = self.run(model_id)
+        with self._lock:
+            self._runs.pop(model_id, None)
+            self._unloaded.add(model_id)
+        delete_run(run)
+        return UnloadModelResponse(model_id=model_id, type="unload_model")
+
+    # ------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoints(self) -> CheckpointStore:
+        """Durable checkpoints under `<data_dir>/checkpoints` (made on first use)."""
+        with self._lock:
+            if self._checkpoints is None:
+                root = self.data_dir / "checkpoints"
+                self._checkpoints = CheckpointStore(root, recover=self._recover_checkpoints)
+            return self._checkpoints
+
+    def save_state(self, model_id: str, name: str, overwrite: bool = False) -> CheckpointInfo:
+        """Save the run's weights and optimizer state as `tinker://<model_id>/weights/<name>`."""
+        run = self.run(model_id)
+        return self.checkpoints.save(run, "weights", name, with_optimizer=True, overwrite=overwrite)
+
+    def load_state(self, model_id: str, path: str, with_optimizer: bool) -> None:
+        """Replace the run's weights with a checkpoint's; its AdamW state too if
+        `with_optimizer`, else the optimizer starts afresh. Pending gradients are dropped.
+        Everything is checked before anything changes, so a refused load leaves the run as
+        it was."""
+        run = self.run(model_id)
+        info = self.checkpoints.resolve(path)
+        if with_optimizer and not info.has_optimizer:
+            raise InvalidRequestError(
+                f"{path} has no optimizer state (sampler weights never do); use load_state"
+            )
+        self.checkpoints.verify(info)
+        with run.base.lock:
+            load_adapter_weights(run.base, model_id, info)
+            run.optimizer.zero_grad(set_to_none=True)
+            run.optimizer.state.clear()
+            run.step = 0
+            if with_optimizer:
+                load_optimizer_state(run, info)
+
+    def create_model_from_state(
+        self, path: str, with_optimizer: bool, model_id: str | None = None
+    ) -> str:
+        """A new run shaped like the checkpoint (base model, rank, train_* flags), loaded
+        from it; returns its model_id."""
+        info = self.checkpoints.resolve(path)
+        lora = LoraConfig(
+            rank=info.lora_rank,
+            train_mlp=info.train_mlp,
+            train_attn=info.train_attn,
+            train_unembed=info.train_unembed,
+        )
+        model_id = self.create_model(info.base_model, lora, model_id)
+        try:
+            self.load_state(model_id, path, with_optimizer)
+        except BaseException:
+            self.unload_model(model_id)
+            raise
+        return model_id
+
+    def weights_info(self, path: str) -> WeightsInfoResponse:
+        return self.checkpoints.resolve(path).weights_info()
+
+    # ------------------------------------------------------------ compute
+
+    def forward(
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, float] | None = None,
+    ) -> ForwardBackwardOutput:
+        """Loss and per-token logprobs, with no gradient."""
+        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), False)
+
+    def forward_backward(
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, float] | None = None,
+    ) -> ForwardBackwardOutput:
+        """Loss, logprobs, and the loss's gradient added to the run's accumulated one."""
+        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), True)
+
+    def optim_step(self, model_id: str, adam_params: AdamParams) -> OptimStepResponse:
+        """One AdamW step from the gradient accumulated since the last (summed over the
+        data-parallel ranks first, so that every rank takes the same step)."""
+        run = self.run(model_id)
+        with run.base.lock:
+            self.parallel.sum_gradients(run.params)
+            return OptimStepResponse(metrics=adam_step(run, adam_params))
+
+    def check_custom_data(self, model_id: str, data: list[Datum]) -> None:
+        """Validate data for forward_backward_custom without computing anything."""
+        self._collate(self.run(model_id).base, data, None, "custom")
+
+    def forward_backward_custom(
+        self,
+        model_id: str,
+        data: list[Datum],
+        gradient_fn: Callable[[list[Tensor]], tuple[list[Tensor], Any]] | None,
+    ) -> tuple[ForwardBackwardOutput, Any]:
+        """One forward, then one backward from the logprobs with the gradient that
+        `gradient_fn(per-datum logprobs)` returns (with anything else it returns).
+        Data-parallel ranks other than 0 pass no `gradient_fn` and get None."""
+        run = self.run(model_id)
+        request = LossRequest(model_id, "custom", None, {}, self._collate(run.base, data), data)
+        extra: list[Any] = []
+
+        def gradient(logprobs: list[Tensor]) -> list[Tensor]:
+            grads, more = gradient_fn(logprobs)
+            extra.append(more)
+            return grads
+
+        outputs = loss_pass(
+            [request], self._members([request], [run]), True, self.parallel, gradient
+        )
+        if outputs is None:
+            return None  # type: ignore[return-value] -- a rank other than 0
+        if isinstance(outputs[0], Exception):
+            raise outputs[0]
+        return outputs[0], extra[0]
+
+    def prepare(
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, float] | None,
+    ) -> LossRequest:
+        """Validate a loss request completely (no model compute): callers such as the HTTP
+        server use this to reject bad input before queueing it."""
+        run = self.run(model_id)
+        spec = losses.get_loss(loss_fn)
+        config = losses.resolve_config(loss_fn, loss_fn_config)
+        batch = self._collate(run.base, data, spec, loss_fn)
+        return LossRequest(model_id, loss_fn, spec, config, batch, list(data))
+
+    def _collate(self, base: BaseModel, data: list[Datum], spec=None, loss_fn: str = "custom"):
+        return collate(
+            data,
+            spec,
+            loss_fn,
+            base.vocab_size,
+            base.max_context_length,
+            self.config.max_batch_tokens,
+        )
+
+    def run_loss(self, request: LossRequest, backward: bool) -> ForwardBackwardOutput:
+        """One request's pass; raises what it failed with."""
+        (out,) = self.run_losses([request], backward)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def run_losses(
+        self, requests: list[LossRequest | Exception], backward: bool
+    ) -> list[ForwardBackwardOutput | Exception]:
+        """Several requests (of distinct runs, or not) on one base in one batched pass:
+        their rows are packed end to end, each run's rows go through its own adapter
+        (`multi_lora`), each request's loss is its own, and one backward of their sum
+        gives every run exactly the gradient its request alone would. Returns one output
+        per request, or the Exception that request failed with (the others still run;
+        a request given as an Exception fails with it). Data-parallel ranks other than 0
+        get a list of None."""
+        results: list[Any] = [None] * len(requests)
+        by_base: dict[str, list[tuple[int, Run]]] = {}
+        for i, request in enumerate(requests):
+            try:
+                if isinstance(request, Exception):
+                    raise request
+                run = self.run(request.model_id)  # may have been unloaded while queued
+            except Exception as e:  # noqa: BLE001 -- handed back as that request's result
+                results[i] = e
+                continue
+            by_base.setdefault(run.base.name, []).append((i, run))
+        for group in by_base.values():  # in the same order on every rank
+            mine = [requests[i] for i, _ in group]
+            members = self._members(mine, [run for _, run in group])
+            outputs = loss_pass(mine, members, backward, self.parallel)
+            for (i, _), out in zip(group, outputs or [None] * len(group)):
+                results[i] = out
+        return results
+
+    def _members(self, requests: list[LossRequest], runs: list[Run]) -> list[Member]:
+        """This rank's rows of each request: all of them on a single process, else its
+        contiguous share (and, under FSDP, one zero-weight datum where it has none, since
+        every rank must join every forward and backward)."""
+        parallel, members = self.parallel, []
+        for i, (request, run) in enumerate(zip(requests, runs)):
+            part, scale = parallel.shard(request.data), 1.0
+            if not part and parallel.fsdp:
+                part, scale = request.data[:1], 0.0
+            if len(part) == len(request.data):
+                members.append(Member(i, run, request, scale))
+            elif part:
+                batch = self._collate(run.base, part, request.spec, request.loss_fn)
+                share = LossRequest(
+                    request.model_id, request.loss_fn, request.spec, request.config, batch, part
+                )
+                members.append(Member(i, run, share, scale))
+        return members
+
+    # ------------------------------------------------------------ sampling
+
+    def save_weights_for_sampler(self, model_id: str, name: str | None = None) -> SamplerWeights:
+        """Freeze the run's current weights as a sampler version (`SamplerVersions.save`)."""
+        return self.samplers.save(self.run(model_id), name)
+
+    def sampler_for(
+        self, base_model: str | None = None, model_path: str | None = None
+    ) -> SamplerWeights:
+        """The weights to sample from: a base model as it is, or saved weights."""
+        return self.samplers.find(base_model, model_path)
+
+    def get_sampler(self, sampler_id: str) -> SamplerWeights:
+        return self.samplers.get(sampler_id)
+
+    def sample(
+        self,
+        weights: SamplerWeights,
+        prompt: list[int],
+        num_samples: int,
+        sampling_params: SamplingParams,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+    ) -> Future[SampleResponse]:
+        """Validate now (raises InvalidRequestError), decode in the base's batched sampler."""
+        return self.samplers.sample(
+            weights,
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            topk_sample_logprobs,
+        )
+
+    def sampler_stats(self, base_model: str) -> list[tuple[int, int]]:
+        """(rows, distinct requests) of the base's recent decode steps."""
+        return self.samplers.stats(base_model)

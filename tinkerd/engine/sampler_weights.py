@@ -1,0 +1,192 @@
+"""Sampler versions: frozen copies of a run's weights to sample from, and their samplers.
+
+`save_weights_for_sampler` freezes a run's current adapter as an inference-only adapter
+on the shared base (and, when named, on disk). At most `max_snapshots` of them stay
+loaded, least recently used first out; a named one comes back from disk when sampled
+again, an unnamed one is gone. Each base model has one sampler backend
+(`tinkerd.engine.sampler_backend`), made on first use.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from tinkerd.engine.adapters import Run, add_frozen_adapter, remove_adapter, snapshot_weights
+from tinkerd.engine.checkpoints import (
+    CheckpointInfo,
+    CheckpointStore,
+    add_adapter_from_checkpoint,
+    tinker_path,
+)
+from tinkerd.engine.models import BaseModel
+from tinkerd.engine.sampler import BASE_ADAPTER, make_spec
+from tinkerd.engine.sampler_backend import SamplerBackend, SamplerFactory
+from tinkerd.errors import InvalidRequestError, NotFoundError
+from tinkerd.types import SampleResponse, SamplingParams
+
+MAX_SNAPSHOTS = 64  # sampler weight versions kept loaded (LoRA-sized each)
+
+
+@dataclass
+class SamplerWeights:
+    """A frozen weight version to sample from: an inference-only adapter, or the base."""
+
+    sampler_id: str
+    base_model: str
+    adapter: str
+    model_path: str | None
+    """`tinker://<model_id>/sampler_weights/<name>` when saved under a name."""
+    model_id: str | None
+    """The training run the weights came from."""
+
+
+class SamplerVersions:
+    """The sampler versions of one engine, and the sampler backend of each base model."""
+
+    def __init__(
+        self,
+        load_base: Callable[[str], BaseModel],
+        checkpoints: Callable[[], CheckpointStore],
+        sampler_factory: SamplerFactory,
+        max_snapshots: int = MAX_SNAPSHOTS,
+    ):
+        self._load_base = load_base
+        self._checkpoints = checkpoints
+        self.sampler_factory = sampler_factory
+        self.max_snapshots = max_snapshots
+        self.samplers: dict[str, SamplerBackend] = {}  # by base model name
+        self._by_id: dict[str, SamplerWeights] = {}
+        self._loaded: OrderedDict[str, SamplerWeights] = OrderedDict()  # by adapter, LRU
+        self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+
+    def save(self, run: Run, name: str | None = None) -> SamplerWeights:
+        """Freeze the run's current weights as a sampler version. Named versions are also
+        written to disk as `tinker://<model_id>/sampler_weights/<name>` (a re-save under
+        a name replaces it); unnamed ones live in memory only and get an id."""
+        path = None if name is None else tinker_path(run.model_id, "sampler_weights", name)
+        if name is not None:
+            self._checkpoints().save(
+                run, "sampler_weights", name, with_optimizer=False, overwrite=True
+            )
+        config, weights = snapshot_weights(run)  # under the base lock: after queued steps
+        adapter = f"s{uuid.uuid4().hex[:12]}"
+        add_frozen_adapter(run.base, adapter, config, weights)
+        return self._register(
+            SamplerWeights(_new_sampler_id(), run.base.name, adapter, path, run.model_id)
+        )
+
+    def _register(self, sw: SamplerWeights) -> SamplerWeights:
+        with self._lock:
+            if sw.model_path is not None:
+                for old in [w for w in self._by_id.values() if w.model_path == sw.model_path]:
+                    self._by_id.pop(old.sampler_id)  # a re-save replaces the name
+            self._by_id[sw.sampler_id] = sw
+            self._loaded[sw.adapter] = sw
+        self._evict()
+        return sw
+
+    def find(self, base_model: str | None = None, model_path: str | None = None) -> SamplerWeights:
+        """The weights to sample from: a base model as it is, or saved weights (loaded
+        from disk if they are not in memory: after a restart, or once evicted)."""
+        if (base_model is None) == (model_path is None):
+            raise InvalidRequestError("give exactly one of base_model and model_path")
+        if base_model is not None:
+            self._load_base(base_model)
+            return SamplerWeights(f"base:{base_model}", base_model, BASE_ADAPTER, None, None)
+        with self._lock:
+            found = [w for w in self._by_id.values() if w.model_path == model_path]
+        if found:
+            return found[-1]
+        info = self._checkpoints().resolve(model_path)
+        weights = SamplerWeights(_new_sampler_id(), info.base_model, "", model_path, info.model_id)
+        self._load_from_disk(weights, info)
+        return self._register(weights)
+
+    def get(self, sampler_id: str) -> SamplerWeights:
+        if sampler_id.startswith("base:"):
+            return self.find(base_model=sampler_id.removeprefix("base:"))
+        with self._lock:
+            if sampler_id in self._by_id:
+                return self._by_id[sampler_id]
+        raise NotFoundError(f"no sampler {sampler_id!r}")
+
+    def _load_from_disk(self, weights: SamplerWeights, info: CheckpointInfo) -> None:
+        """(Re)load saved sampler weights as a fresh frozen adapter."""
+        adapter = f"s{uuid.uuid4().hex[:12]}"
+        add_adapter_from_checkpoint(self._load_base(info.base_model), adapter, info)
+        weights.adapter = adapter
+
+    def sample(
+        self,
+        weights: SamplerWeights,
+        prompt: list[int],
+        num_samples: int,
+        sampling_params: SamplingParams,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+    ) -> Future[SampleResponse]:
+        """Validate now (raises InvalidRequestError), decode in the base's batched sampler."""
+        base = self._load_base(weights.base_model)
+        self._ensure_loaded(weights)
+        with self._lock:
+            sampler = self.samplers.get(base.name)
+            if sampler is None:
+                sampler = self.samplers[base.name] = self.sampler_factory(base)
+        spec = make_spec(
+            base,
+            prompt,
+            num_samples,
+            sampling_params,
+            adapter=weights.adapter,
+            prompt_logprobs=include_prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+            topk_sample_logprobs=topk_sample_logprobs,
+        )
+        return sampler.submit(spec)
+
+    def _ensure_loaded(self, weights: SamplerWeights) -> None:
+        """Mark the weights recently used; reload them from disk if they were evicted."""
+        with self._lock:
+            if weights.adapter in self._loaded:
+                self._loaded.move_to_end(weights.adapter)
+            if weights.adapter == BASE_ADAPTER or weights.adapter in self._loaded:
+                return
+        if weights.model_path is None:
+            raise NotFoundError(
+                f"sampler weights {weights.sampler_id} were evicted (at most "
+                f"{self.max_snapshots} unnamed versions stay loaded); save them again"
+            )
+        with self._reload_lock:  # concurrent samples of one evicted version load it once
+            if weights.adapter not in self._loaded:
+                self._load_from_disk(weights, self._checkpoints().resolve(weights.model_path))
+                with self._lock:
+                    self._loaded[weights.adapter] = weights
+                self._evict()
+
+    def stats(self, base_model: str) -> list[tuple[int, int]]:
+        """(rows, distinct requests) of the base's recent decode steps, for backends that
+        record them (the built-in `Sampler.steps`); empty for others."""
+        # TODO(H3): make `steps` part of the SamplerBackend interface, then drop getattr.
+        return list(getattr(self.samplers.get(base_model), "steps", []))
+
+    def _evict(self) -> None:
+        """Unload the least recently used sampler versions beyond `max_snapshots`."""
+        busy = set().union(*(s.adapters_in_use() for s in list(self.samplers.values())))
+        with self._lock:
+            extra = len(self._loaded) - self.max_snapshots
+            victims = [w for a, w in self._loaded.items() if a not in busy][: max(extra, 0)]
+            for w in victims:
+                self._loaded.pop(w.adapter)
+        for w in victims:
+            remove_adapter(self._load_base(w.base_model), w.adapter)
+
+
+def _new_sampler_id() -> str:
+    return f"sampler-{uuid.uuid4().hex[:12]}"
