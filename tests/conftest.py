@@ -58,9 +58,17 @@ def free_port() -> int:
 class ServerProcess:
     """`tinkerd serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, data_dir, *extra: str, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        data_dir,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        launcher: list[str] | None = None,
+    ):
+        """`launcher`: what runs `serve ARGS` (default `python -m tinkerd.cli`)."""
         self.data_dir = data_dir
         self.extra = extra
+        self.launcher = launcher
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.start(env)
@@ -71,9 +79,7 @@ class ServerProcess:
         import sys
 
         args = [
-            sys.executable,
-            "-m",
-            "tinkerd.cli",
+            *(self.launcher or [sys.executable, "-m", "tinkerd.cli"]),
             "serve",
             "--port",
             str(self.port),

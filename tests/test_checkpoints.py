@@ -333,7 +333,7 @@ def test_interrupted_save_leaves_no_checkpoint(engine, new_run, store, batch, mo
     assert not any(".tmp-" in e or e.endswith("/x") for e in entries(store))
 
     calls = []
-    write_file = ckpt._write_file
+    write_file = ckpt.write_file
 
     def crash_on_third_file(path, data):
         calls.append(path.name)
@@ -341,7 +341,7 @@ def test_interrupted_save_leaves_no_checkpoint(engine, new_run, store, batch, mo
             raise OSError("disk full")
         return write_file(path, data)
 
-    monkeypatch.setattr(ckpt, "_write_file", crash_on_third_file)
+    monkeypatch.setattr(ckpt, "write_file", crash_on_third_file)
     with pytest.raises(OSError, match="disk full"):
         store.save(run, "weights", "x", with_optimizer=True)
     monkeypatch.undo()

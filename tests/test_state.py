@@ -1,7 +1,9 @@
 """save_state / load_state / create_training_client_from_state on both transports and with
 the official SDK, and crash safety: kill -9 while a checkpoint is being written."""
 
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import tinker
@@ -146,7 +148,8 @@ def test_kill_during_save_loses_nothing(tmp_path):
     """kill -9 while checkpoint "b" is being written: after a restart "b" is absent (not
     half there), "a" and the named sampler weights load, and training resumes from "a"."""
     data_dir = tmp_path / "data"
-    server = ServerProcess(data_dir, env={"TINKERD_TEST_SAVE_PAUSE": "b:60"})
+    stall_b = [sys.executable, str(Path(__file__).parent / "stalled_save_server.py"), "b", "60"]
+    server = ServerProcess(data_dir, launcher=stall_b)
     service = ServiceClient(base_url=server.url, api_key=KEYS[0])
     client = service.create_lora_training_client(TINY, rank=8, seed=7)
     train(client, 2)
@@ -157,7 +160,7 @@ def test_kill_during_save_loses_nothing(tmp_path):
     tokens = sampler.sample(prompt, 1, greedy).result().sequences[0].tokens
     train(client, 1)
     expected = logprobs(client)  # what resuming from "a" and one step must reproduce
-    client.save_state("b")  # held just before its rename by the fault injection
+    client.save_state("b")  # held just before its rename by stalled_save_server.py
     run_dir = data_dir / "checkpoints" / client.model_id / "weights"
     deadline = time.time() + 60
     while not list(run_dir.glob(".tmp-new-b-*")) and time.time() < deadline:

@@ -1,11 +1,5 @@
-"""Durable LoRA checkpoints: PEFT adapter files, optional AdamW state, and metadata.
-
-Layout: `root/<model_id>/<kind>/<name>/` holds
-- `adapter_model.safetensors` + `adapter_config.json`, exactly as PEFT's `save_pretrained`
-  writes them, so `PeftModel.from_pretrained(base, dir)` loads the directory as-is;
-- `optimizer.pt` (only if saved with the optimizer): per parameter `exp_avg`, `exp_avg_sq`,
-  `step`, keyed by the same names as the adapter weights, plus `run_step`;
-- `tinkerd.json`, written last: what was saved, and the sha256 and size of every file.
+"""Durable LoRA checkpoints: the store (save, list, delete, verify), what a run saves, and
+loading it back (format: `tinkerd.engine.checkpoint_format`).
 
 A save is written to a `.tmp-` directory and renamed into place, so a checkpoint is
 either complete or absent; `.tmp-` leftovers of a crash are removed on the next start.
@@ -14,8 +8,6 @@ either complete or absent; `.tmp-` leftovers of a crash are removed on the next 
 from __future__ import annotations
 
 import copy
-import datetime
-import hashlib
 import io
 import json
 import os
@@ -24,7 +16,6 @@ import secrets
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,164 +24,48 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from tinkerd.engine.adapters import Run, add_frozen_adapter, remove_adapter
+from tinkerd.engine.checkpoint_format import (
+    CHECKPOINT_TYPES,
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    KINDS,
+    META_FILE,
+    MODEL_ID_RE,
+    OPTIMIZER_FILE,
+    SCHEME,
+    TMP_PREFIX,
+    WEIGHTS_FILE,
+    CheckpointInfo,
+    CorruptCheckpointError,
+    check_names,
+    check_part,
+    fsync_dir,
+    parse_tinker_path,
+    read_info,
+    read_meta,
+    read_verified,
+    tinker_path,
+    write_file,
+)
 from tinkerd.engine.models import BaseModel
-from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
-from tinkerd.types import Checkpoint, WeightsInfoResponse
+from tinkerd.errors import InvalidRequestError, NotFoundError
 
-KINDS = ("weights", "sampler_weights")
-"""Tinker path segment: "weights" is training state, "sampler_weights" is for sampling."""
-CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
-"""The SDK's `Checkpoint.checkpoint_type` of each kind."""
-FORMAT_VERSION = 1
-SCHEME = "tinker://"
-META_FILE = "tinkerd.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
-OPTIMIZER_FILE = "optimizer.pt"
-TMP_PREFIX = ".tmp-"
-MAX_NAME_LENGTH = 128
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
-_MODEL_ID_RE = re.compile(r"[A-Za-z0-9._:-]+")  # tinker's own model ids contain ':'
-
-
-class CorruptCheckpointError(TinkerdError):
-    """A checkpoint's files no longer match the checksums recorded when it was saved."""
-
-
-@dataclass
-class CheckpointInfo:
-    model_id: str
-    kind: str
-    name: str
-    path: Path
-    """The checkpoint's directory."""
-    tinker_path: str
-    base_model: str
-    lora_rank: int
-    train_mlp: bool
-    train_attn: bool
-    train_unembed: bool
-    step: int
-    """Optimizer steps the run had taken when saved."""
-    has_optimizer: bool
-    created_at: float
-    """Unix time in seconds."""
-    size_bytes: int
-    """All files of the checkpoint together, tinkerd.json included."""
-
-    def as_checkpoint(self, public: bool = False) -> Checkpoint:
-        """The SDK's view of this checkpoint (what the REST API lists)."""
-        return Checkpoint(
-            checkpoint_id=f"{self.kind}/{self.name}",
-            checkpoint_type=CHECKPOINT_TYPES[self.kind],
-            time=datetime.datetime.fromtimestamp(self.created_at, datetime.timezone.utc),
-            tinker_path=self.tinker_path,
-            size_bytes=self.size_bytes,
-            public=public,
-        )
-
-    def weights_info(self) -> WeightsInfoResponse:
-        return WeightsInfoResponse(
-            base_model=self.base_model,
-            is_lora=True,
-            lora_rank=self.lora_rank,
-            train_unembed=self.train_unembed,
-            train_mlp=self.train_mlp,
-            train_attn=self.train_attn,
-        )
-
-
-# ---------------------------------------------------------------- names and paths
-
-
-def _check_part(what: str, value: str, pattern: re.Pattern) -> None:
-    if not isinstance(value, str) or not value:
-        raise InvalidRequestError(f"checkpoint {what} must be a non-empty string, got {value!r}")
-    if len(value) > MAX_NAME_LENGTH:
-        raise InvalidRequestError(f"checkpoint {what} is longer than {MAX_NAME_LENGTH} characters")
-    if value.startswith(".") or ".." in value or not pattern.fullmatch(value):
-        raise InvalidRequestError(
-            f"invalid checkpoint {what} {value!r}: use letters, digits, '.', '_' and '-', "
-            "not starting with '.' and without '..'"
-        )
-
-
-def _check(model_id: str, kind: str, name: str) -> None:
-    _check_part("model_id", model_id, _MODEL_ID_RE)
-    if kind not in KINDS:
-        raise InvalidRequestError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
-    _check_part("name", name, _NAME_RE)
-
-
-def tinker_path(model_id: str, kind: str, name: str) -> str:
-    """`tinker://<model_id>/<kind>/<name>`."""
-    _check(model_id, kind, name)
-    return f"{SCHEME}{model_id}/{kind}/{name}"
-
-
-def parse_tinker_path(path: str) -> tuple[str, str, str]:
-    """(model_id, kind, name) of a `tinker://<model_id>/<kind>/<name>` path."""
-    if not isinstance(path, str) or not path.startswith(SCHEME):
-        raise InvalidRequestError(f"checkpoint path must start with {SCHEME!r}, got {path!r}")
-    parts = path[len(SCHEME) :].split("/")
-    if len(parts) != 3:
-        raise InvalidRequestError(
-            f"checkpoint path must look like {SCHEME}<model_id>/<kind>/<name>, got {path!r}"
-        )
-    _check(*parts)
-    return parts[0], parts[1], parts[2]
-
-
-# ---------------------------------------------------------------- file helpers
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> dict:
-    """Write `data` durably; returns its {"sha256", "size"} entry for the metadata."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-
-
-def _read_meta(path: Path) -> dict | None:
-    """The checkpoint metadata in directory `path`, or None if it is not a complete one."""
-    try:
-        meta = json.loads((path / META_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    keys = ("model_id", "kind", "name", "base_model", "lora", "step", "created_at", "files")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        return None
-    return meta if all(k in meta for k in keys) else None
-
-
-def _read_verified(path: Path, filename: str) -> bytes:
-    """The bytes of one checkpoint file, checked against the metadata's sha256 and size."""
-    meta = _read_meta(path)
-    if meta is None:
-        raise NotFoundError(f"no complete checkpoint at {path}")
-    entry = meta["files"].get(filename)
-    if entry is None:
-        raise CorruptCheckpointError(f"checkpoint {path} has no {filename} in its metadata")
-    try:
-        data = (path / filename).read_bytes()
-    except OSError as e:
-        raise CorruptCheckpointError(f"checkpoint {path}: cannot read {filename}: {e}") from None
-    if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CorruptCheckpointError(
-            f"checkpoint {path}: {filename} does not match its recorded sha256 and size "
-            f"({entry['size']} bytes); the file is corrupted"
-        )
-    return data
+__all__ = [  # the format's names, re-exported: most callers need only this module
+    "CHECKPOINT_TYPES",
+    "KINDS",
+    "SCHEME",
+    "CheckpointInfo",
+    "CheckpointStore",
+    "CorruptCheckpointError",
+    "FORMAT_VERSION",
+    "parse_tinker_path",
+    "tinker_path",
+    "adapter_state_dict",
+    "add_adapter_from_checkpoint",
+    "export_merged",
+    "load_adapter_weights",
+    "load_optimizer_state",
+]
 
 
 # ---------------------------------------------------------------- store
@@ -210,13 +85,13 @@ class CheckpointStore:
             # trash with nothing in its place: put it back rather than lose it.
             m = re.fullmatch(rf"{re.escape(TMP_PREFIX)}trash-(.+)-[0-9a-f]{{8}}", tmp.name)
             final = tmp.parent / m[1] if m else None
-            if final is not None and not final.exists() and _read_meta(tmp) is not None:
+            if final is not None and not final.exists() and read_meta(tmp) is not None:
                 os.rename(tmp, final)
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def _dir(self, model_id: str, kind: str, name: str) -> Path:
-        _check(model_id, kind, name)
+        check_names(model_id, kind, name)
         return self.root / model_id / kind / name
 
     def save(
@@ -235,23 +110,23 @@ class CheckpointStore:
         kind_dir = final.parent
         if not kind_dir.exists():
             kind_dir.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(kind_dir.parent)
-            _fsync_dir(self.root)
+            fsync_dir(kind_dir.parent)
+            fsync_dir(self.root)
         tmp = kind_dir / f"{TMP_PREFIX}new-{name}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
             files = {
-                WEIGHTS_FILE: _write_file(
+                WEIGHTS_FILE: write_file(
                     tmp / WEIGHTS_FILE, safetensors_bytes(weights, metadata={"format": "pt"})
                 ),
-                CONFIG_FILE: _write_file(
+                CONFIG_FILE: write_file(
                     tmp / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True).encode()
                 ),
             }
             if optimizer is not None:
                 buffer = io.BytesIO()
                 torch.save(optimizer, buffer)
-                files[OPTIMIZER_FILE] = _write_file(tmp / OPTIMIZER_FILE, buffer.getvalue())
+                files[OPTIMIZER_FILE] = write_file(tmp / OPTIMIZER_FILE, buffer.getvalue())
             meta = {
                 "format": FORMAT_VERSION,
                 "model_id": run.model_id,
@@ -264,9 +139,8 @@ class CheckpointStore:
                 "has_optimizer": optimizer is not None,
                 "files": files,
             }
-            _write_file(tmp / META_FILE, json.dumps(meta, indent=2).encode())
-            _fsync_dir(tmp)
-            _fault_injection_pause(name)
+            write_file(tmp / META_FILE, json.dumps(meta, indent=2).encode())
+            fsync_dir(tmp)
             with self._lock:
                 self._move_into_place(tmp, final, overwrite)
         except BaseException:
@@ -287,13 +161,13 @@ class CheckpointStore:
             if trash is not None:
                 os.rename(trash, final)
             raise
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
 
     def get(self, model_id: str, kind: str, name: str) -> CheckpointInfo:
         path = self._dir(model_id, kind, name)
-        info = _read_info(path)
+        info = read_info(path)
         if info is None:
             raise NotFoundError(f"no checkpoint {tinker_path(model_id, kind, name)}")
         return info
@@ -304,9 +178,9 @@ class CheckpointStore:
     def list(self, model_id: str | None = None) -> list[CheckpointInfo]:
         """Complete checkpoints (of one run, or all), oldest first."""
         if model_id is not None:
-            _check_part("model_id", model_id, _MODEL_ID_RE)
+            check_part("model_id", model_id, MODEL_ID_RE)
         paths = self.root.glob(f"{model_id or '*'}/*/*")
-        infos = [info for info in map(_read_info, paths) if info is not None]
+        infos = [info for info in map(read_info, paths) if info is not None]
         return sorted(infos, key=lambda i: (i.created_at, i.tinker_path))
 
     def delete(self, model_id: str, kind: str, name: str) -> None:
@@ -317,63 +191,22 @@ class CheckpointStore:
             if not path.is_dir():
                 raise NotFoundError(f"no checkpoint {tinker_path(model_id, kind, name)}")
             os.rename(path, trash)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         shutil.rmtree(trash, ignore_errors=True)
 
     def verify(self, info: CheckpointInfo) -> None:
         """Recompute the sha256 of every file; raise CorruptCheckpointError on a mismatch."""
-        meta = _read_meta(info.path)
+        meta = read_meta(info.path)
         if meta is None:
             raise NotFoundError(f"no checkpoint {info.tinker_path}")
         for filename in meta["files"]:
-            _read_verified(info.path, filename)
-
-
-def _fault_injection_pause(name: str) -> None:
-    """For the crash-safety test: `TINKERD_TEST_SAVE_PAUSE=<name>:<seconds>` holds the save
-    of checkpoints called <name> with every file written, just before the rename."""
-    spec = os.environ.get("TINKERD_TEST_SAVE_PAUSE", "")
-    if spec.partition(":")[0] == name:
-        time.sleep(float(spec.partition(":")[2]))
+            read_verified(info.path, filename)
 
 
 def _conflict(model_id: str, kind: str, name: str) -> InvalidRequestError:
     return InvalidRequestError(
         f"checkpoint {tinker_path(model_id, kind, name)} already exists; "
         "pass overwrite=True to replace it"
-    )
-
-
-def _read_info(path: Path) -> CheckpointInfo | None:
-    """The checkpoint in directory `path`, or None if it is not a complete, valid one."""
-    meta = _read_meta(path)
-    if meta is None:
-        return None
-    try:
-        return _info(path, meta)
-    except (InvalidRequestError, KeyError, TypeError, AttributeError, OSError):
-        return None  # a temp dir, a stray directory, or hand-edited metadata
-
-
-def _info(path: Path, meta: dict) -> CheckpointInfo:
-    model_id, kind, name = path.parent.parent.name, path.parent.name, path.name
-    lora = meta["lora"]
-    return CheckpointInfo(
-        model_id=model_id,
-        kind=kind,
-        name=name,
-        path=path,
-        tinker_path=tinker_path(model_id, kind, name),
-        base_model=meta["base_model"],
-        lora_rank=lora["rank"],
-        train_mlp=lora["train_mlp"],
-        train_attn=lora["train_attn"],
-        train_unembed=lora["train_unembed"],
-        step=meta["step"],
-        has_optimizer=meta["has_optimizer"],
-        created_at=meta["created_at"],
-        size_bytes=sum(f["size"] for f in meta["files"].values())
-        + (path / META_FILE).stat().st_size,
     )
 
 
@@ -447,8 +280,8 @@ def load_adapter_weights(base: BaseModel, adapter_name: str, info: CheckpointInf
         )
     if base.peft_model is None or adapter_name not in base.peft_model.peft_config:
         raise NotFoundError(f"base model {base.name!r} has no adapter {adapter_name!r}")
-    weights = safetensors_load(_read_verified(info.path, WEIGHTS_FILE))
-    saved_config = json.loads(_read_verified(info.path, CONFIG_FILE))
+    weights = safetensors_load(read_verified(info.path, WEIGHTS_FILE))
+    saved_config = json.loads(read_verified(info.path, CONFIG_FILE))
     with base.lock:
         config = base.peft_model.peft_config[adapter_name]
         for key in ("lora_alpha", "use_rslora", "use_dora"):
@@ -473,7 +306,7 @@ def add_adapter_from_checkpoint(base: BaseModel, adapter_name: str, info: Checkp
     """Load a checkpoint as a new inference-only adapter `adapter_name` of `base`."""
     from peft import LoraConfig
 
-    _read_verified(info.path, CONFIG_FILE)
+    read_verified(info.path, CONFIG_FILE)
     config = LoraConfig.from_pretrained(str(info.path))
     config.inference_mode = True
     add_frozen_adapter(base, adapter_name, config, {})
@@ -512,7 +345,7 @@ def load_optimizer_state(run: Run, info: CheckpointInfo) -> None:
     run A loads into a run B created with the same LoraConfig."""
     if not info.has_optimizer:
         raise InvalidRequestError(f"checkpoint {info.tinker_path} has no optimizer state")
-    data = _read_verified(info.path, OPTIMIZER_FILE)
+    data = read_verified(info.path, OPTIMIZER_FILE)
     saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     run_step = saved.pop("run_step")
     with run.base.lock:
@@ -543,7 +376,7 @@ def export_merged(base_model_dir: Path | str, info: CheckpointInfo, out_dir: Pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for filename in (WEIGHTS_FILE, CONFIG_FILE):
-        _read_verified(info.path, filename)
+        read_verified(info.path, filename)
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if info.train_unembed and head is not None and head.weight is embed.weight:

@@ -1,0 +1,210 @@
+"""The on-disk format of a checkpoint: layout, names and paths, metadata, verification.
+
+Layout: `root/<model_id>/<kind>/<name>/` holds
+- `adapter_model.safetensors` + `adapter_config.json`, exactly as PEFT's `save_pretrained`
+  writes them, so `PeftModel.from_pretrained(base, dir)` loads the directory as-is;
+- `optimizer.pt` (only if saved with the optimizer): per parameter `exp_avg`, `exp_avg_sq`,
+  `step`, keyed by the same names as the adapter weights, plus `run_step`;
+- `tinkerd.json`, written last: what was saved, and the sha256 and size of every file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
+from tinkerd.types import Checkpoint, WeightsInfoResponse
+
+KINDS = ("weights", "sampler_weights")
+"""Tinker path segment: "weights" is training state, "sampler_weights" is for sampling."""
+CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
+"""The SDK's `Checkpoint.checkpoint_type` of each kind."""
+FORMAT_VERSION = 1
+SCHEME = "tinker://"
+META_FILE = "tinkerd.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+OPTIMIZER_FILE = "optimizer.pt"
+TMP_PREFIX = ".tmp-"
+MAX_NAME_LENGTH = 128
+NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+MODEL_ID_RE = re.compile(r"[A-Za-z0-9._:-]+")  # tinker's own model ids contain ':'
+
+
+class CorruptCheckpointError(TinkerdError):
+    """A checkpoint's files no longer match the checksums recorded when it was saved."""
+
+
+@dataclass
+class CheckpointInfo:
+    model_id: str
+    kind: str
+    name: str
+    path: Path
+    """The checkpoint's directory."""
+    tinker_path: str
+    base_model: str
+    lora_rank: int
+    train_mlp: bool
+    train_attn: bool
+    train_unembed: bool
+    step: int
+    """Optimizer steps the run had taken when saved."""
+    has_optimizer: bool
+    created_at: float
+    """Unix time in seconds."""
+    size_bytes: int
+    """All files of the checkpoint together, tinkerd.json included."""
+
+    def as_checkpoint(self, public: bool = False) -> Checkpoint:
+        """The SDK's view of this checkpoint (what the REST API lists)."""
+        return Checkpoint(
+            checkpoint_id=f"{self.kind}/{self.name}",
+            checkpoint_type=CHECKPOINT_TYPES[self.kind],
+            time=datetime.datetime.fromtimestamp(self.created_at, datetime.timezone.utc),
+            tinker_path=self.tinker_path,
+            size_bytes=self.size_bytes,
+            public=public,
+        )
+
+    def weights_info(self) -> WeightsInfoResponse:
+        return WeightsInfoResponse(
+            base_model=self.base_model,
+            is_lora=True,
+            lora_rank=self.lora_rank,
+            train_unembed=self.train_unembed,
+            train_mlp=self.train_mlp,
+            train_attn=self.train_attn,
+        )
+
+
+# ---------------------------------------------------------------- names and paths
+
+
+def check_part(what: str, value: str, pattern: re.Pattern) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(f"checkpoint {what} must be a non-empty string, got {value!r}")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidRequestError(f"checkpoint {what} is longer than {MAX_NAME_LENGTH} characters")
+    if value.startswith(".") or ".." in value or not pattern.fullmatch(value):
+        raise InvalidRequestError(
+            f"invalid checkpoint {what} {value!r}: use letters, digits, '.', '_' and '-', "
+            "not starting with '.' and without '..'"
+        )
+
+
+def check_names(model_id: str, kind: str, name: str) -> None:
+    check_part("model_id", model_id, MODEL_ID_RE)
+    if kind not in KINDS:
+        raise InvalidRequestError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+    check_part("name", name, NAME_RE)
+
+
+def tinker_path(model_id: str, kind: str, name: str) -> str:
+    """`tinker://<model_id>/<kind>/<name>`."""
+    check_names(model_id, kind, name)
+    return f"{SCHEME}{model_id}/{kind}/{name}"
+
+
+def parse_tinker_path(path: str) -> tuple[str, str, str]:
+    """(model_id, kind, name) of a `tinker://<model_id>/<kind>/<name>` path."""
+    if not isinstance(path, str) or not path.startswith(SCHEME):
+        raise InvalidRequestError(f"checkpoint path must start with {SCHEME!r}, got {path!r}")
+    parts = path[len(SCHEME) :].split("/")
+    if len(parts) != 3:
+        raise InvalidRequestError(
+            f"checkpoint path must look like {SCHEME}<model_id>/<kind>/<name>, got {path!r}"
+        )
+    check_names(*parts)
+    return parts[0], parts[1], parts[2]
+
+
+# ---------------------------------------------------------------- file helpers
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Path, data: bytes) -> dict:
+    """Write `data` durably; returns its {"sha256", "size"} entry for the metadata."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def read_meta(path: Path) -> dict | None:
+    """The checkpoint metadata in directory `path`, or None if it is not a complete one."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    keys = ("model_id", "kind", "name", "base_model", "lora", "step", "created_at", "files")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        return None
+    return meta if all(k in meta for k in keys) else None
+
+
+def read_verified(path: Path, filename: str) -> bytes:
+    """The bytes of one checkpoint file, checked against the metadata's sha256 and size."""
+    meta = read_meta(path)
+    if meta is None:
+        raise NotFoundError(f"no complete checkpoint at {path}")
+    entry = meta["files"].get(filename)
+    if entry is None:
+        raise CorruptCheckpointError(f"checkpoint {path} has no {filename} in its metadata")
+    try:
+        data = (path / filename).read_bytes()
+    except OSError as e:
+        raise CorruptCheckpointError(f"checkpoint {path}: cannot read {filename}: {e}") from None
+    if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CorruptCheckpointError(
+            f"checkpoint {path}: {filename} does not match its recorded sha256 and size "
+            f"({entry['size']} bytes); the file is corrupted"
+        )
+    return data
+
+
+def read_info(path: Path) -> CheckpointInfo | None:
+    """The checkpoint in directory `path`, or None if it is not a complete, valid one."""
+    meta = read_meta(path)
+    if meta is None:
+        return None
+    try:
+        return _info(path, meta)
+    except (InvalidRequestError, KeyError, TypeError, AttributeError, OSError):
+        return None  # a temp dir, a stray directory, or hand-edited metadata
+
+
+def _info(path: Path, meta: dict) -> CheckpointInfo:
+    model_id, kind, name = path.parent.parent.name, path.parent.name, path.name
+    lora = meta["lora"]
+    return CheckpointInfo(
+        model_id=model_id,
+        kind=kind,
+        name=name,
+        path=path,
+        tinker_path=tinker_path(model_id, kind, name),
+        base_model=meta["base_model"],
+        lora_rank=lora["rank"],
+        train_mlp=lora["train_mlp"],
+        train_attn=lora["train_attn"],
+        train_unembed=lora["train_unembed"],
+        step=meta["step"],
+        has_optimizer=meta["has_optimizer"],
+        created_at=meta["created_at"],
+        size_bytes=sum(f["size"] for f in meta["files"].values())
+        + (path / META_FILE).stat().st_size,
+    )
