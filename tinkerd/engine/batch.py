@@ -34,6 +34,20 @@ class Batch:
     inputs: dict[str, Tensor]
     """Other loss_fn_inputs, each laid end to end like `targets`."""
 
+    def rows(self, start: int, end: int) -> Batch:
+        """Data `[start, end)` alone: their rows, trimmed to the longest of them, and
+        their tokens' targets and inputs."""
+        first = sum(self.lengths[:start])
+        last = first + sum(self.lengths[start:end])
+        width = max(self.lengths[start:end])
+        return Batch(
+            input_ids=self.input_ids[start:end, :width],
+            mask=self.mask[start:end, :width],
+            lengths=self.lengths[start:end],
+            targets=self.targets[first:last],
+            inputs={k: v[first:last] for k, v in self.inputs.items()},
+        )
+
 
 def _fail(i: int, what: str) -> InvalidRequestError:
     return InvalidRequestError(f"data[{i}]: {what}")

@@ -11,9 +11,9 @@ A custom loss is a built-in one in disguise: once `gradient_fn` has turned the l
 into their gradient g (on rank 0, which sees every rank's logprobs), the pass
 backpropagates the surrogate `sum(logprobs * g)`, whose gradient in the logprobs is g.
 
-Memory: a pass is a loop over micro-batches of rows (`micro_batches`; today one), and
-logprobs come from `target_logprobs` on the real positions only, so a later change can
-bound the rows per micro-batch and chunk the logits over the sequence.
+Memory (`Limits`): a pass is a loop over micro-batches of rows (`micro_batches`: one, or
+as many as a token budget needs, the gradient accumulating over them), and
+`target_logprobs` upcasts the logits of a bounded number of positions at a time.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from tinkerd import losses
 from tinkerd.engine.adapters import Run
@@ -78,12 +79,36 @@ class _Result:
     loss: float
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How much of a pass is computed at once (`EngineConfig`); None: no limit."""
+
+    micro_batch_tokens: int | None = None
+    """Most padded tokens (rows x longest row) per micro-batch. Over it, a pass with a
+    backward runs twice: a forward without gradient for the losses and outputs, then a
+    forward and backward per micro-batch, accumulating the gradient."""
+    logits_chunk_tokens: int | None = None
+    """Most positions whose logits are upcast to float32 at once (`target_logprobs`)."""
+
+
+@dataclass
+class _Piece:
+    """Rows of one member in one micro-batch."""
+
+    member: int
+    """Its position in the pass's `members`."""
+    batch: Batch
+    first_token: int
+    """Where its tokens start in the member's logprobs."""
+
+
 def loss_pass(
     requests: list[LossRequest],
     members: list[Member],
     backward: bool,
     parallel: SingleProcess,
     gradient_fn: GradientFn | None = None,
+    limits: Limits = Limits(),
 ) -> list[ForwardBackwardOutput | Exception] | None:
     """Forward (and backward, if `backward`) of `members`, this rank's rows of `requests`
     (all on one base model). The gradient of each request's summed loss is added to its
@@ -92,32 +117,44 @@ def loss_pass(
     loss) its gradient is backpropagated instead, and if it raises, the request fails
     with its error and changes nothing. Returns, on rank 0, one output per request or
     the Exception it failed with; None on the other ranks. Every rank calls this with the
-    same `requests` (there are collectives), even one holding no member."""
+    same `requests` (there are collectives), even one holding no member.
+
+    Losses must be elementwise (one value per token, as every built-in is): a request's
+    loss is then the sum of its micro-batches' losses."""
     finite = [True] * len(requests)
     computed: list[tuple[Member, Tensor, Tensor | None, Tensor]] = []
     base = members[0].run.base if members else None
-    with base.lock if base else contextlib.nullcontext(), torch.set_grad_enabled(backward):
-        logprobs = _logprobs(base, members, backward) if members else []
+    budget = None if parallel.fsdp else limits.micro_batch_tokens  # FSDP: same forwards
+    groups = micro_batches(members, budget)  # on every rank
+    one_pass = len(groups) <= 1  # then the forward's graph serves the backward
+    with (
+        base.lock if base else contextlib.nullcontext(),
+        torch.set_grad_enabled(backward and one_pass),
+    ):
+        logprobs = _logprobs(base, members, groups, limits, backward and one_pass)
         error, weights = None, []
         if gradient_fn is not None:
             error, weights = _custom_gradients(members, logprobs, parallel, gradient_fn)
-        for member, lp in zip(members, logprobs):
-            request = member.request
+        for k, (member, lp) in enumerate(zip(members, logprobs)):
             if gradient_fn is None:
-                inputs = {k: v.to(lp.device) for k, v in request.batch.inputs.items()}
-                elementwise = request.spec.fn(lp, inputs, request.config) * member.scale
+                elementwise = _elementwise(member, lp, member.request.batch)
                 loss = elementwise.sum()
                 finite[member.index] &= bool(torch.isfinite(loss))
                 computed.append((member, lp, elementwise, loss))
             elif weights is not None:  # the surrogate whose gradient in lp is gradient_fn's
-                computed.append((member, lp, None, (lp * weights.pop(0)).sum()))
+                computed.append((member, lp, None, (lp * weights[k]).sum()))
         agreed = parallel.all_finite(finite)
         done = [c for c in computed if agreed[c[0].index]]
-        if backward and done:
-            # Only into the runs whose loss is finite: the others' adapters are in the
-            # graph too, and would otherwise accumulate a (zero) gradient.
-            params = list({id(p): p for m, *_ in done for p in m.run.params}.values())
-            torch.stack([loss for *_, loss in done]).sum().backward(inputs=params)
+        if backward and done and one_pass:
+            _backward([m for m, *_ in done], [loss for *_, loss in done])
+        elif backward and done:
+            keep = {id(m) for m, *_ in done}
+            with torch.enable_grad():
+                for group in groups:
+                    pieces = [p for p in group if id(members[p.member]) in keep]
+                    if pieces:
+                        custom = weights if gradient_fn else None
+                        _backward_pieces(base, members, pieces, limits, custom)
     local = [(m.index, _result(m, lp, el, loss)) for m, lp, el, loss in computed if m.scale]
     everywhere = parallel.gather(local)
     if everywhere is None:
@@ -135,49 +172,144 @@ def loss_pass(
     ]
 
 
-def micro_batches(members: list[Member]) -> list[list[Member]]:
-    """The pass's rows in groups computed one after another (today: one group; a token
-    budget would cut here, with a backward per group accumulating the gradient)."""
-    return [members]
+def _elementwise(member: Member, logprobs: Tensor, batch: Batch) -> Tensor:
+    """The member's built-in loss of each token of `batch` (its rows, or some of them)."""
+    request = member.request
+    inputs = {k: v.to(logprobs.device) for k, v in batch.inputs.items()}
+    return request.spec.fn(logprobs, inputs, request.config) * member.scale
 
 
-def _logprobs(base: BaseModel, members: list[Member], backward: bool) -> list[Tensor]:
-    """Each member's target logprobs, `[n_tokens]` (or `[n_tokens, k]`), float32."""
-    out: list[Tensor] = []
-    for group in micro_batches(members):
-        batches = [m.request.batch for m in group]
-        if len(group) == 1:  # the run's own adapter, as PEFT routes it
-            group[0].run.activate()
-            logits = base.peft_model(input_ids=batches[0].input_ids.to(base.device)).logits
+def _backward(members: list[Member], losses: list[Tensor]) -> None:
+    # Only into these runs: other runs' adapters may be in the graph too (a packed pass
+    # with a non-finite loss), and would otherwise accumulate a (zero) gradient.
+    params = list({id(p): p for m in members for p in m.run.params}.values())
+    torch.stack(losses).sum().backward(inputs=params)
+
+
+def _backward_pieces(
+    base: BaseModel,
+    members: list[Member],
+    pieces: list[_Piece],
+    limits: Limits,
+    weights: list[Tensor] | None,
+) -> None:
+    """Forward and backward of one micro-batch: the gradient of its pieces' losses (or,
+    with `weights`, of the custom surrogate) accumulates into their runs'."""
+    losses = []
+    for piece, lp in zip(pieces, _forward(base, members, pieces, limits, True)):
+        member = members[piece.member]
+        if weights is None:
+            losses.append(_elementwise(member, lp, piece.batch).sum())
         else:
-            width = max(b.input_ids.shape[1] for b in batches)
-            segments, start = [], 0
-            for m, b in zip(group, batches):
-                segments.append(Segment(m.run.model_id, start, start + b.input_ids.shape[0]))
-                start += b.input_ids.shape[0]
-                if backward:
-                    trainable(m.run.params)
-            input_ids = pad_cat([b.input_ids for b in batches], width).to(base.device)
-            logits = packed_logits(base.peft_model, input_ids, segments)
-        for seg_start, b in zip(_starts(batches), batches):
-            rows = logits[seg_start : seg_start + b.input_ids.shape[0], : b.mask.shape[1]]
-            out.append(target_logprobs(rows, b.mask.to(base.device), b.targets.to(base.device)))
+            w = weights[piece.member][piece.first_token : piece.first_token + lp.shape[0]]
+            losses.append((lp * w).sum())
+    _backward([members[p.member] for p in pieces], losses)
+
+
+def micro_batches(members: list[Member], max_tokens: int | None) -> list[list[_Piece]]:
+    """The pass's rows, in order, cut into groups of at most `max_tokens` padded tokens
+    (rows x longest row; a longer row is a group alone); None: one group of everything."""
+    if max_tokens is None:
+        return [[_Piece(k, m.request.batch, 0) for k, m in enumerate(members)]] if members else []
+    groups: list[list[_Piece]] = []
+    rows: list[tuple[int, int]] = []  # (member, datum) of the group being filled
+    width = 0
+    for k, member in enumerate(members):
+        for i, n in enumerate(member.request.batch.lengths):
+            if rows and (len(rows) + 1) * max(width, n) > max_tokens:
+                groups.append(_pieces(members, rows))
+                rows, width = [], 0
+            rows.append((k, i))
+            width = max(width, n)
+    if rows:
+        groups.append(_pieces(members, rows))
+    return groups
+
+
+def _pieces(members: list[Member], rows: list[tuple[int, int]]) -> list[_Piece]:
+    """Contiguous rows of each member, as pieces."""
+    pieces = []
+    for k in dict.fromkeys(k for k, _ in rows):
+        data = [i for m, i in rows if m == k]
+        batch = members[k].request.batch
+        first_token = sum(batch.lengths[: data[0]])
+        pieces.append(_Piece(k, batch.rows(data[0], data[-1] + 1), first_token))
+    return pieces
+
+
+def _logprobs(
+    base: BaseModel | None,
+    members: list[Member],
+    groups: list[list[_Piece]],
+    limits: Limits,
+    train: bool,
+) -> list[Tensor]:
+    """Each member's target logprobs, `[n_tokens]` (or `[n_tokens, k]`), float32: the
+    micro-batches one after another."""
+    parts: list[list[Tensor]] = [[] for _ in members]
+    for group in groups:
+        for piece, lp in zip(group, _forward(base, members, group, limits, train)):
+            parts[piece.member].append(lp)
+    return [p[0] if len(p) == 1 else torch.cat(p) for p in parts]
+
+
+def _forward(
+    base: BaseModel, members: list[Member], pieces: list[_Piece], limits: Limits, train: bool
+) -> list[Tensor]:
+    """Target logprobs of each piece of one micro-batch (one forward of the base)."""
+    batches = [p.batch for p in pieces]
+    if len(pieces) == 1:  # the run's own adapter, as PEFT routes it
+        members[pieces[0].member].run.activate()
+        logits = base.peft_model(input_ids=batches[0].input_ids.to(base.device)).logits
+    else:
+        width = max(b.input_ids.shape[1] for b in batches)
+        segments, start = [], 0
+        for piece, b in zip(pieces, batches):
+            run = members[piece.member].run
+            segments.append(Segment(run.model_id, start, start + b.input_ids.shape[0]))
+            start += b.input_ids.shape[0]
+            if train:
+                trainable(run.params)
+        input_ids = pad_cat([b.input_ids for b in batches], width).to(base.device)
+        logits = packed_logits(base.peft_model, input_ids, segments)
+    out, row = [], 0
+    for b in batches:
+        rows = logits[row : row + b.input_ids.shape[0], : b.mask.shape[1]]
+        row += b.input_ids.shape[0]
+        device = base.device
+        out.append(
+            target_logprobs(
+                rows, b.mask.to(device), b.targets.to(device), limits.logits_chunk_tokens
+            )
+        )
     return out
 
 
-def _starts(batches: list[Batch]) -> list[int]:
-    starts, row = [], 0
-    for b in batches:
-        starts.append(row)
-        row += b.input_ids.shape[0]
-    return starts
-
-
-def target_logprobs(logits: Tensor, mask: Tensor, targets: Tensor) -> Tensor:
+def target_logprobs(
+    logits: Tensor, mask: Tensor, targets: Tensor, chunk_tokens: int | None = None
+) -> Tensor:
     """Log-probability of `targets` (`[n_tokens]` or `[n_tokens, k]`) under `logits`
-    (`[rows, seq, vocab]`) at the real positions (`mask`, `[rows, seq]`): float32.
-    Only the real positions are upcast, one `[n_tokens, vocab]` block."""
-    real = logits[mask].float()
+    (`[rows, seq, vocab]`, any float dtype) at the real positions (`mask`, `[rows, seq]`),
+    float32. The upcast to float32 is done `chunk_tokens` positions at a time (None: all
+    at once); with a gradient, each chunk's float32 logits are recomputed in the backward
+    rather than kept, so no `[n_tokens, vocab]` float32 block ever exists."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    n = rows.numel()
+    size = chunk_tokens or n
+    if size >= n:
+        return _chunk_logprobs(logits, rows, cols, targets)
+    parts = []
+    for s in range(0, n, size):
+        args = (logits, rows[s : s + size], cols[s : s + size], targets[s : s + size])
+        if torch.is_grad_enabled() and logits.requires_grad:
+            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(*args))
+    return torch.cat(parts)
+
+
+def _chunk_logprobs(logits: Tensor, rows: Tensor, cols: Tensor, targets: Tensor) -> Tensor:
+    real = logits[rows, cols].float()  # [chunk, vocab]
     if targets.ndim == 1:
         return -F.cross_entropy(real, targets, reduction="none")
     return real.log_softmax(-1).gather(-1, targets)

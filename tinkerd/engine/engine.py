@@ -30,7 +30,7 @@ from tinkerd.engine.checkpoints import (
     load_adapter_weights,
     load_optimizer_state,
 )
-from tinkerd.engine.compute import LossRequest, Member, loss_pass
+from tinkerd.engine.compute import Limits, LossRequest, Member, loss_pass
 from tinkerd.engine.models import BaseModel, BaseModelRegistry, parse_model_specs
 from tinkerd.engine.parallel import SingleProcess
 from tinkerd.engine.sampler import Sampler
@@ -65,6 +65,15 @@ class EngineConfig:
     """Most padded tokens (data x longest datum) in one request (`--max-batch-tokens`)."""
     max_snapshots: int = MAX_SNAPSHOTS
     """Sampler weight versions kept loaded (LoRA-sized each), least recently used out."""
+    micro_batch_tokens: int | None = None
+    """Most padded tokens per forward of a training pass; a larger pass is cut into
+    micro-batches whose gradients accumulate (`compute.Limits`). None: no limit."""
+    logits_chunk_tokens: int | None = None
+    """Most token positions whose logits are upcast to float32 at once. None: all."""
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.micro_batch_tokens, self.logits_chunk_tokens)
 
 
 class Engine:
@@ -334,7 +343,7 @@ class Engine:
         for group in by_base.values():  # in the same order on every rank
             mine = [requests[i] for i, _ in group]
             members = self._members(mine, [run for _, run in group])
-            outputs = loss_pass(mine, members, backward, self.parallel)
+            outputs = loss_pass(mine, members, backward, self.parallel, None, self.config.limits)
             for (i, _), out in zip(group, outputs or [None] * len(group)):
                 results[i] = out
         return results
