@@ -3,6 +3,7 @@
 what one whole pass gives, to float rounding."""
 
 import contextlib
+import threading
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ from conftest import TINY, make_datum
 
 from tinkerd.engine import Engine, EngineConfig
 from tinkerd.engine.compute import micro_batches, target_logprobs
+from tinkerd.engine.parallel import SingleProcess
 from tinkerd.errors import InvalidRequestError
-from tinkerd.types import Datum, LoraConfig, ModelInput
+from tinkerd.types import AdamParams, Datum, LoraConfig, ModelInput
 
 SMALL = EngineConfig(micro_batch_tokens=40, logits_chunk_tokens=7)
 
@@ -173,3 +175,103 @@ def test_chunked_logprobs_equal_whole_and_keep_no_full_float32_block(k):
             assert max(sizes, default=0) < 4 * vocab
     assert torch.allclose(results[None][0], results[4][0], atol=1e-6)
     assert torch.allclose(results[None][1].float(), results[4][1].float(), atol=1e-6)
+
+
+# ---------------------------------------------------------------- data parallel, in threads
+
+
+class ThreadRank(SingleProcess):
+    """Rank `rank` of ranks that are threads of this process: the same collectives as
+    `TorchDistributed`, over shared slots and a barrier."""
+
+    def __init__(self, rank: int, slots: list, barrier: threading.Barrier):
+        self.rank, self.world, self.slots, self.barrier = rank, len(slots), slots, barrier
+
+    def _exchange(self, obj):
+        self.slots[self.rank] = obj
+        self.barrier.wait()
+        everything = list(self.slots)
+        self.barrier.wait()
+        return everything
+
+    def all_finite(self, finite):
+        return [all(column) for column in zip(*self._exchange(finite))]
+
+    def gather(self, obj):
+        everything = self._exchange(obj)
+        return everything if self.rank == 0 else None
+
+    def scatter(self, objs):
+        return self._exchange(objs)[0][self.rank]
+
+    def sum_gradients(self, params):
+        everyone = self._exchange([p.grad for p in params])
+        for k, p in enumerate(params):
+            parts = [grads[k] for grads in everyone if grads[k] is not None]
+            p.grad = torch.stack(parts).sum(0) if parts else None
+
+
+def on_ranks(engines, fn):
+    """fn(engine) on each engine at once, one thread per rank; their results."""
+    results = [None] * len(engines)
+
+    def work(r):
+        results[r] = fn(engines[r])
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(engines))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return results
+
+
+def test_ranks_pack_runs_and_train_like_one_process(engine):
+    slots, barrier = [None, None], threading.Barrier(2)
+    ranks = [Engine(parallel=ThreadRank(r, slots, barrier)) for r in range(2)]
+    alone = two_runs(engine)
+    ids = [two_runs(e) for e in ranks]  # not in threads: a run's seed is torch's global RNG
+    adam = AdamParams(learning_rate=1e-2)
+
+    def step(e, runs, backward=True):
+        requests = [
+            e.prepare(runs[0], SFT, "cross_entropy", None),
+            e.prepare(runs[1], RL, "importance_sampling", None),
+        ]
+        outs = e.run_losses(requests, backward)
+        if backward:
+            for m in runs:
+                e.optim_step(m, adam)
+        return outs
+
+    for _ in range(2):
+        expected = step(engine, alone)
+        got, nothing = on_ranks(ranks, lambda e: step(e, ids[ranks.index(e)]))
+        assert nothing == [None, None]  # rank 1 hands back nothing
+        for x, y in zip(got, expected, strict=True):
+            assert_same(x, y)
+    got, _ = on_ranks(ranks, lambda e: step(e, ids[ranks.index(e)], backward=False))
+    for x, y in zip(got, step(engine, alone, backward=False), strict=True):
+        assert_same(x, y)
+
+    # A custom loss: rank 0 alone runs gradient_fn, on every rank's logprobs.
+    def gradient_fn(logprobs):
+        return [torch.full_like(lp, -(i + 1.0)) for i, lp in enumerate(logprobs)], len(logprobs)
+
+    expected, n = engine.forward_backward_custom(alone[0], SFT + RL, gradient_fn)
+    got, nothing = on_ranks(
+        ranks,
+        lambda e: e.forward_backward_custom(
+            ids[ranks.index(e)][0], SFT + RL, gradient_fn if e is ranks[0] else None
+        ),
+    )
+    assert nothing is None and got[1] == n == 5
+    for x, y in zip(got[0].loss_fn_outputs, expected.loss_fn_outputs, strict=True):
+        assert torch.allclose(x["logprobs"].to_torch(), y["logprobs"].to_torch(), atol=1e-5)
+    summed = [a + b for a, b in zip(grads(ranks[0], ids[0][0]), grads(ranks[1], ids[1][0]))]
+    for g, h in zip(summed, grads(engine, alone[0]), strict=True):
+        # Summed in another order: float rounding, relative to the gradient's scale.
+        assert (g - h).abs().max() <= 1e-5 * h.abs().max()
+    for e, runs in ((engine, alone), *zip(ranks, ids)):
+        for m in runs:
+            e.unload_model(m)
