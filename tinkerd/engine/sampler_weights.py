@@ -173,7 +173,7 @@ class SamplerVersions:
     def stats(self, base_model: str) -> list[tuple[int, int]]:
         """(rows, distinct requests) of the base's recent decode steps, for backends that
         record them (the built-in `Sampler.steps`); empty for others."""
-        # TODO(H3): make `steps` part of the SamplerBackend interface, then drop getattr.
+        # Read by name until `steps` is part of the SamplerBackend interface.
         return list(getattr(self.samplers.get(base_model), "steps", []))
 
     def _evict(self) -> None:
