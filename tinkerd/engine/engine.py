@@ -23,7 +23,7 @@ from torch import Tensor
 
 from tinkerd import losses
 from tinkerd.engine.adapters import Run, adam_step, create_run, delete_run
-from tinkerd.engine.batch import DEFAULT_MAX_BATCH_TOKENS, collate
+from tinkerd.engine.batch import DEFAULT_MAX_BATCH_TOKENS, Batch, collate
 from tinkerd.engine.checkpoints import (
     CheckpointInfo,
     CheckpointStore,
@@ -302,7 +302,13 @@ class Engine:
         batch = self._collate(run.base, data, spec, loss_fn)
         return LossRequest(model_id, loss_fn, spec, config, batch, list(data))
 
-    def _collate(self, base: BaseModel, data: list[Datum], spec=None, loss_fn: str = "custom"):
+    def _collate(
+        self,
+        base: BaseModel,
+        data: list[Datum],
+        spec: losses.LossSpec | None = None,
+        loss_fn: str = "custom",
+    ) -> Batch:
         return collate(
             data,
             spec,
