@@ -228,3 +228,17 @@ def test_make_optimizer():
     assert optimizers.make_optimizer("dimuon", [p], rank=2).rank == 2
     with pytest.raises(InvalidRequestError, match="unknown optimizer type 'sgd'"):
         optimizers.make_optimizer("sgd", [p])
+
+
+def test_matrix_sign_is_the_svd_polar_factor_also_rank_deficient():
+    torch.manual_seed(2)
+    for shape in [(4, 50), (50, 4), (6, 6)]:
+        x = torch.randn(*shape)
+        u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        torch.testing.assert_close(optimizers.matrix_sign(x), (u @ vh).float(), atol=1e-5, rtol=0)
+    low = torch.randn(5, 2) @ torch.randn(2, 30)  # rank 2: three zero singular values
+    sign = optimizers.matrix_sign(low)
+    assert torch.linalg.svdvals(sign.double()).round(decimals=5).tolist() == [1, 1, 0, 0, 0]
+    u, _, vh = torch.linalg.svd(low.double(), full_matrices=False)
+    torch.testing.assert_close(sign, (u[:, :2] @ vh[:2]).float(), atol=1e-5, rtol=0)
+    assert torch.equal(optimizers.matrix_sign(torch.zeros(3, 4)), torch.zeros(3, 4))

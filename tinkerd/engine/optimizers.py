@@ -28,7 +28,8 @@ grad_clip_norm 0), "learning rate applied to a direction with Frobenius norm sqr
 smooths the row and column preconditioner", and that the matrix-sign iteration count and a
 normalisation epsilon are internal constants. Not published, so chosen here and documented
 in docs/compatibility.md: the exact preconditioner (energies normalised to mean 1, power
--1/4 per side), the exact matrix sign (an SVD instead of an iteration), and the direction of
+-1/4 per side), the exact matrix sign (exact, from the r x r Gram matrix,
+instead of an iteration), and the direction of
 the rank correction ((32 / r)^e, smaller steps above rank 32). Updates therefore follow the
 published definitions but are not bit-identical to Tinker's.
 """
@@ -120,12 +121,20 @@ def precondition(momentum: Tensor, damping: float) -> Tensor:
 
 
 def matrix_sign(x: Tensor) -> Tensor:
-    """U V^T of the thin SVD x = U S V^T; singular values under the numerical rank tolerance
-    (max(S) * max(shape) * machine epsilon, NumPy's matrix_rank rule) count as zero."""
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    tol = s.max() * max(x.shape) * torch.finfo(x.dtype).eps if s.numel() else 0.0
-    keep = (s > tol).to(x.dtype)
-    return (u * keep[None, :]) @ vh
+    """U V^T of the thin SVD x = U S V^T, singular values under the numerical rank tolerance
+    (max(S) * max(shape) * x's machine epsilon, NumPy's matrix_rank rule) counting as zero.
+
+    Computed exactly from the small side's Gram matrix (r x r for a LoRA factor), in
+    float64: x = U S V^T gives x x^T = U S^2 U^T, so U V^T = U S^-1 U^T x. That is a few
+    small matmuls instead of an SVD of the long side."""
+    wide = x.shape[0] <= x.shape[1]
+    y = (x if wide else x.T).double()
+    eigenvalues, u = torch.linalg.eigh(y @ y.T)
+    singular = eigenvalues.clamp_min(0).sqrt()
+    tol = singular.max() * max(x.shape) * torch.finfo(x.dtype).eps
+    inverse = torch.where(singular > tol, 1 / singular, torch.zeros_like(singular))
+    sign = (u * inverse[None, :]) @ u.T @ y
+    return (sign if wide else sign.T).to(x.dtype)
 
 
 def dimuon_direction(momentum: Tensor, rank: int, damping: float) -> Tensor:
