@@ -207,3 +207,14 @@ def test_gspo_without_datum_index_is_refused():
 def test_stable_reinforce_is_refused_by_name_with_what_to_use():
     with pytest.raises(InvalidRequestError, match="'stable_reinforce' is not supported.*ppo"):
         losses.get_loss("stable_reinforce")
+
+
+def test_gspo_config_keys_and_required_inputs():
+    assert losses.resolve_config("gspo", None) == {
+        "clip_low_threshold": 0.8,
+        "clip_high_threshold": 1.2,
+    }
+    spec = losses.get_loss("gspo")
+    assert spec.required == ("logprobs", "advantages", "sequence_ratio_mask")
+    with pytest.raises(InvalidRequestError, match="not used by 'gspo'"):
+        losses.resolve_config("gspo", {"epsilon_low": 0.2})
