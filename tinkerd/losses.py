@@ -12,10 +12,23 @@ With ratio r = exp(logprobs - sampling_logprobs) and advantages A (per token):
     ppo                  -min(r * A, clip(r, low, high) * A)
     cispo                -stopgrad(clip(r, low, high)) * logprobs * A
     dro                  -(logprobs * A - beta/2 * (logprobs - sampling_logprobs)^2)
+    gspo                 -min(s_t * A, clip(s_t, low, high) * A)     (GSPO-token)
 
 `low` and `high` are absolute ratio thresholds (`clip_low_threshold`,
 `clip_high_threshold` in `loss_fn_config`, default 0.8 and 1.2); a datum may also carry
 them per token in `loss_fn_inputs`, which wins over the config.
+
+gspo (Tinker's "GSPO" page: the token-level variant of Zheng et al. 2025) replaces the
+token ratio with the datum's *sequence* ratio: with M_d the tokens of datum d whose
+`sequence_ratio_mask` is nonzero,
+
+    s_d = exp(mean_{t in M_d} (logprobs_t - sampling_logprobs_t))        (no gradient)
+    s_t = s_d * exp(logprobs_t - stopgrad(logprobs_t))
+
+so every token of d carries the value s_d and the gradient of its own logprob
+(d s_t / d logprobs_t = s_d). Each datum is one sequence: the mean never crosses data, so
+the loss needs the per-token datum ordinal `inputs["datum_index"]`, which the engine adds
+(`datum_index`) for a spec with `per_datum=True`. A datum with an empty mask has s_d = 1.
 """
 
 from __future__ import annotations
@@ -67,6 +80,34 @@ def dro(logprobs: Tensor, inputs: Inputs, config: Config) -> Tensor:
     return -(logprobs * inputs["advantages"] - 0.5 * config["beta"] * penalty)
 
 
+def datum_index(lengths: list[int]) -> Tensor:
+    """`[sum(lengths)]` float: each token's datum ordinal (0, 0, 0, 1, 1, ...), for the
+    losses whose spec has `per_datum=True` (they read it as `inputs["datum_index"]`)."""
+    return torch.repeat_interleave(
+        torch.arange(len(lengths), dtype=torch.float32), torch.tensor(lengths)
+    )
+
+
+def gspo(logprobs: Tensor, inputs: Inputs, config: Config) -> Tensor:
+    if "datum_index" not in inputs:
+        raise InvalidRequestError(
+            "gspo needs the per-token datum ordinal inputs['datum_index'] "
+            "(the engine adds it for a loss with per_datum=True)"
+        )
+    index = inputs["datum_index"].long()
+    n_data = int(index.max().item()) + 1 if index.numel() else 0
+    in_ratio = (inputs["sequence_ratio_mask"] != 0).to(logprobs.dtype)
+    token_log_ratio = (logprobs.detach() - inputs["logprobs"]) * in_ratio
+    sums = logprobs.new_zeros(n_data).index_add_(0, index, token_log_ratio)
+    counts = logprobs.new_zeros(n_data).index_add_(0, index, in_ratio)
+    sequence_log_ratio = sums / counts.clamp_min(1.0)  # empty mask: log ratio 0, s_d = 1
+    ratio = torch.exp(sequence_log_ratio[index] + logprobs - logprobs.detach())
+    low, high = _clip_bounds(inputs, config)
+    advantages = inputs["advantages"]
+    clipped = torch.clamp(ratio, low, high)
+    return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
 @dataclass(frozen=True)
 class LossSpec:
     fn: Callable[[Tensor, Inputs, Config], Tensor]
@@ -74,6 +115,8 @@ class LossSpec:
     """loss_fn_inputs keys the loss needs, besides `target_tokens`."""
     optional: tuple[str, ...] = ()
     config_defaults: dict[str, float] = field(default_factory=dict)
+    per_datum: bool = False
+    """The loss reads `inputs["datum_index"]` (see `datum_index`) to keep data apart."""
 
 
 _CLIP = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
@@ -85,10 +128,29 @@ LOSSES: dict[str, LossSpec] = {
     "ppo": LossSpec(ppo, ("logprobs", "advantages"), _CLIP_INPUTS, dict(_CLIP)),
     "cispo": LossSpec(cispo, ("logprobs", "advantages"), _CLIP_INPUTS, dict(_CLIP)),
     "dro": LossSpec(dro, ("logprobs", "advantages"), (), {"beta": 0.05}),
+    "gspo": LossSpec(
+        gspo,
+        ("logprobs", "advantages", "sequence_ratio_mask"),
+        _CLIP_INPUTS,
+        dict(_CLIP),
+        per_datum=True,
+    ),
 }
 
 
+UNPUBLISHED = {
+    "stable_reinforce": (
+        "Tinker does not publish its objective, and it reads stability records kept on "
+        "Tinker's sampling servers; pass loss_fn='importance_sampling', 'ppo', 'cispo' or "
+        "'gspo' instead (docs/compatibility.md)"
+    ),
+}
+"""Loss names Tinker accepts whose definition is not public: refused by name, never guessed."""
+
+
 def get_loss(name: str) -> LossSpec:
+    if name in UNPUBLISHED:
+        raise InvalidRequestError(f"loss_fn {name!r} is not supported: {UNPUBLISHED[name]}")
     if name not in LOSSES:
         raise InvalidRequestError(f"unknown loss_fn {name!r}; built-in losses are {sorted(LOSSES)}")
     return LOSSES[name]
