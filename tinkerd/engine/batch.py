@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from tinkerd.errors import InvalidRequestError
-from tinkerd.losses import LossSpec
+from tinkerd.losses import LossSpec, datum_index
 from tinkerd.types import Datum
 
 DEFAULT_MAX_BATCH_TOKENS = 1 << 20
@@ -131,12 +131,15 @@ def collate(
     for row, tokens in enumerate(tokens_per_datum):
         input_ids[row, : len(tokens)] = torch.tensor(tokens)
     mask = torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]
+    flat_inputs = {k: torch.cat(v) for k, v in inputs.items()}
+    if loss is not None and loss.per_datum:  # e.g. gspo: a ratio per sequence
+        flat_inputs["datum_index"] = datum_index(lengths)
     return Batch(
         input_ids=input_ids,
         mask=mask,
         lengths=lengths,
         targets=torch.cat(targets),
-        inputs={k: torch.cat(v) for k, v in inputs.items()},
+        inputs=flat_inputs,
     )
 
 
