@@ -188,6 +188,30 @@ def evaluate(
     )
 
 
+GradientFn = Callable[[list[Tensor]], tuple[list[Tensor], Evaluation]]
+"""per-datum logprobs -> (d total / d logprobs, the Evaluation that breaks it down)."""
+
+
+def gradient_fn(
+    data: list[Datum],
+    loss_fn: LossFn | None,
+    regularizers: Sequence[RegularizerSpec] | None = None,
+    track_grad_norms: bool = False,
+    run_sync_in_executor: bool = False,
+) -> GradientFn:
+    """The gradient a forward_backward_custom backpropagates: embedded and on the server
+    (inside the engine's one forward/backward) and in the HTTP client (between Tinker's
+    two phases). If a term fails it raises, and no gradient is applied."""
+
+    def fn(logprobs: list[Tensor]) -> tuple[list[Tensor], Evaluation]:
+        result = evaluate(
+            data, logprobs, loss_fn, regularizers, track_grad_norms, run_sync_in_executor
+        )
+        return result.grads, result
+
+    return fn
+
+
 async def _run_all(
     data: list[Datum], leaves: list[Tensor], terms: list[tuple], in_executor: bool
 ) -> list[Any]:

@@ -1,0 +1,580 @@
+"""The service: one per engine, shared by the HTTP server and every embedded client.
+
+It validates requests, queues them (seq_id order, a bound on pending work), schedules
+and packs them over the engine (one lane per base model; concurrent forward_backward
+calls of different runs share a pass), records training metrics, and hands back
+`concurrent.futures.Future`s of typed results. It also holds what outlives a request:
+sessions (and their expiry), sampling sessions, uploaded custom losses.
+
+Every method takes the caller's identity `owner` (an API key's fingerprint over HTTP).
+`owner=None` is the local, embedded caller: it sees every run and checkpoint of this
+process and has no session; its runs are not recorded in the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tinkerd.custom_loss import (
+    RegularizerSpec,
+    check_graph_inputs,
+    check_regularizers,
+    gradient_fn,
+    graph_loss_fn,
+)
+from tinkerd.engine.adapters import validate_adam_params, validate_lora_config
+from tinkerd.engine.checkpoints import tinker_path
+from tinkerd.engine.trainer import Engine, SamplerWeights
+from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
+from tinkerd.fx_loss import CompiledLoss, compile_loss
+from tinkerd.service.access import Catalog
+from tinkerd.service.futures import RequestQueue
+from tinkerd.service.metrics import record, timed
+from tinkerd.service.scheduler import MAX_PASS_TOKENS, Scheduler, loss_work
+from tinkerd.service.store import Store
+from tinkerd.types import (
+    AdamParams,
+    CustomLossOutput,
+    Datum,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    GetServerCapabilitiesResponse,
+    LoraConfig,
+    OptimStepResponse,
+    SampleResponse,
+    SamplingParams,
+    UnloadModelResponse,
+)
+
+Owner = str | None
+
+
+@dataclass
+class ServiceConfig:
+    poll_timeout: float = 25.0
+    """Seconds an HTTP long-poll (`retrieve_future`) waits before answering try_again."""
+    max_pending: int = 4096
+    """Requests queued or running at once; more are refused (HTTP 429)."""
+    session_timeout: float = 300.0
+    """Seconds without a heartbeat after which a session ends and its runs are freed."""
+    expiry_interval: float | None = None
+    """Seconds between expiry sweeps (default: min(session_timeout / 4, 5)); 0: no thread
+    (call `expire_sessions` yourself, e.g. in tests with `clock`)."""
+    max_pass_tokens: int = MAX_PASS_TOKENS
+    """Padded tokens one packed forward_backward pass may hold."""
+    gap_timeout: float = 60.0
+    """Seconds a missing seq_id holds back a run's later requests."""
+    clock: Callable[[], float] = field(default=time.time)
+    """Wall-clock seconds (heartbeats, expiry): injectable so tests need not wait."""
+
+
+_services: weakref.WeakKeyDictionary[Engine, Service] = weakref.WeakKeyDictionary()
+_services_lock = threading.Lock()
+
+
+class Service:
+    def __init__(
+        self,
+        engine: Engine,
+        data_dir: Path | None = None,
+        served_models: list[str] | None = None,
+        config: ServiceConfig | None = None,
+        recover: bool = True,
+    ):
+        """`served_models`: the base models that may be trained (None: any the engine
+        knows). `recover`: this service owns `data_dir` (a server): requests and runs in
+        flight when it last stopped are marked failed, and silent sessions expire."""
+        self.engine = engine
+        self.config = config or ServiceConfig()
+        self.served_models = served_models
+        self.checkpoints = engine.checkpoints  # opening it finishes what a crash cut off
+        self.data_dir = Path(data_dir or engine.data_dir)
+        self.scheduler = Scheduler(self.config.max_pass_tokens)
+        self.queue = RequestQueue(self.scheduler, self.config.gap_timeout, self.config.max_pending)
+        self.traced_losses: dict[tuple[Owner, str], CompiledLoss] = {}  # (owner, loss_id)
+        self.sampling_sessions: dict[str, tuple[Owner, SamplerWeights]] = {}  # id: (owner, w)
+        self.local_runs: dict[str, str] = {}  # model_id: base model, of owner None
+        self._closed = threading.Event()
+        if recover:
+            self.store.fail_unfinished("the server restarted before this request finished")
+            interval = self.config.expiry_interval
+            if interval is None:
+                interval = min(self.config.session_timeout / 4, 5.0)
+            if interval > 0:
+                threading.Thread(target=self._expire_forever, args=(interval,), daemon=True).start()
+
+    @functools.cached_property
+    def store(self) -> Store:
+        """Opened on first use: an embedded service that never needs it writes nothing."""
+        return Store(self.data_dir, clock=self.config.clock)
+
+    @functools.cached_property
+    def catalog(self) -> Catalog:
+        return Catalog(self.store, self.checkpoints, self._local_runs)
+
+    @classmethod
+    def for_engine(cls, engine: Engine) -> Service:
+        """The process's embedded service on `engine`: every embedded client on one engine
+        shares it, so their runs' requests are packed together."""
+        with _services_lock:
+            service = _services.get(engine)
+            if service is None:
+                service = _services[engine] = cls(engine, recover=False)
+            return service
+
+    def close(self) -> None:
+        self._closed.set()
+        self.scheduler.shutdown(wait=True)
+
+    # ---------------------------------------------------------------- sessions
+
+    def _expire_forever(self, interval: float) -> None:
+        while not self._closed.wait(interval):
+            with contextlib.suppress(Exception):  # never let the reaper die
+                self.expire_sessions()
+
+    def expire_sessions(self) -> list[str]:
+        """Finish sessions that missed heartbeats for `session_timeout` seconds and free
+        their runs' adapters and their samplers (checkpoints stay)."""
+        expired = self.store.expire_sessions(self.config.clock() - self.config.session_timeout)
+        for session_id in expired:
+            self.release_session(session_id, "expired")
+        return expired
+
+    def release_session(self, session_id: str, status: str) -> None:
+        """Free an ended session's runs (adapter and optimizer state; checkpoints stay) and
+        its samplers, so memory stays bounded however many sessions come and go."""
+        for model_id in self.store.active_runs(session_id):
+            with contextlib.suppress(TinkerdError):
+                self.engine.unload_model(model_id)
+            self.store.touch_run(model_id, status=status)
+            self.queue.forget_model(model_id)
+        prefix = f"{session_id}:"  # its own sampling sessions and its runs' ones
+        for sampling_id in [s for s in self.sampling_sessions if s.startswith(prefix)]:
+            self.sampling_sessions.pop(sampling_id, None)
+
+    def create_session(self, owner: str, tags: list[str], metadata: dict) -> str:
+        session_id = f"session-{uuid.uuid4().hex[:16]}"
+        self.store.add_session(session_id, owner, tags, metadata)
+        return session_id
+
+    def own_session(self, session_id: str, owner: Owner) -> None:
+        if self.store.session_owner(session_id) != owner:
+            raise NotFoundError(f"no session {session_id!r}")
+
+    def heartbeat(self, session_id: str, owner: Owner) -> bool:
+        """Keep the session alive; False if it has ended already."""
+        self.own_session(session_id, owner)
+        if self.store.session_finished(session_id):
+            return False
+        self.store.heartbeat(session_id)
+        return True
+
+    def finish_session(self, session_id: str, owner: Owner) -> None:
+        self.own_session(session_id, owner)
+        self.store.finish_session(session_id)
+        self.release_session(session_id, "finished")
+
+    def _check_session_alive(self, session_id: str | None, model_id: str) -> None:
+        """After a run was created: if its session ended meanwhile (expired while the base
+        model loaded), free the run now, since the session's release could not see it.
+        The release marks the session finished before it unloads, so one of the two
+        always frees the run."""
+        if session_id is not None and self.store.session_finished(session_id):
+            with contextlib.suppress(TinkerdError):
+                self.engine.unload_model(model_id)
+            raise InvalidRequestError(f"session {session_id} ended while {model_id} was created")
+
+    # ---------------------------------------------------------------- helpers
+
+    def _local_runs(self) -> dict[str, tuple[str, int]]:
+        """Embedded runs alive in this process (the store does not know them)."""
+        runs = {}
+        for model_id, base_model in list(self.local_runs.items()):
+            with contextlib.suppress(TinkerdError):  # unloaded since
+                runs[model_id] = (base_model, self.engine.run(model_id).lora.rank)
+        return runs
+
+    def check_run(self, model_id: str, owner: Owner) -> None:
+        if owner is not None and self.store.run_owner(model_id) != owner:
+            raise NotFoundError(f"no training run {model_id!r}")  # another key's looks absent
+
+    def _check_base(self, base_model: str) -> None:
+        if self.served_models is not None and base_model not in self.served_models:
+            raise InvalidRequestError(
+                f"base model {base_model!r} is not served here; available: {self.served_models}"
+            )
+
+    @contextlib.contextmanager
+    def _door(self, model_id: str, owner: Owner, seq_id: int | None) -> Iterator[None]:
+        """Checks made before queueing: a request rejected here still uses up its seq_id."""
+        self.check_run(model_id, owner)
+        try:
+            yield
+        except TinkerdError:
+            self.queue.release(model_id, seq_id)
+            raise
+
+    def _run_work(self, model_id: str, work: Any, seq_id: int | None) -> Future:
+        """Queue `work` behind the run's earlier requests, in its base model's lane."""
+        lane = self.engine.run(model_id).base.name
+        return self.queue.submit(lane, work, model_id, seq_id)
+
+    def _recorded(self, owner: Owner, model_id: str, kind: str, work: Any, tokens: int = 0):
+        """`work` recording its metrics for the dashboard when it succeeds (runs of a key)."""
+        return (
+            work if owner is None else timed(self.store, self.engine, model_id, kind, work, tokens)
+        )
+
+    # ---------------------------------------------------------------- runs
+
+    def get_server_capabilities(self) -> GetServerCapabilitiesResponse:
+        caps = self.engine.get_server_capabilities()
+        if self.served_models is not None:
+            for model in caps.supported_models:
+                model.trainable = model.model_name in self.served_models
+            caps.supported_models = [m for m in caps.supported_models if m.trainable]
+        return caps
+
+    def _new_run_id(self, owner: Owner, session_id: str | None, model_seq_id: int | None):
+        if owner is None:
+            return None  # the engine names it
+        if session_id is None or model_seq_id is None:
+            raise InvalidRequestError("give session_id and model_seq_id")
+        self.own_session(session_id, owner)
+        model_id = f"{session_id}:train:{model_seq_id}"
+        if self.store.run_owner(model_id) is not None:
+            raise InvalidRequestError(f"model {model_id!r} already exists")
+        return model_id
+
+    def _create(self, owner, session_id, model_id, base_model, create: Callable[[], str]):
+        """Work that creates a run with `create() -> model_id` and registers it."""
+
+        def work() -> str:
+            try:
+                created = create()
+            except Exception:
+                if owner is not None:
+                    self.store.touch_run(model_id, status="failed")
+                raise
+            if owner is None:
+                self.local_runs[created] = base_model  # before the caller can see the id
+            else:
+                self._check_session_alive(session_id, created)
+            return created
+
+        return self.queue.submit(base_model, work)
+
+    def create_model(
+        self,
+        owner: Owner,
+        base_model: str,
+        lora: LoraConfig,
+        session_id: str | None = None,
+        model_seq_id: int | None = None,
+        user_metadata: dict | None = None,
+    ) -> Future[str]:
+        """A new LoRA run; the future gives its model_id."""
+        if owner is not None:
+            self._check_base(base_model)
+            validate_lora_config(lora)
+        model_id = self._new_run_id(owner, session_id, model_seq_id)
+        if owner is not None:
+            self.store.add_run(
+                model_id, owner, session_id, base_model, lora.model_dump(), user_metadata or {}
+            )
+        create = lambda: self.engine.create_model(base_model, lora, model_id)  # noqa: E731
+        return self._create(owner, session_id, model_id, base_model, create)
+
+    def create_model_from_state(
+        self,
+        owner: Owner,
+        path: str,
+        with_optimizer: bool,
+        session_id: str | None = None,
+        model_seq_id: int | None = None,
+        base_model: str | None = None,
+        user_metadata: dict | None = None,
+    ) -> Future[tuple[str, str, LoraConfig]]:
+        """A new run made from the checkpoint at `path`: (model_id, base_model, lora)."""
+        if owner is None:  # local: any checkpoint of the data directory
+            info = self.engine.weights_info(path)
+            return self._create_from_state(owner, path, with_optimizer, None, None, info.base_model)
+        info = self.catalog.readable(path, owner)
+        if base_model not in (None, info.base_model):
+            raise InvalidRequestError(
+                f"{path} was trained on {info.base_model!r}, not {base_model!r}"
+            )
+        if with_optimizer and not info.has_optimizer:
+            raise InvalidRequestError(f"{path} has no optimizer state")
+        model_id = self._new_run_id(owner, session_id, model_seq_id)
+        flags = {"train_mlp", "train_attn", "train_unembed"}
+        lora = info.weights_info().model_dump(include=flags) | {"rank": info.lora_rank}
+        self.store.add_run(model_id, owner, session_id, info.base_model, lora, user_metadata or {})
+        return self._create_from_state(
+            owner, path, with_optimizer, session_id, model_id, info.base_model
+        )
+
+    def _create_from_state(self, owner, path, with_optimizer, session_id, model_id, base_model):
+        create = lambda: self.engine.create_model_from_state(path, with_optimizer, model_id)  # noqa: E731
+        created = self._create(owner, session_id, model_id, base_model, create)
+        result: Future = Future()
+
+        def relay(f: Future) -> None:
+            try:
+                new_id = f.result()
+                result.set_result((new_id, base_model, self.engine.run(new_id).lora))
+            except BaseException as e:  # noqa: BLE001 -- delivered to whoever waits
+                result.set_exception(e)
+
+        created.add_done_callback(relay)
+        return result
+
+    def get_info(self, owner: Owner, model_id: str) -> GetInfoResponse:
+        self.check_run(model_id, owner)
+        return self.engine.get_info(model_id)
+
+    def unload_model(self, owner: Owner, model_id: str) -> Future[UnloadModelResponse]:
+        self.check_run(model_id, owner)
+
+        def work() -> UnloadModelResponse:
+            result = self.engine.unload_model(model_id)
+            if owner is not None:
+                self.store.touch_run(model_id, status="unloaded")
+            self.local_runs.pop(model_id, None)
+            self.queue.forget_model(model_id)
+            return result
+
+        return self._run_work(model_id, work, None)
+
+    # ---------------------------------------------------------------- training
+
+    def forward(
+        self,
+        owner: Owner,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str,
+        loss_fn_config: Any = None,
+        seq_id: int | None = None,
+    ) -> Future[ForwardBackwardOutput]:
+        """Per-token logprobs and the loss, no gradient (may share a pass)."""
+        return self._loss(owner, model_id, data, loss_fn, loss_fn_config, seq_id, backward=False)
+
+    def forward_backward(
+        self,
+        owner: Owner,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str,
+        loss_fn_config: Any = None,
+        seq_id: int | None = None,
+    ) -> Future[ForwardBackwardOutput]:
+        """Like `forward`, and accumulates the loss's gradient into the run."""
+        return self._loss(owner, model_id, data, loss_fn, loss_fn_config, seq_id, backward=True)
+
+    def _loss(self, owner, model_id, data, loss_fn, loss_fn_config, seq_id, backward) -> Future:
+        with self._door(model_id, owner, seq_id):
+            prepared = self.engine.prepare(model_id, data, loss_fn, loss_fn_config)
+        work = loss_work(self.engine, prepared, backward)
+        if backward and owner is not None:
+            tokens = sum(d.model_input.length for d in data)
+            work.after = lambda result, seconds: record(
+                self.store, self.engine, model_id, "forward_backward", result, seconds, tokens
+            )
+        return self._run_work(model_id, work, seq_id)
+
+    def forward_backward_custom(
+        self,
+        owner: Owner,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: Any,
+        regularizers: Sequence[RegularizerSpec] = (),
+        track_grad_norms: bool = False,
+        run_sync_in_executor: bool = False,
+        seq_id: int | None = None,
+    ) -> Future[CustomLossOutput]:
+        """One forward and one backward of `loss_fn` plus weighted `regularizers`,
+        evaluated on the live per-token logprobs (see custom_loss.py)."""
+        with self._door(model_id, owner, seq_id):
+            check_regularizers(loss_fn, regularizers)
+            if owner is not None:
+                self.engine.check_custom_data(model_id, data)
+        grads = gradient_fn(data, loss_fn, regularizers, track_grad_norms, run_sync_in_executor)
+
+        def work() -> CustomLossOutput:
+            out, evaluation = self.engine.forward_backward_custom(model_id, data, grads)
+            return evaluation.output(out)
+
+        tokens = sum(d.model_input.length for d in data)
+        recorded = self._recorded(owner, model_id, "forward_backward", work, tokens)
+        return self._run_work(model_id, recorded, seq_id)
+
+    def create_custom_loss(self, owner: Owner, session_id: str, graph: dict) -> str:
+        """Compile an uploaded loss graph (refused outside the allowlist); its loss_id."""
+        self.own_session(session_id, owner)
+        compiled = compile_loss(graph)
+        loss_id = f"{session_id}:loss:{int(graph.get('custom_loss_seq_id', 0))}"
+        self.traced_losses[(owner, loss_id)] = compiled
+        return loss_id
+
+    def _compiled_loss(self, loss_id: Any, owner: Owner) -> CompiledLoss:
+        compiled = self.traced_losses.get((owner, str(loss_id)))
+        if compiled is None:
+            raise InvalidRequestError(f"no custom loss {loss_id!r}: create it in this session")
+        return compiled
+
+    def forward_backward_uploaded(
+        self, owner: Owner, model_id: str, data: list[Datum], config: dict, seq_id: int | None
+    ) -> Future[CustomLossOutput]:
+        """loss_fn="custom" over HTTP: uploaded graphs (a base loss and, from tinkerd's
+        client, regularizers: `config["regularizers"]` is JSON [{name, weight, loss_id}])."""
+        with self._door(model_id, owner, seq_id):
+            compiled = self._compiled_loss(config.get("loss_id"), owner)
+            try:
+                specs = [
+                    (str(r["name"]), float(r["weight"]), self._compiled_loss(r["loss_id"], owner))
+                    for r in json.loads(str(config.get("regularizers") or "[]"))
+                ]
+            except InvalidRequestError:
+                raise
+            except (ValueError, TypeError, KeyError) as e:
+                raise InvalidRequestError(
+                    f"loss_fn_config['regularizers'] malformed: {e}"
+                ) from None
+            regs = [RegularizerSpec(fn=graph_loss_fn(c), weight=w, name=n) for n, w, c in specs]
+            for graph in [compiled, *(c for _, _, c in specs)]:
+                check_graph_inputs(graph, data)
+        track = bool(config.get("track_grad_norms", 0))
+        return self.forward_backward_custom(
+            owner, model_id, data, graph_loss_fn(compiled), regs, track, seq_id=seq_id
+        )
+
+    def optim_step(
+        self, owner: Owner, model_id: str, adam: AdamParams, seq_id: int | None = None
+    ) -> Future[OptimStepResponse]:
+        with self._door(model_id, owner, seq_id):
+            validate_adam_params(adam)
+        work = lambda: self.engine.optim_step(model_id, adam)  # noqa: E731
+        return self._run_work(model_id, self._recorded(owner, model_id, "optim_step", work), seq_id)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save_state(
+        self,
+        owner: Owner,
+        model_id: str,
+        name: str,
+        overwrite: bool = False,
+        seq_id: int | None = None,
+    ) -> Future[str]:
+        """Weights and optimizer state at tinker://<model_id>/weights/<name>: its path."""
+        with self._door(model_id, owner, seq_id):
+            tinker_path(model_id, "weights", name)  # a bad name fails now, not in the lane
+        work = lambda: self.engine.save_state(model_id, name, overwrite).tinker_path  # noqa: E731
+        return self._run_work(model_id, work, seq_id)
+
+    def load_state(
+        self,
+        owner: Owner,
+        model_id: str,
+        path: str,
+        with_optimizer: bool,
+        seq_id: int | None = None,
+    ) -> Future[None]:
+        with self._door(model_id, owner, seq_id):
+            if owner is not None:  # the local caller may load any checkpoint
+                self.catalog.readable(path, owner)
+        work = lambda: self.engine.load_state(model_id, path, with_optimizer)  # noqa: E731
+        return self._run_work(model_id, work, seq_id)
+
+    # ---------------------------------------------------------------- sampling
+
+    def save_weights_for_sampler(
+        self,
+        owner: Owner,
+        model_id: str,
+        name: str | None,
+        sampling_session_seq_id: int | None = None,
+        seq_id: int | None = None,
+    ) -> Future[tuple[SamplerWeights, str | None]]:
+        """Freeze the run's weights (after its earlier requests) for sampling: saved as
+        `name`, or ephemeral; with a `sampling_session_seq_id`, in a new sampling session.
+        The future gives (weights, sampling session id or None)."""
+        with self._door(model_id, owner, seq_id):
+            if owner is not None and name is None and sampling_session_seq_id is None:
+                raise InvalidRequestError("give a path (a name) or a sampling_session_seq_id")
+
+        def work() -> tuple[SamplerWeights, str | None]:
+            weights = self.engine.save_weights_for_sampler(model_id, name)
+            if name is not None or sampling_session_seq_id is None:
+                return weights, None
+            sampling_id = f"{model_id}:sample:{sampling_session_seq_id}"
+            self.sampling_sessions[sampling_id] = (owner, weights)
+            return weights, sampling_id
+
+        return self._run_work(model_id, work, seq_id)
+
+    def sampler_weights(
+        self, owner: Owner, base_model: str | None, model_path: str | None
+    ) -> SamplerWeights:
+        if model_path is not None:
+            self.catalog.readable(model_path, owner)  # its own, or published
+        elif base_model is not None:
+            self._check_base(base_model)
+        return self.engine.sampler_for(base_model=base_model, model_path=model_path)
+
+    def create_sampling_session(
+        self,
+        owner: Owner,
+        session_id: str,
+        seq: int,
+        base_model: str | None,
+        model_path: str | None,
+    ) -> str:
+        self.own_session(session_id, owner)
+        weights = self.sampler_weights(owner, base_model, model_path)
+        sampling_id = f"{session_id}:sample:{seq}"
+        self.sampling_sessions[sampling_id] = (owner, weights)
+        return sampling_id
+
+    def sampling_session(self, sampling_id: str, owner: Owner) -> SamplerWeights:
+        owner_and_weights = self.sampling_sessions.get(sampling_id)
+        if owner_and_weights is None or owner_and_weights[0] != owner:
+            raise NotFoundError(f"no sampling session {sampling_id!r}")
+        return owner_and_weights[1]
+
+    def sample(
+        self,
+        weights: SamplerWeights,
+        prompt: list[int],
+        num_samples: int,
+        params: SamplingParams,
+        prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+    ) -> Future[SampleResponse]:
+        """Not through the lanes: the engine's sampler batches concurrent requests itself.
+        Validates now: bad input raises, never a failed future."""
+        future = self.engine.sample(
+            weights,
+            prompt,
+            num_samples,
+            params,
+            prompt_logprobs,
+            topk_prompt_logprobs,
+            topk_sample_logprobs,
+        )
+        return self.queue.submit(None, lambda: future)
