@@ -30,8 +30,6 @@ from tinkerd.server.rest import rest_router
 from tinkerd.server.routes import sampling, sessions, training
 from tinkerd.service import Service, ServiceConfig
 
-API = "/api/v1"
-
 
 def fingerprint(key: str) -> str:
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -107,6 +105,6 @@ def create_app(server: Server) -> FastAPI:
         return JSONResponse({"detail": "; ".join(lines)}, status_code=422)
 
     for routes in (sessions, training, sampling):
-        app.include_router(routes.router(server), prefix=API)
+        app.include_router(routes.router(server))
     app.include_router(rest_router(server))
     return app

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends
 from tinkerd import wire_proto
 from tinkerd.errors import InvalidRequestError
 from tinkerd.server.requests import PROTOBUF, encode_json
+from tinkerd.server.routes import API
 from tinkerd.server.schemas import (
     CreateSamplingSessionRequest,
     SampleRequest,
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 
 def router(server: Server) -> APIRouter:
-    routes = APIRouter()
+    routes = APIRouter(prefix=API)
     service = server.service
     Owner = Depends(server.owner)
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from tinkerd.errors import NotFoundError
+from tinkerd.server.routes import API
 from tinkerd.server.schemas import CreateSessionRequest, RetrieveFutureRequest, SessionRequest
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ CLIENT_CONFIG = {
 
 
 def router(server: Server) -> APIRouter:
-    routes = APIRouter()
+    routes = APIRouter(prefix=API)
     service = server.service
     Owner = Depends(server.owner)
 

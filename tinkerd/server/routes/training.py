@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from tinkerd import wire_proto
 from tinkerd.errors import InvalidRequestError
 from tinkerd.server.requests import PROTOBUF, done, encode_json
+from tinkerd.server.routes import API
 from tinkerd.server.schemas import (
     CreateModelRequest,
     LoadWeightsRequest,
@@ -30,7 +31,7 @@ def encode_output(out: Any) -> tuple[str, bytes]:
 
 
 def router(server: Server) -> APIRouter:
-    routes = APIRouter()
+    routes = APIRouter(prefix=API)
     service = server.service
     Owner = Depends(server.owner)
 
