@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from tinkerd.client.futures import APIFuture, failed
 from tinkerd.client.sampling_client import SamplingClient
-from tinkerd.client.traced_loss import LossHandle, trace
 from tinkerd.client.training_client import TrainingClient
 from tinkerd.client.transport import InProcessTransport, Transport
 from tinkerd.errors import InvalidRequestError
@@ -16,6 +15,7 @@ from tinkerd.types import GetServerCapabilitiesResponse, LoraConfig
 
 if TYPE_CHECKING:
     from tinkerd.client.rest_client import RestClient
+    from tinkerd.client.traced_loss import LossHandle
 
 
 class ServiceClient:
@@ -133,6 +133,8 @@ class ServiceClient:
         """Trace a per-datum loss `fn(logprobs, *inputs) -> (loss, metrics)` with torch.fx
         into a handle that runs inside the engine (uploaded, over HTTP). Pass the handle as
         forward_backward_custom's loss_fn or a RegularizerSpec's fn."""
+        from tinkerd.client.traced_loss import trace  # lazy: torch.fx
+
         try:
             handle = trace(fn, input_ranks)
         except InvalidRequestError as e:
