@@ -11,7 +11,8 @@ from __future__ import annotations
 import threading
 
 from tinkerd.engine.trainer import Engine
-from tinkerd.service.service import Service, ServiceConfig
+from tinkerd.service.config import ServiceConfig
+from tinkerd.service.service import Service
 
 __all__ = ["Service", "ServiceConfig", "default_engine"]
 

@@ -15,34 +15,30 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import threading
-import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tinkerd.custom_loss import (
     RegularizerSpec,
-    check_graph_inputs,
     check_regularizers,
     gradient_fn,
-    graph_loss_fn,
 )
 from tinkerd.engine.adapters import validate_adam_params, validate_lora_config
 from tinkerd.engine.checkpoints import tinker_path
 from tinkerd.engine.trainer import Engine, SamplerWeights
 from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
-from tinkerd.fx_loss import CompiledLoss, compile_loss
 from tinkerd.service.access import Catalog
+from tinkerd.service.config import ServiceConfig
 from tinkerd.service.futures import RequestQueue
 from tinkerd.service.metrics import record, timed
-from tinkerd.service.scheduler import MAX_PASS_TOKENS, Scheduler, loss_work
+from tinkerd.service.scheduler import Scheduler, loss_work
+from tinkerd.service.sessions import Sessions
 from tinkerd.service.store import Store
+from tinkerd.service.uploaded_losses import UploadedLosses
 from tinkerd.types import (
     AdamParams,
     CustomLossOutput,
@@ -58,25 +54,6 @@ from tinkerd.types import (
 )
 
 Owner = str | None
-
-
-@dataclass
-class ServiceConfig:
-    poll_timeout: float = 25.0
-    """Seconds an HTTP long-poll (`retrieve_future`) waits before answering try_again."""
-    max_pending: int = 4096
-    """Requests queued or running at once; more are refused (HTTP 429)."""
-    session_timeout: float = 300.0
-    """Seconds without a heartbeat after which a session ends and its runs are freed."""
-    expiry_interval: float | None = None
-    """Seconds between expiry sweeps (default: min(session_timeout / 4, 5)); 0: no thread
-    (call `expire_sessions` yourself, e.g. in tests with `clock`)."""
-    max_pass_tokens: int = MAX_PASS_TOKENS
-    """Padded tokens one packed forward_backward pass may hold."""
-    gap_timeout: float = 60.0
-    """Seconds a missing seq_id holds back a run's later requests."""
-    clock: Callable[[], float] = field(default=time.time)
-    """Wall-clock seconds (heartbeats, expiry): injectable so tests need not wait."""
 
 
 _services: weakref.WeakKeyDictionary[Engine, Service] = weakref.WeakKeyDictionary()
@@ -102,17 +79,11 @@ class Service:
         self.data_dir = Path(data_dir or engine.data_dir)
         self.scheduler = Scheduler(self.config.max_pass_tokens)
         self.queue = RequestQueue(self.scheduler, self.config.gap_timeout, self.config.max_pending)
-        self.traced_losses: dict[tuple[Owner, str], CompiledLoss] = {}  # (owner, loss_id)
-        self.sampling_sessions: dict[str, tuple[Owner, SamplerWeights]] = {}  # id: (owner, w)
+        self.losses = UploadedLosses()
         self.local_runs: dict[str, str] = {}  # model_id: base model, of owner None
-        self._closed = threading.Event()
         if recover:
             self.store.fail_unfinished("the server restarted before this request finished")
-            interval = self.config.expiry_interval
-            if interval is None:
-                interval = min(self.config.session_timeout / 4, 5.0)
-            if interval > 0:
-                threading.Thread(target=self._expire_forever, args=(interval,), daemon=True).start()
+            self.sessions.start_expiry()
 
     @functools.cached_property
     def store(self) -> Store:
@@ -122,6 +93,10 @@ class Service:
     @functools.cached_property
     def catalog(self) -> Catalog:
         return Catalog(self.store, self.checkpoints, self._local_runs)
+
+    @functools.cached_property
+    def sessions(self) -> Sessions:
+        return Sessions(self.store, self.engine, self.queue, self.config)
 
     @classmethod
     def for_engine(cls, engine: Engine) -> Service:
@@ -134,67 +109,9 @@ class Service:
             return service
 
     def close(self) -> None:
-        self._closed.set()
+        if "sessions" in vars(self):
+            self.sessions.stop()
         self.scheduler.shutdown(wait=True)
-
-    # ---------------------------------------------------------------- sessions
-
-    def _expire_forever(self, interval: float) -> None:
-        while not self._closed.wait(interval):
-            with contextlib.suppress(Exception):  # never let the reaper die
-                self.expire_sessions()
-
-    def expire_sessions(self) -> list[str]:
-        """Finish sessions that missed heartbeats for `session_timeout` seconds and free
-        their runs' adapters and their samplers (checkpoints stay)."""
-        expired = self.store.expire_sessions(self.config.clock() - self.config.session_timeout)
-        for session_id in expired:
-            self.release_session(session_id, "expired")
-        return expired
-
-    def release_session(self, session_id: str, status: str) -> None:
-        """Free an ended session's runs (adapter and optimizer state; checkpoints stay) and
-        its samplers, so memory stays bounded however many sessions come and go."""
-        for model_id in self.store.active_runs(session_id):
-            with contextlib.suppress(TinkerdError):
-                self.engine.unload_model(model_id)
-            self.store.touch_run(model_id, status=status)
-            self.queue.forget_model(model_id)
-        prefix = f"{session_id}:"  # its own sampling sessions and its runs' ones
-        for sampling_id in [s for s in self.sampling_sessions if s.startswith(prefix)]:
-            self.sampling_sessions.pop(sampling_id, None)
-
-    def create_session(self, owner: str, tags: list[str], metadata: dict) -> str:
-        session_id = f"session-{uuid.uuid4().hex[:16]}"
-        self.store.add_session(session_id, owner, tags, metadata)
-        return session_id
-
-    def own_session(self, session_id: str, owner: Owner) -> None:
-        if self.store.session_owner(session_id) != owner:
-            raise NotFoundError(f"no session {session_id!r}")
-
-    def heartbeat(self, session_id: str, owner: Owner) -> bool:
-        """Keep the session alive; False if it has ended already."""
-        self.own_session(session_id, owner)
-        if self.store.session_finished(session_id):
-            return False
-        self.store.heartbeat(session_id)
-        return True
-
-    def finish_session(self, session_id: str, owner: Owner) -> None:
-        self.own_session(session_id, owner)
-        self.store.finish_session(session_id)
-        self.release_session(session_id, "finished")
-
-    def _check_session_alive(self, session_id: str | None, model_id: str) -> None:
-        """After a run was created: if its session ended meanwhile (expired while the base
-        model loaded), free the run now, since the session's release could not see it.
-        The release marks the session finished before it unloads, so one of the two
-        always frees the run."""
-        if session_id is not None and self.store.session_finished(session_id):
-            with contextlib.suppress(TinkerdError):
-                self.engine.unload_model(model_id)
-            raise InvalidRequestError(f"session {session_id} ended while {model_id} was created")
 
     # ---------------------------------------------------------------- helpers
 
@@ -252,7 +169,7 @@ class Service:
             return None  # the engine names it
         if session_id is None or model_seq_id is None:
             raise InvalidRequestError("give session_id and model_seq_id")
-        self.own_session(session_id, owner)
+        self.sessions.check_owner(session_id, owner)
         model_id = f"{session_id}:train:{model_seq_id}"
         if self.store.run_owner(model_id) is not None:
             raise InvalidRequestError(f"model {model_id!r} already exists")
@@ -271,7 +188,7 @@ class Service:
             if owner is None:
                 self.local_runs[created] = base_model  # before the caller can see the id
             else:
-                self._check_session_alive(session_id, created)
+                self.sessions.check_alive(session_id, created)
             return created
 
         return self.queue.submit(base_model, work)
@@ -422,44 +339,19 @@ class Service:
         recorded = self._recorded(owner, model_id, "forward_backward", work, tokens)
         return self._run_work(model_id, recorded, seq_id)
 
-    def create_custom_loss(self, owner: Owner, session_id: str, graph: dict) -> str:
-        """Compile an uploaded loss graph (refused outside the allowlist); its loss_id."""
-        self.own_session(session_id, owner)
-        compiled = compile_loss(graph)
-        loss_id = f"{session_id}:loss:{int(graph.get('custom_loss_seq_id', 0))}"
-        self.traced_losses[(owner, loss_id)] = compiled
-        return loss_id
-
-    def _compiled_loss(self, loss_id: Any, owner: Owner) -> CompiledLoss:
-        compiled = self.traced_losses.get((owner, str(loss_id)))
-        if compiled is None:
-            raise InvalidRequestError(f"no custom loss {loss_id!r}: create it in this session")
-        return compiled
+    def create_custom_loss(self, owner: str, session_id: str, graph: dict) -> str:
+        """Compile an uploaded loss graph for the owner's session; its loss_id."""
+        self.sessions.check_owner(session_id, owner)
+        return self.losses.add(owner, session_id, graph)
 
     def forward_backward_uploaded(
-        self, owner: Owner, model_id: str, data: list[Datum], config: dict, seq_id: int | None
+        self, owner: str, model_id: str, data: list[Datum], config: dict, seq_id: int | None
     ) -> Future[CustomLossOutput]:
-        """loss_fn="custom" over HTTP: uploaded graphs (a base loss and, from tinkerd's
-        client, regularizers: `config["regularizers"]` is JSON [{name, weight, loss_id}])."""
+        """loss_fn="custom" over HTTP: forward_backward_custom of uploaded graphs."""
         with self._door(model_id, owner, seq_id):
-            compiled = self._compiled_loss(config.get("loss_id"), owner)
-            try:
-                specs = [
-                    (str(r["name"]), float(r["weight"]), self._compiled_loss(r["loss_id"], owner))
-                    for r in json.loads(str(config.get("regularizers") or "[]"))
-                ]
-            except InvalidRequestError:
-                raise
-            except (ValueError, TypeError, KeyError) as e:
-                raise InvalidRequestError(
-                    f"loss_fn_config['regularizers'] malformed: {e}"
-                ) from None
-            regs = [RegularizerSpec(fn=graph_loss_fn(c), weight=w, name=n) for n, w, c in specs]
-            for graph in [compiled, *(c for _, _, c in specs)]:
-                check_graph_inputs(graph, data)
-        track = bool(config.get("track_grad_norms", 0))
+            loss_fn, regularizers, track = self.losses.terms(owner, config, data)
         return self.forward_backward_custom(
-            owner, model_id, data, graph_loss_fn(compiled), regs, track, seq_id=seq_id
+            owner, model_id, data, loss_fn, regularizers, track, seq_id=seq_id
         )
 
     def optim_step(
@@ -522,7 +414,7 @@ class Service:
             if name is not None or sampling_session_seq_id is None:
                 return weights, None
             sampling_id = f"{model_id}:sample:{sampling_session_seq_id}"
-            self.sampling_sessions[sampling_id] = (owner, weights)
+            self.sessions.add_sampler(sampling_id, owner, weights)
             return weights, sampling_id
 
         return self._run_work(model_id, work, seq_id)
@@ -544,17 +436,11 @@ class Service:
         base_model: str | None,
         model_path: str | None,
     ) -> str:
-        self.own_session(session_id, owner)
+        self.sessions.check_owner(session_id, owner)
         weights = self.sampler_weights(owner, base_model, model_path)
         sampling_id = f"{session_id}:sample:{seq}"
-        self.sampling_sessions[sampling_id] = (owner, weights)
+        self.sessions.add_sampler(sampling_id, owner, weights)
         return sampling_id
-
-    def sampling_session(self, sampling_id: str, owner: Owner) -> SamplerWeights:
-        owner_and_weights = self.sampling_sessions.get(sampling_id)
-        if owner_and_weights is None or owner_and_weights[0] != owner:
-            raise NotFoundError(f"no sampling session {sampling_id!r}")
-        return owner_and_weights[1]
 
     def sample(
         self,

@@ -50,7 +50,7 @@ def router(server: Server) -> APIRouter:
 
     @routes.get("/samplers/{sampler_id}")
     def get_sampler(sampler_id: str, who: str = Owner) -> dict:
-        weights = service.sampling_session(sampler_id, who)
+        weights = service.sessions.sampler(sampler_id, who)
         return {
             "sampler_id": sampler_id,
             "base_model": weights.base_model,
@@ -60,7 +60,7 @@ def router(server: Server) -> APIRouter:
     @routes.post("/asample")
     def asample(body: SampleRequest, who: str = Owner) -> dict:
         if body.sampling_session_id is not None:
-            weights = service.sampling_session(body.sampling_session_id, who)
+            weights = service.sessions.sampler(body.sampling_session_id, who)
         else:
             weights = service.sampler_weights(who, body.base_model, body.model_path)
         if body.prompt_alt_tokens_k or body.target_prompt_logprobs is not None:

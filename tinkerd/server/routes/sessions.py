@@ -49,18 +49,18 @@ def router(server: Server) -> APIRouter:
 
     @routes.post("/create_session")
     def create_session(body: CreateSessionRequest, who: str = Owner) -> dict:
-        session_id = service.create_session(who, body.tags, body.user_metadata)
+        session_id = service.sessions.create(who, body.tags, body.user_metadata)
         return {"session_id": session_id, "type": "create_session"}
 
     @routes.post("/session_heartbeat")
     def heartbeat(body: SessionRequest, who: str = Owner) -> Response:
-        if not service.heartbeat(body.session_id, who):
+        if not service.sessions.heartbeat(body.session_id, who):
             return JSONResponse({"detail": "session finished"}, status_code=410)
         return JSONResponse({"type": "session_heartbeat"})
 
     @routes.post("/sessions/{session_id}/finish")
     def finish_session(session_id: str, who: str = Owner) -> dict:
-        service.finish_session(session_id, who)
+        service.sessions.finish(session_id, who)
         return {}
 
     @routes.post("/telemetry")
