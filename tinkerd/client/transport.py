@@ -253,7 +253,7 @@ class InProcessTransport:
         return chained(future, lambda saved: _ref(saved[0]))
 
     def create_sampler(self, base_model: str | None, model_path: str | None) -> Future[SamplerRef]:
-        return _call(lambda: _ref(self.service.sampler_weights(None, base_model, model_path)))
+        return _call(lambda: _ref(self.service.sampling.weights(None, base_model, model_path)))
 
     def sample(
         self,
@@ -264,7 +264,7 @@ class InProcessTransport:
         options: SampleOptions,
     ) -> Future[SampleResponse]:
         def start() -> Future[SampleResponse]:
-            return self.service.sample(
+            return self.service.sampling.sample(
                 self.engine.get_sampler(sampler.sampler_id),
                 prompt.to_ints(),
                 num_samples,

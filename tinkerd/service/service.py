@@ -35,6 +35,7 @@ from tinkerd.service.access import Catalog
 from tinkerd.service.config import ServiceConfig
 from tinkerd.service.futures import RequestQueue
 from tinkerd.service.metrics import record, timed
+from tinkerd.service.sampling import Sampling
 from tinkerd.service.scheduler import Scheduler, loss_work
 from tinkerd.service.sessions import Sessions
 from tinkerd.service.store import Store
@@ -48,8 +49,6 @@ from tinkerd.types import (
     GetServerCapabilitiesResponse,
     LoraConfig,
     OptimStepResponse,
-    SampleResponse,
-    SamplingParams,
     UnloadModelResponse,
 )
 
@@ -98,6 +97,10 @@ class Service:
     def sessions(self) -> Sessions:
         return Sessions(self.store, self.engine, self.queue, self.config)
 
+    @functools.cached_property
+    def sampling(self) -> Sampling:
+        return Sampling(self)
+
     @classmethod
     def for_engine(cls, engine: Engine) -> Service:
         """The process's embedded service on `engine`: every embedded client on one engine
@@ -127,7 +130,7 @@ class Service:
         if owner is not None and self.store.run_owner(model_id) != owner:
             raise NotFoundError(f"no training run {model_id!r}")  # another key's looks absent
 
-    def _check_base(self, base_model: str) -> None:
+    def check_base(self, base_model: str) -> None:
         if self.served_models is not None and base_model not in self.served_models:
             raise InvalidRequestError(
                 f"base model {base_model!r} is not served here; available: {self.served_models}"
@@ -204,7 +207,7 @@ class Service:
     ) -> Future[str]:
         """A new LoRA run; the future gives its model_id."""
         if owner is not None:
-            self._check_base(base_model)
+            self.check_base(base_model)
             validate_lora_config(lora)
         model_id = self._new_run_id(owner, session_id, model_seq_id)
         if owner is not None:
@@ -418,49 +421,3 @@ class Service:
             return weights, sampling_id
 
         return self._run_work(model_id, work, seq_id)
-
-    def sampler_weights(
-        self, owner: Owner, base_model: str | None, model_path: str | None
-    ) -> SamplerWeights:
-        if model_path is not None:
-            self.catalog.readable(model_path, owner)  # its own, or published
-        elif base_model is not None:
-            self._check_base(base_model)
-        return self.engine.sampler_for(base_model=base_model, model_path=model_path)
-
-    def create_sampling_session(
-        self,
-        owner: Owner,
-        session_id: str,
-        seq: int,
-        base_model: str | None,
-        model_path: str | None,
-    ) -> str:
-        self.sessions.check_owner(session_id, owner)
-        weights = self.sampler_weights(owner, base_model, model_path)
-        sampling_id = f"{session_id}:sample:{seq}"
-        self.sessions.add_sampler(sampling_id, owner, weights)
-        return sampling_id
-
-    def sample(
-        self,
-        weights: SamplerWeights,
-        prompt: list[int],
-        num_samples: int,
-        params: SamplingParams,
-        prompt_logprobs: bool = False,
-        topk_prompt_logprobs: int = 0,
-        topk_sample_logprobs: int = 0,
-    ) -> Future[SampleResponse]:
-        """Not through the lanes: the engine's sampler batches concurrent requests itself.
-        Validates now: bad input raises, never a failed future."""
-        future = self.engine.sample(
-            weights,
-            prompt,
-            num_samples,
-            params,
-            prompt_logprobs,
-            topk_prompt_logprobs,
-            topk_sample_logprobs,
-        )
-        return self.queue.submit(None, lambda: future)

@@ -43,7 +43,7 @@ def router(server: Server) -> APIRouter:
 
     @routes.post("/create_sampling_session")
     def create_sampling_session(body: CreateSamplingSessionRequest, who: str = Owner) -> dict:
-        sampling_id = service.create_sampling_session(
+        sampling_id = service.sampling.open_session(
             who, body.session_id, body.sampling_session_seq_id, body.base_model, body.model_path
         )
         return {"sampling_session_id": sampling_id, "type": "create_sampling_session"}
@@ -62,7 +62,7 @@ def router(server: Server) -> APIRouter:
         if body.sampling_session_id is not None:
             weights = service.sessions.sampler(body.sampling_session_id, who)
         else:
-            weights = service.sampler_weights(who, body.base_model, body.model_path)
+            weights = service.sampling.weights(who, body.base_model, body.model_path)
         if body.prompt_alt_tokens_k or body.target_prompt_logprobs is not None:
             raise InvalidRequestError(
                 "prompt_alt_tokens_k and target_prompt_logprobs are not supported by tinkerd"
@@ -77,7 +77,7 @@ def router(server: Server) -> APIRouter:
             raise InvalidRequestError(
                 f"prompt_logprobs_last_n must be in [1, {len(prompt) - 1}], got {last_n}"
             )
-        future = service.sample(
+        future = service.sampling.sample(
             weights,
             prompt,
             body.num_samples,
