@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tinkerd.types import (
     AdamParams,
@@ -28,6 +28,9 @@ from tinkerd.types import (
     SamplingParams,
     UnloadModelResponse,
 )
+
+if TYPE_CHECKING:
+    from tinkerd.client.rest_client import RestBackend
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,8 @@ class Transport(Protocol):
 
     def get_tokenizer(self, model_id: str | None, base_model: str) -> Any: ...
 
-    def rest_backend(self) -> Any:
-        """A RestClient backend (client/rest_client.py RestBackend) on the same service."""
+    def rest_backend(self) -> RestBackend:
+        """Where a RestClient of this transport goes: the same server, or data dir."""
         ...
 
     def close(self) -> None: ...
@@ -279,7 +282,7 @@ class InProcessTransport:
     def get_tokenizer(self, model_id: str | None, base_model: str) -> Any:
         return self.engine.base_model(base_model).tokenizer
 
-    def rest_backend(self) -> Any:
+    def rest_backend(self) -> RestBackend:
         """The data directory's runs and checkpoints, plus the live embedded runs."""
         from tinkerd.service.local_rest import LocalRest
 

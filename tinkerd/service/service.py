@@ -17,7 +17,7 @@ import contextlib
 import functools
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -178,10 +178,11 @@ class Service:
             raise InvalidRequestError(f"model {model_id!r} already exists")
         return model_id
 
-    def _create(self, owner, session_id, model_id, base_model, create: Callable[[], str]):
-        """Work that creates a run with `create() -> model_id` and registers it."""
+    def _create(self, owner, session_id, model_id, base_model, create, describe=lambda m: m):
+        """Queue `create() -> model_id`, registering the run; the future gives
+        `describe(model_id)`."""
 
-        def work() -> str:
+        def work() -> Any:
             try:
                 created = create()
             except Exception:
@@ -192,7 +193,7 @@ class Service:
                 self.local_runs[created] = base_model  # before the caller can see the id
             else:
                 self.sessions.check_alive(session_id, created)
-            return created
+            return describe(created)
 
         return self.queue.submit(base_model, work)
 
@@ -248,18 +249,8 @@ class Service:
 
     def _create_from_state(self, owner, path, with_optimizer, session_id, model_id, base_model):
         create = lambda: self.engine.create_model_from_state(path, with_optimizer, model_id)  # noqa: E731
-        created = self._create(owner, session_id, model_id, base_model, create)
-        result: Future = Future()
-
-        def relay(f: Future) -> None:
-            try:
-                new_id = f.result()
-                result.set_result((new_id, base_model, self.engine.run(new_id).lora))
-            except BaseException as e:  # noqa: BLE001 -- delivered to whoever waits
-                result.set_exception(e)
-
-        created.add_done_callback(relay)
-        return result
+        describe = lambda m: (m, base_model, self.engine.run(m).lora)  # noqa: E731
+        return self._create(owner, session_id, model_id, base_model, create, describe)
 
     def get_info(self, owner: Owner, model_id: str) -> GetInfoResponse:
         self.check_run(model_id, owner)

@@ -3,7 +3,7 @@
 One file (`<data_dir>/tinkerd.sqlite3`) in WAL mode, so a finished result can be fetched
 again after the client reconnects, and after the server restarts. Owners are API-key
 fingerprints, never keys. Training metrics (one row per metric per operation, see
-server/metrics.py) feed the dashboard.
+service/metrics.py) feed the dashboard.
 """
 
 from __future__ import annotations
