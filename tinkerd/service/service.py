@@ -1,9 +1,10 @@
-"""The service: one per engine, shared by the HTTP server and every embedded client.
+"""The service: what the HTTP server and the embedded clients share.
 
-It validates requests, queues them (seq_id order, a bound on pending work), schedules
-and packs them over the engine (one lane per base model; concurrent forward_backward
-calls of different runs share a pass), records training metrics, and hands back
-`concurrent.futures.Future`s of typed results. It also holds what outlives a request:
+A server builds one over its engine; every embedded client on an engine shares that
+engine's `Service.for_engine(engine)`. It validates requests, queues them (seq_id
+order, a bound on pending work), schedules and packs them over the engine (one lane per
+base model; concurrent forward_backward calls of different runs share a pass), records
+training metrics, and hands back `concurrent.futures.Future`s of typed results. It also holds what outlives a request:
 sessions (and their expiry), sampling sessions, uploaded custom losses.
 
 Every method takes the caller's identity `owner` (an API key's fingerprint over HTTP).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -108,7 +110,9 @@ class Service:
         with _services_lock:
             service = _services.get(engine)
             if service is None:
-                service = _services[engine] = cls(engine, recover=False)
+                # No bound on pending work: an embedded caller holds its own futures.
+                config = ServiceConfig(max_pending=sys.maxsize)
+                service = _services[engine] = cls(engine, config=config, recover=False)
             return service
 
     def close(self) -> None:
