@@ -4,8 +4,9 @@ A server builds one over its engine; every embedded client on an engine shares t
 engine's `Service.for_engine(engine)`. It validates requests, queues them (seq_id
 order, a bound on pending work), schedules and packs them over the engine (one lane per
 base model; concurrent forward_backward calls of different runs share a pass), records
-training metrics, and hands back `concurrent.futures.Future`s of typed results. It also holds what outlives a request:
-sessions (and their expiry), sampling sessions, uploaded custom losses.
+training metrics, and hands back `concurrent.futures.Future`s of typed results. It also
+holds what outlives a request: sessions (and their expiry), sampling sessions, uploaded
+custom losses.
 
 Every method takes the caller's identity `owner` (an API key's fingerprint over HTTP).
 `owner=None` is the local, embedded caller: it sees every run and checkpoint of this
