@@ -41,6 +41,7 @@ from _report import machine, record  # noqa: E402
 from tinkerd import AdamParams, Datum, ModelInput, ServiceClient  # noqa: E402
 from tinkerd.client.transport import InProcessTransport  # noqa: E402
 from tinkerd.engine import Engine  # noqa: E402
+from tinkerd.service import Service, ServiceConfig  # noqa: E402
 from tinkerd.types import LoraConfig  # noqa: E402
 
 LLAMA_50M = dict(  # ~50M parameters, random init: 8 x 4.96M in the blocks + 2 x 5.2M
@@ -96,8 +97,8 @@ def throughput(engine: Engine, model: str, args, k: int) -> dict[str, float]:
     """Aggregate training tokens/s of k runs, packed and one at a time."""
     vocab = engine.base_model(model).vocab_size
     transports = {"batched": InProcessTransport(engine=engine), "one at a time": None}
-    transports["one at a time"] = InProcessTransport(engine=engine)
-    transports["one at a time"].scheduler.max_pass_tokens = 0
+    alone = Service(engine, config=ServiceConfig(max_pass_tokens=0), recover=False)
+    transports["one at a time"] = InProcessTransport(service=alone)
     clients = {
         mode: [
             ServiceClient(transport=t).create_lora_training_client(model, rank=args.rank, seed=i)

@@ -16,7 +16,7 @@ from tinkerd import RegularizerSpec, ServiceClient
 from tinkerd.cli import main
 from tinkerd.server.app import fingerprint
 from tinkerd.server.dashboard import split_key_label
-from tinkerd.server.metrics import per_step
+from tinkerd.service.metrics import per_step
 
 CAROL = "tml-carol-key"  # served as --api-key tml-carol-key=carol: a labelled key
 ALICE, BOB = KEYS

@@ -13,7 +13,8 @@ from conftest import TINY, make_datum
 from tinkerd import ServiceClient
 from tinkerd.client.transport import InProcessTransport
 from tinkerd.errors import InvalidRequestError
-from tinkerd.server.scheduler import Batchable, Scheduler
+from tinkerd.service import Service, ServiceConfig
+from tinkerd.service.scheduler import Batchable, Scheduler
 from tinkerd.types import AdamParams, Datum, LoraConfig, ModelInput
 
 ADAM = AdamParams(learning_rate=3e-2)
@@ -111,7 +112,7 @@ def test_a_failing_request_leaves_the_others_in_its_pass(engine):
 def gated(transport: InProcessTransport) -> threading.Event:
     """Hold the tiny model's lane until the returned event is set."""
     gate = threading.Event()
-    transport.scheduler.submit_keyed(TINY, "gate", gate.wait)
+    transport.service.scheduler.submit_keyed(TINY, "gate", gate.wait)
     return gate
 
 
@@ -127,7 +128,7 @@ def test_queued_forward_backwards_of_several_runs_share_one_pass(engine):
     outs = [f.result() for f in futures]
     [s.result() for s in steps]
     ids = tuple(c.model_id for c in clients)
-    assert ids in transport.scheduler.passes  # one pass for the four runs' requests
+    assert ids in transport.service.scheduler.passes  # one pass for the four runs' requests
     for k, (c, out) in enumerate(zip(solo, outs)):
         assert c.forward_backward(run_data(k, 1), "cross_entropy").result().metrics[
             "loss:sum"
@@ -141,8 +142,8 @@ def test_queued_forward_backwards_of_several_runs_share_one_pass(engine):
 def test_a_huge_batch_does_not_starve_another_run(engine):
     """Run A queues four large forward_backwards, then run B one small one: B's finishes
     before A's second (turn-taking), where a FIFO queue would finish it last."""
-    transport = InProcessTransport(engine=engine)
-    transport.scheduler.max_pass_tokens = 64  # A's batches never pack with anything
+    config = ServiceConfig(max_pass_tokens=64)  # A's batches never pack with anything
+    transport = InProcessTransport(service=Service(engine, config=config, recover=False))
     service = ServiceClient(transport=transport)
     a = service.create_lora_training_client(TINY, rank=4, seed=20)
     b = service.create_lora_training_client(TINY, rank=4, seed=21)

@@ -21,16 +21,16 @@ import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from tinkerd.errors import InvalidRequestError
 from tinkerd.types import BaseLossReport, CustomLossOutput, Datum, ForwardBackwardOutput
 from tinkerd.types import RegularizerReport as Report
 
-LossFn = Callable[[list[Datum], list[Tensor]], Any]
+if TYPE_CHECKING:  # torch is imported when a loss runs, not with `import tinkerd`
+    from torch import Tensor
+
+LossFn = Callable[[list[Datum], list["Tensor"]], Any]
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,8 @@ def evaluate(
 
     Raises CustomLossError naming the term that raised or returned a non-scalar or
     non-finite value. Must not be called from a thread that runs an event loop."""
+    import torch
+
     specs = check_regularizers(loss_fn, regularizers)
     leaves = [lp.detach().float().requires_grad_(True) for lp in logprobs]
     terms = [("base_loss", loss_fn, 1.0, None)] if loss_fn is not None else []
@@ -186,6 +188,30 @@ def evaluate(
         total_grad_norm=norm(total_grads),
         user_metrics=customs.get("base_loss", {}),
     )
+
+
+GradientFn = Callable[[list["Tensor"]], tuple[list["Tensor"], Evaluation]]
+"""per-datum logprobs -> (d total / d logprobs, the Evaluation that breaks it down)."""
+
+
+def gradient_fn(
+    data: list[Datum],
+    loss_fn: LossFn | None,
+    regularizers: Sequence[RegularizerSpec] | None = None,
+    track_grad_norms: bool = False,
+    run_sync_in_executor: bool = False,
+) -> GradientFn:
+    """The gradient a forward_backward_custom backpropagates: embedded and on the server
+    (inside the engine's one forward/backward) and in the HTTP client (between Tinker's
+    two phases). If a term fails it raises, and no gradient is applied."""
+
+    def fn(logprobs: list[Tensor]) -> tuple[list[Tensor], Evaluation]:
+        result = evaluate(
+            data, logprobs, loss_fn, regularizers, track_grad_norms, run_sync_in_executor
+        )
+        return result.grads, result
+
+    return fn
 
 
 async def _run_all(
@@ -245,8 +271,10 @@ def _label(name: str) -> str:
 
 
 def _check_result(name: str, result: Any) -> tuple[Tensor, dict[str, float]]:
+    import torch
+
     value, custom = result if isinstance(result, tuple) and len(result) == 2 else (result, {})
-    if not isinstance(value, Tensor):
+    if not isinstance(value, torch.Tensor):
         raise CustomLossError(f"{_label(name)} returned {type(value).__name__}, not a tensor")
     if value.numel() != 1:
         raise CustomLossError(
@@ -262,6 +290,8 @@ def _check_result(name: str, result: Any) -> tuple[Tensor, dict[str, float]]:
 
 
 def _grad(value: Tensor, leaves: list[Tensor], retain_graph: bool) -> list[Tensor]:
+    import torch
+
     if not value.requires_grad:  # a constant term: zero gradient
         return [torch.zeros_like(leaf) for leaf in leaves]
     grads = torch.autograd.grad(value, leaves, retain_graph=retain_graph, allow_unused=True)

@@ -10,14 +10,16 @@ built by either client parses on the tinkerd server and vice versa. Conventions:
 from __future__ import annotations
 
 import datetime
-from typing import Any, Literal
+import sys
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+if TYPE_CHECKING:  # torch is imported only by the helpers that convert to and from it
+    import torch
+
 TensorDtype = Literal["int64", "float32"]
-LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "custom"]
 ModelID = str
 
 
@@ -36,7 +38,6 @@ class ResponseBase(BaseModel):
 # ---------------------------------------------------------------- tensors
 
 _NUMPY_DTYPE = {"int64": np.int64, "float32": np.float32}
-_TORCH_DTYPE = {"int64": torch.int64, "float32": torch.float32}
 
 # Dtype of a plain Python list given for a known loss_fn_inputs key (as in the SDK).
 _KEY_DTYPE: dict[str, TensorDtype] = {
@@ -78,6 +79,8 @@ class TensorData(StrictBase):
 
     @classmethod
     def from_torch(cls, tensor: torch.Tensor) -> TensorData:
+        import torch
+
         tensor = tensor.detach().cpu()
         if tensor.dtype == torch.bfloat16 or tensor.dtype == torch.float16:
             tensor = tensor.float()
@@ -88,7 +91,9 @@ class TensorData(StrictBase):
         )
 
     def to_torch(self, pad_value: int = 0) -> torch.Tensor:
-        dtype = _TORCH_DTYPE[self.dtype]
+        import torch
+
+        dtype = {"int64": torch.int64, "float32": torch.float32}[self.dtype]
         if self.sparse_crow_indices is not None:
             if self.sparse_col_indices is None or self.shape is None or len(self.shape) != 2:
                 raise ValueError("sparse TensorData needs sparse_col_indices and a 2-D shape")
@@ -115,7 +120,8 @@ def to_tensor_data(key: str, value: Any) -> TensorData:
     """Coerce what a user may put in `loss_fn_inputs` (TensorData, numpy, torch, list)."""
     if isinstance(value, TensorData):
         return value
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # a value cannot be a tensor if torch was never imported
+    if torch is not None and isinstance(value, torch.Tensor):
         return TensorData.from_torch(value)
     if isinstance(value, np.ndarray):
         return TensorData.from_numpy(value)
@@ -352,12 +358,6 @@ class SaveWeightsForSamplerResponse(ResponseBase):
     path: str
     """`tinker://<model_id>/sampler_weights/<name>`"""
     type: Literal["save_weights_for_sampler"] | None = None
-
-
-class GetSamplerResponse(ResponseBase):
-    sampler_id: str
-    base_model: str
-    model_path: str | None = None
 
 
 # ---------------------------------------------------------------- checkpoints and runs

@@ -48,12 +48,6 @@ class APIFuture(Generic[T]):
         return self._future
 
 
-def completed(value: T) -> APIFuture[T]:
-    future: Future[T] = Future()
-    future.set_result(value)
-    return APIFuture(future)
-
-
 def failed(error: BaseException) -> APIFuture[Any]:
     future: Future[Any] = Future()
     future.set_exception(error)

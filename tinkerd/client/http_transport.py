@@ -21,11 +21,20 @@ import torch
 from torch import Tensor
 
 from tinkerd import wire_proto
+from tinkerd.client.rest_client import HttpRest
 from tinkerd.client.traced_loss import LossHandle
-from tinkerd.client.transport import GradientFn, SampleOptions, SamplerRef, failed_future
+from tinkerd.client.transport import SampleOptions, SamplerRef, chained, failed_future
+from tinkerd.custom_loss import (
+    Evaluation,
+    GradientFn,
+    RegularizerSpec,
+    gradient_fn,
+    output_from_metrics,
+)
 from tinkerd.errors import InvalidRequestError, RequestFailedError, TinkerdError, error_for_status
 from tinkerd.types import (
     AdamParams,
+    CustomLossOutput,
     Datum,
     ForwardBackwardOutput,
     GetInfoResponse,
@@ -204,8 +213,28 @@ class HttpTransport:
         return self._loss(model_id, data, loss_fn, loss_fn_config, forward_only=False)
 
     def forward_backward_custom(
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: Any,
+        regularizers: list[RegularizerSpec],
+        track_grad_norms: bool,
+        run_sync_in_executor: bool,
+    ) -> Future[CustomLossOutput]:
+        """Uploaded losses (every term a LossHandle) run on the server in one pass;
+        otherwise the terms run here, between Tinker's two phases."""
+        if all(isinstance(h, LossHandle) for h in [loss_fn, *(r.fn for r in regularizers)]):
+            names = [r.name for r in regularizers]
+            regs = [(r.name, r.weight, r.fn) for r in regularizers]
+            future = self._forward_backward_traced(model_id, data, loss_fn, regs, track_grad_norms)
+            return chained(future, lambda out: output_from_metrics(out, names))
+        grads = gradient_fn(data, loss_fn, regularizers, track_grad_norms, run_sync_in_executor)
+        future = self._two_phases(model_id, data, grads)
+        return chained(future, lambda out: out[1].output(out[0]))
+
+    def _two_phases(
         self, model_id: str, data: list[Datum], gradient_fn: GradientFn
-    ) -> Future[tuple[ForwardBackwardOutput, Any]]:
+    ) -> Future[tuple[ForwardBackwardOutput, Evaluation]]:
         """Tinker's two phases: a forward for the logprobs, then a cross_entropy
         forward_backward whose weights are -d(loss)/d(logprobs). Both seq_ids are taken
         now, so requests made after this call still run after both phases."""
@@ -267,7 +296,7 @@ class HttpTransport:
 
         return self._submit("/create_custom_loss", with_id, body)
 
-    def forward_backward_traced(
+    def _forward_backward_traced(
         self,
         model_id: str,
         data: list[Datum],
@@ -443,6 +472,11 @@ class HttpTransport:
                     tokenizer_id or base_model
                 )
         return self._tokenizers[base_model]
+
+    def rest_backend(self) -> HttpRest:
+        """The server's REST routes, with this transport's address and API key."""
+        http = httpx.Client(base_url=self._http.base_url, headers=self._http.headers, timeout=60.0)
+        return HttpRest(http)
 
     def close(self) -> None:
         self._closed.set()

@@ -8,27 +8,17 @@ directory directly and sees everything in it (as the owner of the files would).
 
 from __future__ import annotations
 
-import datetime
 import email.utils
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import httpx
 
 from tinkerd.client.futures import APIFuture
-from tinkerd.engine.checkpoints import CheckpointStore, parse_tinker_path
-from tinkerd.errors import NotFoundError, error_for_status
-from tinkerd.server.catalog import (
-    ARCHIVE_URL_SECONDS,
-    Catalog,
-    LiveRuns,
-    extract_checkpoint,
-    tar_stream,
-)
-from tinkerd.server.store import Store
+from tinkerd.errors import error_for_status
 from tinkerd.types import (
     CheckpointArchiveUrlResponse,
     CheckpointsListResponse,
@@ -41,10 +31,33 @@ API = "/api/v1"
 Scope = Literal["owned", "accessible"]
 
 
+def _parse(tinker_path: str) -> tuple[str, str, str]:
+    """(model_id, kind, name) of `tinker://<model_id>/<kind>/<name>`."""
+    from tinkerd.engine.checkpoints import parse_tinker_path  # lazy: no engine at import
+
+    return parse_tinker_path(tinker_path)
+
+
 def _checkpoint_id(tinker_path: str) -> tuple[str, str]:
     """(training_run_id, checkpoint_id) of a tinker path, e.g. (run, "weights/name")."""
-    model_id, kind, name = parse_tinker_path(tinker_path)
+    model_id, kind, name = _parse(tinker_path)
     return model_id, f"{kind}/{name}"
+
+
+class RestBackend(Protocol):
+    """Where a RestClient's calls go: a server's REST routes, or a data directory."""
+
+    def runs(self, limit: int, offset: int, scope: Scope) -> TrainingRunsResponse: ...
+    def run(self, training_run_id: str, scope: Scope) -> TrainingRun: ...
+    def weights_info(self, tinker_path: str) -> WeightsInfoResponse: ...
+    def checkpoints(self, training_run_id: str) -> CheckpointsListResponse: ...
+    def user_checkpoints(self, limit: int, offset: int) -> CheckpointsListResponse: ...
+    def delete(self, tinker_path: str) -> None: ...
+    def set_public(self, tinker_path: str, public: bool) -> None: ...
+    def set_ttl(self, tinker_path: str, ttl_seconds: int | None) -> None: ...
+    def archive_url(self, tinker_path: str) -> CheckpointArchiveUrlResponse: ...
+    def fetch_archive(self, tinker_path: str, dest: Path) -> None: ...
+    def close(self) -> None: ...
 
 
 class HttpRest:
@@ -119,62 +132,8 @@ class HttpRest:
                 for chunk in response.iter_bytes(1 << 20):
                     f.write(chunk)
 
-
-class LocalRest:
-    """A data directory without a server: its SQLite store and checkpoints, unscoped."""
-
-    def __init__(self, catalog: Catalog):
-        self.catalog = catalog
-
-    @classmethod
-    def open(cls, data_dir: Path | str, live_runs: LiveRuns = dict) -> LocalRest:
-        data_dir = Path(data_dir).expanduser()
-        if not data_dir.is_dir():
-            raise NotFoundError(f"no tinkerd data directory at {data_dir}")
-        # recover=False: a server may be writing to this directory right now.
-        store = CheckpointStore(data_dir / "checkpoints", recover=False)
-        return cls(Catalog(Store(data_dir), store, live_runs))
-
-    def runs(self, limit: int, offset: int, scope: Scope) -> TrainingRunsResponse:
-        runs, cursor = self.catalog.list_runs(None, limit, offset)
-        return TrainingRunsResponse(training_runs=runs, cursor=cursor)
-
-    def run(self, training_run_id: str, scope: Scope) -> TrainingRun:
-        return self.catalog.get_run(training_run_id, None)
-
-    def weights_info(self, tinker_path: str) -> WeightsInfoResponse:
-        return self.catalog.readable(tinker_path, None).weights_info()
-
-    def checkpoints(self, training_run_id: str) -> CheckpointsListResponse:
-        return self.catalog.list_checkpoints(training_run_id, None)
-
-    def user_checkpoints(self, limit: int, offset: int) -> CheckpointsListResponse:
-        return self.catalog.list_user_checkpoints(None, limit, offset)
-
-    def delete(self, tinker_path: str) -> None:
-        self.catalog.delete(tinker_path, None)
-
-    def set_public(self, tinker_path: str, public: bool) -> None:
-        self.catalog.set_public(tinker_path, None, public)
-
-    def set_ttl(self, tinker_path: str, ttl_seconds: int | None) -> None:
-        self.catalog.set_ttl(tinker_path, None, ttl_seconds)
-
-    def archive_url(self, tinker_path: str) -> CheckpointArchiveUrlResponse:
-        """A file:// URL of the archive, written to a temporary file."""
-        fd, name = tempfile.mkstemp(prefix="tinkerd-checkpoint-", suffix=".tar")
-        os.close(fd)
-        self.fetch_archive(tinker_path, Path(name))
-        expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
-            seconds=ARCHIVE_URL_SECONDS
-        )
-        return CheckpointArchiveUrlResponse(url=Path(name).as_uri(), expires=expires)
-
-    def fetch_archive(self, tinker_path: str, dest: Path) -> None:
-        info = self.catalog.readable(tinker_path, None)
-        with open(dest, "wb") as f:
-            for chunk in tar_stream(info):
-                f.write(chunk)
+    def close(self) -> None:
+        self.http.close()
 
 
 class RestClient:
@@ -189,7 +148,7 @@ class RestClient:
         api_key: str | None = None,
         *,
         data_dir: Path | str | None = None,
-        backend: HttpRest | LocalRest | None = None,
+        backend: RestBackend | None = None,
     ):
         base_url = base_url or os.environ.get("TINKERD_BASE_URL")
         if backend is not None:
@@ -201,6 +160,8 @@ class RestClient:
                 httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=60.0)
             )
         else:
+            from tinkerd.service.local_rest import LocalRest  # lazy: reads the store
+
             data_dir = data_dir or os.environ.get("TINKERD_DATA_DIR") or "~/.tinkerd"
             self._backend = LocalRest.open(data_dir)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tinkerd-rest")
@@ -225,7 +186,7 @@ class RestClient:
     def get_training_run_by_tinker_path(
         self, tinker_path: str, access_scope: Scope = "owned"
     ) -> APIFuture[TrainingRun]:
-        run = parse_tinker_path(tinker_path)[0]
+        run = _parse(tinker_path)[0]
         return self._submit(self._backend.run, run, access_scope)
 
     def get_weights_info_by_tinker_path(self, tinker_path: str) -> APIFuture[WeightsInfoResponse]:
@@ -281,6 +242,8 @@ class RestClient:
         checked against its recorded sha256; the future gives `out_dir`."""
 
         def download() -> Path:
+            from tinkerd.service.access import extract_checkpoint  # checks every sha256
+
             out = Path(out_dir)
             out.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -292,8 +255,7 @@ class RestClient:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
-        if isinstance(self._backend, HttpRest):
-            self._backend.http.close()
+        self._backend.close()
 
 
 def _async_twin(name: str) -> Any:

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from tinkerd.client.futures import APIFuture, failed
 from tinkerd.client.sampling_client import SamplingClient
-from tinkerd.client.traced_loss import LossHandle, trace
 from tinkerd.client.training_client import TrainingClient
 from tinkerd.client.transport import InProcessTransport, Transport
-from tinkerd.errors import InvalidRequestError, TinkerdError
-from tinkerd.server.catalog import Catalog
-from tinkerd.server.store import Store
+from tinkerd.errors import InvalidRequestError
 from tinkerd.types import GetServerCapabilitiesResponse, LoraConfig
 
 if TYPE_CHECKING:
     from tinkerd.client.rest_client import RestClient
+    from tinkerd.client.traced_loss import LossHandle
 
 
 class ServiceClient:
@@ -138,6 +133,8 @@ class ServiceClient:
         """Trace a per-datum loss `fn(logprobs, *inputs) -> (loss, metrics)` with torch.fx
         into a handle that runs inside the engine (uploaded, over HTTP). Pass the handle as
         forward_backward_custom's loss_fn or a RegularizerSpec's fn."""
+        from tinkerd.client.traced_loss import trace  # lazy: torch.fx
+
         try:
             handle = trace(fn, input_ranks)
         except InvalidRequestError as e:
@@ -147,24 +144,9 @@ class ServiceClient:
     def create_rest_client(self) -> RestClient:
         """Training runs and checkpoints: this server's (scoped to the API key) over
         HTTP; embedded, the data directory's plus the runs of this client."""
-        from tinkerd.client.rest_client import HttpRest, LocalRest, RestClient
+        from tinkerd.client.rest_client import RestClient
 
-        transport = self._transport
-        if isinstance(transport, InProcessTransport):
-            engine = transport.engine
-
-            def live_runs() -> dict[str, tuple[str, int]]:
-                runs = {}
-                for model_id, base_model in list(transport._lanes.items()):
-                    with contextlib.suppress(TinkerdError):  # unloaded since
-                        runs[model_id] = (base_model, engine.run(model_id).lora.rank)
-                return runs
-
-            store = Store(engine.data_dir)
-            return RestClient(backend=LocalRest(Catalog(store, engine.checkpoints, live_runs)))
-        http = transport._http  # type: ignore[attr-defined]
-        client = httpx.Client(base_url=http.base_url, headers=http.headers, timeout=60.0)
-        return RestClient(backend=HttpRest(client))
+        return RestClient(backend=self._transport.rest_backend())
 
     def close(self) -> None:
         self._transport.close()

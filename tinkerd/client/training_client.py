@@ -11,20 +11,10 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import Tensor
-
 from tinkerd.client.futures import APIFuture, failed
 from tinkerd.client.sampling_client import SamplingClient, with_base_model
-from tinkerd.client.traced_loss import LossHandle
 from tinkerd.client.transport import Transport
-from tinkerd.custom_loss import (
-    Evaluation,
-    LossFn,
-    RegularizerSpec,
-    check_regularizers,
-    evaluate,
-    output_from_metrics,
-)
+from tinkerd.custom_loss import LossFn, RegularizerSpec, check_regularizers
 from tinkerd.errors import InvalidRequestError, ModelUnloadedError
 from tinkerd.types import (
     AdamParams,
@@ -132,8 +122,10 @@ class TrainingClient:
         """Train on `loss_fn(data, logprobs_list) -> (loss, metrics)` plus
         `sum(weight * regularizer)`, computed on the per-token logprobs of `data`.
 
-        Embedded: one forward and one backward through the live graph. Over HTTP: Tinker's
-        two phases (forward; then cross_entropy with weights = -d(total)/d(logprobs)).
+        Embedded, and over HTTP with uploaded losses (`create_custom_loss` handles): one
+        forward and one backward through the live graph. Over HTTP with plain functions:
+        Tinker's two phases (forward; then cross_entropy with weights =
+        -d(total)/d(logprobs)).
         The result breaks the total down per term (values, contributions and, with
         `track_grad_norms`, the L2 norm of each term's gradient w.r.t. the logprobs).
         Async functions are awaited concurrently; with `run_sync_in_executor`, plain
@@ -143,29 +135,14 @@ class TrainingClient:
             check_regularizers(loss_fn, regularizers)
         except (ValueError, TypeError) as e:
             return failed(e if isinstance(e, InvalidRequestError) else InvalidRequestError(str(e)))
-        regularizers = list(regularizers or [])
-        handles = [loss_fn, *(r.fn for r in regularizers)]
-        if all(isinstance(h, LossHandle) for h in handles) and hasattr(
-            self._transport, "forward_backward_traced"
-        ):  # everything runs on the server, in one pass
-            if self._unloaded:
-                return failed(ModelUnloadedError(f"model {self.model_id!r} was unloaded"))
-            regs = [(r.name, r.weight, r.fn) for r in regularizers]
-            future = self._transport.forward_backward_traced(
-                self.model_id, data, loss_fn, regs, track_grad_norms
-            )
-            return APIFuture(future).then(
-                lambda out: output_from_metrics(out, [r.name for r in regularizers])
-            )
-
-        def gradient_fn(logprobs: list[Tensor]) -> tuple[list[Tensor], Evaluation]:
-            result = evaluate(
-                data, logprobs, loss_fn, regularizers, track_grad_norms, run_sync_in_executor
-            )
-            return result.grads, result
-
-        future = self._submit("forward_backward_custom", data, gradient_fn)
-        return future.then(lambda out: out[1].output(out[0]))
+        return self._submit(
+            "forward_backward_custom",
+            data,
+            loss_fn,
+            list(regularizers or []),
+            track_grad_norms,
+            run_sync_in_executor,
+        )
 
     async def forward_backward_custom_async(
         self, *args: Any, **kwargs: Any

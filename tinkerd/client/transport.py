@@ -1,24 +1,22 @@
 """Transports: how a client's requests reach an engine.
 
 Every request method returns a `concurrent.futures.Future` at once; the clients wrap it
-in an `APIFuture`. `InProcessTransport` queues work on an engine in this process; the
-HTTP transport speaks Tinker's wire protocol to a `tinkerd serve` (or any Tinker) server.
+in an `APIFuture`. `InProcessTransport` hands requests to the service (tinkerd/service)
+on an engine in this process; the HTTP transport speaks Tinker's wire protocol to a
+`tinkerd serve` (or any Tinker) server, which hands them to its own service.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from torch import Tensor
-
-from tinkerd.server.scheduler import Scheduler, loss_work
 from tinkerd.types import (
     AdamParams,
+    CustomLossOutput,
     Datum,
     ForwardBackwardOutput,
     GetInfoResponse,
@@ -31,7 +29,8 @@ from tinkerd.types import (
     UnloadModelResponse,
 )
 
-GradientFn = Callable[[list[Tensor]], tuple[list[Tensor], Any]]
+if TYPE_CHECKING:
+    from tinkerd.client.rest_client import RestBackend
 
 
 @dataclass(frozen=True)
@@ -75,11 +74,21 @@ class Transport(Protocol):
     ) -> Future[ForwardBackwardOutput]: ...
 
     def forward_backward_custom(
-        self, model_id: str, data: list[Datum], gradient_fn: GradientFn
-    ) -> Future[tuple[ForwardBackwardOutput, Any]]:
-        """Forward `data`, call `gradient_fn(per-datum logprobs) -> (d loss/d logprobs,
-        extra)`, and backpropagate that gradient into the run; returns (output, extra).
-        If gradient_fn raises, the run receives no gradient."""
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: Any,
+        regularizers: list[Any],
+        track_grad_norms: bool,
+        run_sync_in_executor: bool,
+    ) -> Future[CustomLossOutput]:
+        """Train on `loss_fn` plus weighted `regularizers` (RegularizerSpec) evaluated on
+        the per-token logprobs of `data` (custom_loss.gradient_fn). Uploaded losses
+        (LossHandle) may run on the server; if any term fails, no gradient is applied."""
+        ...
+
+    def create_custom_loss(self, handle: Any) -> Future[Any]:
+        """Make a traced loss (a LossHandle) usable: upload it, or keep it local."""
         ...
 
     def optim_step(self, model_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]: ...
@@ -118,6 +127,10 @@ class Transport(Protocol):
 
     def get_tokenizer(self, model_id: str | None, base_model: str) -> Any: ...
 
+    def rest_backend(self) -> RestBackend:
+        """Where a RestClient of this transport goes: the same server, or data dir."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -132,117 +145,118 @@ def _ref(weights: Any) -> SamplerRef:
     return SamplerRef(weights.sampler_id, weights.base_model, weights.model_path)
 
 
-_default_engine = None
-_default_lock = threading.Lock()
+def _call(fn: Callable[..., Any], *args: Any) -> Future:
+    """`fn(*args)`'s Future (or its result, as a done one); what it raises, as a failed one."""
+    try:
+        result = fn(*args)
+    except Exception as e:  # noqa: BLE001 -- a client sees every failure in its future
+        return failed_future(e)
+    if isinstance(result, Future):
+        return result
+    done: Future = Future()
+    done.set_result(result)
+    return done
 
 
-def default_engine():
-    """The process-wide embedded engine: every in-process client shares its base models."""
-    global _default_engine
-    with _default_lock:
-        if _default_engine is None:
-            from tinkerd.engine import Engine
+def chained(future: Future, fn: Callable[[Any], Any]) -> Future:
+    """A future of `fn(future's result)`; errors pass through."""
+    out: Future = Future()
 
-            _default_engine = Engine()
-        return _default_engine
+    def relay(source: Future) -> None:
+        try:
+            out.set_result(fn(source.result()))
+        except BaseException as e:  # noqa: BLE001 -- delivered to whoever waits
+            out.set_exception(e)
+
+    future.add_done_callback(relay)
+    return out
 
 
 class InProcessTransport:
-    """Runs requests on an engine in this process, through the same scheduler the server
-    uses: one lane per base model, keyed by run, so a run's requests run in order, runs
-    take turns, and concurrent forward_backward calls of several runs share a pass."""
+    """A thin adapter over the process's embedded Service on an engine (one per engine:
+    `Service.for_engine`), so the runs of every embedded client on it are scheduled
+    together: a run's requests run in order, runs take turns, and concurrent
+    forward_backward calls of several runs share a pass. The caller is the local owner:
+    no API key, no session."""
 
-    def __init__(self, engine=None, cache_dir: Path | None = None):
-        from tinkerd.engine import Engine
+    def __init__(self, engine: Any = None, cache_dir: Path | None = None, service: Any = None):
+        """`service`: a Service of its own (e.g. with another ServiceConfig) instead of
+        the engine's shared one."""
+        from tinkerd.service import Service, default_engine  # lazy: client imports no engine
 
-        self.engine = engine or (Engine(cache_dir=cache_dir) if cache_dir else default_engine())
-        self.scheduler = Scheduler()
-        self._lanes: dict[str, str] = {}
-
-    def _lane(self, model_id: str) -> str:
-        return self._lanes.get(model_id, "default")
-
-    def _submit(self, model_id: str, fn: Callable[..., Any], *args: Any) -> Future:
-        """Queue `fn(*args)` behind the run's earlier requests (never unkeyed: every
-        request of a run must take the run's turns)."""
-        return self.scheduler.submit_keyed(self._lane(model_id), model_id, lambda: fn(*args))
-
-    def _loss(self, model_id, data, loss_fn, loss_fn_config, backward: bool) -> Future:
-        try:  # bad input fails now, before it queues
-            request = self.engine.prepare(model_id, data, loss_fn, loss_fn_config)
-        except Exception as e:
-            return failed_future(e)
-        work = loss_work(self.engine, request, backward)
-        return self.scheduler.submit_keyed(self._lane(model_id), model_id, work)
+        if service is not None:
+            engine = service.engine
+        elif engine is None:
+            engine = default_engine() if cache_dir is None else _engine(cache_dir)
+        self.engine = engine
+        self.service = service or Service.for_engine(engine)
 
     def get_server_capabilities(self) -> Future[GetServerCapabilitiesResponse]:
-        return self.scheduler.submit("control", self.engine.get_server_capabilities)
+        return _call(self.service.get_server_capabilities)
 
     def create_model(self, base_model: str, lora_config: LoraConfig) -> Future[str]:
-        def create() -> str:
-            model_id = self.engine.create_model(base_model, lora_config)
-            self._lanes[model_id] = base_model  # before the caller can see the id
-            return model_id
-
-        return self.scheduler.submit(base_model, create)
+        return _call(self.service.create_model, None, base_model, lora_config)
 
     def get_info(self, model_id: str) -> Future[GetInfoResponse]:
-        return self._submit(model_id, self.engine.get_info, model_id)
+        return _call(self.service.get_info, None, model_id)
 
     def forward(self, model_id, data, loss_fn, loss_fn_config) -> Future[ForwardBackwardOutput]:
-        return self._loss(model_id, data, loss_fn, loss_fn_config, backward=False)
+        return _call(self.service.forward, None, model_id, data, loss_fn, loss_fn_config)
 
     def forward_backward(
         self, model_id, data, loss_fn, loss_fn_config
     ) -> Future[ForwardBackwardOutput]:
-        return self._loss(model_id, data, loss_fn, loss_fn_config, backward=True)
+        return _call(self.service.forward_backward, None, model_id, data, loss_fn, loss_fn_config)
 
     def forward_backward_custom(
-        self, model_id: str, data: list[Datum], gradient_fn: GradientFn
-    ) -> Future[tuple[ForwardBackwardOutput, Any]]:
-        # One forward and one backward on the live graph, run in the run's lane.
-        return self._submit(
-            model_id, self.engine.forward_backward_custom, model_id, data, gradient_fn
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: Any,
+        regularizers: list[Any],
+        track_grad_norms: bool,
+        run_sync_in_executor: bool,
+    ) -> Future[CustomLossOutput]:
+        # One forward and one backward on the live graph, in the run's turn.
+        return _call(
+            self.service.forward_backward_custom,
+            None,
+            model_id,
+            data,
+            loss_fn,
+            regularizers,
+            track_grad_norms,
+            run_sync_in_executor,
         )
 
+    def create_custom_loss(self, handle: Any) -> Future[Any]:
+        # Already checked and compiled by the tracer; it runs inside this process's engine.
+        handle.loss_id = f"local:{handle.name}"
+        return _call(lambda: handle)
+
     def optim_step(self, model_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]:
-        return self._submit(model_id, self.engine.optim_step, model_id, adam_params)
+        return _call(self.service.optim_step, None, model_id, adam_params)
 
     def unload_model(self, model_id: str) -> Future[UnloadModelResponse]:
-        return self._submit(model_id, self.engine.unload_model, model_id)
+        return _call(self.service.unload_model, None, model_id)
 
     def save_state(self, model_id: str, name: str) -> Future[str]:
-        return self._submit(model_id, lambda: self.engine.save_state(model_id, name).tinker_path)
+        return _call(self.service.save_state, None, model_id, name)
 
     def load_state(self, model_id: str, path: str, with_optimizer: bool) -> Future[None]:
-        return self._submit(model_id, self.engine.load_state, model_id, path, with_optimizer)
+        return _call(self.service.load_state, None, model_id, path, with_optimizer)
 
     def create_model_from_state(
         self, path: str, with_optimizer: bool
     ) -> Future[tuple[str, str, LoraConfig]]:
-        try:
-            base_model = self.engine.weights_info(path).base_model
-        except Exception as e:
-            return failed_future(e)
-
-        def create() -> tuple[str, str, LoraConfig]:
-            model_id = self.engine.create_model_from_state(path, with_optimizer)
-            self._lanes[model_id] = base_model
-            return model_id, base_model, self.engine.run(model_id).lora
-
-        return self.scheduler.submit(base_model, create)
+        return _call(self.service.create_model_from_state, None, path, with_optimizer)
 
     def save_weights_for_sampler(self, model_id: str, name: str | None) -> Future[SamplerRef]:
-        def save() -> SamplerRef:
-            return _ref(self.engine.save_weights_for_sampler(model_id, name))
-
-        return self._submit(model_id, save)
+        future = _call(self.service.save_weights_for_sampler, None, model_id, name)
+        return chained(future, lambda saved: _ref(saved[0]))
 
     def create_sampler(self, base_model: str | None, model_path: str | None) -> Future[SamplerRef]:
-        def create() -> SamplerRef:
-            return _ref(self.engine.sampler_for(base_model=base_model, model_path=model_path))
-
-        return self.scheduler.submit("control", create)
+        return _call(lambda: _ref(self.service.sampling.weights(None, base_model, model_path)))
 
     def sample(
         self,
@@ -252,11 +266,9 @@ class InProcessTransport:
         sampling_params: SamplingParams,
         options: SampleOptions,
     ) -> Future[SampleResponse]:
-        # Not through the lanes: the engine's sampler batches concurrent requests itself.
-        try:
-            weights = self.engine.get_sampler(sampler.sampler_id)
-            return self.engine.sample(
-                weights,
+        def start() -> Future[SampleResponse]:
+            return self.service.sampling.sample(
+                self.engine.get_sampler(sampler.sampler_id),
                 prompt.to_ints(),
                 num_samples,
                 sampling_params,
@@ -264,18 +276,23 @@ class InProcessTransport:
                 options.topk_prompt_logprobs,
                 options.topk_sample_logprobs,
             )
-        except Exception as e:
-            return failed_future(e)
+
+        return _call(start)
 
     def get_tokenizer(self, model_id: str | None, base_model: str) -> Any:
         return self.engine.base_model(base_model).tokenizer
 
-    def create_custom_loss(self, handle: Any) -> Future[Any]:
-        # Already checked and compiled by the tracer; it runs inside this process's engine.
-        future: Future[Any] = Future()
-        handle.loss_id = f"local:{handle.name}"
-        future.set_result(handle)
-        return future
+    def rest_backend(self) -> RestBackend:
+        """The data directory's runs and checkpoints, plus the live embedded runs."""
+        from tinkerd.service.local_rest import LocalRest
+
+        return LocalRest(self.service.catalog)
 
     def close(self) -> None:
-        self.scheduler.shutdown(wait=True)
+        """Nothing to free: the service is shared by every embedded client of the engine."""
+
+
+def _engine(cache_dir: Path) -> Any:
+    from tinkerd.engine import Engine
+
+    return Engine(cache_dir=cache_dir)

@@ -4,7 +4,7 @@ A facade: the runs registry lives here, checkpoints in `checkpoints`, the comput
 `compute` (one path for every pass), sampler versions in `sampler_weights`. All methods
 are synchronous and thread-safe; calls on runs of one base model are serialised by that
 base's lock, since they share one module tree. Queueing, ordering and futures live above
-the engine (`tinkerd.server.scheduler`). With `parallel` a torch.distributed group, each
+the engine (`tinkerd.service.scheduler`). With `parallel` a torch.distributed group, each
 rank's engine computes its share of every batch (`tinkerd.engine.distributed`).
 """
 

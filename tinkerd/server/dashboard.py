@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from tinkerd.errors import NotFoundError
-from tinkerd.server.metrics import per_step
+from tinkerd.service.metrics import per_step
 
 if TYPE_CHECKING:
     from tinkerd.server.app import Server

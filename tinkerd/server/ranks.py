@@ -78,12 +78,15 @@ def _start_rank(rank: int, world: int, args: argparse.Namespace, data_dir: Path)
         torch.cuda.set_device(local_rank)
     else:  # ranks on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    from tinkerd.cli.serve import engine_config
+
     engine = Engine(
         extra_models=args.model,
         data_dir=data_dir,
         device=f"cuda:{local_rank}" if cuda else None,
         recover_checkpoints=rank == 0,  # only rank 0 writes checkpoints
         sampler_factory=sampler_factory(args.sampler),  # used on rank 0 alone
+        config=engine_config(args),
     )
     if args.fsdp:
         for name in [TINY_MODEL_NAME, *parse_model_specs(args.model)]:

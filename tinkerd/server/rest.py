@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from tinkerd.server.catalog import checkpoint_path, tar_stream
+from tinkerd.service.access import checkpoint_path, tar_stream
 
 API = "/api/v1"
 Scope = Literal["owned", "accessible"]

@@ -1,34 +1,11 @@
-"""Command line: `tinkerd demo`, `tinkerd serve`, `tinkerd runs|checkpoints|export`."""
+"""`tinkerd serve`: the Tinker wire protocol over HTTP, on an engine in this process
+(or on data-parallel ranks: server/ranks.py)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-
-from tinkerd.rest_cli import register as register_rest
-from tinkerd.runs_cli import add_show_command
-
-
-def _demo(args: argparse.Namespace) -> int:
-    if args.rl:
-        from tinkerd.rl_demo import run_rl_demo
-
-        rewards = run_rl_demo(steps=args.steps or 40, seed=args.seed, progress=not args.no_progress)
-        k = min(5, len(rewards))
-        return 0 if sum(rewards[-k:]) > sum(rewards[:k]) else 1
-    from tinkerd.demo import run_demo
-
-    before, after = run_demo(
-        steps=args.steps or 500,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        rank=args.rank,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    return 0 if after.loss_per_token < before.loss_per_token else 1
-
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -39,12 +16,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from tinkerd.engine import Engine, batch
+    from tinkerd.engine import Engine, EngineConfig
     from tinkerd.engine.models import parse_model_specs
     from tinkerd.engine.sampler_backend import sampler_factory
     from tinkerd.engine.tiny import TINY_MODEL_NAME
     from tinkerd.errors import InvalidRequestError
     from tinkerd.server.app import Server, create_app
+    from tinkerd.service import ServiceConfig
 
     keys = list(args.api_key or [])
     keys += [k.strip() for k in os.environ.get("TINKERD_API_KEYS", "").split(",") if k.strip()]
@@ -65,21 +43,15 @@ def _serve(args: argparse.Namespace) -> int:
     except (InvalidRequestError, ValueError) as e:
         print(f"tinkerd serve: {e}", file=sys.stderr)
         return 2
-    if args.max_batch_tokens:  # here, and in ranks started later (read at import)
-        batch.MAX_BATCH_TOKENS = args.max_batch_tokens
-        os.environ["TINKERD_MAX_BATCH_TOKENS"] = str(args.max_batch_tokens)
     data_dir = Path(args.data_dir).expanduser()
 
     def run_server(engine: Engine) -> None:
-        server = Server(
-            engine,
-            data_dir,
-            keys,
-            models,
+        config = ServiceConfig(
             poll_timeout=args.poll_timeout,
             max_pending=args.max_queue,
             session_timeout=args.session_timeout,
         )
+        server = Server(engine, data_dir, keys, models, config=config)
         print(
             f"tinkerd serving {models} on http://{args.host}:{args.port} "
             f"({len(keys)} API key(s); data in {server.store.path})",
@@ -92,28 +64,28 @@ def _serve(args: argparse.Namespace) -> int:
         from tinkerd.server.ranks import serve_ranks
 
         return serve_ranks(world, args, data_dir, run_server)
-    run_server(Engine(extra_models=args.model, data_dir=data_dir, sampler_factory=samplers))
+    run_server(
+        Engine(
+            extra_models=args.model,
+            data_dir=data_dir,
+            sampler_factory=samplers,
+            config=engine_config(args),
+        )
+    )
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tinkerd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def engine_config(args: argparse.Namespace):
+    """The engine's limits from `serve`'s flags (every rank builds the same)."""
+    from tinkerd.engine import EngineConfig
 
-    demo = sub.add_parser(
-        "demo", help="fine-tune tinkerd/tiny to reverse words (about a minute on 2 CPU cores)"
-    )
-    demo.add_argument("--steps", type=int, help="default: 500 (SFT), 40 (--rl)")
-    demo.add_argument(
-        "--rl", action="store_true", help="RL instead: GRPO with sampling (about 15 s)"
-    )
-    demo.add_argument("--batch-size", type=int, default=32)
-    demo.add_argument("--lr", type=float, default=2e-3)
-    demo.add_argument("--rank", type=int, default=32)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.set_defaults(func=_demo)
+    config = EngineConfig()
+    if args.max_batch_tokens:
+        config.max_batch_tokens = args.max_batch_tokens
+    return config
 
+
+def register(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="serve the Tinker wire protocol over HTTP")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -177,15 +149,3 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=_serve)
-    rest = register_rest(sub)  # runs list, checkpoints list|download|delete|publish, export
-    add_show_command(rest["runs"])  # tinkerd runs show RUN --metrics
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

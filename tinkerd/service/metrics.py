@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tinkerd.server.store import Store
+from tinkerd.service.store import Store
 
 log = logging.getLogger("tinkerd.server")
 

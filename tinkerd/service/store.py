@@ -3,7 +3,7 @@
 One file (`<data_dir>/tinkerd.sqlite3`) in WAL mode, so a finished result can be fetched
 again after the client reconnects, and after the server restarts. Owners are API-key
 fingerprints, never keys. Training metrics (one row per metric per operation, see
-server/metrics.py) feed the dashboard.
+service/metrics.py) feed the dashboard.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,8 @@ class StoredFuture:
 
 
 class Store:
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, clock: Callable[[], float] = time.time):
+        self.clock = clock  # seconds since the epoch; injectable so tests need not wait
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "tinkerd.sqlite3"
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -78,7 +80,7 @@ class Store:
             cursor = self._db.execute(
                 "UPDATE futures SET status='failed', content_type='application/json', body=?, "
                 "finished=? WHERE status='pending'",
-                (body, time.time()),
+                (body, self.clock()),
             )
             self._db.execute("UPDATE runs SET status='lost' WHERE status='active'")
             return cursor.rowcount
@@ -86,7 +88,7 @@ class Store:
     # ---------------------------------------------------------------- sessions
 
     def add_session(self, session_id: str, owner: str, tags: list[str], metadata: dict) -> None:
-        now = time.time()
+        now = self.clock()
         self._exec(
             "INSERT INTO sessions VALUES (?, ?, ?, ?, NULL, ?, ?)",
             (session_id, owner, now, now, json.dumps(tags), json.dumps(metadata)),
@@ -102,7 +104,7 @@ class Store:
 
     def heartbeat(self, session_id: str) -> None:
         self._exec(
-            "UPDATE sessions SET last_heartbeat=? WHERE session_id=?", (time.time(), session_id)
+            "UPDATE sessions SET last_heartbeat=? WHERE session_id=?", (self.clock(), session_id)
         )
 
     def expire_sessions(self, last_heartbeat_before: float) -> list[str]:
@@ -112,7 +114,7 @@ class Store:
                 "SELECT session_id FROM sessions WHERE finished IS NULL AND last_heartbeat < ?",
                 (last_heartbeat_before,),
             ).fetchall()
-            now = time.time()
+            now = self.clock()
             for (session_id,) in rows:
                 self._db.execute(
                     "UPDATE sessions SET finished=? WHERE session_id=?", (now, session_id)
@@ -126,14 +128,14 @@ class Store:
         return [r[0] for r in rows]
 
     def finish_session(self, session_id: str) -> None:
-        self._exec("UPDATE sessions SET finished=? WHERE session_id=?", (time.time(), session_id))
+        self._exec("UPDATE sessions SET finished=? WHERE session_id=?", (self.clock(), session_id))
 
     # ---------------------------------------------------------------- runs
 
     def add_run(
         self, model_id: str, owner: str, session_id: str, base_model: str, lora: dict, meta: dict
     ) -> None:
-        now = time.time()
+        now = self.clock()
         self._exec(
             "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?)",
             (model_id, owner, session_id, base_model, json.dumps(lora), now, now, json.dumps(meta)),
@@ -147,10 +149,10 @@ class Store:
         if status:
             self._exec(
                 "UPDATE runs SET last_request=?, status=? WHERE model_id=?",
-                (time.time(), status, model_id),
+                (self.clock(), status, model_id),
             )
         else:
-            self._exec("UPDATE runs SET last_request=? WHERE model_id=?", (time.time(), model_id))
+            self._exec("UPDATE runs SET last_request=? WHERE model_id=?", (self.clock(), model_id))
 
     def runs(self, owner: str | None) -> list[dict]:
         """Runs of one owner (None: everyone's), oldest first."""
@@ -179,7 +181,7 @@ class Store:
             if public:
                 cursor = self._db.execute(
                     "INSERT OR IGNORE INTO published VALUES (?, ?, ?)",
-                    (tinker_path, owner, time.time()),
+                    (tinker_path, owner, self.clock()),
                 )
             else:
                 cursor = self._db.execute(
@@ -208,13 +210,13 @@ class Store:
     def add_future(self, request_id: str, owner: str, model_id: str | None, kind: str) -> None:
         self._exec(
             "INSERT INTO futures VALUES (?, ?, ?, ?, 'pending', NULL, NULL, ?, NULL)",
-            (request_id, owner, model_id, kind, time.time()),
+            (request_id, owner, model_id, kind, self.clock()),
         )
 
     def finish_future(self, request_id: str, status: str, content_type: str, body: bytes) -> None:
         self._exec(
             "UPDATE futures SET status=?, content_type=?, body=?, finished=? WHERE request_id=?",
-            (status, content_type, body, time.time(), request_id),
+            (status, content_type, body, self.clock(), request_id),
         )
 
     def future(self, request_id: str) -> StoredFuture | None:
@@ -230,7 +232,7 @@ class Store:
     def add_metrics(self, model_id: str, step: int, kind: str, values: dict[str, float]) -> None:
         """Record one operation's metrics at optimizer step `step`; it is the run's last
         activity."""
-        now = time.time()
+        now = self.clock()
         rows = [(model_id, step, kind, now, name, value) for name, value in values.items()]
         with self._lock:
             self._db.execute("BEGIN")

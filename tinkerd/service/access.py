@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tinkerd.engine.checkpoints import CheckpointInfo, CheckpointStore, parse_tinker_path
 from tinkerd.errors import InvalidRequestError, NotFoundError
-from tinkerd.server.store import Store
+from tinkerd.service.store import Store
 from tinkerd.types import Checkpoint, CheckpointsListResponse, Cursor, TrainingRun
 
 ARCHIVE_URL_SECONDS = 15 * 60

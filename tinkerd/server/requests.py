@@ -1,0 +1,117 @@
+"""Request ids over the service's futures: Tinker's long-poll (`retrieve_future`).
+
+A mutating HTTP request answers `{"request_id"}` at once. The service future behind it
+is tracked here: its encoded result (or error) is written to the store, so it can be
+fetched again later, and `wait` long-polls it. A re-sent request (same run and seq_id)
+gets the same service future back, hence the first request_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import uuid
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from tinkerd.errors import TinkerdError
+from tinkerd.service.store import Store, StoredFuture
+
+log = logging.getLogger("tinkerd.server")
+
+JSON = "application/json"
+PROTOBUF = "application/x-protobuf"
+Encoded = tuple[str, bytes]  # (content type, body)
+
+
+def encode_json(value: Any) -> Encoded:
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json", exclude_none=True)
+    return JSON, json.dumps(value).encode()
+
+
+def encode_error(error: BaseException) -> Encoded:
+    if isinstance(error, TinkerdError):
+        body = {"error": str(error), "category": error.category}
+    else:
+        body = {"error": f"internal error: {type(error).__name__}: {error}", "category": "server"}
+    return JSON, json.dumps(body).encode()
+
+
+def done(value: Any) -> Future:
+    """A future already resolved to `value` (an answer that needed no queueing)."""
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+@dataclass
+class _Pending:
+    owner: str
+    done: Future  # resolves to StoredFuture when the result is recorded
+
+
+class RequestTable:
+    def __init__(self, store: Store):
+        self.store = store
+        self._pending: dict[str, _Pending] = {}
+        self._ids: weakref.WeakKeyDictionary[Future, str] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def track(
+        self,
+        owner: str,
+        kind: str,
+        future: Future,
+        encode: Callable[[Any], Encoded] = encode_json,
+        model_id: str | None = None,
+    ) -> str:
+        """The request_id of `future` (a new one, unless this future was tracked already)."""
+        with self._lock:
+            request_id = self._ids.get(future)
+            if request_id is not None:
+                return request_id
+            request_id = self._ids[future] = f"req-{uuid.uuid4().hex}"
+            self.store.add_future(request_id, owner, model_id, kind)
+            self._pending[request_id] = _Pending(owner, Future())
+        future.add_done_callback(lambda f: self._record(request_id, f, encode))
+        return request_id
+
+    def _record(self, request_id: str, future: Future, encode: Callable[[Any], Encoded]) -> None:
+        try:
+            content_type, body = encode(future.result())
+            status = "done"
+        except Exception as e:  # noqa: BLE001 -- every failure must reach the client
+            if not isinstance(e, TinkerdError):
+                log.exception("request %s failed", request_id)
+            content_type, body = encode_error(e)
+            status = "failed"
+        self.store.finish_future(request_id, status, content_type, body)
+        with self._lock:
+            pending = self._pending.pop(request_id)
+        stored = StoredFuture(request_id, pending.owner, None, "", status, content_type, body)
+        pending.done.set_result(stored)
+
+    async def wait(self, request_id: str, owner: str, timeout: float) -> StoredFuture | None:
+        """The finished future, or None if still running after `timeout` seconds.
+        Raises KeyError for an unknown id or another owner's."""
+        with self._lock:
+            pending = self._pending.get(request_id)
+        if pending is None:
+            stored = self.store.future(request_id)
+            if stored is None or stored.owner != owner:
+                raise KeyError(request_id)
+            return stored
+        if pending.owner != owner:
+            raise KeyError(request_id)
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(pending.done)), timeout
+            )
+        except asyncio.TimeoutError:
+            return None

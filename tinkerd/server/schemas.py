@@ -1,0 +1,105 @@
+"""Request bodies of the wire protocol's JSON routes (see docs/wire-protocol.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tinkerd.types import AdamParams, LoraConfig, ModelInput
+
+
+class Body(BaseModel):
+    """Request bodies: unknown fields (newer SDKs) are ignored."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class CreateSessionRequest(Body):
+    tags: list[str] = Field(default_factory=list)
+    user_metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class SessionRequest(Body):
+    session_id: str
+
+
+class CreateModelRequest(Body):
+    session_id: str
+    model_seq_id: int = Field(ge=0)
+    base_model: str
+    lora_config: LoraConfig
+    user_metadata: dict[str, Any] | None = None
+
+
+class ModelRequest(Body):
+    model_id: str
+
+
+class OptimStepRequest(Body):
+    model_id: str
+    seq_id: int | None = None
+    adam_params: AdamParams | None = None
+    optimizer_params: AdamParams | None = None
+
+
+class SaveWeightsForSamplerRequest(Body):
+    model_id: str
+    seq_id: int | None = None
+    path: str | None = None
+    """A name: the weights are kept at tinker://<model_id>/sampler_weights/<name>."""
+    sampling_session_seq_id: int | None = None
+    """Without a name: open a sampling session on the (ephemeral) weights."""
+
+
+class SaveWeightsRequest(Body):
+    model_id: str
+    path: str
+    """A name: the state is saved as tinker://<model_id>/weights/<name>."""
+    seq_id: int | None = None
+    overwrite: bool = False
+
+
+class LoadWeightsRequest(Body):
+    """Either legacy addressing (model_id + seq_id: load into an existing run) or
+    create-via-load (session_id + model_seq_id: a new run made from the checkpoint)."""
+
+    path: str
+    optimizer: bool = False
+    model_id: str | None = None
+    seq_id: int | None = None
+    session_id: str | None = None
+    model_seq_id: int | None = Field(default=None, ge=0)
+    base_model: str | None = None
+    user_metadata: dict[str, Any] | None = None
+
+
+class WeightsInfoRequest(Body):
+    tinker_path: str
+
+
+class CreateSamplingSessionRequest(Body):
+    session_id: str
+    sampling_session_seq_id: int = 0
+    base_model: str | None = None
+    model_path: str | None = None
+
+
+class SampleRequest(Body):
+    sampling_session_id: str | None = None
+    seq_id: int | None = None
+    base_model: str | None = None
+    model_path: str | None = None
+    num_samples: int = 1
+    prompt: ModelInput
+    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    prompt_logprobs_last_n: int | None = None
+    prompt_alt_tokens_k: int = 0
+    target_prompt_logprobs: Any = None
+
+
+class RetrieveFutureRequest(Body):
+    request_id: str

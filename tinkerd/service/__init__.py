@@ -1,0 +1,30 @@
+"""The service layer: what the HTTP server and the embedded transport share.
+
+`Service` (service.py) validates, queues, schedules and packs requests over one engine
+and hands back futures; scheduler.py packs passes, futures.py orders requests by seq_id,
+store.py is the SQLite store, access.py decides what an API key may see, metrics.py
+records training metrics, local_rest.py serves a data directory to a RestClient.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from tinkerd.engine import Engine
+from tinkerd.service.config import ServiceConfig
+from tinkerd.service.service import Service
+
+__all__ = ["Service", "ServiceConfig", "default_engine"]
+
+_default_engine: Engine | None = None
+_default_lock = threading.Lock()
+
+
+def default_engine() -> Engine:
+    """The process-wide embedded engine: every in-process client shares its base models
+    (and, through `Service.for_engine`, its scheduler)."""
+    global _default_engine
+    with _default_lock:
+        if _default_engine is None:
+            _default_engine = Engine()
+        return _default_engine

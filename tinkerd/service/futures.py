@@ -1,0 +1,140 @@
+"""The service's admission queue: a bound on pending requests and per-run seq_id order.
+
+Every request goes to the scheduler when its turn comes: requests of one run may carry
+`seq_id` 1, 2, 3, ... and then run in that order even if they arrive out of order (the
+official SDK posts the chunks of one forward_backward in parallel), and a request re-sent
+with a seq_id already seen gets the first one's future back (so no work runs twice). A
+request rejected before queueing (bad input) still uses up its seq_id (`release`), and a
+seq_id that never arrives holds later ones back for at most `gap_timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from tinkerd.errors import QueueFullError
+from tinkerd.service.scheduler import Batchable, Scheduler
+
+DEDUP_WINDOW = 1024  # seq_ids remembered per run for re-sent requests
+
+
+class _SeqGate:
+    """Releases a run's requests in seq_id order, starting at 1."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.next_seq = 1
+        self.waiting: dict[int, Callable[[], None]] = {}
+        self.futures: dict[int, Future] = {}
+        self.released: set[int] = set()  # seq_ids used up without work
+        self.stalled_since: float | None = None
+
+    def advance(self, skip_gap: bool = False) -> None:
+        """Start every request whose turn has come; with `skip_gap`, jump missing seq_ids."""
+        if skip_gap and self.waiting:
+            self.next_seq = max(self.next_seq, min(self.waiting))
+        while self.next_seq in self.waiting or self.next_seq in self.released:
+            self.released.discard(self.next_seq)
+            start = self.waiting.pop(self.next_seq, None)
+            if start:
+                start()
+            self.next_seq += 1
+        self.stalled_since = self.clock() if self.waiting else None
+        if len(self.futures) > 2 * DEDUP_WINDOW:  # re-sends come within a few requests
+            for seq in [s for s in self.futures if s < self.next_seq - DEDUP_WINDOW]:
+                del self.futures[seq]
+
+
+class RequestQueue:
+    """Admits work to the scheduler: at most `max_pending` requests in flight, each run's
+    seq_ids in order. `submit` returns a Future of the work's result at once."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        gap_timeout: float = 60.0,
+        max_pending: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.scheduler = scheduler
+        self.gap_timeout = gap_timeout
+        self.max_pending = max_pending
+        self.clock = clock
+        self._pending = 0
+        self._gates: dict[str, _SeqGate] = {}
+        # Reentrant: work that finishes at once calls back into the queue from `submit`.
+        self._lock = threading.RLock()
+
+    def submit(
+        self,
+        lane: str | None,
+        work: Callable[[], Any] | Batchable,
+        model_id: str | None = None,
+        seq_id: int | None = None,
+    ) -> Future:
+        """Queue `work` in `lane` behind the earlier work of `model_id` (it may share a pass
+        with other runs' work if Batchable). `lane` None: `work()` starts elsewhere and
+        returns its own Future. A re-sent seq_id returns the first request's future."""
+        with self._lock:
+            gate = (
+                self._gates.setdefault(model_id, _SeqGate(self.clock))
+                if model_id and seq_id
+                else None
+            )
+            if gate and seq_id in gate.futures:
+                return gate.futures[seq_id]
+            unblocks = gate is not None and seq_id == gate.next_seq and bool(gate.waiting)
+            if self._pending >= self.max_pending and not unblocks:
+                # Refused before it takes a seq_id: the client retries as is. (Never the
+                # seq_id that queued requests wait for: that would deadlock.)
+                raise QueueFullError(
+                    f"the server has {self._pending} requests queued; retry shortly"
+                )
+            self._pending += 1
+            result: Future = Future()
+
+            def start() -> None:
+                future = self.scheduler.submit_keyed(lane, model_id, work) if lane else work()
+                future.add_done_callback(lambda f: self._finish(f, result))
+
+            if gate is None or seq_id < gate.next_seq:
+                start()
+            else:
+                gate.futures[seq_id] = result
+                gate.waiting[seq_id] = start
+                gate.advance()
+            return result
+
+    def _finish(self, source: Future, result: Future) -> None:
+        with self._lock:
+            self._pending -= 1
+        try:
+            result.set_result(source.result())
+        except BaseException as e:  # noqa: BLE001 -- a failure (or cancel) goes to the caller
+            result.set_exception(e)
+
+    def release(self, model_id: str, seq_id: int | None) -> None:
+        """Use up a seq_id whose request was rejected, so later ones are not held back."""
+        if not seq_id:
+            return
+        with self._lock:
+            gate = self._gates.setdefault(model_id, _SeqGate(self.clock))
+            if seq_id >= gate.next_seq:
+                gate.released.add(seq_id)
+                gate.advance()
+
+    def unstick(self) -> None:
+        """Let requests run past a seq_id that has been missing for `gap_timeout`."""
+        now = self.clock()
+        with self._lock:
+            for gate in self._gates.values():
+                if gate.stalled_since is not None and now - gate.stalled_since > self.gap_timeout:
+                    gate.advance(skip_gap=True)
+
+    def forget_model(self, model_id: str) -> None:
+        with self._lock:
+            self._gates.pop(model_id, None)

@@ -1,0 +1,106 @@
+"""Sessions of API keys: heartbeats, expiry, and what an ended session frees.
+
+A session groups the runs, sampling sessions and uploaded losses of one SDK client. One
+that misses heartbeats for `session_timeout` seconds ends; its runs' adapters and
+optimizer state and its samplers are freed (checkpoints stay), so memory stays bounded
+however many sessions come and go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from typing import Any
+
+from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
+from tinkerd.service.config import ServiceConfig
+from tinkerd.service.futures import RequestQueue
+from tinkerd.service.store import Store
+
+
+class Sessions:
+    def __init__(self, store: Store, engine: Any, queue: RequestQueue, config: ServiceConfig):
+        self.store = store
+        self.engine = engine
+        self.queue = queue
+        self.config = config
+        self.sampling: dict[str, tuple[str | None, Any]] = {}  # id: (owner, SamplerWeights)
+        self._closed = threading.Event()
+
+    def start_expiry(self) -> None:
+        """Sweep for silent sessions every `expiry_interval` seconds, in a daemon thread."""
+        interval = self.config.expiry_interval
+        if interval is None:
+            interval = min(self.config.session_timeout / 4, 5.0)
+        if interval > 0:
+            threading.Thread(target=self._expire_forever, args=(interval,), daemon=True).start()
+
+    def stop(self) -> None:
+        self._closed.set()
+
+    def _expire_forever(self, interval: float) -> None:
+        while not self._closed.wait(interval):
+            with contextlib.suppress(Exception):  # never let the reaper die
+                self.expire()
+
+    def expire(self) -> list[str]:
+        """End the sessions that missed heartbeats for `session_timeout` seconds (by
+        `config.clock`) and free what they held; their ids."""
+        expired = self.store.expire_sessions(self.config.clock() - self.config.session_timeout)
+        for session_id in expired:
+            self.release(session_id, "expired")
+        return expired
+
+    def release(self, session_id: str, status: str) -> None:
+        """Free an ended session's runs (adapter and optimizer state) and samplers."""
+        for model_id in self.store.active_runs(session_id):
+            with contextlib.suppress(TinkerdError):
+                self.engine.unload_model(model_id)
+            self.store.touch_run(model_id, status=status)
+            self.queue.forget_model(model_id)
+        prefix = f"{session_id}:"  # its own sampling sessions and its runs' ones
+        for sampling_id in [s for s in self.sampling if s.startswith(prefix)]:
+            self.sampling.pop(sampling_id, None)
+
+    def create(self, owner: str, tags: list[str], metadata: dict) -> str:
+        session_id = f"session-{uuid.uuid4().hex[:16]}"
+        self.store.add_session(session_id, owner, tags, metadata)
+        return session_id
+
+    def check_owner(self, session_id: str, owner: str | None) -> None:
+        if self.store.session_owner(session_id) != owner:
+            raise NotFoundError(f"no session {session_id!r}")
+
+    def heartbeat(self, session_id: str, owner: str) -> bool:
+        """Keep the session alive; False if it has ended already."""
+        self.check_owner(session_id, owner)
+        if self.store.session_finished(session_id):
+            return False
+        self.store.heartbeat(session_id)
+        return True
+
+    def finish(self, session_id: str, owner: str) -> None:
+        self.check_owner(session_id, owner)
+        self.store.finish_session(session_id)
+        self.release(session_id, "finished")
+
+    def check_alive(self, session_id: str, model_id: str) -> None:
+        """After a run was created: if its session ended meanwhile (expired while the base
+        model loaded), free the run now, since the session's release could not see it.
+        The release marks the session finished before it unloads, so one of the two
+        always frees the run."""
+        if self.store.session_finished(session_id):
+            with contextlib.suppress(TinkerdError):
+                self.engine.unload_model(model_id)
+            raise InvalidRequestError(f"session {session_id} ended while {model_id} was created")
+
+    def add_sampler(self, sampling_id: str, owner: str | None, weights: Any) -> None:
+        self.sampling[sampling_id] = (owner, weights)
+
+    def sampler(self, sampling_id: str, owner: str | None) -> Any:
+        """The SamplerWeights of the caller's sampling session."""
+        owner_and_weights = self.sampling.get(sampling_id)
+        if owner_and_weights is None or owner_and_weights[0] != owner:
+            raise NotFoundError(f"no sampling session {sampling_id!r}")
+        return owner_and_weights[1]
