@@ -16,7 +16,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from tinkerd.engine import Engine, EngineConfig
+    from tinkerd.engine import Engine
     from tinkerd.engine.models import parse_model_specs
     from tinkerd.engine.sampler_backend import sampler_factory
     from tinkerd.engine.tiny import TINY_MODEL_NAME

@@ -30,9 +30,9 @@ from tinkerd.custom_loss import (
     check_regularizers,
     gradient_fn,
 )
+from tinkerd.engine import Engine, SamplerWeights
 from tinkerd.engine.adapters import validate_adam_params, validate_lora_config
 from tinkerd.engine.checkpoints import tinker_path
-from tinkerd.engine import Engine, SamplerWeights
 from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.service.access import Catalog
 from tinkerd.service.config import ServiceConfig
