@@ -96,7 +96,8 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     if hasattr(config, "quantization_config"):  # the plain copy is not a GGUF model
         del config.quantization_config
     config.name_or_path = ""
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with _no_init_weights():  # every weight is overwritten next: skip the random init
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())  # strict: every weight has its place
     plain.tie_weights()
     plain.save_pretrained(out)
@@ -104,3 +105,11 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     (out / "tinkerd.json").write_text(
         json.dumps({"converted_from": str(gguf_path), "version": CONVERT_VERSION})
     )
+
+
+def _no_init_weights():
+    try:  # transformers 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
