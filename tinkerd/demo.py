@@ -115,8 +115,17 @@ FACTS = [
 ]
 """Made-up facts: the model cannot know them before training."""
 
+KEEP = [
+    "What is the capital of Germany?",
+    "What is the capital of Italy?",
+    "How many legs does a spider have?",
+    "Who wrote Romeo and Juliet?",
+]
+"""Questions trained on with the base model's own answers, so that learning "the capital of
+Zorvania is Quillhaven" does not teach it that every capital is Quillhaven."""
+
 CONTROL = ("What is the capital of France?", "Paris")
-"""A fact the model knows, asked after training too: LoRA on four facts must not erase it."""
+"""A fact the model knows, trained on neither way, asked after training: it must survive."""
 
 
 def chat_tokens(tokenizer, question: str, answer: str | None = None) -> list[int]:
@@ -162,7 +171,7 @@ class FactsResult:
     """Greedy answers to the FACTS questions then CONTROL's, before training."""
     after: list[str]
     losses: list[float]
-    """Loss per answer token at each step."""
+    """Loss per answer token at each step (FACTS and KEEP together)."""
 
     @property
     def learned(self) -> int:
@@ -176,14 +185,15 @@ class FactsResult:
 
 def run_facts_demo(
     model: str = "smollm2",
-    steps: int = 30,
+    steps: int = 15,
     learning_rate: float = 1e-3,
     rank: int = 16,
     seed: int = 0,
     service: ServiceClient | None = None,
     progress: bool = True,
 ) -> FactsResult:
-    """Fine-tune a real chat model on FACTS; print its greedy answers before and after."""
+    """Fine-tune a real chat model on FACTS (and KEEP, with its own answers); print its
+    greedy answers to FACTS and CONTROL before and after."""
     import warnings
 
     from tqdm import tqdm
@@ -195,8 +205,10 @@ def run_facts_demo(
     client = service.create_lora_training_client(model, rank=rank, seed=seed)
     tokenizer = client.get_tokenizer()
     questions = [q for q, _ in FACTS] + [CONTROL[0]]
-    before = greedy_answers(client, questions)  # B = 0: the base model itself
-    batch = [fact_datum(tokenizer, q, a) for q, a in FACTS]
+    before = greedy_answers(client, questions + KEEP)  # B = 0: the base model itself
+    keep = zip(KEEP, before[len(questions) :])
+    batch = [fact_datum(tokenizer, q, a) for q, a in [*FACTS, *keep]]
+    before = before[: len(questions)]
     answer_tokens = sum(sum(d.loss_fn_inputs["weights"].data) for d in batch)
     adam = AdamParams(learning_rate=learning_rate, grad_clip_norm=1.0)
     losses: list[float] = []
@@ -218,3 +230,12 @@ def run_facts_demo(
         f"{time.time() - started:.0f}s"
     )
     return result
+
+
+def facts_demo_cli(args) -> int:
+    """`tinkerd demo --model MODEL`: exit 0 when every made-up fact is learned and the
+    control question still answered (uses --steps, --seed, --no-progress)."""
+    result = run_facts_demo(
+        args.model, steps=args.steps or 15, seed=args.seed, progress=not args.no_progress
+    )
+    return 0 if result.learned == len(FACTS) and result.kept_control else 1
