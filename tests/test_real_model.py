@@ -164,3 +164,17 @@ def test_bfloat16_base_float32_lora_and_logprobs(monkeypatch, converted):
     gap = max(abs(a - b) for a, b in zip(trained.data, sampled))
     assert gap < 0.02, gap
     print(f"bf16 trainer vs sampler logprobs: max gap {gap:.2e} nats")
+
+
+def test_facts_demo_starts_learning(engine, converted, capsys):
+    """`tinkerd demo --model smollm2`, cut to 3 steps: the answer loss halves, and the
+    before/after answers are printed (the full 15-step run states all four facts)."""
+    from tinkerd.demo import FACTS, run_facts_demo
+
+    service = ServiceClient(transport=InProcessTransport(engine=engine))
+    result = run_facts_demo(SMOLLM2_ALIAS, steps=3, service=service, progress=False)
+    assert len(result.losses) == 3 and result.losses[-1] < 0.6 * result.losses[0]
+    assert not any(fact in answer for answer, (_, fact) in zip(result.before, FACTS))
+    assert "Paris" in result.before[-1]
+    printed = capsys.readouterr().out
+    assert printed.count("  before: ") == len(FACTS) + 1 and "made-up facts stated" in printed
