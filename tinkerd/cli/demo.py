@@ -6,6 +6,10 @@ import argparse
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.model:
+        from tinkerd.demo import facts_demo_cli
+
+        return facts_demo_cli(args)
     if args.rl:
         from tinkerd.rl_demo import run_rl_demo
 
@@ -32,6 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--steps", type=int, help="default: 500 (SFT), 40 (--rl)")
     demo.add_argument(
         "--rl", action="store_true", help="RL instead: GRPO with sampling (about 15 s)"
+    )
+    demo.add_argument(
+        "--model",
+        help="instead, teach a real model made-up facts, e.g. smollm2 "
+        "(HuggingFaceTB/SmolLM2-135M-Instruct; a few minutes on 2 CPU cores)",
     )
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--lr", type=float, default=2e-3)

@@ -17,7 +17,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tinkerd.engine import Engine
-    from tinkerd.engine.models import parse_model_specs
+    from tinkerd.engine.models import check_model_sources, parse_model_specs
     from tinkerd.engine.sampler_backend import sampler_factory
     from tinkerd.engine.tiny import TINY_MODEL_NAME
     from tinkerd.errors import InvalidRequestError
@@ -40,6 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         samplers = sampler_factory(args.sampler)
         models = [TINY_MODEL_NAME, *parse_model_specs(args.model)]
+        check_model_sources(parse_model_specs(args.model))  # a bad source stops us now
     except (InvalidRequestError, ValueError) as e:
         print(f"tinkerd serve: {e}", file=sys.stderr)
         return 2
@@ -82,6 +83,7 @@ def engine_config(args: argparse.Namespace):
     config = EngineConfig()
     if args.max_batch_tokens:
         config.max_batch_tokens = args.max_batch_tokens
+    config.dtype = args.dtype
     return config
 
 
@@ -146,6 +148,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["builtin", "vllm"],
         default="builtin",
         help="sampler backend: tinkerd's batched sampler, or vLLM on a GPU (tinkerd[vllm])",
+    )
+    serve.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default=os.environ.get("TINKERD_DTYPE", "auto"),
+        help="frozen base weights' dtype (LoRA, Adam state and logprobs stay float32); "
+        "auto: bfloat16 on CUDA, else float32",
     )
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=_serve)

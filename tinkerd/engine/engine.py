@@ -70,6 +70,9 @@ class EngineConfig:
     micro-batches whose gradients accumulate (`compute.Limits`). None: no limit."""
     logits_chunk_tokens: int | None = None
     """Most token positions whose logits are upcast to float32 at once. None: all."""
+    dtype: str | None = None
+    """Frozen base weights' dtype: `float32`, `bfloat16` or `auto` (bf16 on CUDA, else
+    fp32); None: $TINKERD_DTYPE, else auto. LoRA weights, Adam state and logprobs stay fp32."""
 
     @property
     def limits(self) -> Limits:
@@ -97,7 +100,9 @@ class Engine:
         self._checkpoints: CheckpointStore | None = None
         self._recover_checkpoints = recover_checkpoints
         sources = parse_model_specs(extra_models)  # `NAME=SOURCE` or `SOURCE`
-        self.registry = BaseModelRegistry(cache_dir=cache_dir, device=device, sources=sources)
+        self.registry = BaseModelRegistry(
+            cache_dir=cache_dir, device=device, sources=sources, dtype=self.config.dtype
+        )
         self.advertised_models = [TINY_MODEL_NAME, *sources]
         self._runs: dict[str, Run] = {}
         self._unloaded: set[str] = set()
@@ -151,7 +156,7 @@ class Engine:
             type="get_info",
             model_id=model_id,
             model_data=ModelData(
-                arch=run.base.arch, model_name=run.base.name, tokenizer_id=str(run.base.path)
+                arch=run.base.arch, model_name=run.base.name, tokenizer_id=run.base.tokenizer_id
             ),
             is_lora=True,
             lora_rank=run.lora.rank,

@@ -98,9 +98,11 @@ class BaseModel:
         """What a client passes to `AutoTokenizer.from_pretrained` for this model.
 
         The hub id where there is one (usable anywhere with the hub or its cache); else
-        the server-local directory, which only a client on the same machine can read.
+        the server-local directory, which only a client on the same machine can read,
+        with a trailing slash (the official SDK hands it to AutoTokenizer as is, and
+        transformers then reads it as a path, never as a hub id).
         """
-        return self.hub_id or str(self.path)
+        return self.hub_id or str(self.path).rstrip("/") + "/"
 
     @property
     def dtype(self) -> torch.dtype:

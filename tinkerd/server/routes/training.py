@@ -51,8 +51,6 @@ def router(server: Server) -> APIRouter:
     @routes.post("/get_info")
     def get_info(body: ModelRequest, who: str = Owner) -> dict:
         info = service.get_info(who, body.model_id)
-        # A directory path with a trailing slash: the SDK hands it to AutoTokenizer as is.
-        info.model_data.tokenizer_id = info.model_data.tokenizer_id.rstrip("/") + "/"
         return info.model_dump(mode="json", exclude_none=True)
 
     @routes.post("/forward_backward")
