@@ -44,6 +44,7 @@ from tinkerd.server.dashboard import add_dashboard, split_key_label
 from tinkerd.server.futures import PROTOBUF, FutureTable
 from tinkerd.server.metrics import record, timed
 from tinkerd.server.rest import rest_router
+from tinkerd.server.routes.inference import inference_router
 from tinkerd.server.scheduler import Scheduler, loss_work
 from tinkerd.server.store import Store
 from tinkerd.types import AdamParams, LoraConfig, ModelInput, SampleResponse, SamplingParams
@@ -677,6 +678,7 @@ def create_app(server: Server) -> FastAPI:
         return Response(stored.body, media_type=stored.content_type)
 
     app.include_router(rest_router(server))
+    app.include_router(inference_router(server))  # OpenAI- and Anthropic-compatible
     return app
 
 

@@ -1,0 +1,1 @@
+"""The service layer: what the HTTP routes call, over one engine."""
