@@ -313,3 +313,45 @@ def test_model_names_and_bad_requests():
         api.text_of([api.ContentPart(type="image")])
     with pytest.raises(api.InvalidRequestError, match="empty"):
         api.make_stops(set(), [""])
+
+
+def test_the_evaluation_example_runs(chat_server):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "openai_eval.py"
+    args = [sys.executable, str(example), "--base-url", chat_server.url, "--api-key", KEYS[0]]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "multiple-choice accuracy: " in result.stdout
+    assert "generation (" in result.stdout
+
+
+def test_lm_eval_loglikelihood_request_shape(chat_server, sdk):
+    """The body lm-evaluation-harness's local-completions sends for log-likelihoods
+    (token prompts in a batch, echo, max_tokens=1, logprobs=1): the context's and the
+    continuation's logprobs, the sampled token last, and a greedy check that holds."""
+    context, continuation = [BOS, *b"Q: sky? A:"], [*b" blue"]
+    body = {
+        "model": TINY,
+        "prompt": [context + continuation, context],
+        "temperature": 0,
+        "max_tokens": 1,
+        "logprobs": 1,
+        "seed": 1234,
+        "echo": True,
+    }
+    out = httpx.post(
+        f"{chat_server.url}/oai/api/v1/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEYS[0]}"},
+    ).json()
+    first = out["choices"][0]["logprobs"]
+    assert len(first["token_logprobs"]) == len(context) + len(continuation) + 1
+    sampler = sdk.create_sampling_client(base_model=TINY).result()
+    full = sampler.compute_logprobs(types.ModelInput.from_ints(context + continuation)).result()
+    ctxlen = len(context)
+    assert first["token_logprobs"][ctxlen:-1] == pytest.approx(full[ctxlen:], abs=1e-4)
+    for value, top in zip(first["token_logprobs"][ctxlen:-1], first["top_logprobs"][ctxlen:-1]):
+        assert max(top.values()) >= value - 1e-6

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -478,13 +479,20 @@ def completion_logprobs(
     offsets: list[int],
 ) -> dict:
     """Legacy Completions `choice.logprobs`: tokens, token_logprobs, top_logprobs (a
-    {token text: logprob} dict per position, None where there is none), text_offset."""
-    top = [
-        {token_text(tokenizer, t): lp for t, lp in topk[i]}
-        if topk and i < len(topk) and topk[i]
-        else None
-        for i in range(len(tokens))
-    ]
+    {token text: logprob} dict per position, None where there is none), text_offset.
+    Tokens with the same text share a key, which keeps the larger logprob: harnesses
+    read `max(top.values())` to tell whether a token was the greedy one."""
+    top: list[dict[str, float] | None] = []
+    for i in range(len(tokens)):
+        entries = topk[i] if topk and i < len(topk) and topk[i] else None
+        if entries is None:
+            top.append(None)
+            continue
+        merged: dict[str, float] = {}
+        for t, lp in entries:
+            key = token_text(tokenizer, t)
+            merged[key] = max(lp, merged.get(key, -math.inf))
+        top.append(merged)
     return {
         "tokens": [token_text(tokenizer, t) for t in tokens],
         "token_logprobs": list(logprobs),
