@@ -355,3 +355,15 @@ def test_lm_eval_loglikelihood_request_shape(chat_server, sdk):
     assert first["token_logprobs"][ctxlen:-1] == pytest.approx(full[ctxlen:], abs=1e-4)
     for value, top in zip(first["token_logprobs"][ctxlen:-1], first["top_logprobs"][ctxlen:-1]):
         assert max(top.values()) >= value - 1e-6
+
+
+def test_a_final_assistant_message_is_continued():
+    tok = build_chat_tokenizer()
+    messages = [*HI, {"role": "assistant", "content": "Sure,"}]
+    tokens = api.render_chat(tok, messages)
+    assert tokens == chat_tokens(HI) + [*b"Sure,"]  # no <|eot_id|>: the turn goes on
+    with pytest.raises(api.InvalidRequestError, match="no chat template"):
+        api.render_chat(build_tokenizer(), HI)
+    req = api.parse(api.ChatCompletionRequest, {"model": "m", "messages": HI, "tools": [{}]})
+    with pytest.raises(api.InvalidRequestError, match="tools"):
+        api.chat_messages(req)

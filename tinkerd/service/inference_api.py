@@ -137,6 +137,7 @@ class ChatCompletionRequest(Body):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    tools: list[Any] | None = None
 
 
 class AnthropicMessage(Body):
@@ -154,6 +155,7 @@ class MessagesRequest(Body):
     top_k: int = -1
     stop_sequences: list[str] | None = None
     stream: bool = False
+    tools: list[Any] | None = None
 
 
 class CountTokensRequest(Body):
@@ -217,11 +219,18 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def refuse_tools(tools: list[Any] | None) -> None:
+    if tools:
+        raise InvalidRequestError("tools are not supported by tinkerd's compatible APIs")
+
+
 def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    refuse_tools(req.tools)
     return [{"role": m.role, "content": text_of(m.content)} for m in req.messages]
 
 
 def anthropic_messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, str]]:
+    refuse_tools(getattr(req, "tools", None))
     system = text_of(req.system)
     first = [{"role": "system", "content": system}] if system else []
     return first + [{"role": m.role, "content": text_of(m.content)} for m in req.messages]
