@@ -367,3 +367,72 @@ def test_a_final_assistant_message_is_continued():
     req = api.parse(api.ChatCompletionRequest, {"model": "m", "messages": HI, "tools": [{}]})
     with pytest.raises(api.InvalidRequestError, match="tools"):
         api.chat_messages(req)
+
+
+class CannedBackend:
+    """A SamplingBackend whose sampler answers with fixed tokens: the mapping alone."""
+
+    def __init__(self, tokens: list[int], reason: str = "length"):
+        self.tokens, self.reason, self.calls = tokens, reason, []
+
+    def authenticate(self, api_key):
+        return "owner"
+
+    def resolve(self, owner, base_model, model_path):
+        return "weights"
+
+    def tokenizer(self, weights):
+        return build_chat_tokenizer()
+
+    def eos_token_ids(self, weights):
+        return {257, EOT}
+
+    def sample(self, weights, prompt, n, params, prompt_lps, topk_prompt, topk_sample):
+        from concurrent.futures import Future
+
+        from tinkerd.types import SampleResponse
+
+        self.calls.append((prompt, n, params))
+        seq = SampledSequence(
+            stop_reason=self.reason, tokens=self.tokens, logprobs=[-0.5] * len(self.tokens)
+        )
+        future = Future()
+        future.set_result(SampleResponse(sequences=[seq] * n))
+        return future
+
+    def models(self, owner):
+        return [CHAT]
+
+
+def anthropic_reply(backend, **body):
+    import asyncio
+
+    body = {"model": CHAT, "max_tokens": 8, "messages": HI} | body
+    return asyncio.run(api.messages(backend, "owner", api.parse(api.MessagesRequest, body)))
+
+
+def test_anthropic_stop_reasons_and_events():
+    ended = anthropic_reply(CannedBackend([*b"Hello", EOT, *b"junk"], "stop"))
+    assert ended.body["content"] == [{"type": "text", "text": "Hello"}]
+    assert (ended.body["stop_reason"], ended.body["stop_sequence"]) == ("end_turn", None)
+    assert ended.body["usage"]["output_tokens"] == 6  # Hello and <|eot_id|>
+    backend = CannedBackend([*b"one, two"], "stop")
+    cut = anthropic_reply(backend, stop_sequences=[", "], system="Count.")
+    assert (cut.body["stop_reason"], cut.body["stop_sequence"]) == ("stop_sequence", ", ")
+    assert cut.body["content"][0]["text"] == "one"
+    prompt, _, params = backend.calls[0]
+    assert prompt == chat_tokens([{"role": "system", "content": "Count."}, *HI])
+    assert params.stop == [", ", "<|end_of_text|>", "<|eot_id|>"]  # EOS still stops
+    assert params.max_tokens == 8 and params.temperature == 1.0
+    full = anthropic_reply(CannedBackend([*b"abcdefgh"]), stream=True)
+    assert full.body["stop_reason"] == "max_tokens"
+    events = [e.split("\n")[0].removeprefix("event: ") for e in full.events]
+    assert events == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        *["content_block_delta"] * 8,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]

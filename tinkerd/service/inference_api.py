@@ -419,15 +419,21 @@ async def run(model: Model, job: Job) -> list[Sampled]:
     futures = [await asyncio.to_thread(submit, p) for p in job.prompts]
     responses = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
     per_token = job.per_token or bool(job.stops.strings)
-    return [
-        Sampled(
-            prompt=p,
-            generations=[generation(model.tokenizer, s, job.stops, per_token) for s in r.sequences],
-            prompt_logprobs=r.prompt_logprobs,
-            topk_prompt=r.topk_prompt_logprobs,
-        )
-        for p, r in zip(job.prompts, responses)
-    ]
+
+    def finish() -> list[Sampled]:
+        return [
+            Sampled(
+                prompt=p,
+                generations=[
+                    generation(model.tokenizer, s, job.stops, per_token) for s in r.sequences
+                ],
+                prompt_logprobs=r.prompt_logprobs,
+                topk_prompt=r.topk_prompt_logprobs,
+            )
+            for p, r in zip(job.prompts, responses)
+        ]
+
+    return await asyncio.to_thread(finish)  # decoding long outputs must not stall the loop
 
 
 # ---------------------------------------------------------------- logprob formats
