@@ -436,3 +436,24 @@ def test_anthropic_stop_reasons_and_events():
         "message_delta",
         "message_stop",
     ]
+
+
+def test_compatible_requests_join_the_sampling_client_batch(engine, tmp_path):
+    """An OpenAI request decodes in the same batch as a SamplingClient request (the
+    engine's `sample`, which `/api/v1/asample` calls) running on that base."""
+    from starlette.testclient import TestClient
+
+    from tinkerd.server.app import Server, create_app
+    from tinkerd.types import SamplingParams
+
+    client = TestClient(create_app(Server(engine, tmp_path, list(KEYS), [TINY], 0.05)))
+    weights = engine.sampler_for(base_model=TINY)
+    params = SamplingParams(max_tokens=200, stop=[], temperature=1.0, seed=0)
+    long = engine.sample(weights, [BOS, *b"a long one"], 1, params)
+    body = {"model": TINY, "prompt": [BOS, *b"short"], "max_tokens": 4, "temperature": 0}
+    out = client.post(
+        "/oai/api/v1/completions", json=body, headers={"Authorization": f"Bearer {KEYS[0]}"}
+    )
+    assert out.status_code == 200 and not long.done()  # it finished while the other ran
+    long.result()
+    assert any(requests == 2 for _, requests in engine.sampler_stats(TINY))
