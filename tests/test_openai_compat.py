@@ -114,6 +114,9 @@ def test_logprobs_equal_compute_logprobs(chat_server, sdk):
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert lp.token_logprobs[1:] == pytest.approx(expected[1:], abs=1e-4)
     assert len(lp.tokens) == len(prompt) and out.usage.completion_tokens == 0
+    # the echo leaves the BOS out of the text (zero width), so offsets index the prompt
+    assert out.choices[0].text == "logprobs of a prompt"
+    assert lp.text_offset == [0, *range(len(prompt) - 1)]
     # {text: logprob}, as OpenAI's legacy format has it: tokens with the same text (bytes
     # that are not UTF-8 on their own) share an entry
     assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])

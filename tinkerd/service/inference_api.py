@@ -585,7 +585,9 @@ async def completion(backend: SamplingBackend, owner: str, req: CompletionReques
 def _completion_choice(
     tokenizer: Any, req: CompletionRequest, index: int, gen: Generation, result: Sampled
 ) -> dict:
-    prompt_text = tokenizer.decode(result.prompt) if req.echo else ""
+    # special tokens (a BOS the tokenizer added) are left out of the echo, as of the
+    # completion, so `text_offset` indexes the text the caller sent
+    prompt_text = tokenizer.decode(result.prompt, skip_special_tokens=True) if req.echo else ""
     logprobs = None
     if req.logprobs is not None:
         shift = len(prompt_text)
