@@ -69,6 +69,7 @@ def probes(a: dict[str, str], bob_session: str) -> dict[tuple[str, str], dict]:
     """One request per route, made with Bob's key against Alice's things."""
     prompt = {"chunks": [{"type": "encoded_text", "tokens": [256, 1]}]}
     checkpoint = {"model_id": a["model"], "kind": "weights", "name": "ckpt"}
+    chat = {"messages": [{"role": "user", "content": "x"}]}
     return {
         ("POST", "/api/v1/session_heartbeat"): {"json": {"session_id": a["session"]}},
         ("POST", "/api/v1/sessions/{session_id}/finish"): {"path": {"session_id": a["session"]}},
@@ -119,6 +120,17 @@ def probes(a: dict[str, str], bob_session: str) -> dict[tuple[str, str], dict]:
         ("PUT", f"{CHECKPOINT}/ttl"): {"path": checkpoint, "json": {"ttl_seconds": 1}},
         ("GET", "/api/v1/dashboard/runs/{model_id}"): {"path": {"model_id": a["model"]}},
         ("GET", "/api/v1/dashboard/runs/{model_id}/metrics"): {"path": {"model_id": a["model"]}},
+        # the OpenAI- and Anthropic-compatible APIs, with Alice's checkpoint as the model
+        ("POST", "/oai/api/v1/completions"): {
+            "json": {"model": a["sampler_path"], "prompt": "x", "max_tokens": 1}
+        },
+        ("POST", "/oai/api/v1/chat/completions"): {"json": {"model": a["sampler_path"], **chat}},
+        ("POST", "/anthropic/api/v1/messages"): {
+            "json": {"model": a["sampler_path"], "max_tokens": 1, **chat}
+        },
+        ("POST", "/anthropic/api/v1/messages/count_tokens"): {
+            "json": {"model": a["sampler_path"], **chat}
+        },
     }
 
 
@@ -135,6 +147,8 @@ LISTINGS = {
     ("GET", "/api/v1/training_runs"),
     ("GET", "/api/v1/checkpoints"),
     ("GET", "/api/v1/dashboard/runs"),
+    ("GET", "/oai/api/v1/models"),
+    ("GET", "/anthropic/api/v1/models"),
 }
 # The dashboard's page and its assets: the same for everyone, no key, nobody's data.
 PAGES = {("GET", "/"), ("GET", "/static/{name}")}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tinkerd.engine.trainer import Engine
 
 from tinkerd.client import ServiceClient
 from tinkerd.client.transport import InProcessTransport
@@ -26,7 +27,6 @@ from tinkerd.engine.models import (
     local_tokenizer_dir,
     resolve_model_path,
 )
-from tinkerd.engine.trainer import Engine
 from tinkerd.types import AdamParams, Datum, ModelInput, SamplingParams
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

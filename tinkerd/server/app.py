@@ -28,6 +28,7 @@ from tinkerd.server.dashboard import add_dashboard, split_key_label
 from tinkerd.server.requests import Encoded, RequestTable, encode_json
 from tinkerd.server.rest import rest_router
 from tinkerd.server.routes import sampling, sessions, training
+from tinkerd.server.routes.inference import inference_router
 from tinkerd.service import Service, ServiceConfig
 
 
@@ -107,4 +108,5 @@ def create_app(server: Server) -> FastAPI:
     for routes in (sessions, training, sampling):
         app.include_router(routes.router(server))
     app.include_router(rest_router(server))
+    app.include_router(inference_router(server))  # OpenAI- and Anthropic-compatible
     return app
