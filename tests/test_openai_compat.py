@@ -12,7 +12,10 @@ from tinker import types
 
 from tinkerd.engine.tiny import build_tokenizer
 from tinkerd.engine.tiny_chat import TINY_CHAT_MODEL_NAME, build_chat_tokenizer
-from tinkerd.service import inference_api as api
+from tinkerd.errors import InvalidRequestError
+from tinkerd.service import inference as api
+from tinkerd.service.inference import common, generate, logprobs
+from tinkerd.service.inference.openai import chat_messages
 from tinkerd.types import SampledSequence
 
 CHAT = TINY_CHAT_MODEL_NAME
@@ -277,45 +280,45 @@ def sampled(text: bytes, reason="length", extra=()) -> SampledSequence:
 
 def test_eos_and_stop_strings_cut_the_text():
     tok = build_tokenizer()  # tinkerd/tiny: EOS is 257
-    stops = api.make_stops({257}, None)
-    gen = api.generation(tok, sampled(b"hello", "stop", [257]), stops, per_token=True)
+    stops = generate.make_stops({257}, None)
+    gen = generate.generation(tok, sampled(b"hello", "stop", [257]), stops, per_token=True)
     assert (gen.text, gen.tokens[-1], gen.finish_reason) == ("hello", 257, "stop")
-    assert api.pieces(gen) == ["h", "e", "l", "l", "o", ""]
+    assert generate.pieces(gen) == ["h", "e", "l", "l", "o", ""]
     # with stop strings, the sampler is told the EOS text too, and text after EOS is cut
-    stops = api.make_stops({257}, ["lo w"])
+    stops = generate.make_stops({257}, ["lo w"])
     params = stops.params(tok, max_tokens=5)
     assert params.stop == ["lo w", "<|eos|>"]
-    gen = api.generation(tok, sampled(b"hello world", "stop"), stops, per_token=True)
+    gen = generate.generation(tok, sampled(b"hello world", "stop"), stops, per_token=True)
     assert (gen.text, gen.stop_sequence, gen.finish_reason) == ("hel", "lo w", "stop")
     assert bytes(gen.tokens) == b"hello w"  # up to the token that completed the stop
-    assert "".join(api.pieces(gen)) == "hel"
-    gen = api.generation(tok, sampled(b"ab", "stop", [257, 99]), stops, per_token=False)
+    assert "".join(generate.pieces(gen)) == "hel"
+    gen = generate.generation(tok, sampled(b"ab", "stop", [257, 99]), stops, per_token=False)
     assert (gen.text, gen.tokens, gen.finish_reason) == ("ab", [97, 98, 257], "stop")
-    gen = api.generation(tok, sampled(b"abc", "length"), stops, per_token=False)
+    gen = generate.generation(tok, sampled(b"abc", "length"), stops, per_token=False)
     assert (gen.text, gen.finish_reason, gen.stop_sequence) == ("abc", "length", None)
 
 
 def test_pieces_split_multibyte_characters_exactly():
     tok = build_tokenizer()
-    gen = api.generation(tok, sampled("é!€".encode()), api.make_stops(set(), None), True)
-    assert gen.text == "é!€" and "".join(api.pieces(gen)) == "é!€"
-    assert len(api.pieces(gen)) == len(gen.tokens) == 6
-    assert api.token_bytes(tok, 0xC3) == [0xC3]  # half a character: its own byte
+    gen = generate.generation(tok, sampled("é!€".encode()), generate.make_stops(set(), None), True)
+    assert gen.text == "é!€" and "".join(generate.pieces(gen)) == "é!€"
+    assert len(generate.pieces(gen)) == len(gen.tokens) == 6
+    assert logprobs.token_bytes(tok, 0xC3) == [0xC3]  # half a character: its own byte
 
 
 def test_model_names_and_bad_requests():
-    assert api.split_model("tinkerd/tiny") == ("tinkerd/tiny", None)
+    assert common.split_model("tinkerd/tiny") == ("tinkerd/tiny", None)
     path = "tinker://s:train:0/sampler_weights/a"
-    assert api.split_model(path) == (None, path)
-    assert api.split_model(f"tinkerd/tiny;{path}") == ("tinkerd/tiny", path)
-    with pytest.raises(api.InvalidRequestError, match="max_tokens"):
+    assert common.split_model(path) == (None, path)
+    assert common.split_model(f"tinkerd/tiny;{path}") == ("tinkerd/tiny", path)
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
         api.parse(
             api.MessagesRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}]}
         )
-    with pytest.raises(api.InvalidRequestError, match="only text"):
-        api.text_of([api.ContentPart(type="image")])
-    with pytest.raises(api.InvalidRequestError, match="empty"):
-        api.make_stops(set(), [""])
+    with pytest.raises(InvalidRequestError, match="only text"):
+        common.text_of([common.ContentPart(type="image")])
+    with pytest.raises(InvalidRequestError, match="empty"):
+        generate.make_stops(set(), [""])
 
 
 def test_the_evaluation_example_runs(chat_server):
@@ -363,13 +366,13 @@ def test_lm_eval_loglikelihood_request_shape(chat_server, sdk):
 def test_a_final_assistant_message_is_continued():
     tok = build_chat_tokenizer()
     messages = [*HI, {"role": "assistant", "content": "Sure,"}]
-    tokens = api.render_chat(tok, messages)
+    tokens = common.render_chat(tok, messages)
     assert tokens == chat_tokens(HI) + [*b"Sure,"]  # no <|eot_id|>: the turn goes on
-    with pytest.raises(api.InvalidRequestError, match="no chat template"):
-        api.render_chat(build_tokenizer(), HI)
+    with pytest.raises(InvalidRequestError, match="no chat template"):
+        common.render_chat(build_tokenizer(), HI)
     req = api.parse(api.ChatCompletionRequest, {"model": "m", "messages": HI, "tools": [{}]})
-    with pytest.raises(api.InvalidRequestError, match="tools"):
-        api.chat_messages(req)
+    with pytest.raises(InvalidRequestError, match="tools"):
+        chat_messages(req)
 
 
 class CannedBackend:

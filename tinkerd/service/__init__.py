@@ -3,7 +3,8 @@
 `Service` (service.py) validates, queues, schedules and packs requests over one engine
 and hands back futures; scheduler.py packs passes, futures.py orders requests by seq_id,
 store.py is the SQLite store, access.py decides what an API key may see, metrics.py
-records training metrics, local_rest.py serves a data directory to a RestClient.
+records training metrics, local_rest.py serves a data directory to a RestClient,
+inference/ maps the OpenAI- and Anthropic-compatible APIs onto sampling.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 client appends `/v1/messages` and `/v1/messages/count_tokens` to that base URL.
 
 Thin: authenticate (`x-api-key`, as Anthropic clients send it), decode, call
-`tinkerd.service.inference_api`, encode. Errors have Anthropic's shape
+`tinkerd.service.inference`, encode. Errors have Anthropic's shape
 (`{"type": "error", "error": {"type", "message"}}`).
 """
 
@@ -13,12 +13,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from tinkerd.errors import TinkerdError
-from tinkerd.server.routes.openai import api_key
-from tinkerd.service import inference_api as api
-from tinkerd.service.inference_api import SamplingBackend
+from tinkerd.server.routes.openai import api_key, reply
+from tinkerd.service import inference as api
+from tinkerd.service.inference import SamplingBackend
 
 log = logging.getLogger(__name__)
 PREFIX = "/anthropic/api"
@@ -57,10 +57,8 @@ def anthropic_router(backend: SamplingBackend) -> APIRouter:
     @router.post("/v1/messages")
     async def messages(request: Request) -> Response:
         async def handle(owner: str, body: Any) -> Response:
-            result = await api.messages(backend, owner, api.parse(api.MessagesRequest, body))
-            if result.events is None:
-                return JSONResponse(result.body)
-            return StreamingResponse(result.events, media_type="text/event-stream")
+            req = api.parse(api.MessagesRequest, body)
+            return reply(await api.messages(backend, owner, req))
 
         return await answer(request, backend, handle)
 

@@ -1,6 +1,6 @@
 """The one adapter between the compatible inference APIs and the service layer.
 
-`ServerBackend` implements `tinkerd.service.inference_api.SamplingBackend` over the
+`ServerBackend` implements `tinkerd.service.inference.SamplingBackend` over the
 server's `Service` (its access policy, served models and sampling, so these requests join
 the same sampler batches as SamplingClient's) and the server's key check.
 `inference_router(server)` is what `create_app` includes.

@@ -1,7 +1,7 @@
 """OpenAI-compatible inference under `/oai/api/v1`: `/completions`, `/chat/completions`
 and `/models`, where Tinker mounts them (a client changes only the host).
 
-Thin: authenticate, decode, call `tinkerd.service.inference_api`, encode. The key comes
+Thin: authenticate, decode, call `tinkerd.service.inference`, encode. The key comes
 as OpenAI clients send it (`Authorization: Bearer <key>`) or as `X-API-Key`; errors have
 OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`).
 """
@@ -16,8 +16,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tinkerd.errors import TinkerdError
-from tinkerd.service import inference_api as api
-from tinkerd.service.inference_api import SamplingBackend
+from tinkerd.service import inference as api
+from tinkerd.service.inference import SamplingBackend
 
 log = logging.getLogger(__name__)
 PREFIX = "/oai/api/v1"
