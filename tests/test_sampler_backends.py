@@ -13,8 +13,9 @@ from conftest import TINY, make_datum
 
 from tinkerd import AdamParams, SamplingParams, ServiceClient
 from tinkerd.client.transport import InProcessTransport
-from tinkerd.engine.sampler import Sampler, make_spec
-from tinkerd.engine.sampler_backend import SamplerBackend, sampler_factory
+from tinkerd.engine.sampling.backend import SamplerBackend, sampler_factory
+from tinkerd.engine.sampling.sampler import Sampler
+from tinkerd.engine.sampling.spec import make_spec
 from tinkerd.engine.trainer import Engine
 from tinkerd.engine.vllm_sampler import _response
 from tinkerd.errors import InvalidRequestError

@@ -41,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from tinkerd.engine import batch
     from tinkerd.engine.models import parse_model_specs
-    from tinkerd.engine.sampler_backend import sampler_factory
+    from tinkerd.engine.sampling.backend import sampler_factory
     from tinkerd.engine.tiny import TINY_MODEL_NAME
     from tinkerd.engine.trainer import Engine
     from tinkerd.errors import InvalidRequestError

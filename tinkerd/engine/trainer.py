@@ -40,10 +40,11 @@ from tinkerd.engine.checkpoints import (
     load_optimizer_state,
     tinker_path,
 )
+from tinkerd.engine.lora import Segment, packed_logits, pad_cat, trainable
 from tinkerd.engine.models import BaseModel, BaseModelRegistry, parse_model_specs
-from tinkerd.engine.multi_lora import Segment, packed_logits, pad_cat, trainable
-from tinkerd.engine.sampler import BASE_ADAPTER, Sampler, make_spec
-from tinkerd.engine.sampler_backend import SamplerBackend, SamplerFactory
+from tinkerd.engine.sampling.backend import SamplerBackend, SamplerFactory
+from tinkerd.engine.sampling.sampler import Sampler
+from tinkerd.engine.sampling.spec import BASE_ADAPTER, make_spec
 from tinkerd.engine.tiny import TINY_MODEL_NAME
 from tinkerd.errors import InvalidRequestError, ModelUnloadedError, NotFoundError
 from tinkerd.types import (
@@ -85,7 +86,7 @@ class Engine:
         self._unloaded: set[str] = set()
         self._lock = threading.Lock()
         self.sampler_factory = sampler_factory
-        """Makes the sampler backend of each base model (`tinkerd.engine.sampler_backend`)."""
+        """Makes the sampler backend of each base model (`tinkerd.engine.sampling.backend`)."""
         self._samplers: dict[str, SamplerBackend] = {}
         self._sampler_weights: dict[str, SamplerWeights] = {}  # by sampler_id
         self._snapshots: OrderedDict[str, SamplerWeights] = OrderedDict()  # in memory, LRU
@@ -304,7 +305,7 @@ class Engine:
     ) -> list[ForwardBackwardOutput | Exception]:
         """Several requests (of distinct runs, or not) on one base in one batched pass:
         their rows are packed end to end, each run's rows go through its own adapter
-        (`multi_lora`), each request's loss is its own, and one backward of their sum
+        (`tinkerd.engine.lora`), each request's loss is its own, and one backward of their sum
         gives every run exactly the gradient its request alone would. Returns one output
         per request, or the Exception that request failed with (the others still run)."""
         if len(requests) == 1:
@@ -485,7 +486,7 @@ class Engine:
     def sampler_stats(self, base_model: str) -> list[tuple[int, int]]:
         """(rows, distinct requests) of the base's recent decode steps."""
         sampler = self._samplers.get(base_model)
-        return list(getattr(sampler, "steps", []))
+        return sampler.recent_steps() if sampler is not None else []
 
     def _evict_snapshots(self) -> None:
         """Unload the least recently used sampler versions beyond `max_snapshots`."""
