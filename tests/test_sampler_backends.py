@@ -52,7 +52,16 @@ def test_engine_samples_through_the_backend_it_is_given(tmp_path):
     (spec,) = backend.specs
     assert (spec.prompt, spec.num_samples, spec.max_tokens) == ([256, 7], 3, 5)
     assert spec.adapter in engine.base_model(TINY).peft_model.peft_config  # the version's copy
+    # The engine's batching statistics come through the interface: 5 decode steps of 3 rows.
+    assert engine.sampler_stats(TINY) == backend.recent_steps() == [(3, 1)] * 5
     backend.close()
+
+
+def test_every_backend_implements_the_interface():
+    from tinkerd.engine.vllm_sampler import VLLMSampler  # importable without vLLM
+
+    for backend in (Sampler, VLLMSampler):
+        assert isinstance(backend.__new__(backend), SamplerBackend), backend
 
 
 def test_unknown_or_missing_backends_are_refused():
