@@ -72,10 +72,11 @@ def segments(adapters: list[str]) -> list[Segment]:
     return out
 
 
-def row_owners(adapters: list[str]) -> tuple[list[str], Tensor]:
+def row_owners(adapters: list[str]) -> tuple[list[str], list[int]]:
     """(the distinct adapter names in order of first use, each row's index into them)."""
-    names = list(dict.fromkeys(adapters))
-    return names, torch.tensor([names.index(a) for a in adapters])
+    index: dict[str, int] = {}
+    owners = [index.setdefault(a, len(index)) for a in adapters]
+    return list(index), owners
 
 
 def lora_layers(peft_model: nn.Module) -> list[nn.Module]:
@@ -266,5 +267,5 @@ def stacked_projection(
     if len(names) == 1:
         return LoraProjection(a, b, None)  # every row uses the one adapter
     owner = torch.cat([torch.full((block[2].shape[0],), block[0]) for block in blocks])
-    mask = (owner_of_row[:, None] == owner[None, :]).to(a.dtype)
+    mask = (torch.tensor(owner_of_row)[:, None] == owner[None, :]).to(a.dtype)
     return LoraProjection(a, b, mask.to(device))
