@@ -79,21 +79,35 @@ def row_owners(adapters: list[str]) -> tuple[list[str], list[int]]:
     return list(index), owners
 
 
-def lora_layers(peft_model: nn.Module) -> list[nn.Module]:
+@dataclass
+class _Layers:
+    key: tuple  # (adapter name, id of its config) of every adapter
+    configs: list  # kept with the key so that their ids cannot be reused meanwhile
+    layers: list[nn.Module]
+    routes: dict[tuple[Segment, ...], list]  # the layers' routed forwards, by segments
+
+
+_LAYERS: weakref.WeakKeyDictionary[nn.Module, _Layers] = weakref.WeakKeyDictionary()
+MAX_ROUTES = 64  # routings kept per model (a decode loop reuses one until rows change)
+
+
+def _layers_of(peft_model: nn.Module) -> _Layers:
     """The model's LoRA layers, found once per set of adapters (walking the module tree
     costs more than a decode step's routing)."""
     key = tuple((name, id(config)) for name, config in peft_model.peft_config.items())
     cached = _LAYERS.get(peft_model)
-    if cached is None or cached[0] != key:
+    if cached is None or cached.key != key:
         from peft.tuners.lora import LoraLayer
 
         layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
-        # the configs are kept with the key so that their ids cannot be reused meanwhile
-        cached = _LAYERS[peft_model] = (key, layers, list(peft_model.peft_config.values()))
-    return cached[1]
+        configs = list(peft_model.peft_config.values())
+        cached = _LAYERS[peft_model] = _Layers(key, configs, layers, {})
+    return cached
 
 
-_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def lora_layers(peft_model: nn.Module) -> list[nn.Module]:
+    """The model's LoRA layers (PEFT's `LoraLayer` modules)."""
+    return _layers_of(peft_model).layers
 
 
 def _is_plain(layer: nn.Module, adapter: str) -> bool:
@@ -112,10 +126,17 @@ def route_rows(peft_model: nn.Module, segs: list[Segment]) -> Iterator[None]:
     (none for `BASE_ADAPTER`, or where the adapter does not adapt a layer) for every
     segment. The caller holds the base's lock: the LoRA layers' forwards are swapped for
     the block and restored after (PEFT's active-adapter flags are never touched)."""
-    rows = max(s.end for s in segs)
-    layers = lora_layers(peft_model)
-    for layer in layers:
-        vars(layer)["forward"] = _routed_forward(layer, segs, rows)  # instance attribute
+    cached = _layers_of(peft_model)
+    layers, key = cached.layers, tuple(segs)
+    forwards = cached.routes.get(key)
+    if forwards is None:  # the same rows next time (a decode loop's steps) reuse these
+        rows = max(s.end for s in segs)
+        forwards = [_routed_forward(layer, segs, rows) for layer in layers]
+        if len(cached.routes) >= MAX_ROUTES:
+            cached.routes.clear()
+        cached.routes[key] = forwards
+    for layer, forward in zip(layers, forwards):
+        vars(layer)["forward"] = forward  # an instance attribute shadows the class's
     try:
         yield
     finally:
@@ -130,6 +151,8 @@ def _routed_forward(layer: nn.Module, segs: list[Segment], rows: int):
     mine = [s for s in segs if s.adapter in layer.lora_A]
     if _uniform(layer, mine, rows):
         return types.MethodType(_batched_forward(layer, mine, rows), layer)
+    if len(mine) == 1 and mine[0].end - mine[0].start == rows and _is_plain(layer, mine[0].adapter):
+        return types.MethodType(_whole_forward(mine[0].adapter, rows), layer)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -154,15 +177,31 @@ def _routed_forward(layer: nn.Module, segs: list[Segment], rows: int):
     return types.MethodType(forward, layer)
 
 
+def _whole_forward(name: str, rows: int):
+    """One adapter for every row: PEFT's single-adapter arithmetic, without slicing."""
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if x.shape[0] != rows:
+            raise RuntimeError(f"per-row LoRA routing expects {rows} rows, got {x.shape[0]}")
+        lora_a = self.lora_A[name]
+        xs = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+        delta = self.lora_B[name](lora_a(xs)) * self.scaling[name]
+        return (result + delta).to(result.dtype)
+
+    return forward
+
+
 def _uniform(layer: nn.Module, segs: list[Segment], rows: int) -> bool:
     """Whether the segments tile all rows in equal parts, each through a plain adapter of
     the same shape here: then one batched matmul serves them all."""
+    if len(segs) < 2:
+        return False
     sizes = {s.end - s.start for s in segs}
     shapes = {layer.lora_A[s.adapter].weight.shape for s in segs}
-    tiled = all(s.start == i * (rows // max(1, len(segs))) for i, s in enumerate(segs))
+    tiled = all(s.start == i * (rows // len(segs)) for i, s in enumerate(segs))
     return (
-        len(segs) > 1
-        and len(sizes) == 1
+        len(sizes) == 1
         and len(shapes) == 1
         and tiled
         and (len(segs) * sizes.pop() == rows)
