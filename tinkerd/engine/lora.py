@@ -148,6 +148,8 @@ def _routed_forward(layer: nn.Module, segs: list[Segment], rows: int):
     embedded = getattr(layer, "lora_embedding_A", {})
     if any(s.adapter in embedded for s in segs):
         raise NotImplementedError("adapters of embedding layers are not supported")
+    if getattr(layer, "merged", False):  # the engine never merges: the sum would count twice
+        raise RuntimeError("per-row LoRA routing needs unmerged adapters")
     mine = [s for s in segs if s.adapter in layer.lora_A]
     if _uniform(layer, mine, rows):
         return types.MethodType(_batched_forward(layer, mine, rows), layer)
