@@ -8,7 +8,9 @@ from conftest import TINY, make_datum
 
 from tinkerd.engine import fast_decode
 from tinkerd.engine.fast_decode import FastDecoder, unsupported_reason
-from tinkerd.engine.sampler import BASE_ADAPTER, Sampler, _grow_in_place, make_spec
+from tinkerd.engine.sampling.kv_cache import grow_in_place
+from tinkerd.engine.sampling.sampler import Sampler
+from tinkerd.engine.sampling.spec import BASE_ADAPTER, make_spec
 from tinkerd.types import AdamParams, LoraConfig, SamplingParams
 
 PROMPTS = [[256, *b"hello"], [256, *b"a much longer prompt here"], [256, 7], [256, *b"mid len"]]
@@ -80,7 +82,7 @@ def test_step_logits_equal_the_hf_forward(engine, adapters, fused, monkeypatch):
 
         logits, hf_cache = hf(ids, mask, positions)
         _, fast_cache = hf(ids, mask, positions)
-        _grow_in_place(fast_cache)  # as the sampler's cache: appends in place
+        grow_in_place(fast_cache)  # as the sampler's cache: appends in place
         lora = fast.plan(row_adapters, base.device)
         assert isinstance(fast._fused[0][0], torch.Tensor) == fused
         position = positions[:, -1]

@@ -14,8 +14,9 @@ from conftest import TINY, make_datum
 from tinkerd import AdamParams, SamplingParams, ServiceClient
 from tinkerd.client.transport import InProcessTransport
 from tinkerd.engine import Engine
-from tinkerd.engine.sampler import Sampler, make_spec
-from tinkerd.engine.sampler_backend import SamplerBackend, sampler_factory
+from tinkerd.engine.sampling.backend import SamplerBackend, sampler_factory
+from tinkerd.engine.sampling.sampler import Sampler
+from tinkerd.engine.sampling.spec import make_spec
 from tinkerd.engine.vllm_sampler import _response
 from tinkerd.errors import InvalidRequestError
 
@@ -51,7 +52,16 @@ def test_engine_samples_through_the_backend_it_is_given(tmp_path):
     (spec,) = backend.specs
     assert (spec.prompt, spec.num_samples, spec.max_tokens) == ([256, 7], 3, 5)
     assert spec.adapter in engine.base_model(TINY).peft_model.peft_config  # the version's copy
+    # The engine's batching statistics come through the interface: 5 decode steps of 3 rows.
+    assert engine.sampler_stats(TINY) == backend.recent_steps() == [(3, 1)] * 5
     backend.close()
+
+
+def test_every_backend_implements_the_interface():
+    from tinkerd.engine.vllm_sampler import VLLMSampler  # importable without vLLM
+
+    for backend in (Sampler, VLLMSampler):
+        assert isinstance(backend.__new__(backend), SamplerBackend), backend
 
 
 def test_unknown_or_missing_backends_are_refused():

@@ -18,7 +18,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from tinkerd.engine import Engine
     from tinkerd.engine.models import check_model_sources, parse_model_specs
-    from tinkerd.engine.sampler_backend import sampler_factory
+    from tinkerd.engine.sampling.backend import sampler_factory
     from tinkerd.engine.tiny import TINY_MODEL_NAME
     from tinkerd.errors import InvalidRequestError
     from tinkerd.server.app import Server, create_app

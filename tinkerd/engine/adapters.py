@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tinkerd.engine.lora import adapter_params
 from tinkerd.engine.models import BaseModel
 from tinkerd.errors import InvalidRequestError
 from tinkerd.types import AdamParams, LoraConfig
@@ -36,8 +37,8 @@ class Run:
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """This run's LoRA weights by parameter name (detached views)."""
-        tag = f".{self.model_id}."
-        return {n: p.detach() for n, p in self.base.peft_model.named_parameters() if tag in n}
+        params = adapter_params(self.base.peft_model, self.model_id)
+        return {n: p.detach() for n, p in params.items()}
 
 
 def validate_lora_config(lora: LoraConfig) -> None:
@@ -77,8 +78,7 @@ def create_run(base: BaseModel, model_id: str, lora: LoraConfig) -> Run:
         else:
             base.peft_model.add_adapter(model_id, config)
         base.adapters.add(model_id)
-        tag = f".{model_id}."
-        params = [p for n, p in base.peft_model.named_parameters() if tag in n]
+        params = list(adapter_params(base.peft_model, model_id).values())
     for p in params:  # float32 master weights even on a bf16 base
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0, foreach=True)
@@ -166,11 +166,8 @@ def snapshot_weights(run: Run) -> tuple[object, dict[str, torch.Tensor]]:
     tag = f".{run.model_id}."
     with run.base.lock:
         config = copy.deepcopy(run.base.peft_model.peft_config[run.model_id])
-        weights = {
-            n.replace(tag, ".{name}."): p.detach().clone()
-            for n, p in run.base.peft_model.named_parameters()
-            if tag in n
-        }
+        params = adapter_params(run.base.peft_model, run.model_id)
+        weights = {n.replace(tag, ".{name}."): p.detach().clone() for n, p in params.items()}
     config.inference_mode = True
     return config, weights
 

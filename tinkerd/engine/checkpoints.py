@@ -47,6 +47,7 @@ from tinkerd.engine.checkpoint_format import (
     tinker_path,
     write_file,
 )
+from tinkerd.engine.lora import adapter_params
 from tinkerd.engine.models import BaseModel
 from tinkerd.errors import InvalidRequestError, NotFoundError
 
@@ -235,7 +236,7 @@ def adapter_state_dict(run: Run) -> dict[str, Tensor]:
 
 def _param_names(run: Run) -> list[str]:
     """Saved name (as in `adapter_state_dict`) of each of `run.params`, in order."""
-    names = {id(p): n for n, p in run.base.peft_model.named_parameters()}
+    names = {id(p): n for n, p in adapter_params(run.base.peft_model, run.model_id).items()}
     out = []
     for p in run.params:  # `...q_proj.lora_A.<model_id>.weight` -> `...q_proj.lora_A.weight`
         head, _, tail = names[id(p)].rpartition(f".{run.model_id}.")
@@ -316,10 +317,8 @@ def add_adapter_from_checkpoint(base: BaseModel, adapter_name: str, info: Checkp
         remove_adapter(base, adapter_name)
         raise
     with base.lock:
-        tag = f".{adapter_name}."
-        for name, p in base.peft_model.named_parameters():
-            if tag in name:
-                p.requires_grad_(False)
+        for p in adapter_params(base.peft_model, adapter_name).values():
+            p.requires_grad_(False)
 
 
 def _diff(got: dict, expected: dict) -> str:

@@ -2,7 +2,7 @@
 
 `loss_pass` serves every training computation of the engine: forward and
 forward_backward of one run, requests of several runs packed into one pass (each run's
-rows through its own adapter, `multi_lora`), and forward_backward_custom (a custom
+rows through its own adapter, `lora`), and forward_backward_custom (a custom
 `gradient_fn` instead of a built-in loss), on one process or on the ranks of a
 torch.distributed group (`parallel`): each rank computes the rows it holds, the ranks
 agree on which losses are finite, and rank 0 gets the merged outputs.
@@ -30,8 +30,8 @@ from torch.utils.checkpoint import checkpoint
 from tinkerd import losses
 from tinkerd.engine.adapters import Run
 from tinkerd.engine.batch import Batch
+from tinkerd.engine.lora import Segment, packed_logits, pad_cat, trainable
 from tinkerd.engine.models import BaseModel
-from tinkerd.engine.multi_lora import Segment, packed_logits, pad_cat, trainable
 from tinkerd.engine.parallel import SingleProcess
 from tinkerd.errors import InvalidRequestError
 from tinkerd.types import Datum, ForwardBackwardOutput, TensorData

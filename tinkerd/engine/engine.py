@@ -33,9 +33,9 @@ from tinkerd.engine.checkpoints import (
 from tinkerd.engine.compute import Limits, LossRequest, Member, loss_pass
 from tinkerd.engine.models import BaseModel, BaseModelRegistry, parse_model_specs
 from tinkerd.engine.parallel import SingleProcess
-from tinkerd.engine.sampler import Sampler
-from tinkerd.engine.sampler_backend import SamplerFactory
 from tinkerd.engine.sampler_weights import MAX_SNAPSHOTS, SamplerVersions, SamplerWeights
+from tinkerd.engine.sampling.backend import SamplerFactory
+from tinkerd.engine.sampling.sampler import Sampler
 from tinkerd.engine.tiny import TINY_MODEL_NAME
 from tinkerd.errors import InvalidRequestError, ModelUnloadedError, NotFoundError
 from tinkerd.types import (
@@ -335,7 +335,7 @@ class Engine:
     ) -> list[ForwardBackwardOutput | Exception]:
         """Several requests (of distinct runs, or not) on one base in one batched pass:
         their rows are packed end to end, each run's rows go through its own adapter
-        (`multi_lora`), each request's loss is its own, and one backward of their sum
+        (`lora`), each request's loss is its own, and one backward of their sum
         gives every run exactly the gradient its request alone would. Returns one output
         per request, or the Exception that request failed with (the others still run;
         a request given as an Exception fails with it). Data-parallel ranks other than 0

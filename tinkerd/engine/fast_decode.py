@@ -8,7 +8,8 @@ copied per layer per step (`repeat_kv`) before attention. This module does the s
 arithmetic as transformers' Llama in a few tensor ops per layer: rotary tables taken
 from the model's own rotary module once, attention by `scaled_dot_product_attention`
 with grouped-query heads, the keys and values written into the sampler's cache in place,
-and each row's LoRA adapter applied as one extra low-rank product per projection.
+and each row's LoRA adapter applied as one extra low-rank product per projection
+(`tinkerd.engine.lora.stacked_projection`).
 
 Prefill stays on the Hugging Face model (once per prompt, with prompt logprobs); only
 the per-token steps come here. `FastDecoder.build` returns None for a model it does not
@@ -19,11 +20,12 @@ sequence length, LoRA variants such as DoRA): the sampler then uses the HF forwa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from tinkerd.engine.lora import LoraProjection, stacked_projection
 
 MAX_FUSED_BYTES = 1 << 30  # larger models multiply q/k/v and gate/up separately, uncopied
 
@@ -54,26 +56,6 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if hasattr(model.get_input_embeddings(), "base_layer"):
         return "adapted embeddings"
     return None
-
-
-@dataclass
-class LoraProjection:
-    """The adapters of one projection for the current rows: delta = ((x A^T) * mask) B^T.
-
-    `a` is `[R, in]`: the A matrices of every adapter in the batch stacked; `b` is
-    `[out, R]`, their B matrices side by side, each times its adapter's scaling; `mask`
-    is `[rows, R]`, 1 where a column belongs to that row's adapter (None: every row uses
-    all columns, i.e. one adapter for the whole batch)."""
-
-    a: Tensor
-    b: Tensor
-    mask: Tensor | None
-
-    def delta(self, x: Tensor) -> Tensor:
-        h = F.linear(x.to(self.a.dtype), self.a)
-        if self.mask is not None:
-            h = h * self.mask
-        return F.linear(h, self.b)
 
 
 class FastDecoder:
@@ -117,7 +99,6 @@ class FastDecoder:
         (then for the unembedding) the LoraProjection of each adapted fused projection.
         None: some adapter uses a LoRA variant (e.g. DoRA) or bias not computed here."""
         self._refresh_fused()
-        names = list(dict.fromkeys(adapters))
         out = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -129,13 +110,13 @@ class FastDecoder:
             }
             found = {}
             for key, modules in groups.items():
-                proj = _lora_projection(modules, names, adapters, device)
+                proj = stacked_projection(modules, adapters, device)
                 if proj is False:
                     return None
                 if proj is not None:
                     found[key] = proj
             out.append(found)
-        head = _lora_projection([self.model.lm_head], names, adapters, device)
+        head = stacked_projection([self.model.lm_head], adapters, device)
         if head is False:
             return None
         out.append({"lm_head": head} if head is not None else {})
@@ -247,40 +228,3 @@ def _project(
     if lora is not None:
         y = (y + lora.delta(x)).to(y.dtype)  # as PEFT: the LoRA term in its own dtype
     return y if residual is None else residual + y
-
-
-def _lora_projection(
-    modules: list[nn.Module], names: list[str], adapters: list[str], device: torch.device
-) -> LoraProjection | None | bool:
-    """The adapters of the batch for `modules` (whose outputs are concatenated, as in a
-    fused projection), stacked; None if none of them adapts these; False if one does in
-    a way not computed here. B is block-diagonal across the modules' outputs: the zeros
-    add exactly nothing."""
-    blocks = []  # (adapter index, output offset, A, B * scaling)
-    offset = 0
-    for module in modules:
-        lora_a = getattr(module, "lora_A", None) or {}
-        for k, name in enumerate(names):
-            if name not in lora_a:
-                continue
-            lora_b = module.lora_B[name]
-            if name in getattr(module, "lora_variant", {}) or lora_b.bias is not None:
-                return False
-            blocks.append((k, offset, lora_a[name].weight, lora_b.weight * module.scaling[name]))
-        if getattr(module, "merged", False):
-            return False
-        offset += _weight(module).shape[0]
-    if not blocks:
-        return None
-    a = torch.cat([block[2] for block in blocks])
-    b = a.new_zeros((offset, a.shape[0]))
-    column = 0
-    for _, start, _, scaled in blocks:
-        b[start : start + scaled.shape[0], column : column + scaled.shape[1]] = scaled
-        column += scaled.shape[1]
-    owner = torch.cat([torch.full((block[2].shape[0],), block[0]) for block in blocks])
-    if len(names) == 1:
-        return LoraProjection(a, b, None)  # every row uses the one adapter
-    row_adapter = torch.tensor([names.index(n) for n in adapters])
-    mask = (row_adapter[:, None] == owner[None, :]).to(a.dtype)
-    return LoraProjection(a, b, mask.to(device))

@@ -4,7 +4,7 @@
 on the shared base (and, when named, on disk). At most `max_snapshots` of them stay
 loaded, least recently used first out; a named one comes back from disk when sampled
 again, an unnamed one is gone. Each base model has one sampler backend
-(`tinkerd.engine.sampler_backend`), made on first use.
+(`tinkerd.engine.sampling.backend`), made on first use.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from tinkerd.engine.checkpoints import (
     tinker_path,
 )
 from tinkerd.engine.models import BaseModel
-from tinkerd.engine.sampler import BASE_ADAPTER, make_spec
-from tinkerd.engine.sampler_backend import SamplerBackend, SamplerFactory
+from tinkerd.engine.sampling.backend import SamplerBackend, SamplerFactory
+from tinkerd.engine.sampling.spec import BASE_ADAPTER, make_spec
 from tinkerd.errors import InvalidRequestError, NotFoundError
 from tinkerd.types import SampleResponse, SamplingParams
 
@@ -171,10 +171,10 @@ class SamplerVersions:
                 self._evict()
 
     def stats(self, base_model: str) -> list[tuple[int, int]]:
-        """(rows, distinct requests) of the base's recent decode steps, for backends that
-        record them (the built-in `Sampler.steps`); empty for others."""
-        # Read by name until `steps` is part of the SamplerBackend interface.
-        return list(getattr(self.samplers.get(base_model), "steps", []))
+        """(rows, distinct requests) of the base's recent decode steps (the backend's
+        `recent_steps`); empty before its first sample."""
+        sampler = self.samplers.get(base_model)
+        return sampler.recent_steps() if sampler is not None else []
 
     def _evict(self) -> None:
         """Unload the least recently used sampler versions beyond `max_snapshots`."""

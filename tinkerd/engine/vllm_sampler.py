@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from tinkerd.engine.models import BaseModel
-from tinkerd.engine.sampler import BASE_ADAPTER, SampleSpec
+from tinkerd.engine.sampling.spec import BASE_ADAPTER, SampleSpec
 from tinkerd.errors import InvalidRequestError
 from tinkerd.types import SampledSequence, SampleResponse
 
@@ -82,6 +82,9 @@ class VLLMSampler:
     def adapters_in_use(self) -> set[str]:
         with self._cond:
             return {s.adapter for s, _ in self._pending} | {s.adapter for s in self._running}
+
+    def recent_steps(self) -> list[tuple[int, int]]:
+        return []  # vLLM schedules its own steps; it does not report them
 
     def close(self) -> None:
         with self._cond:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tinkerd.engine import Engine
 from tinkerd.engine.distributed import DistributedEngine, serve_worker, shard_base_with_fsdp
 from tinkerd.engine.models import parse_model_specs, resolve_model_path
-from tinkerd.engine.sampler_backend import sampler_factory
+from tinkerd.engine.sampling.backend import sampler_factory
 from tinkerd.engine.tiny import TINY_MODEL_NAME
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from tinkerd.engine import SamplerWeights
-from tinkerd.engine.sampler import eos_token_ids
+from tinkerd.engine.sampling.spec import eos_token_ids
 from tinkerd.errors import InvalidRequestError
 from tinkerd.server.routes.anthropic import anthropic_router
 from tinkerd.server.routes.openai import openai_router

@@ -1,9 +1,10 @@
 """The sampler backend interface: what the engine needs from whatever decodes tokens.
 
 The engine makes one backend per base model (`factory(base)`) and hands it validated
-`SampleSpec`s. The built-in `Sampler` (batched KV cache, per-row LoRA, on the engine's own
-copy of the base) is the default; `tinkerd.engine.vllm_sampler.VLLMSampler` decodes on a
-GPU with vLLM, loading each adapter by path. `tinkerd serve --sampler NAME` picks one.
+`SampleSpec`s. The built-in `tinkerd.engine.sampling.sampler.Sampler` (batched KV cache,
+per-row LoRA, on the engine's own copy of the base) is the default;
+`tinkerd.engine.vllm_sampler.VLLMSampler` decodes on a GPU with vLLM, loading each
+adapter by path. `tinkerd serve --sampler NAME` picks one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from concurrent.futures import Future
 from typing import Protocol, runtime_checkable
 
 from tinkerd.engine.models import BaseModel
-from tinkerd.engine.sampler import Sampler, SampleSpec
+from tinkerd.engine.sampling.spec import SampleSpec
 from tinkerd.errors import InvalidRequestError
 
 
@@ -26,6 +27,10 @@ class SamplerBackend(Protocol):
     def adapters_in_use(self) -> set[str]:
         """Adapter names that queued or running requests read (not to be unloaded)."""
 
+    def recent_steps(self) -> list[tuple[int, int]]:
+        """(rows, distinct requests) of each recent decode step, oldest first: how much
+        was batched. Empty for a backend that does not see its steps."""
+
     def close(self) -> None:
         """Fail what is queued and release the backend's threads and memory."""
 
@@ -37,6 +42,8 @@ def sampler_factory(name: str) -> SamplerFactory:
     """The backend called `name`: "builtin" or "vllm" (needs `pip install tinkerd[vllm]`
     and a CUDA GPU)."""
     if name == "builtin":
+        from tinkerd.engine.sampling.sampler import Sampler
+
         return Sampler
     if name == "vllm":
         from tinkerd.engine.vllm_sampler import VLLMSampler, check_vllm_available

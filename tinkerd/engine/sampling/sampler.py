@@ -1,0 +1,339 @@
+"""The built-in sampler: batched decoding with a KV cache, each row with its own LoRA
+adapter (or none).
+
+One `Sampler` per base model runs a decode loop on its own thread. Every active sequence
+advances one token per forward pass. New requests join the running batch between steps:
+their prompts are prefilled together (once per prompt, however many samples), and their
+cache rows are merged in, left-padded. Finished rows leave the batch. So concurrent
+requests from different clients share forward passes, and `tinkerd.engine.lora` routes
+each row through its own adapter on the one shared base (`route_rows` in the Hugging
+Face forward; the same rows' stacked adapters in `FastDecoder` steps).
+
+A step costs little besides its forward pass: per-row settings are tensors rebuilt only
+when rows join or leave (`choose.Plan`), and the KV cache grows in place (`kv_cache`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from tinkerd.engine.fast_decode import FastDecoder
+from tinkerd.engine.lora import route_rows, segments
+from tinkerd.engine.models import BaseModel
+from tinkerd.engine.sampling import kv_cache
+from tinkerd.engine.sampling.choose import Plan, choose, make_plan, prompt_logprobs
+from tinkerd.engine.sampling.spec import SampleSpec
+from tinkerd.types import SampledSequence, SampleResponse
+
+MAX_BATCH_ROWS = 256  # sequences decoded together; more requests wait for a free row
+
+
+@dataclass(eq=False)
+class Job:
+    spec: SampleSpec
+    future: Future
+    generator: torch.Generator | None
+    sequences: list[SampledSequence | None]
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list | None = None
+    remaining: int = 0
+
+
+@dataclass(eq=False)
+class Row:
+    job: Job
+    index: int  # which of the job's samples
+    position: int  # position id of its first sampled token (the prompt's length)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    topk: list = field(default_factory=list)
+
+
+class Sampler:
+    """Decodes every sample request on one base model, batched, on a background thread.
+    A `tinkerd.engine.sampling.backend.SamplerBackend`."""
+
+    def __init__(
+        self, base: BaseModel, max_batch_rows: int = MAX_BATCH_ROWS, fast_decode: bool = True
+    ):
+        self.base = base
+        self.max_batch_rows = max_batch_rows
+        # decode steps straight from the weights where the architecture allows (Llama)
+        self._fast = FastDecoder.build(base.model) if fast_decode else None
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._reset()
+        self._rng = torch.Generator(device=base.device)
+        self._rng.seed()
+        # transformers 5.x renamed `past_key_values` to `cache`; accept either
+        params = inspect.signature(base.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.steps: deque[tuple[int, int]] = deque(maxlen=4096)
+        """(rows, distinct requests) of each recent decode step: how much was batched."""
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"sampler-{base.name}", daemon=True)
+        self._thread.start()
+        # A daemon thread still inside a torch op at interpreter teardown aborts the process
+        # ("terminate called without an active exception"): stop and join it first.
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop decoding (queued and running requests fail) and end the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    def _reset(self) -> None:
+        """Drop the running batch (its rows are finished or failed)."""
+        self._rows: list[Row] = []
+        self._cache = None  # transformers Cache of the rows, left-padded to a common length
+        self._mask: Tensor | None = None  # [rows, cache_len] 1 where a real token is
+        self._positions: Tensor | None = None  # [rows, 1] position id of the next input
+        self._next_logits: Tensor | None = None  # [rows, vocab] float32
+        self._plan: Plan | None = None
+        self._fast_lora: tuple[Plan | None, list | None, bool] = (None, None, False)
+
+    def submit(self, spec: SampleSpec) -> Future:
+        """Queue a validated request; the future resolves to a SampleResponse."""
+        gen = None
+        if spec.seed is not None:
+            gen = torch.Generator(device=self.base.device)
+            gen.manual_seed(spec.seed)
+        job = Job(spec, Future(), gen, [None] * spec.num_samples, remaining=spec.num_samples)
+        with self._cond:
+            self._pending.append(job)
+            self._cond.notify()
+        return job.future
+
+    def adapters_in_use(self) -> set[str]:
+        """Adapters that queued or running requests read (they must not be unloaded)."""
+        with self._cond:
+            jobs = [*self._pending, *(r.job for r in self._rows)]
+        return {j.spec.adapter for j in jobs}
+
+    def recent_steps(self) -> list[tuple[int, int]]:
+        """(rows, distinct requests) of each recent decode step, oldest first."""
+        return list(self.steps)
+
+    # ------------------------------------------------------------ loop
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._pending and not self._rows and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        self._fail_all(RuntimeError("the sampler was closed"))
+                        return
+                    new = self._take_pending()
+                jobs = new + list(dict.fromkeys(r.job for r in self._rows))
+                try:
+                    if new:
+                        self._admit(new)
+                    if self._rows:
+                        self._step()
+                except Exception as e:  # a failed step fails its requests, not the sampler
+                    self._reset()
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(e)
+
+    def _fail_all(self, error: Exception) -> None:
+        jobs = [*self._pending, *(r.job for r in self._rows)]
+        self._pending.clear()
+        self._reset()
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
+
+    def _take_pending(self) -> list[Job]:
+        if self._rows and not kv_cache.mergeable(self._cache):
+            return []  # this cache type cannot take new rows mid-flight: wait for a drain
+        taken, rows = [], len(self._rows)
+        while self._pending and rows + self._pending[0].spec.num_samples <= self.max_batch_rows:
+            job = self._pending.popleft()
+            taken.append(job)
+            rows += job.spec.num_samples
+        if not taken and not self._rows and self._pending:
+            taken.append(self._pending.popleft())  # larger than a batch: run it alone
+        return taken
+
+    def _forward(
+        self,
+        input_ids: Tensor,
+        mask: Tensor,
+        positions: Tensor,
+        adapters: list[str],
+        cache,
+        logits_to_keep: int,
+    ) -> tuple[Tensor, object]:
+        """The Hugging Face forward of rows `input_ids` `[rows, len]`, row i through
+        adapter `adapters[i]`: (logits, the cache)."""
+        base = self.base
+        kwargs = dict(
+            input_ids=input_ids.to(base.device),
+            attention_mask=mask.to(base.device),
+            position_ids=positions.to(base.device),
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+        kwargs[self._cache_kw] = cache
+        with base.lock:
+            if base.peft_model is None:
+                out = base.model(**kwargs)
+            else:
+                with route_rows(base.peft_model, segments(adapters)):
+                    out = base.model(**kwargs)  # the injected model: skips PeftModel.forward
+        return out.logits, getattr(out, self._cache_kw)
+
+    def _admit(self, jobs: list[Job]) -> None:
+        """Prefill the new prompts together, then add num_samples rows per prompt."""
+        lengths = [len(j.spec.prompt) for j in jobs]
+        width = max(lengths)
+        pad = 0
+        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for i, job in enumerate(jobs):
+            ids[i, width - lengths[i] :] = torch.tensor(job.spec.prompt)
+            mask[i, width - lengths[i] :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        keep_all = any(j.spec.prompt_logprobs for j in jobs)
+        logits, cache = self._forward(
+            ids, mask, positions, [j.spec.adapter for j in jobs], None, 0 if keep_all else 1
+        )
+        logits = logits.float()
+        for i, job in enumerate(jobs):
+            if job.spec.prompt_logprobs:
+                job.prompt_logprobs, job.topk_prompt_logprobs = prompt_logprobs(
+                    job.spec.prompt, logits[i, width - lengths[i] :], job.spec.topk_prompt_logprobs
+                )
+        rows_of = [i for i, job in enumerate(jobs) for _ in range(job.spec.num_samples)]
+        index = torch.tensor(rows_of, device=logits.device)
+        cache.batch_select_indices(index)
+        new_rows = [
+            Row(job, k, len(job.spec.prompt)) for job in jobs for k in range(job.spec.num_samples)
+        ]
+        device = self.base.device
+        new_mask = mask[rows_of].to(device)
+        new_positions = torch.tensor([[r.position] for r in new_rows], device=device)
+        new_logits = logits[:, -1][index]
+        if self._cache is None:
+            kv_cache.grow_in_place(cache)
+            self._cache, self._mask, self._next_logits = cache, new_mask, new_logits
+            self._positions = new_positions
+        else:
+            self._cache, self._mask = kv_cache.merge(self._cache, self._mask, cache, new_mask)
+            self._next_logits = torch.cat([self._next_logits, new_logits])
+            self._positions = torch.cat([self._positions, new_positions])
+        self._rows += new_rows
+        self._plan = make_plan(self._rows, logits.shape[-1], logits.device)
+
+    def _step(self) -> None:
+        """Sample one token for every row, retire finished rows, run the rest forward."""
+        rows, logits = self._rows, self._next_logits
+        self.steps.append((len(rows), self._plan.requests))
+        tokens, logprobs, topk = choose(logits, self._plan, self._rng)
+        tokens_list, logprobs_list = tokens.tolist(), logprobs.tolist()
+        alive = []
+        for i, row in enumerate(rows):
+            row.tokens.append(tokens_list[i])
+            row.logprobs.append(logprobs_list[i])
+            if topk is not None and row.job.spec.topk_sample_logprobs:
+                k = row.job.spec.topk_sample_logprobs
+                row.topk.append(list(zip(topk[1][i, :k].tolist(), topk[0][i, :k].tolist())))
+            reason = self._stop_reason(row)
+            if reason:
+                self._finish(row, reason)
+            else:
+                alive.append(i)
+        if len(alive) < len(rows):
+            if not alive:
+                self._reset()
+                return
+            self._retire(alive)
+            rows = self._rows
+            tokens = tokens[torch.tensor(alive, device=tokens.device)]
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], 1)
+        lora, fast = self._fast_lora_for_plan()
+        if fast:
+            with self.base.lock:
+                logits = self._fast.step(
+                    tokens, self._positions[:, 0], self._mask, self._cache, lora
+                )
+        else:
+            logits, self._cache = self._forward(
+                tokens[:, None],
+                self._mask,
+                self._positions,
+                [r.job.spec.adapter for r in rows],
+                self._cache,
+                1,
+            )
+            logits = logits[:, -1]
+        self._positions = self._positions + 1
+        self._next_logits = logits.float()
+
+    def _fast_lora_for_plan(self) -> tuple[list | None, bool]:
+        """(the fast path's adapters for the current rows, whether it can run this step):
+        worked out once per batch change."""
+        plan, lora, fast = self._fast_lora
+        if plan is not self._plan:
+            lora, fast = None, self._fast is not None and kv_cache.mergeable(self._cache)
+            if fast:
+                adapters = [r.job.spec.adapter for r in self._rows]
+                with self.base.lock:
+                    lora = self._fast.plan(adapters, self.base.device)
+                fast = lora is not None
+            self._fast_lora = (self._plan, lora, fast)
+        return lora, fast
+
+    def _retire(self, alive: list[int]) -> None:
+        """Keep only the rows at indices `alive` (and their cache rows)."""
+        keep = torch.tensor(alive, device=self._mask.device)
+        self._positions = self._positions[keep]
+        self._rows = [self._rows[i] for i in alive]
+        self._plan = make_plan(self._rows, self._next_logits.shape[-1], self._mask.device)
+        self._mask = kv_cache.keep_rows(self._cache, self._mask, keep)
+
+    def _stop_reason(self, row: Row) -> str | None:
+        spec = row.job.spec
+        if row.tokens[-1] in spec.stop_tokens:
+            return "stop"
+        if spec.stop_strings:
+            window = max(len(s.encode()) for s in spec.stop_strings) + 1
+            text = self.base.tokenizer.decode(row.tokens[-window:])
+            if any(s in text for s in spec.stop_strings):
+                return "stop"
+        if len(row.tokens) >= spec.max_tokens:
+            return "length"
+        return None
+
+    def _finish(self, row: Row, reason: str) -> None:
+        job = row.job
+        job.sequences[row.index] = SampledSequence(
+            stop_reason=reason,
+            tokens=row.tokens,
+            logprobs=row.logprobs,
+            topk_logprobs=row.topk if job.spec.topk_sample_logprobs else None,
+        )
+        job.remaining -= 1
+        if job.remaining == 0 and not job.future.done():
+            job.future.set_result(
+                SampleResponse(
+                    sequences=job.sequences,
+                    prompt_logprobs=job.prompt_logprobs,
+                    topk_prompt_logprobs=job.topk_prompt_logprobs,
+                    type="sample",
+                )
+            )
