@@ -4,7 +4,7 @@ without FSDP2, and a checkpoint saved under one layout resumes under the other."
 import pytest
 import torch
 from conftest import KEYS, TINY, ServerProcess, make_datum
-from test_fx_loss import RANKS, weighted_nll
+from helpers import NLL_RANKS, weighted_nll
 
 from tinkerd import ServiceClient
 from tinkerd.client.transport import InProcessTransport
@@ -48,8 +48,8 @@ def test_ranks_train_like_one_process_and_resume_across_layouts(first, second, e
         assert torch.allclose(logprobs(run), logprobs(one), atol=1e-5)
 
         # The traced custom loss: every rank's logprobs meet on rank 0 for the gradient.
-        mine = service.create_custom_loss(weighted_nll, RANKS[weighted_nll]).result()
-        theirs = reference.create_custom_loss(weighted_nll, RANKS[weighted_nll]).result()
+        mine = service.create_custom_loss(weighted_nll, NLL_RANKS).result()
+        theirs = reference.create_custom_loss(weighted_nll, NLL_RANKS).result()
         got = run.forward_backward_custom(FIVE, mine).result().loss_total
         expected = one.forward_backward_custom(FIVE, theirs).result().loss_total
         assert got == pytest.approx(expected, rel=1e-5)
