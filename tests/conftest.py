@@ -7,6 +7,11 @@ from collections.abc import Iterator
 os.environ.setdefault("TINKERD_CACHE", tempfile.mkdtemp(prefix="tinkerd-test-cache-"))
 os.environ.setdefault("TINKERD_DATA_DIR", tempfile.mkdtemp(prefix="tinkerd-test-data-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist every worker inherits the controller's cache (the built-in model is
+    # made once, under the engine's file lock) but gets a data dir of its own: tests that list
+    # the default data dir's checkpoints must not see another worker's.
+    os.environ["TINKERD_DATA_DIR"] = tempfile.mkdtemp(prefix="tinkerd-test-data-")
 
 import pytest  # noqa: E402
 
