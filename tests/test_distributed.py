@@ -79,6 +79,7 @@ def resume(service, one, path: str, saved: torch.Tensor) -> None:
     assert torch.allclose(logprobs(resumed), logprobs(one), atol=1e-5)
 
 
+@pytest.mark.timeout(300)  # four server starts, three of them of two ranks
 def test_ranks_train_like_one_process_and_resume_across_layouts(engine, tmp_path):
     """Three layout changes: two ranks -> one process, one process -> two ranks, two ranks
     with FSDP -> one process; chained through one data dir so that four server starts serve
