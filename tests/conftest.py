@@ -143,7 +143,8 @@ class ServerProcess:
                 if httpx.get(f"{self.url}/api/v1/healthz", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.1)
         raise RuntimeError("server did not start")
 
     def stop(self, kill: bool = False) -> None:
