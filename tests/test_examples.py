@@ -1,41 +1,31 @@
-"""The examples run as a user would run them (shortened)."""
+"""The examples run as a user would run them (shortened): each script as `__main__` with its
+command line, in this process (a subprocess would only import torch again)."""
 
-import subprocess
-import sys
+import runpy
 from pathlib import Path
+
+import torch
+from conftest import KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_custom_loss_regularizers_example_prints_the_breakdown():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "custom_loss_regularizers.py"), "--steps", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+def run_example(name: str, *argv: str, monkeypatch) -> None:
+    """`python examples/<name> <argv...>`; raises whatever the script raises."""
+    script = str(ROOT / "examples" / name)
+    monkeypatch.setattr("sys.argv", [script, *argv])
+    with torch.random.fork_rng():  # a script may seed torch: leave the tests' RNG as it was
+        runpy.run_path(script, run_name="__main__")
+
+
+def test_custom_loss_regularizers_example_prints_the_breakdown(capsys, monkeypatch):
+    run_example("custom_loss_regularizers.py", "--steps", "2", monkeypatch=monkeypatch)
+    out = capsys.readouterr().out
     for term in ("base", "entropy", "len_nll", "total", "grad_norm"):
-        assert term in result.stdout
+        assert term in out
 
 
-def test_rl_basic_example_over_http(server):
-    from conftest import KEYS
-
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "rl_basic.py"),
-            "--steps",
-            "3",
-            "--base-url",
-            server.url,
-            "--api-key",
-            KEYS[0],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "mean reward" in result.stdout
+def test_rl_basic_example_over_http(server, capsys, monkeypatch):
+    argv = ("--steps", "3", "--base-url", server.url, "--api-key", KEYS[0])
+    run_example("rl_basic.py", *argv, monkeypatch=monkeypatch)
+    assert "mean reward" in capsys.readouterr().out

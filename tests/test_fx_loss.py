@@ -8,17 +8,13 @@ import pytest
 import tinker
 import torch
 from conftest import KEYS, TINY
+from helpers import weighted_nll
 from tinker.lib.public_interfaces.custom_loss import encode_graph, trace_loss
 
 from tinkerd import RegularizerSpec
 from tinkerd.client.traced_loss import trace
 from tinkerd.errors import InvalidRequestError
 from tinkerd.fx_loss import compile_loss
-
-
-def weighted_nll(logprobs, weights):
-    loss = -(logprobs * weights).sum()
-    return loss, {"custom/nll:sum": loss}
 
 
 def ppo_like(logprobs, sampling_logprobs, advantages):

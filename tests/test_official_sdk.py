@@ -8,21 +8,12 @@ import pytest
 import tinker
 import torch
 from conftest import KEYS, TINY, ServerProcess
+from helpers import fwd_bwd_body, post, raw_model, retrieve, sdk_datum
 from tinker import types
 
-from tinkerd import wire_proto
-from tinkerd.types import AdamParams, Datum, ModelInput
+from tinkerd.types import AdamParams
 
 ADAM = types.AdamParams(learning_rate=3e-3)
-
-
-def sdk_datum(text: bytes, weights=None) -> types.Datum:
-    tokens = [256, *text]
-    n = len(tokens) - 1
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights or [1.0] * n},
-    )
 
 
 @pytest.fixture
@@ -34,10 +25,6 @@ def sdk(server):
 
 def new_run(sdk, seed=0):
     return sdk.create_lora_training_client(base_model=TINY, rank=8, seed=seed).result()
-
-
-def post(server, path, key=KEYS[0], **kwargs):
-    return httpx.post(f"{server.url}/api/v1/{path}", headers={"X-API-Key": key}, **kwargs)
 
 
 def test_sdk_trains_and_the_loss_falls(sdk):
@@ -188,45 +175,6 @@ def test_api_keys_are_required_and_runs_are_private(server, sdk):
     assert retrieve(server, request_id).status_code == 200
 
 
-def retrieve(server, request_id: str, key=KEYS[0]) -> httpx.Response:
-    """Poll retrieve_future through try_again answers (the fixture long-polls 2 s a time)."""
-    for _ in range(60):
-        response = post(
-            server, "retrieve_future", key=key, json={"request_id": request_id}, timeout=30
-        )
-        if response.status_code != 408:
-            return response
-    raise AssertionError(f"{request_id} still pending")
-
-
-def raw_session(server, key=KEYS[0]) -> str:
-    return post(server, "create_session", key=key, json={}).json()["session_id"]
-
-
-def raw_model(server, seq: int = 0, session: str | None = None) -> str:
-    session = session or raw_session(server)
-    body = {
-        "session_id": session,
-        "model_seq_id": seq,
-        "base_model": TINY,
-        "lora_config": {"rank": 4, "seed": 0},
-    }
-    request_id = post(server, "create_model", json=body).json()["request_id"]
-    return retrieve(server, request_id).json()["model_id"]
-
-
-def fwd_bwd_body(model_id: str, seq_id: int) -> bytes:
-    data = [
-        Datum(
-            model_input=ModelInput.from_ints([256, 1, 2]),
-            loss_fn_inputs={"target_tokens": [1, 2, 3], "weights": [1.0, 1.0, 1.0]},
-        )
-    ]
-    return wire_proto.encode_forward_backward_request(
-        model_id, seq_id, data, "cross_entropy", None, False
-    )
-
-
 def test_requests_run_in_seq_id_order_and_resends_are_deduplicated(server):
     model_id = raw_model(server)
     adam = AdamParams(learning_rate=1e-3).model_dump()
@@ -269,18 +217,16 @@ def test_finished_results_survive_reconnects_and_restarts(tmp_path):
         second.stop()
 
 
-def test_serve_refuses_open_non_loopback_binding():
-    import subprocess
-    import sys
+def test_serve_refuses_open_non_loopback_binding(capsys, monkeypatch):
+    from tinkerd import cli
 
-    result = subprocess.run(
-        [sys.executable, "-m", "tinkerd.cli", "serve", "--host", "0.0.0.0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**__import__("os").environ, "TINKERD_API_KEYS": ""},
-    )
-    assert result.returncode == 2 and "without an API key" in result.stderr
+    # `tinkerd serve`'s own code, in this process (a subprocess only re-imported torch);
+    # should the refusal break, the test fails instead of serving.
+    monkeypatch.setenv("TINKERD_API_KEYS", "")
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("served"))
+    capsys.readouterr()
+    assert cli.main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "without an API key" in capsys.readouterr().err
 
 
 def test_sdk_samples_with_logprobs_that_match_training(sdk):

@@ -6,50 +6,65 @@ import time
 import pytest
 import tinker
 from conftest import KEYS, TINY, ServerProcess
-from test_official_sdk import fwd_bwd_body, post, raw_model, raw_session, retrieve, sdk_datum
+from helpers import fwd_bwd_body, post, raw_model, raw_session, retrieve, sdk_datum
 from tinker import types
 
 
-def test_a_full_queue_answers_429_and_the_sdk_retries_through_it(tmp_path):
-    server = ServerProcess(tmp_path, "--max-queue", "2", "--max-batch-tokens", "256")
-    try:
-        model_id = raw_model(server)
-        # seqs 2 and 3 wait for seq 1: the queue (2) is full.
-        waiting = [
-            post(server, "forward_backward", content=fwd_bwd_body(model_id, s)) for s in (2, 3)
-        ]
-        assert all(r.status_code == 200 for r in waiting)
-        refused = post(server, "forward_backward", content=fwd_bwd_body(model_id, 4))
-        assert refused.status_code == 429
-        assert int(refused.headers["retry-after"]) >= 1
-        assert "queued" in refused.json()["detail"]
-        # The request the queue waits for is never refused (else: deadlock), and once it
-        # runs everything drains; the refused seq 4 is then accepted as it was.
-        first = post(server, "forward_backward", content=fwd_bwd_body(model_id, 1))
-        assert first.status_code == 200
-        for response in [first, *waiting]:
-            assert "loss:sum" in str(retrieve(server, response.json()["request_id"]).content)
-        again = post(server, "forward_backward", content=fwd_bwd_body(model_id, 4))
-        assert again.status_code == 200
+@pytest.fixture(scope="module")
+def started(tmp_path_factory):
+    """One server for the tests here that need no flags of their own (one process start
+    instead of three): a queue of 2, a batch limit of 256 tokens, and debug logging."""
+    server = ServerProcess(
+        tmp_path_factory.mktemp("reliability"),
+        *("--max-queue", "2", "--max-batch-tokens", "256", "--log-level", "debug"),
+    )
+    yield server
+    server.stop()
 
-        # The official SDK pipelines 12 requests into a queue of 2: its retries cope, and
-        # the results are the same as on an unbounded server.
-        sdk = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
-        client = sdk.create_lora_training_client(base_model=TINY, rank=4, seed=1).result()
-        data = [sdk_datum(b"backpressure")]
-        futures = []
-        for _ in range(6):
-            futures.append(client.forward_backward(data, "cross_entropy"))
-            futures.append(client.optim_step(types.AdamParams(learning_rate=1e-2)))
-        losses = [f.result().metrics["loss:sum"] for f in futures[::2]]
-        assert all(f.result().metrics["step"] > 0 for f in futures[1::2])
-        assert losses[-1] < losses[0]
-        # The configured batch limit: 3 data x 120 tokens > 256 is refused, clearly.
-        with pytest.raises(tinker.BadRequestError, match="server's limit of 256"):
-            client.forward_backward([sdk_datum(b"x" * 120)] * 3, "cross_entropy").result()
-        sdk.close("success").result()
-    finally:
-        server.stop()
+
+@pytest.fixture
+def limited(started):
+    """The module's server, started again if an earlier test stopped it."""
+    if started.proc.poll() is not None:
+        started.start()
+    return started
+
+
+def test_a_full_queue_answers_429_and_the_sdk_retries_through_it(limited):
+    server = limited
+    model_id = raw_model(server)
+    # seqs 2 and 3 wait for seq 1: the queue (2) is full.
+    waiting = [post(server, "forward_backward", content=fwd_bwd_body(model_id, s)) for s in (2, 3)]
+    assert all(r.status_code == 200 for r in waiting)
+    refused = post(server, "forward_backward", content=fwd_bwd_body(model_id, 4))
+    assert refused.status_code == 429
+    assert int(refused.headers["retry-after"]) >= 1
+    assert "queued" in refused.json()["detail"]
+    # The request the queue waits for is never refused (else: deadlock), and once it
+    # runs everything drains; the refused seq 4 is then accepted as it was.
+    first = post(server, "forward_backward", content=fwd_bwd_body(model_id, 1))
+    assert first.status_code == 200
+    for response in [first, *waiting]:
+        assert "loss:sum" in str(retrieve(server, response.json()["request_id"]).content)
+    again = post(server, "forward_backward", content=fwd_bwd_body(model_id, 4))
+    assert again.status_code == 200
+
+    # The official SDK pipelines 12 requests into a queue of 2: its retries cope, and
+    # the results are the same as on an unbounded server.
+    sdk = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
+    client = sdk.create_lora_training_client(base_model=TINY, rank=4, seed=1).result()
+    data = [sdk_datum(b"backpressure")]
+    futures = []
+    for _ in range(6):
+        futures.append(client.forward_backward(data, "cross_entropy"))
+        futures.append(client.optim_step(types.AdamParams(learning_rate=1e-2)))
+    losses = [f.result().metrics["loss:sum"] for f in futures[::2]]
+    assert all(f.result().metrics["step"] > 0 for f in futures[1::2])
+    assert losses[-1] < losses[0]
+    # The configured batch limit: 3 data x 120 tokens > 256 is refused, clearly.
+    with pytest.raises(tinker.BadRequestError, match="server's limit of 256"):
+        client.forward_backward([sdk_datum(b"x" * 120)] * 3, "cross_entropy").result()
+    sdk.close("success").result()
 
 
 def test_a_silent_session_expires_and_frees_its_runs_without_touching_others(tmp_path):
@@ -92,27 +107,24 @@ def test_a_silent_session_expires_and_frees_its_runs_without_touching_others(tmp
         server.stop()
 
 
-def test_requests_in_flight_at_a_crash_fail_clearly_after_restart(tmp_path):
-    server = ServerProcess(tmp_path)
+def test_requests_in_flight_at_a_crash_fail_clearly_after_restart(limited):
+    server = limited
     model_id = raw_model(server)
     # seq 2 waits for seq 1, which never comes: it is in flight when the server dies.
     in_flight = post(server, "forward_backward", content=fwd_bwd_body(model_id, 2))
     request_id = in_flight.json()["request_id"]
     server.stop(kill=True)
     server.start()
-    try:
-        failed = retrieve(server, request_id)
-        assert failed.status_code == 200
-        body = failed.json()
-        assert body["category"] == "server" and "restarted" in body["error"]
-        # The run itself did not survive (only checkpoints do), and says so.
-        assert post(server, "get_info", json={"model_id": model_id}).status_code == 404
-    finally:
-        server.stop()
+    failed = retrieve(server, request_id)
+    assert failed.status_code == 200
+    body = failed.json()
+    assert body["category"] == "server" and "restarted" in body["error"]
+    # The run itself did not survive (only checkpoints do), and says so.
+    assert post(server, "get_info", json={"model_id": model_id}).status_code == 404
 
 
-def test_api_keys_never_reach_the_logs(tmp_path):
-    server = ServerProcess(tmp_path, "--log-level", "debug")
+def test_api_keys_never_reach_the_logs(limited):
+    server = limited  # logs at debug level; its log also holds the tests above
     try:
         model_id = raw_model(server)
         post(server, "get_info", key=KEYS[1], json={"model_id": model_id})  # a 404
@@ -120,7 +132,7 @@ def test_api_keys_never_reach_the_logs(tmp_path):
         raw_session(server, key=KEYS[1])
     finally:
         server.stop()
-    log = server.proc.stdout.read().decode()
+    log = server.output()
     assert "POST /api/v1/create_session" in log  # the log is there...
     for secret in (*KEYS, "tml-not-a-key"):
         assert secret not in log  # ...and holds no key

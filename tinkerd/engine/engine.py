@@ -139,6 +139,11 @@ class Engine:
         except (OSError, ValueError) as e:
             raise InvalidRequestError(f"cannot load base model {name!r}: {e}") from None
 
+    def model_ids(self) -> list[str]:
+        """The live runs' model_ids (created, not unloaded)."""
+        with self._lock:
+            return list(self._runs)
+
     def run(self, model_id: str) -> Run:
         with self._lock:
             if model_id in self._runs:

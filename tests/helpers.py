@@ -1,0 +1,70 @@
+"""Helpers shared by several test modules: raw wire-protocol calls to a `ServerProcess`
+(what the official SDK sends, without the SDK) and a custom loss."""
+
+import httpx
+from conftest import KEYS, TINY
+from tinker import types
+
+from tinkerd import wire_proto
+from tinkerd.types import Datum, ModelInput
+
+
+def sdk_datum(text: bytes, weights=None) -> types.Datum:
+    tokens = [256, *text]
+    n = len(tokens) - 1
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights or [1.0] * n},
+    )
+
+
+def post(server, path, key=KEYS[0], **kwargs):
+    return httpx.post(f"{server.url}/api/v1/{path}", headers={"X-API-Key": key}, **kwargs)
+
+
+def retrieve(server, request_id: str, key=KEYS[0]) -> httpx.Response:
+    """Poll retrieve_future through try_again answers (the fixture long-polls 2 s a time)."""
+    for _ in range(60):
+        response = post(
+            server, "retrieve_future", key=key, json={"request_id": request_id}, timeout=30
+        )
+        if response.status_code != 408:
+            return response
+    raise AssertionError(f"{request_id} still pending")
+
+
+def raw_session(server, key=KEYS[0]) -> str:
+    return post(server, "create_session", key=key, json={}).json()["session_id"]
+
+
+def raw_model(server, seq: int = 0, session: str | None = None) -> str:
+    session = session or raw_session(server)
+    body = {
+        "session_id": session,
+        "model_seq_id": seq,
+        "base_model": TINY,
+        "lora_config": {"rank": 4, "seed": 0},
+    }
+    request_id = post(server, "create_model", json=body).json()["request_id"]
+    return retrieve(server, request_id).json()["model_id"]
+
+
+def fwd_bwd_body(model_id: str, seq_id: int) -> bytes:
+    data = [
+        Datum(
+            model_input=ModelInput.from_ints([256, 1, 2]),
+            loss_fn_inputs={"target_tokens": [1, 2, 3], "weights": [1.0, 1.0, 1.0]},
+        )
+    ]
+    return wire_proto.encode_forward_backward_request(
+        model_id, seq_id, data, "cross_entropy", None, False
+    )
+
+
+def weighted_nll(logprobs, weights):
+    loss = -(logprobs * weights).sum()
+    return loss, {"custom/nll:sum": loss}
+
+
+NLL_RANKS = {"logprobs": 1, "weights": 1}
+"""`weighted_nll`'s inputs and their ranks, as create_custom_loss takes them."""
