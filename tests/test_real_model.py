@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tinkerd.engine.trainer import Engine
 
 from tinkerd.client import ServiceClient
 from tinkerd.client.transport import InProcessTransport
+from tinkerd.engine import Engine
 from tinkerd.engine.gguf import (
     SMOLLM2_ALIAS,
     SMOLLM2_HUB_ID,
