@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_datum
 
-from tinkerd import AdamParams, ModelInput, SamplingParams
+from tinkerd import AdamParams, SamplingParams
 from tinkerd.engine.adapters import lora_targets
 from tinkerd.engine.engine import Engine
 from tinkerd.engine.fast_decode import FastDecoder, unsupported_reason
@@ -25,21 +25,19 @@ EXPERT_PARAMS = {
 }
 
 
-def write_tiny_moe(out: Path) -> None:
-    """A 2-layer Qwen3-MoE (hidden 64, 4 experts, top-2) from seed 0, byte tokenizer."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+def write_tiny_moe(out: Path, arch: str) -> None:
+    """A 2-layer MoE (hidden 64, 4 experts, top-2) from seed 0 with the byte tokenizer:
+    `qwen3_moe` (experts `[E, out, in]`) or `gpt_oss` (experts `[E, in, out]`, biases)."""
+    from transformers import GptOssConfig, GptOssForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     tokenizer = build_tokenizer()
-    config = Qwen3MoeConfig(
+    common = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
-        num_experts=4,
         num_experts_per_tok=2,
         max_position_embeddings=512,
         tie_word_embeddings=False,
@@ -49,18 +47,33 @@ def write_tiny_moe(out: Path) -> None:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = Qwen3MoeForCausalLM(config)
+        if arch == "qwen3_moe":
+            config = Qwen3MoeConfig(
+                **common, intermediate_size=128, moe_intermediate_size=32, num_experts=4
+            )
+            model = Qwen3MoeForCausalLM(config)
+        else:
+            config = GptOssConfig(
+                **common,
+                intermediate_size=32,
+                num_local_experts=4,
+                layer_types=["sliding_attention", "full_attention"],
+                sliding_window=8,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            )
+            model = GptOssForCausalLM(config)
         with torch.no_grad():  # routers that spread tokens over all experts
             for layer in model.model.layers:
-                layer.mlp.gate.weight.normal_(0.0, 1.0)
+                router = layer.mlp.gate if arch == "qwen3_moe" else layer.mlp.router
+                router.weight.normal_(0.0, 1.0)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
-@pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-moe")
-    write_tiny_moe(path)
+@pytest.fixture(scope="module", params=["qwen3_moe", "gpt_oss"])
+def moe(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    write_tiny_moe(path, request.param)
     engine = Engine(extra_models=[str(path)], data_dir=tmp_path_factory.mktemp("data"))
     return engine, str(path)
 
@@ -92,7 +105,7 @@ def expert_deltas(base: BaseModel, model_id: str) -> dict[str, torch.Tensor]:
 
 def test_the_experts_are_found_as_mlp_parameters(moe):
     engine, name = moe
-    base = engine.base_model(name) if engine.registry.loaded() else engine._load_base(name)
+    base = engine.base_model(name)
     assert set(base.parameter_roles) == EXPERT_PARAMS
     assert set(base.parameter_roles.values()) == {"mlp"}
     assert not [n for n, r in base.linear_roles.items() if r == "mlp"]  # no MLP Linear at all
@@ -173,8 +186,7 @@ def test_runs_trained_together_end_as_trained_alone(moe):
     for step in range(2):
         outs_alone = [engine.forward_backward(m, data(k, step)) for k, m in enumerate(alone)]
         requests = [
-            engine.prepare(m, data(k, step), "cross_entropy", None)
-            for k, m in enumerate(together)
+            engine.prepare(m, data(k, step), "cross_entropy", None) for k, m in enumerate(together)
         ]
         outs_together = engine.run_losses(requests, backward=True)
         for x, y in zip(outs_alone, outs_together):
@@ -204,7 +216,7 @@ def test_the_sampler_uses_the_trained_experts(moe):
     engine, name = moe
     base = engine.base_model(name)
     assert FastDecoder.build(base.model) is None  # Llama only: MoE decodes via HF
-    assert "qwen3_moe" in unsupported_reason(base.model)
+    assert base.model.config.model_type in unsupported_reason(base.model)
     model_id = engine.create_model(name, LoraConfig(rank=4, seed=3))
     for step in range(3):
         engine.forward_backward(model_id, data(1, step))
@@ -246,33 +258,43 @@ def test_checkpoint_round_trip_and_merged_export(moe, tmp_path):
     for n, p in state.items():
         assert torch.equal(p, loaded[n.replace(model_id, copy)]), n
     batch = data(1, 0)
-    lp = [engine.forward(m, batch).loss_fn_outputs[0]["logprobs"].to_torch() for m in (model_id, copy)]
+    lp = [
+        engine.forward(m, batch).loss_fn_outputs[0]["logprobs"].to_torch() for m in (model_id, copy)
+    ]
     assert torch.equal(lp[0], lp[1])
 
     base = engine.base_model(name)
     out = tmp_path / "merged"
     export_merged(name, info, out)
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    plain = dict(base.model.named_parameters())  # PEFT-wrapped names: map them back
     deltas = expert_deltas(base, model_id)
     merged_params = dict(merged.named_parameters())
     for key, delta in deltas.items():
-        base_weight = base.peft_model.base_model.model.get_submodule(
-            key.rsplit(".", 1)[0]
-        ).get_base_layer()
-        original = getattr(base_weight, key.rsplit(".", 1)[1])
+        module, param = key.rsplit(".", 1)
+        experts = base.peft_model.base_model.model.get_submodule(module).get_base_layer()
+        original = getattr(experts, param)  # the base's own weight, never merged into
         assert torch.allclose(merged_params[key], original + delta, atol=1e-6), key
         assert delta.abs().max() > 1e-4
-    assert plain  # the base itself is untouched by the export
     ids = torch.tensor([batch[0].model_input.to_ints()])
     with torch.no_grad():
         logits = merged(input_ids=ids).logits[0].log_softmax(-1)
-    targets = torch.tensor(batch[0].loss_fn_inputs["target_tokens"].to_torch())
+    targets = batch[0].loss_fn_inputs["target_tokens"].to_torch()
     expected = logits[torch.arange(len(targets)), targets]
     assert torch.allclose(lp[0], expected, atol=1e-4)
     for m in (model_id, copy):
         engine.unload_model(m)
 
 
-def test_prompt_model_input_has_no_unused_import():
-    assert ModelInput.from_ints([1]).to_ints() == [1]
+def test_the_vllm_backend_refuses_expert_lora(moe):
+    from tinkerd.engine.vllm_sampler import check_adapter
+
+    engine, name = moe
+    experts = engine.create_model(name, LoraConfig(rank=4, seed=5))
+    dense = engine.create_model(name, LoraConfig(rank=4, seed=5, train_mlp=False))
+    base = engine.base_model(name)
+    with pytest.raises(InvalidRequestError, match="fused expert weights"):
+        check_adapter(base, experts)
+    check_adapter(base, dense)  # attention and lm_head only: vLLM applies it in full
+    check_adapter(base, BASE_ADAPTER)
+    for m in (experts, dense):
+        engine.unload_model(m)

@@ -98,7 +98,6 @@ def _layers_of(peft_model: nn.Module) -> _Layers:
     cached = _LAYERS.get(peft_model)
     if cached is None or cached.key != key:
         from peft.tuners.lora import LoraLayer
-
         from peft.tuners.lora.layer import ParamWrapper
 
         layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
