@@ -50,23 +50,37 @@ def validate_lora_config(lora: LoraConfig) -> None:
         )
 
 
+def lora_targets(base: BaseModel, lora: LoraConfig) -> tuple[list[str], list[str]]:
+    """(Linear module names, expert parameter names) the run's LoRA adapts. Every train_*
+    flag set must adapt something: a flag with nothing to act on is refused, never
+    ignored (e.g. train_mlp on a model whose MLP this cannot find)."""
+    flags = {"attn": lora.train_attn, "mlp": lora.train_mlp, "unembed": lora.train_unembed}
+    for role, wanted in flags.items():
+        only = {r: r == role for r in flags}
+        found = base.lora_target_modules(**only) + base.lora_target_parameters(**only)
+        if wanted and not found:
+            raise InvalidRequestError(
+                f"train_{role}=True, but {base.name} has no layer of that role that LoRA "
+                f"adapts here (no Linear, no fused expert weights); set train_{role}=False"
+            )
+    targets = base.lora_target_modules(**flags)
+    return targets, base.lora_target_parameters(**flags)
+
+
 def create_run(base: BaseModel, model_id: str, lora: LoraConfig) -> Run:
     """Add an adapter named `model_id` to `base`, initialised from `lora.seed`."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     validate_lora_config(lora)
-    targets = base.lora_target_modules(
-        attn=lora.train_attn, mlp=lora.train_mlp, unembed=lora.train_unembed
-    )
-    if not targets:
-        raise InvalidRequestError(f"{base.name} has no Linear modules for these train_* flags")
+    targets, parameters = lora_targets(base, lora)
     config = PeftLoraConfig(
         r=lora.rank,
         lora_alpha=LORA_ALPHA,
         lora_dropout=0.0,
         bias="none",
         target_modules=targets,
+        target_parameters=parameters or None,
     )
     seed = lora.seed if lora.seed is not None else secrets.randbits(63)
     cuda_devices = list(range(torch.cuda.device_count()))

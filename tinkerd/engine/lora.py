@@ -98,8 +98,12 @@ def _layers_of(peft_model: nn.Module) -> _Layers:
     cached = _LAYERS.get(peft_model)
     if cached is None or cached.key != key:
         from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora.layer import ParamWrapper
 
         layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+        for layer in layers:  # PEFT nests one wrapper per parameter; the outer one routes
+            if isinstance(layer, ParamWrapper) and isinstance(layer.base_layer, ParamWrapper):
+                layer.base_layer._tinkerd_inner = True
         configs = list(peft_model.peft_config.values())
         cached = _LAYERS[peft_model] = _Layers(key, configs, layers, {})
     return cached
@@ -145,6 +149,10 @@ def route_rows(peft_model: nn.Module, segs: list[Segment]) -> Iterator[None]:
 
 
 def _routed_forward(layer: nn.Module, segs: list[Segment], rows: int):
+    from peft.tuners.lora.layer import ParamWrapper
+
+    if isinstance(layer, ParamWrapper):
+        return types.MethodType(_expert_forward(layer, segs, rows), layer)
     embedded = getattr(layer, "lora_embedding_A", {})
     if any(s.adapter in embedded for s in segs):
         raise NotImplementedError("adapters of embedding layers are not supported")
@@ -177,6 +185,61 @@ def _routed_forward(layer: nn.Module, segs: list[Segment], rows: int):
         return result
 
     return types.MethodType(forward, layer)
+
+
+def _expert_forward(layer: nn.Module, segs: list[Segment], rows: int):
+    """Routing for PEFT's `ParamWrapper`s (LoRA on a fused `[experts, ., .]` parameter,
+    `target_parameters`): the update is folded into the weight itself, so rows of
+    different adapters cannot share one call. The outermost wrapper of a module (PEFT
+    nests one wrapper per targeted parameter) calls the wrapped module once per segment,
+    on that segment's tokens, with each wrapper's fold of that segment's adapter in place
+    (PEFT's own `_activate_lora`, so a segment gets exactly what its adapter alone
+    gives). The experts' work is the same as one call (each token still meets only its
+    own experts); only the folds are per adapter. Inner wrappers are bypassed."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    if getattr(layer, "_tinkerd_inner", False):
+
+        def bypassed(self, *args, **kwargs):
+            raise RuntimeError("an inner LoRA parameter wrapper was called while routing rows")
+
+        return bypassed
+    chain = [layer]
+    while isinstance(chain[-1].base_layer, ParamWrapper):
+        chain.append(chain[-1].base_layer)
+    if any(w.merged for w in chain):
+        raise RuntimeError("per-row LoRA routing needs unmerged adapters")
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        module = self.get_base_layer()
+        n = x.shape[0]
+        if x.dim() != 2 or n % rows:
+            raise NotImplementedError(
+                f"per-row LoRA routing of {type(module).__name__} expects [tokens, hidden] "
+                f"inputs for {rows} rows, got {tuple(x.shape)}"
+            )
+        per_row = n // rows
+
+        def cut(value, part: slice):  # the per-token arguments (router choices, weights)
+            return value[part] if isinstance(value, Tensor) and value.shape[:1] == (n,) else value
+
+        outs = []
+        for seg in segs:
+            part = slice(seg.start * per_row, seg.end * per_row)
+            with contextlib.ExitStack() as stack:
+                for wrapper in chain:
+                    if seg.adapter in wrapper.lora_A:
+                        stack.enter_context(wrapper._activate_lora([seg.adapter]))
+                outs.append(
+                    module(
+                        x[part],
+                        *(cut(a, part) for a in args),
+                        **{k: cut(v, part) for k, v in kwargs.items()},
+                    )
+                )
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    return forward
 
 
 def _whole_forward(name: str, rows: int):

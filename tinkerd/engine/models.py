@@ -87,6 +87,9 @@ class BaseModel:
     tokenizer: object
     linear_roles: dict[str, str] = field(default_factory=dict)
     """Role ("attn", "mlp", "unembed") of each adaptable Linear, found before any LoRA."""
+    parameter_roles: dict[str, str] = field(default_factory=dict)
+    """Role of each adaptable parameter that is not a Linear's weight: the fused 3-D
+    expert stacks of mixture-of-experts models (`classify_expert_parameters`)."""
     peft_model: nn.Module | None = None
     adapters: set[str] = field(default_factory=set)
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -131,6 +134,12 @@ class BaseModel:
         wanted = {"attn": attn, "mlp": mlp, "unembed": unembed}
         return [name for name, role in self.linear_roles.items() if wanted[role]]
 
+    def lora_target_parameters(self, *, attn: bool, mlp: bool, unembed: bool) -> list[str]:
+        """Dotted names of the (non-Linear) parameters a LoRA with these flags adapts:
+        PEFT's `target_parameters`, one low-rank update per expert."""
+        wanted = {"attn": attn, "mlp": mlp, "unembed": unembed}
+        return [name for name, role in self.parameter_roles.items() if wanted[role]]
+
 
 def classify_linears(model: nn.Module) -> dict[str, str]:
     """Map each Linear of a plain (not yet LoRA-wrapped) model to its role."""
@@ -146,6 +155,21 @@ def classify_linears(model: nn.Module) -> dict[str, str]:
             roles[name] = "mlp"
         elif leaf in ATTENTION_MODULES or "attn" in name or "attention" in name:
             roles[name] = "attn"
+    return roles
+
+
+def classify_expert_parameters(model: nn.Module) -> dict[str, str]:
+    """Map each fused expert stack of a plain model (a 3-D `[experts, out, in]` or
+    `[experts, in, out]` parameter held directly by a non-Linear module, as transformers
+    keeps the experts of Qwen3-MoE, Mixtral, GPT-OSS...) to the role "mlp". Routers
+    (2-D) and biases are not adapted, as LoRA adapts no router or bias."""
+    roles = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() == 3:
+                roles[f"{module_name}.{name}" if module_name else name] = "mlp"
     return roles
 
 
@@ -336,6 +360,7 @@ def load_base_model(
         model=model,
         tokenizer=tokenizer,
         linear_roles=classify_linears(model),
+        parameter_roles=classify_expert_parameters(model),
         hub_id=hub_id_of(source),
     )
 

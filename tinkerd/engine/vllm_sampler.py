@@ -47,6 +47,18 @@ def check_vllm_available() -> None:
         raise InvalidRequestError("the vllm sampler backend needs a CUDA GPU")
 
 
+def check_adapter(base: BaseModel, adapter: str) -> None:
+    """Refuse an adapter this backend would not apply in full: LoRA on fused expert
+    weights (`train_mlp` on a mixture-of-experts base, PEFT's `target_parameters`) is
+    not handed to vLLM, so sampling it here would drop the experts' update."""
+    config = (base.peft_model.peft_config if base.peft_model is not None else {}).get(adapter)
+    if config is not None and getattr(config, "target_parameters", None):
+        raise InvalidRequestError(
+            "the vllm sampler backend cannot apply LoRA on fused expert weights "
+            "(train_mlp on a mixture-of-experts base); use the default sampler backend"
+        )
+
+
 class VLLMSampler:
     """Decodes every sample request on one base model with vLLM, on a background thread."""
 
@@ -71,6 +83,7 @@ class VLLMSampler:
         self._thread.start()
 
     def submit(self, spec: SampleSpec) -> Future:
+        check_adapter(self.base, spec.adapter)
         future: Future = Future()
         with self._cond:
             if self._closed:
