@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tinkerd.engine.checkpoint_format import CONFIG_FILE, WEIGHTS_FILE, read_verified
 from tinkerd.engine.checkpoints import CheckpointInfo, CheckpointStore, parse_tinker_path
 from tinkerd.errors import InvalidRequestError, NotFoundError
 from tinkerd.service.store import Store
@@ -32,6 +33,9 @@ from tinkerd.types import Checkpoint, CheckpointsListResponse, Cursor, TrainingR
 
 ARCHIVE_URL_SECONDS = 15 * 60
 """How long a signed archive URL stays valid."""
+EXTERNAL_FILES = (WEIGHTS_FILE, CONFIG_FILE)
+"""What an external weights checkpoint offers for download: the PEFT adapter, as
+`PeftModel.from_pretrained` reads it (tinkerd's own metadata stays behind)."""
 LOCAL = "local"
 """The owner recorded for what is published without a key (local access to the data dir)."""
 
@@ -221,6 +225,24 @@ class Catalog:
         if not good or expires < time.time():
             raise NotFoundError("the download link is invalid or has expired; ask for a new one")
         return self.checkpoints.resolve(path)
+
+    def sign_external(self, path: str, who: str | None) -> tuple[int, dict[str, str]]:
+        """(expires, {file name: signature}) for downloading each file of the external
+        weights checkpoint at `path` (which `who` must be able to read)."""
+        if parse_tinker_path(path)[1] != "external_weights":
+            raise InvalidRequestError(f"{path} is not an external_weights checkpoint")
+        self.readable(path, who)
+        expires = int(time.time()) + ARCHIVE_URL_SECONDS
+        return expires, {f: self.signature(f"{path}/{f}", expires) for f in EXTERNAL_FILES}
+
+    def external_file(self, path: str, filename: str, expires: int, signature: str) -> bytes:
+        """One file of an external weights checkpoint, if the signature is good (checked
+        against the sha256 recorded when it was saved)."""
+        good = hmac.compare_digest(self.signature(f"{path}/{filename}", expires), signature)
+        if filename not in EXTERNAL_FILES or not good or expires < time.time():
+            raise NotFoundError("the download link is invalid or has expired; ask for a new one")
+        self.expire()
+        return read_verified(self.checkpoints.resolve(path).path, filename)
 
 
 def _run(model_id: str, base_model: str, rank: int, last_request: float) -> dict:

@@ -85,6 +85,25 @@ class Sessions:
         self.store.finish_session(session_id)
         self.release(session_id, "finished")
 
+    def list(self, owner: str, limit: int = 20, offset: int = 0) -> list[str]:
+        """A page of the owner's session ids, oldest first."""
+        if limit < 1 or offset < 0:
+            raise InvalidRequestError(f"limit must be >= 1 and offset >= 0, got {limit}, {offset}")
+        return self.store.sessions(owner, limit, offset)
+
+    def describe(self, session_id: str, owner: str) -> dict:
+        """The SDK's GetSessionResponse: the session's runs (all it ever created), its
+        live samplers, its user metadata."""
+        self.check_owner(session_id, owner)
+        prefix = f"{session_id}:"  # its own sampling sessions and its runs' ones
+        samplers = sorted(s for s in list(self.sampling) if s.startswith(prefix))
+        metadata = self.store.session_metadata(session_id)
+        return {
+            "training_run_ids": self.store.session_runs(session_id),
+            "sampler_ids": samplers,
+            "user_metadata": {k: str(v) for k, v in metadata.items()},
+        }
+
     def check_alive(self, session_id: str, model_id: str) -> None:
         """After a run was created: if its session ended meanwhile (expired while the base
         model loaded), free the run now, since the session's release could not see it.

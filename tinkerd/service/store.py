@@ -130,6 +130,26 @@ class Store:
     def finish_session(self, session_id: str) -> None:
         self._exec("UPDATE sessions SET finished=? WHERE session_id=?", (self.clock(), session_id))
 
+    def sessions(self, owner: str, limit: int, offset: int) -> list[str]:
+        """A page of the owner's session ids, oldest first."""
+        rows = self._exec(
+            "SELECT session_id FROM sessions WHERE owner=? ORDER BY created, session_id "
+            "LIMIT ? OFFSET ?",
+            (owner, limit, offset),
+        )
+        return [r[0] for r in rows]
+
+    def session_metadata(self, session_id: str) -> dict:
+        rows = self._exec("SELECT user_metadata FROM sessions WHERE session_id=?", (session_id,))
+        return json.loads(rows[0][0] or "{}") if rows else {}
+
+    def session_runs(self, session_id: str) -> list[str]:
+        """Every run created in the session (ended ones too), oldest first."""
+        rows = self._exec(
+            "SELECT model_id FROM runs WHERE session_id=? ORDER BY created", (session_id,)
+        )
+        return [r[0] for r in rows]
+
     # ---------------------------------------------------------------- runs
 
     def add_run(

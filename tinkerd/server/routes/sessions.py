@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from tinkerd.errors import NotFoundError
+from tinkerd.server.encodings import for_caller
 from tinkerd.server.routes import API
 from tinkerd.server.schemas import CreateSessionRequest, RetrieveFutureRequest, SessionRequest
 
@@ -63,12 +64,25 @@ def router(server: Server) -> APIRouter:
         service.sessions.finish(session_id, who)
         return {}
 
+    @routes.get("/sessions")
+    def list_sessions(
+        limit: int = 20, offset: int = 0, access_scope: str = "owned", who: str = Owner
+    ) -> dict:
+        # "accessible" adds nothing: a key shares no sessions, only published checkpoints.
+        return {"sessions": service.sessions.list(who, limit, offset)}
+
+    @routes.get("/sessions/{session_id}")
+    def get_session(session_id: str, access_scope: str = "owned", who: str = Owner) -> dict:
+        return service.sessions.describe(session_id, who)
+
     @routes.post("/telemetry")
     def telemetry(_: str = Owner) -> dict:
         return {"status": "accepted"}  # accepted and dropped: tinkerd collects nothing
 
     @routes.post("/retrieve_future")
-    async def retrieve_future(body: RetrieveFutureRequest, who: str = Owner) -> Response:
+    async def retrieve_future(
+        body: RetrieveFutureRequest, request: Request, who: str = Owner
+    ) -> Response:
         service.queue.unstick()  # a seq_id missing for long lets later requests run
         try:
             stored = await server.requests.wait(body.request_id, who, service.config.poll_timeout)
@@ -79,6 +93,8 @@ def router(server: Server) -> APIRouter:
                 {"type": "try_again", "request_id": body.request_id, "queue_state": "active"},
                 status_code=408,
             )
-        return Response(stored.body, media_type=stored.content_type)
+        accept = request.headers.get("accept")
+        media_type, answer = for_caller(stored.kind, stored.content_type, stored.body, accept)
+        return Response(answer, media_type=media_type)
 
     return routes
