@@ -36,6 +36,8 @@ ARCHIVE_URL_SECONDS = 15 * 60
 EXTERNAL_FILES = (WEIGHTS_FILE, CONFIG_FILE)
 """What an external weights checkpoint offers for download: the PEFT adapter, as
 `PeftModel.from_pretrained` reads it (tinkerd's own metadata stays behind)."""
+AGE_SUFFIX = ".age"
+MAX_AGE_RECIPIENTS = 10
 LOCAL = "local"
 """The owner recorded for what is published without a key (local access to the data dir)."""
 
@@ -226,6 +228,11 @@ class Catalog:
             raise NotFoundError("the download link is invalid or has expired; ask for a new one")
         return self.checkpoints.resolve(path)
 
+    def _external_files(self, path: str) -> list[str]:
+        """Download names of an external weights checkpoint's files (`.age` if encrypted)."""
+        suffix = AGE_SUFFIX if self.store.age_recipients(path) else ""
+        return [f + suffix for f in EXTERNAL_FILES]
+
     def sign_external(self, path: str, who: str | None) -> tuple[int, dict[str, str]]:
         """(expires, {file name: signature}) for downloading each file of the external
         weights checkpoint at `path` (which `who` must be able to read)."""
@@ -233,16 +240,20 @@ class Catalog:
             raise InvalidRequestError(f"{path} is not an external_weights checkpoint")
         self.readable(path, who)
         expires = int(time.time()) + ARCHIVE_URL_SECONDS
-        return expires, {f: self.signature(f"{path}/{f}", expires) for f in EXTERNAL_FILES}
+        files = self._external_files(path)
+        return expires, {f: self.signature(f"{path}/{f}", expires) for f in files}
 
     def external_file(self, path: str, filename: str, expires: int, signature: str) -> bytes:
         """One file of an external weights checkpoint, if the signature is good (checked
-        against the sha256 recorded when it was saved)."""
+        against the sha256 recorded when it was saved; age-encrypted as it goes out if the
+        export asked for it)."""
         good = hmac.compare_digest(self.signature(f"{path}/{filename}", expires), signature)
-        if filename not in EXTERNAL_FILES or not good or expires < time.time():
+        if not good or expires < time.time() or filename not in self._external_files(path):
             raise NotFoundError("the download link is invalid or has expired; ask for a new one")
         self.expire()
-        return read_verified(self.checkpoints.resolve(path).path, filename)
+        data = read_verified(self.checkpoints.resolve(path).path, filename.removesuffix(AGE_SUFFIX))
+        recipients = self.store.age_recipients(path)
+        return age_encrypt(data, recipients) if recipients else data
 
 
 def _run(model_id: str, base_model: str, rank: int, last_request: float) -> dict:
@@ -308,3 +319,35 @@ def extract_checkpoint(tar_path: Path, tinker_path: str, out_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     return out_dir
+
+
+def _age_recipients(keys: list[str]) -> list:
+    try:
+        import pyrage  # optional: only encrypted exports need it
+    except ImportError:
+        raise InvalidRequestError(
+            "age_encryption_recipients needs the `pyrage` package on the server "
+            "(pip install pyrage)"
+        ) from None
+    if len(keys) > MAX_AGE_RECIPIENTS:
+        raise InvalidRequestError(f"at most {MAX_AGE_RECIPIENTS} age recipients, got {len(keys)}")
+    parsed = []
+    for key in keys:
+        kind = pyrage.x25519 if key.startswith("age1") else pyrage.ssh
+        try:
+            parsed.append(kind.Recipient.from_str(key))
+        except Exception as e:  # pyrage.RecipientError, or a key of no known kind
+            raise InvalidRequestError(f"invalid age recipient {key[:24]!r}...: {e}") from None
+    return parsed
+
+
+def check_age_recipients(keys: list[str]) -> None:
+    """Raise InvalidRequestError unless every key is a native age1... or SSH public key."""
+    _age_recipients(keys)
+
+
+def age_encrypt(data: bytes, keys: list[str]) -> bytes:
+    """`data` encrypted to every recipient (the age format, as `age -d` reads it)."""
+    import pyrage
+
+    return pyrage.encrypt(data, _age_recipients(keys))

@@ -34,7 +34,7 @@ from tinkerd.engine import Engine, SamplerWeights
 from tinkerd.engine.adapters import validate_adam_params, validate_lora_config
 from tinkerd.engine.checkpoints import CheckpointInfo, tinker_path
 from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
-from tinkerd.service.access import Catalog
+from tinkerd.service.access import Catalog, check_age_recipients
 from tinkerd.service.config import ServiceConfig
 from tinkerd.service.futures import RequestQueue
 from tinkerd.service.metrics import record, timed
@@ -388,20 +388,18 @@ class Service:
     ) -> Future[CheckpointInfo]:
         """The run's adapter in PEFT format (adapter_model.safetensors +
         adapter_config.json, no optimizer) at tinker://<model_id>/external_weights/<name>,
-        deleted after `ttl_seconds` if given."""
+        deleted after `ttl_seconds` if given. With `age_recipients` (age1... or SSH public
+        keys; needs `pyrage`), every file is age-encrypted to them when downloaded."""
         with self._door(model_id, owner, seq_id):
             path = tinker_path(model_id, "external_weights", name)
-            if age_recipients:
-                raise InvalidRequestError(
-                    "age_encryption_recipients is not supported by tinkerd: save unencrypted "
-                    "(the signed download URLs are scoped to your key and expire)"
-                )
+            check_age_recipients(age_recipients or [])
             if ttl_seconds is not None and ttl_seconds <= 0:
                 raise InvalidRequestError(f"ttl_seconds must be > 0 or null, got {ttl_seconds}")
 
         def work() -> CheckpointInfo:
             run = self.engine.run(model_id)
             info = self.checkpoints.save(run, "external_weights", name, with_optimizer=False)
+            self.store.set_age_recipients(path, age_recipients or [])
             if ttl_seconds is not None:
                 self.catalog.set_ttl(path, owner, ttl_seconds)
             return info

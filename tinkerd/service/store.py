@@ -34,6 +34,7 @@ CREATE INDEX IF NOT EXISTS runs_by_owner ON runs (owner);
 CREATE TABLE IF NOT EXISTS published (
     tinker_path TEXT PRIMARY KEY, owner TEXT NOT NULL, published REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS age_recipients (tinker_path TEXT PRIMARY KEY, recipients TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoint_ttl (tinker_path TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS metrics (
     model_id TEXT NOT NULL, step INTEGER NOT NULL, kind TEXT NOT NULL, time REAL NOT NULL,
@@ -221,6 +222,19 @@ class Store:
             self._exec(
                 "INSERT OR REPLACE INTO checkpoint_ttl VALUES (?, ?)", (tinker_path, expires)
             )
+
+    def set_age_recipients(self, tinker_path: str, recipients: list[str]) -> None:
+        """The age recipients an external weights checkpoint is encrypted to ([]: none)."""
+        self._exec(
+            "INSERT OR REPLACE INTO age_recipients VALUES (?, ?)",
+            (tinker_path, json.dumps(recipients)),
+        )
+
+    def age_recipients(self, tinker_path: str) -> list[str]:
+        rows = self._exec(
+            "SELECT recipients FROM age_recipients WHERE tinker_path=?", (tinker_path,)
+        )
+        return json.loads(rows[0][0]) if rows else []
 
     def expiries(self) -> dict[str, float]:
         return dict(self._exec("SELECT tinker_path, expires FROM checkpoint_ttl"))
