@@ -236,9 +236,9 @@ class Catalog:
     def sign_external(self, path: str, who: str | None) -> tuple[int, dict[str, str]]:
         """(expires, {file name: signature}) for downloading each file of the external
         weights checkpoint at `path` (which `who` must be able to read)."""
+        self.readable(path, who)
         if parse_tinker_path(path)[1] != "external_weights":
             raise InvalidRequestError(f"{path} is not an external_weights checkpoint")
-        self.readable(path, who)
         expires = int(time.time()) + ARCHIVE_URL_SECONDS
         files = self._external_files(path)
         return expires, {f: self.signature(f"{path}/{f}", expires) for f in files}
