@@ -2,14 +2,19 @@
 create a run, train it, forward, save its state, sample from saved weights, list its
 checkpoints. Written against the API all those releases share; prints one JSON line.
 
-Usage: python sdk_release_script.py BASE_URL API_KEY BASE_MODEL NAME
+Usage: python sdk_release_script.py BASE_URL API_KEY BASE_MODEL NAME [torch]
 """
 
 import json
 import sys
 
-import tinker
-from tinker import types
+# torch is optional from 0.9 on (guarded imports) and costs seconds to import: unless
+# told the release needs it, the script runs as a client without torch would.
+if sys.argv[5:6] != ["torch"]:
+    sys.modules["torch"] = None  # type: ignore[assignment]
+
+import tinker  # noqa: E402
+from tinker import types  # noqa: E402
 
 
 def result(value):
