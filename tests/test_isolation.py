@@ -161,6 +161,7 @@ OPEN = {
 }
 LISTINGS = {
     ("GET", "/api/v1/sessions"),
+    ("POST", "/api/v1/sessions/search"),
     ("GET", "/api/v1/training_runs"),
     ("GET", "/api/v1/checkpoints"),
     ("GET", "/api/v1/dashboard/runs"),
@@ -215,6 +216,10 @@ def test_every_route_hides_one_keys_things_from_another(app, alice):
         assert bob.get(archive + query).status_code == 404  # no link, a forged or old one
         assert bob.get(files.format(model_id=alice["model"]) + query).status_code == 404
     assert alice["session"] not in bob.get("/api/v1/sessions").text
+    for owner in ("own", "accessible"):
+        search = {"session_id": alice["session"], "owner": {"type": owner}}
+        found = bob.post("/api/v1/sessions/search", json=search)
+        assert found.status_code == 200 and found.json()["sessions"] == []
 
     # Everything of Alice's still works for Alice after Bob's attempts.
     mine = TestClient(app, headers={"X-API-Key": ALICE})

@@ -18,6 +18,13 @@ class Body(BaseModel):
 class CreateSessionRequest(Body):
     tags: list[str] = Field(default_factory=list)
     user_metadata: dict[str, Any] = Field(default_factory=dict)
+    display_name: str | None = None
+
+
+class FinishSessionRequest(Body):
+    reason: dict[str, Any] | None = None
+    """What the client reports: {"type": "success" | "errored" | "interrupted"}."""
+    detail: str | None = None
 
 
 class SessionRequest(Body):

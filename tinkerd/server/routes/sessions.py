@@ -10,7 +10,13 @@ from fastapi.responses import JSONResponse, Response
 from tinkerd.errors import NotFoundError
 from tinkerd.server.encodings import for_caller
 from tinkerd.server.routes import API
-from tinkerd.server.schemas import CreateSessionRequest, RetrieveFutureRequest, SessionRequest
+from tinkerd.server.schemas import (
+    CreateSessionRequest,
+    FinishSessionRequest,
+    RetrieveFutureRequest,
+    SessionRequest,
+)
+from tinkerd.service.session_search import SessionSearch, search_sessions
 
 if TYPE_CHECKING:
     from tinkerd.server.app import Server
@@ -50,7 +56,7 @@ def router(server: Server) -> APIRouter:
 
     @routes.post("/create_session")
     def create_session(body: CreateSessionRequest, who: str = Owner) -> dict:
-        session_id = service.sessions.create(who, body.tags, body.user_metadata)
+        session_id = service.sessions.create(who, body.tags, body.user_metadata, body.display_name)
         return {"session_id": session_id, "type": "create_session"}
 
     @routes.post("/session_heartbeat")
@@ -60,8 +66,13 @@ def router(server: Server) -> APIRouter:
         return JSONResponse({"type": "session_heartbeat"})
 
     @routes.post("/sessions/{session_id}/finish")
-    def finish_session(session_id: str, who: str = Owner) -> dict:
-        service.sessions.finish(session_id, who)
+    def finish_session(
+        session_id: str, body: FinishSessionRequest | None = None, who: str = Owner
+    ) -> dict:
+        reason = None
+        if body is not None and body.reason is not None:
+            reason = {"type": body.reason.get("type"), "detail": body.detail}
+        service.sessions.finish(session_id, who, reason)
         return {}
 
     @routes.get("/sessions")
@@ -70,6 +81,10 @@ def router(server: Server) -> APIRouter:
     ) -> dict:
         # "accessible" adds nothing: a key shares no sessions, only published checkpoints.
         return {"sessions": service.sessions.list(who, limit, offset)}
+
+    @routes.post("/sessions/search")
+    def search(body: SessionSearch, who: str = Owner) -> dict:
+        return search_sessions(service.store, service.checkpoints, who, body)
 
     @routes.get("/sessions/{session_id}")
     def get_session(session_id: str, access_scope: str = "owned", who: str = Owner) -> dict:
