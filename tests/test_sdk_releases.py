@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -127,8 +128,9 @@ def result(server, request_id: str, accept: str | None) -> httpx.Response:
             return got
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def run_id(server) -> str:
+    """A fresh run: its seq_ids start at 1."""
     session = post(server, "create_session", json={}).json()["session_id"]
     body = {
         "session_id": session,
@@ -209,3 +211,20 @@ def test_bad_encodings_get_a_400(server, headers, body, message):
     response = post(server, "forward_backward", content=body, headers=headers)
     assert response.status_code == 400, response.text
     assert message in response.json()["detail"]
+
+
+def test_a_rejected_json_request_does_not_hold_back_the_next(server, run_id):
+    """An invalid JSON forward_backward uses up its seq_id: the run's next request runs at
+    once instead of waiting out the gap timeout."""
+    bad = {"model_id": run_id, "seq_id": 1, "forward_backward_input": {"data": "nope"}}
+    assert post(server, "forward_backward", json=bad).status_code == 400
+    data = [make_datum([256, *b"next"]).model_dump(mode="json")]
+    good = {
+        "model_id": run_id,
+        "seq_id": 2,
+        "forward_backward_input": {"data": data, "loss_fn": "cross_entropy"},
+    }
+    request_id = post(server, "forward_backward", json=good).json()["request_id"]
+    started = time.monotonic()
+    assert result(server, request_id, None).status_code == 200
+    assert time.monotonic() - started < 20  # the gap timeout is 60 s

@@ -15,6 +15,7 @@ ones ask for protobuf only for the result types they can parse.
 from __future__ import annotations
 
 import io
+import json
 
 from pydantic import ValidationError
 
@@ -73,6 +74,19 @@ def decode_loss_request(body: bytes, content_type: str | None, forward_only: boo
         loss_fn_config=given.loss_fn_config,
         forward_only=forward_only,
     )
+
+
+def run_and_seq(body: bytes) -> tuple[str, int] | None:
+    """(model_id, seq_id) of a JSON request that failed validation, if it names them, so
+    its seq_id can be used up rather than hold the run's later requests back."""
+    try:
+        fields = json.loads(body)
+        model_id, seq_id = fields["model_id"], fields["seq_id"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if isinstance(model_id, str) and type(seq_id) is int:
+        return model_id, seq_id
+    return None
 
 
 def takes_protobuf(accept: str | None) -> bool:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 
 from tinkerd import wire_proto
 from tinkerd.errors import InvalidRequestError
-from tinkerd.server.encodings import decode_loss_request, decompress
+from tinkerd.server.encodings import decode_loss_request, decompress, run_and_seq
 from tinkerd.server.requests import PROTOBUF, done, encode_json
 from tinkerd.server.routes import API
 from tinkerd.server.schemas import (
@@ -72,9 +72,15 @@ def router(server: Server) -> APIRouter:
 
         def submit() -> dict:
             body = decompress(raw, headers.get("content-encoding"))
-            return submit_forward_backward(
-                decode_loss_request(body, content_type, forward_only), who
-            )
+            try:
+                req = decode_loss_request(body, content_type, forward_only)
+            except InvalidRequestError:
+                named = run_and_seq(body) if "json" in (content_type or "") else None
+                if named is not None:
+                    service.check_run(named[0], who)  # another key's run: a 404
+                    service.queue.release(*named)
+                raise
+            return submit_forward_backward(req, who)
 
         return await asyncio.to_thread(submit)
 
