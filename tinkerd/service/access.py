@@ -322,6 +322,8 @@ def extract_checkpoint(tar_path: Path, tinker_path: str, out_dir: Path) -> Path:
 
 
 def _age_recipients(keys: list[str]) -> list:
+    if not keys:
+        return []
     try:
         import pyrage  # optional: only encrypted exports need it
     except ImportError:

@@ -399,7 +399,8 @@ class Service:
         def work() -> CheckpointInfo:
             run = self.engine.run(model_id)
             info = self.checkpoints.save(run, "external_weights", name, with_optimizer=False)
-            self.store.set_age_recipients(path, age_recipients or [])
+            if owner is not None or age_recipients:  # (an embedded caller's store stays unopened)
+                self.store.set_age_recipients(path, age_recipients or [])
             if ttl_seconds is not None:
                 self.catalog.set_ttl(path, owner, ttl_seconds)
             return info
