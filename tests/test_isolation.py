@@ -83,6 +83,22 @@ def probes(a: dict[str, str], bob_session: str) -> dict[tuple[str, str], dict]:
         },
         ("POST", "/api/v1/get_info"): {"json": {"model_id": a["model"]}},
         ("POST", "/api/v1/forward_backward"): {"content": fwd_bwd(a["model"])},
+        ("POST", "/api/v1/forward"): {  # the JSON forward of older SDKs
+            "json": {
+                "model_id": a["model"],
+                "seq_id": 3,
+                "forward_input": {
+                    "data": [make_datum([256, 1, 2]).model_dump()],
+                    "loss_fn": "cross_entropy",
+                },
+            }
+        },
+        ("GET", "/api/v1/sessions/{session_id}"): {"path": {"session_id": a["session"]}},
+        ("POST", "/api/v1/save_weights_external"): {
+            "json": {"model_id": a["model"], "path": "theft"}
+        },
+        ("GET", f"{CHECKPOINT}/external_weights_urls"): {"path": checkpoint},
+        ("GET", "/api/v1/models/{model_id}/checkpoints"): {"path": {"model_id": a["model"]}},
         ("POST", "/api/v1/create_custom_loss"): {"json": {"session_id": a["session"], "graph": {}}},
         ("POST", "/api/v1/optim_step"): {"json": {"model_id": a["model"], "seq_id": 3}},
         ("POST", "/api/v1/unload_model"): {"json": {"model_id": a["model"]}},
@@ -144,6 +160,8 @@ OPEN = {
     ("POST", "/api/v1/telemetry"),
 }
 LISTINGS = {
+    ("GET", "/api/v1/sessions"),
+    ("POST", "/api/v1/sessions/search"),
     ("GET", "/api/v1/training_runs"),
     ("GET", "/api/v1/checkpoints"),
     ("GET", "/api/v1/dashboard/runs"),
@@ -154,7 +172,10 @@ LISTINGS = {
 PAGES = {("GET", "/"), ("GET", "/static/{name}")}
 CHECKPOINT = "/api/v1/training_runs/{model_id}/checkpoints/{kind}/{name}"
 # Needs no key: a signed, short-lived link is the permission (checked below).
-SIGNED = {("GET", "/api/v1/checkpoint_archives/{model_id}/{kind}/{name}")}
+SIGNED = {
+    ("GET", "/api/v1/checkpoint_archives/{model_id}/{kind}/{name}"),
+    ("GET", "/api/v1/external_weights_files/{model_id}/{name}/{filename}"),
+}
 
 
 def api_routes(routes: list) -> Iterator[APIRoute]:
@@ -190,8 +211,15 @@ def test_every_route_hides_one_keys_things_from_another(app, alice):
         listed = bob.request(method, path).text
         assert alice["model"] not in listed and alice["path"] not in listed
     archive = "/api/v1/checkpoint_archives/{model_id}/weights/ckpt".format(model_id=alice["model"])
+    files = "/api/v1/external_weights_files/{model_id}/x/adapter_config.json"
     for query in ("", "?expires=99999999999&signature=00", "?expires=1&signature=00"):
         assert bob.get(archive + query).status_code == 404  # no link, a forged or old one
+        assert bob.get(files.format(model_id=alice["model"]) + query).status_code == 404
+    assert alice["session"] not in bob.get("/api/v1/sessions").text
+    for owner in ("own", "accessible"):
+        search = {"session_id": alice["session"], "owner": {"type": owner}}
+        found = bob.post("/api/v1/sessions/search", json=search)
+        assert found.status_code == 200 and found.json()["sessions"] == []
 
     # Everything of Alice's still works for Alice after Bob's attempts.
     mine = TestClient(app, headers={"X-API-Key": ALICE})

@@ -21,9 +21,14 @@ from pathlib import Path
 from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.types import Checkpoint, WeightsInfoResponse
 
-KINDS = ("weights", "sampler_weights")
-"""Tinker path segment: "weights" is training state, "sampler_weights" is for sampling."""
-CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
+KINDS = ("weights", "sampler_weights", "external_weights")
+"""Tinker path segment: "weights" is training state, "sampler_weights" is for sampling,
+"external_weights" is an adapter exported for use outside tinkerd (save_weights_external)."""
+CHECKPOINT_TYPES = {
+    "weights": "training",
+    "sampler_weights": "sampler",
+    "external_weights": "external",
+}
 """The SDK's `Checkpoint.checkpoint_type` of each kind."""
 FORMAT_VERSION = 1
 SCHEME = "tinker://"

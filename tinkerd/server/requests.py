@@ -53,6 +53,7 @@ def done(value: Any) -> Future:
 @dataclass
 class _Pending:
     owner: str
+    kind: str
     done: Future  # resolves to StoredFuture when the result is recorded
 
 
@@ -78,7 +79,7 @@ class RequestTable:
                 return request_id
             request_id = self._ids[future] = f"req-{uuid.uuid4().hex}"
             self.store.add_future(request_id, owner, model_id, kind)
-            self._pending[request_id] = _Pending(owner, Future())
+            self._pending[request_id] = _Pending(owner, kind, Future())
         future.add_done_callback(lambda f: self._record(request_id, f, encode))
         return request_id
 
@@ -94,7 +95,9 @@ class RequestTable:
         self.store.finish_future(request_id, status, content_type, body)
         with self._lock:
             pending = self._pending.pop(request_id)
-        stored = StoredFuture(request_id, pending.owner, None, "", status, content_type, body)
+        stored = StoredFuture(
+            request_id, pending.owner, None, pending.kind, status, content_type, body
+        )
         pending.done.set_result(stored)
 
     async def wait(self, request_id: str, owner: str, timeout: float) -> StoredFuture | None:

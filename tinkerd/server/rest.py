@@ -52,6 +52,7 @@ def rest_router(server) -> APIRouter:
         return run.model_dump(mode="json")
 
     @router.get(f"{API}/training_runs/{{model_id}}/checkpoints")
+    @router.get(f"{API}/models/{{model_id}}/checkpoints")  # what SDK 0.3 calls
     def list_checkpoints(model_id: str, who: str = Owner) -> dict:
         return catalog.list_checkpoints(model_id, who).model_dump(mode="json")
 
@@ -98,6 +99,33 @@ def rest_router(server) -> APIRouter:
             status_code=302,
             headers={"Location": url, "Expires": http_date},
         )
+
+    @router.get(f"{CHECKPOINT}/external_weights_urls")
+    def external_weights_urls(
+        model_id: str, kind: str, name: str, request: Request, who: str = Owner
+    ) -> dict:
+        """A signed URL per file of the PEFT adapter (RestClient.get_external_weights_urls)."""
+        path = checkpoint_path(model_id, f"{kind}/{name}")
+        expires, signatures = catalog.sign_external(path, who)
+        urls = {
+            filename: str(
+                request.url_for(
+                    "download_external_file", model_id=model_id, name=name, filename=filename
+                )
+            )
+            + f"?expires={expires}&signature={signature}"
+            for filename, signature in signatures.items()
+        }
+        return {"urls": urls, "expires": _utc(expires).isoformat()}
+
+    @router.get(f"{API}/external_weights_files/{{model_id}}/{{name}}/{{filename}}")
+    def download_external_file(
+        model_id: str, name: str, filename: str, expires: int = 0, signature: str = ""
+    ) -> Response:
+        """Signed, so it needs no API key: the link itself is the permission."""
+        path = checkpoint_path(model_id, f"external_weights/{name}")
+        body = catalog.external_file(path, filename, expires, signature)
+        return Response(body, media_type="application/octet-stream")
 
     @router.get(f"{API}/checkpoint_archives/{{model_id}}/{{kind}}/{{name}}")
     def download_archive(

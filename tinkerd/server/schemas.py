@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tinkerd.types import AdamParams, LoraConfig, ModelInput
+from tinkerd.types import AdamParams, Datum, LoraConfig, ModelInput
 
 
 class Body(BaseModel):
@@ -18,6 +18,13 @@ class Body(BaseModel):
 class CreateSessionRequest(Body):
     tags: list[str] = Field(default_factory=list)
     user_metadata: dict[str, Any] = Field(default_factory=dict)
+    display_name: str | None = None
+
+
+class FinishSessionRequest(Body):
+    reason: dict[str, Any] | None = None
+    """What the client reports: {"type": "success" | "errored" | "interrupted"}."""
+    detail: str | None = None
 
 
 class SessionRequest(Body):
@@ -103,3 +110,28 @@ class SampleRequest(Body):
 
 class RetrieveFutureRequest(Body):
     request_id: str
+
+
+class LossInput(Body):
+    data: list[Datum]
+    loss_fn: str
+    loss_fn_config: dict[str, float | str] | None = None
+
+
+class ForwardBackwardJson(Body):
+    """forward_backward (and /forward) as SDKs before 0.26 send it when they are told not
+    to use protobuf (and those before 0.18 always do)."""
+
+    model_id: str
+    seq_id: int | None = None
+    forward_backward_input: LossInput | None = None
+    forward_input: LossInput | None = None
+
+
+class SaveWeightsExternalRequest(Body):
+    model_id: str
+    path: str
+    """A name: the adapter is saved as tinker://<model_id>/external_weights/<name>."""
+    seq_id: int | None = None
+    ttl_seconds: int | None = None
+    age_encryption_recipients: list[str] | None = None

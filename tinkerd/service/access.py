@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tinkerd.engine.checkpoint_format import CONFIG_FILE, WEIGHTS_FILE, read_verified
 from tinkerd.engine.checkpoints import CheckpointInfo, CheckpointStore, parse_tinker_path
 from tinkerd.errors import InvalidRequestError, NotFoundError
 from tinkerd.service.store import Store
@@ -32,6 +33,11 @@ from tinkerd.types import Checkpoint, CheckpointsListResponse, Cursor, TrainingR
 
 ARCHIVE_URL_SECONDS = 15 * 60
 """How long a signed archive URL stays valid."""
+EXTERNAL_FILES = (WEIGHTS_FILE, CONFIG_FILE)
+"""What an external weights checkpoint offers for download: the PEFT adapter, as
+`PeftModel.from_pretrained` reads it (tinkerd's own metadata stays behind)."""
+AGE_SUFFIX = ".age"
+MAX_AGE_RECIPIENTS = 10
 LOCAL = "local"
 """The owner recorded for what is published without a key (local access to the data dir)."""
 
@@ -222,6 +228,33 @@ class Catalog:
             raise NotFoundError("the download link is invalid or has expired; ask for a new one")
         return self.checkpoints.resolve(path)
 
+    def _external_files(self, path: str) -> list[str]:
+        """Download names of an external weights checkpoint's files (`.age` if encrypted)."""
+        suffix = AGE_SUFFIX if self.store.age_recipients(path) else ""
+        return [f + suffix for f in EXTERNAL_FILES]
+
+    def sign_external(self, path: str, who: str | None) -> tuple[int, dict[str, str]]:
+        """(expires, {file name: signature}) for downloading each file of the external
+        weights checkpoint at `path` (which `who` must be able to read)."""
+        self.readable(path, who)
+        if parse_tinker_path(path)[1] != "external_weights":
+            raise InvalidRequestError(f"{path} is not an external_weights checkpoint")
+        expires = int(time.time()) + ARCHIVE_URL_SECONDS
+        files = self._external_files(path)
+        return expires, {f: self.signature(f"{path}/{f}", expires) for f in files}
+
+    def external_file(self, path: str, filename: str, expires: int, signature: str) -> bytes:
+        """One file of an external weights checkpoint, if the signature is good (checked
+        against the sha256 recorded when it was saved; age-encrypted as it goes out if the
+        export asked for it)."""
+        good = hmac.compare_digest(self.signature(f"{path}/{filename}", expires), signature)
+        if not good or expires < time.time() or filename not in self._external_files(path):
+            raise NotFoundError("the download link is invalid or has expired; ask for a new one")
+        self.expire()
+        data = read_verified(self.checkpoints.resolve(path).path, filename.removesuffix(AGE_SUFFIX))
+        recipients = self.store.age_recipients(path)
+        return age_encrypt(data, recipients) if recipients else data
+
 
 def _run(model_id: str, base_model: str, rank: int, last_request: float) -> dict:
     return {
@@ -286,3 +319,37 @@ def extract_checkpoint(tar_path: Path, tinker_path: str, out_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
     return out_dir
+
+
+def _age_recipients(keys: list[str]) -> list:
+    if not keys:
+        return []
+    try:
+        import pyrage  # optional: only encrypted exports need it
+    except ImportError:
+        raise InvalidRequestError(
+            "age_encryption_recipients needs the `pyrage` package on the server "
+            "(pip install pyrage)"
+        ) from None
+    if len(keys) > MAX_AGE_RECIPIENTS:
+        raise InvalidRequestError(f"at most {MAX_AGE_RECIPIENTS} age recipients, got {len(keys)}")
+    parsed = []
+    for key in keys:
+        kind = pyrage.x25519 if key.startswith("age1") else pyrage.ssh
+        try:
+            parsed.append(kind.Recipient.from_str(key))
+        except Exception as e:  # pyrage.RecipientError, or a key of no known kind
+            raise InvalidRequestError(f"invalid age recipient {key[:24]!r}...: {e}") from None
+    return parsed
+
+
+def check_age_recipients(keys: list[str]) -> None:
+    """Raise InvalidRequestError unless every key is a native age1... or SSH public key."""
+    _age_recipients(keys)
+
+
+def age_encrypt(data: bytes, keys: list[str]) -> bytes:
+    """`data` encrypted to every recipient (the age format, as `age -d` reads it)."""
+    import pyrage
+
+    return pyrage.encrypt(data, _age_recipients(keys))

@@ -32,9 +32,9 @@ from tinkerd.custom_loss import (
 )
 from tinkerd.engine import Engine, SamplerWeights
 from tinkerd.engine.adapters import validate_adam_params, validate_lora_config
-from tinkerd.engine.checkpoints import tinker_path
+from tinkerd.engine.checkpoints import CheckpointInfo, tinker_path
 from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
-from tinkerd.service.access import Catalog
+from tinkerd.service.access import Catalog, check_age_recipients
 from tinkerd.service.config import ServiceConfig
 from tinkerd.service.futures import RequestQueue
 from tinkerd.service.metrics import record, timed
@@ -375,6 +375,36 @@ class Service:
         with self._door(model_id, owner, seq_id):
             tinker_path(model_id, "weights", name)  # a bad name fails now, not in the lane
         work = lambda: self.engine.save_state(model_id, name, overwrite).tinker_path  # noqa: E731
+        return self._run_work(model_id, work, seq_id)
+
+    def save_weights_external(
+        self,
+        owner: Owner,
+        model_id: str,
+        name: str,
+        ttl_seconds: int | None = None,
+        age_recipients: list[str] | None = None,
+        seq_id: int | None = None,
+    ) -> Future[CheckpointInfo]:
+        """The run's adapter in PEFT format (adapter_model.safetensors +
+        adapter_config.json, no optimizer) at tinker://<model_id>/external_weights/<name>,
+        deleted after `ttl_seconds` if given. With `age_recipients` (age1... or SSH public
+        keys; needs `pyrage`), every file is age-encrypted to them when downloaded."""
+        with self._door(model_id, owner, seq_id):
+            path = tinker_path(model_id, "external_weights", name)
+            check_age_recipients(age_recipients or [])
+            if ttl_seconds is not None and ttl_seconds <= 0:
+                raise InvalidRequestError(f"ttl_seconds must be > 0 or null, got {ttl_seconds}")
+
+        def work() -> CheckpointInfo:
+            run = self.engine.run(model_id)
+            info = self.checkpoints.save(run, "external_weights", name, with_optimizer=False)
+            if owner is not None or age_recipients:  # (an embedded caller's store stays unopened)
+                self.store.set_age_recipients(path, age_recipients or [])
+            if ttl_seconds is not None:
+                self.catalog.set_ttl(path, owner, ttl_seconds)
+            return info
+
         return self._run_work(model_id, work, seq_id)
 
     def load_state(

@@ -63,9 +63,11 @@ class Sessions:
         for sampling_id in [s for s in self.sampling if s.startswith(prefix)]:
             self.sampling.pop(sampling_id, None)
 
-    def create(self, owner: str, tags: list[str], metadata: dict) -> str:
+    def create(
+        self, owner: str, tags: list[str], metadata: dict, display_name: str | None = None
+    ) -> str:
         session_id = f"session-{uuid.uuid4().hex[:16]}"
-        self.store.add_session(session_id, owner, tags, metadata)
+        self.store.add_session(session_id, owner, tags, metadata, display_name)
         return session_id
 
     def check_owner(self, session_id: str, owner: str | None) -> None:
@@ -80,10 +82,32 @@ class Sessions:
         self.store.heartbeat(session_id)
         return True
 
-    def finish(self, session_id: str, owner: str) -> None:
+    def finish(self, session_id: str, owner: str, reason: dict | None = None) -> None:
+        """End the session; `reason`: what its client reported ({"type": "success" |
+        "errored" | "interrupted", "detail": ...})."""
         self.check_owner(session_id, owner)
-        self.store.finish_session(session_id)
+        self.store.finish_session(session_id, reason)
         self.release(session_id, "finished")
+
+    def list(self, owner: str, limit: int = 20, offset: int = 0) -> list[str]:
+        """A page of the owner's session ids, oldest first."""
+        if limit < 1 or offset < 0:
+            raise InvalidRequestError(f"limit must be >= 1 and offset >= 0, got {limit}, {offset}")
+        return self.store.sessions(owner, limit, offset)
+
+    def describe(self, session_id: str, owner: str) -> dict:
+        """The SDK's GetSessionResponse: the session's runs (all it ever created), its
+        live samplers, its user metadata."""
+        self.check_owner(session_id, owner)
+        prefix = f"{session_id}:"  # its own sampling sessions and its runs' ones
+        samplers = sorted(s for s in list(self.sampling) if s.startswith(prefix))
+        metadata, display_name = self.store.session_metadata(session_id)
+        return {
+            "training_run_ids": self.store.session_runs(session_id),
+            "sampler_ids": samplers,
+            "user_metadata": {k: str(v) for k, v in metadata.items()},
+            "display_name": display_name,
+        }
 
     def check_alive(self, session_id: str, model_id: str) -> None:
         """After a run was created: if its session ended meanwhile (expired while the base

@@ -34,6 +34,7 @@ CREATE INDEX IF NOT EXISTS runs_by_owner ON runs (owner);
 CREATE TABLE IF NOT EXISTS published (
     tinker_path TEXT PRIMARY KEY, owner TEXT NOT NULL, published REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS age_recipients (tinker_path TEXT PRIMARY KEY, recipients TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoint_ttl (tinker_path TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS metrics (
     model_id TEXT NOT NULL, step INTEGER NOT NULL, kind TEXT NOT NULL, time REAL NOT NULL,
@@ -63,6 +64,10 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
+        for column in ("display_name", "finish_reason"):  # added later: older files lack them
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE sessions ADD COLUMN {column} TEXT")
         self._lock = threading.Lock()
 
     def _exec(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -87,11 +92,19 @@ class Store:
 
     # ---------------------------------------------------------------- sessions
 
-    def add_session(self, session_id: str, owner: str, tags: list[str], metadata: dict) -> None:
+    def add_session(
+        self,
+        session_id: str,
+        owner: str,
+        tags: list[str],
+        metadata: dict,
+        display_name: str | None = None,
+    ) -> None:
         now = self.clock()
         self._exec(
-            "INSERT INTO sessions VALUES (?, ?, ?, ?, NULL, ?, ?)",
-            (session_id, owner, now, now, json.dumps(tags), json.dumps(metadata)),
+            "INSERT INTO sessions (session_id, owner, created, last_heartbeat, finished, tags, "
+            "user_metadata, display_name) VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
+            (session_id, owner, now, now, json.dumps(tags), json.dumps(metadata), display_name),
         )
 
     def session_owner(self, session_id: str) -> str | None:
@@ -127,8 +140,54 @@ class Store:
         )
         return [r[0] for r in rows]
 
-    def finish_session(self, session_id: str) -> None:
-        self._exec("UPDATE sessions SET finished=? WHERE session_id=?", (self.clock(), session_id))
+    def finish_session(self, session_id: str, reason: dict | None = None) -> None:
+        """Mark the session finished; `reason` is what its client said (the first one wins)."""
+        self._exec(
+            "UPDATE sessions SET finished=COALESCE(finished, ?), "
+            "finish_reason=COALESCE(finish_reason, ?) WHERE session_id=?",
+            (self.clock(), json.dumps(reason) if reason else None, session_id),
+        )
+
+    def sessions(self, owner: str, limit: int, offset: int) -> list[str]:
+        """A page of the owner's session ids, oldest first."""
+        rows = self._exec(
+            "SELECT session_id FROM sessions WHERE owner=? ORDER BY created, session_id "
+            "LIMIT ? OFFSET ?",
+            (owner, limit, offset),
+        )
+        return [r[0] for r in rows]
+
+    def owner_sessions(self, owner: str) -> list[dict]:
+        """Every session of the owner, newest first: session_id, created, finished,
+        finish_reason (a dict or None), display_name, user_metadata."""
+        rows = self._exec(
+            "SELECT session_id, created, finished, finish_reason, display_name, user_metadata "
+            "FROM sessions WHERE owner=? ORDER BY created DESC, session_id DESC",
+            (owner,),
+        )
+        keys = ("session_id", "created", "finished", "finish_reason", "display_name")
+        return [
+            dict(zip(keys, row))
+            | {
+                "finish_reason": json.loads(row[3]) if row[3] else None,
+                "user_metadata": json.loads(row[5] or "{}"),
+            }
+            for row in rows
+        ]
+
+    def session_metadata(self, session_id: str) -> tuple[dict, str | None]:
+        """(user_metadata, display_name) of a session."""
+        rows = self._exec(
+            "SELECT user_metadata, display_name FROM sessions WHERE session_id=?", (session_id,)
+        )
+        return (json.loads(rows[0][0] or "{}"), rows[0][1]) if rows else ({}, None)
+
+    def session_runs(self, session_id: str) -> list[str]:
+        """Every run created in the session (ended ones too), oldest first."""
+        rows = self._exec(
+            "SELECT model_id FROM runs WHERE session_id=? ORDER BY created", (session_id,)
+        )
+        return [r[0] for r in rows]
 
     # ---------------------------------------------------------------- runs
 
@@ -201,6 +260,19 @@ class Store:
             self._exec(
                 "INSERT OR REPLACE INTO checkpoint_ttl VALUES (?, ?)", (tinker_path, expires)
             )
+
+    def set_age_recipients(self, tinker_path: str, recipients: list[str]) -> None:
+        """The age recipients an external weights checkpoint is encrypted to ([]: none)."""
+        self._exec(
+            "INSERT OR REPLACE INTO age_recipients VALUES (?, ?)",
+            (tinker_path, json.dumps(recipients)),
+        )
+
+    def age_recipients(self, tinker_path: str) -> list[str]:
+        rows = self._exec(
+            "SELECT recipients FROM age_recipients WHERE tinker_path=?", (tinker_path,)
+        )
+        return json.loads(rows[0][0]) if rows else []
 
     def expiries(self) -> dict[str, float]:
         return dict(self._exec("SELECT tinker_path, expires FROM checkpoint_ttl"))

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from tinkerd.errors import NotFoundError
+from tinkerd.server.encodings import for_caller
 from tinkerd.server.routes import API
-from tinkerd.server.schemas import CreateSessionRequest, RetrieveFutureRequest, SessionRequest
+from tinkerd.server.schemas import (
+    CreateSessionRequest,
+    FinishSessionRequest,
+    RetrieveFutureRequest,
+    SessionRequest,
+)
+from tinkerd.service.session_search import SessionSearch, search_sessions
 
 if TYPE_CHECKING:
     from tinkerd.server.app import Server
@@ -49,7 +56,7 @@ def router(server: Server) -> APIRouter:
 
     @routes.post("/create_session")
     def create_session(body: CreateSessionRequest, who: str = Owner) -> dict:
-        session_id = service.sessions.create(who, body.tags, body.user_metadata)
+        session_id = service.sessions.create(who, body.tags, body.user_metadata, body.display_name)
         return {"session_id": session_id, "type": "create_session"}
 
     @routes.post("/session_heartbeat")
@@ -59,16 +66,38 @@ def router(server: Server) -> APIRouter:
         return JSONResponse({"type": "session_heartbeat"})
 
     @routes.post("/sessions/{session_id}/finish")
-    def finish_session(session_id: str, who: str = Owner) -> dict:
-        service.sessions.finish(session_id, who)
+    def finish_session(
+        session_id: str, body: FinishSessionRequest | None = None, who: str = Owner
+    ) -> dict:
+        reason = None
+        if body is not None and body.reason is not None:
+            reason = {"type": body.reason.get("type"), "detail": body.detail}
+        service.sessions.finish(session_id, who, reason)
         return {}
+
+    @routes.get("/sessions")
+    def list_sessions(
+        limit: int = 20, offset: int = 0, access_scope: str = "owned", who: str = Owner
+    ) -> dict:
+        # "accessible" adds nothing: a key shares no sessions, only published checkpoints.
+        return {"sessions": service.sessions.list(who, limit, offset)}
+
+    @routes.post("/sessions/search")
+    def search(body: SessionSearch, who: str = Owner) -> dict:
+        return search_sessions(service.store, service.checkpoints, who, body)
+
+    @routes.get("/sessions/{session_id}")
+    def get_session(session_id: str, access_scope: str = "owned", who: str = Owner) -> dict:
+        return service.sessions.describe(session_id, who)
 
     @routes.post("/telemetry")
     def telemetry(_: str = Owner) -> dict:
         return {"status": "accepted"}  # accepted and dropped: tinkerd collects nothing
 
     @routes.post("/retrieve_future")
-    async def retrieve_future(body: RetrieveFutureRequest, who: str = Owner) -> Response:
+    async def retrieve_future(
+        body: RetrieveFutureRequest, request: Request, who: str = Owner
+    ) -> Response:
         service.queue.unstick()  # a seq_id missing for long lets later requests run
         try:
             stored = await server.requests.wait(body.request_id, who, service.config.poll_timeout)
@@ -79,6 +108,8 @@ def router(server: Server) -> APIRouter:
                 {"type": "try_again", "request_id": body.request_id, "queue_state": "active"},
                 status_code=408,
             )
-        return Response(stored.body, media_type=stored.content_type)
+        accept = request.headers.get("accept")
+        media_type, answer = for_caller(stored.kind, stored.content_type, stored.body, accept)
+        return Response(answer, media_type=media_type)
 
     return routes

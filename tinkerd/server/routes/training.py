@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request
 
 from tinkerd import wire_proto
 from tinkerd.errors import InvalidRequestError
+from tinkerd.server.encodings import decode_loss_request, decompress, run_and_seq
 from tinkerd.server.requests import PROTOBUF, done, encode_json
 from tinkerd.server.routes import API
 from tinkerd.server.schemas import (
@@ -17,6 +18,7 @@ from tinkerd.server.schemas import (
     LoadWeightsRequest,
     ModelRequest,
     OptimStepRequest,
+    SaveWeightsExternalRequest,
     SaveWeightsRequest,
     WeightsInfoRequest,
 )
@@ -55,11 +57,34 @@ def router(server: Server) -> APIRouter:
 
     @routes.post("/forward_backward")
     async def forward_backward(request: Request, who: str = Owner) -> dict:
-        raw = await request.body()
-        return await asyncio.to_thread(submit_forward_backward, raw, who)
+        return await submit_loss(request, who, forward_only=False)
 
-    def submit_forward_backward(raw: bytes, who: str) -> dict:
-        req = wire_proto.decode_forward_backward_request(raw)
+    @routes.post("/forward")
+    async def forward(request: Request, who: str = Owner) -> dict:
+        """JSON forward of SDKs that do not send forward_only in a forward_backward."""
+        return await submit_loss(request, who, forward_only=True)
+
+    async def submit_loss(request: Request, who: str, forward_only: bool) -> dict:
+        raw, headers = await request.body(), request.headers
+        content_type = headers.get("content-type")
+        if forward_only and "json" not in (content_type or ""):
+            raise InvalidRequestError("/forward takes JSON; send protobuf to forward_backward")
+
+        def submit() -> dict:
+            body = decompress(raw, headers.get("content-encoding"))
+            try:
+                req = decode_loss_request(body, content_type, forward_only)
+            except InvalidRequestError:
+                named = run_and_seq(body) if "json" in (content_type or "") else None
+                if named is not None:
+                    service.check_run(named[0], who)  # another key's run: a 404
+                    service.queue.release(*named)
+                raise
+            return submit_forward_backward(req, who)
+
+        return await asyncio.to_thread(submit)
+
+    def submit_forward_backward(req: dict, who: str) -> dict:
         model_id, seq_id, data = req["model_id"], req["seq_id"], req["data"]
         if req["loss_fn"] == "custom":
             if req["forward_only"]:
@@ -96,6 +121,25 @@ def router(server: Server) -> APIRouter:
         future = service.save_state(who, body.model_id, body.path, body.overwrite, body.seq_id)
         encode = lambda path: encode_json({"path": path, "type": "save_weights"})  # noqa: E731
         return server.track(who, "save_weights", future, encode, body.model_id)
+
+    @routes.post("/save_weights_external")
+    def save_weights_external(body: SaveWeightsExternalRequest, who: str = Owner) -> dict:
+        future = service.save_weights_external(
+            who,
+            body.model_id,
+            body.path,
+            body.ttl_seconds,
+            body.age_encryption_recipients,
+            body.seq_id,
+        )
+        encode = lambda info: encode_json(  # noqa: E731
+            {
+                "path": info.tinker_path,
+                "size_bytes": info.size_bytes,
+                "type": "save_weights_external",
+            }
+        )
+        return server.track(who, "save_weights_external", future, encode, body.model_id)
 
     @routes.post("/load_weights")
     def load_weights(body: LoadWeightsRequest, who: str = Owner) -> dict:
