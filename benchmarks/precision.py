@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine  # noqa: E402
-from tinkerd.engine import Engine  # noqa: E402
 
 from tinkerd import AdamParams, Datum, ModelInput, ServiceClient  # noqa: E402
 from tinkerd.client.transport import InProcessTransport  # noqa: E402
+from tinkerd.engine import Engine  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

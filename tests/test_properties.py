@@ -104,12 +104,17 @@ per_token = st.integers(1, 16).flatmap(
 )
 
 
-def loss_and_grad(name: str, logprobs, sampling_logprobs, advantages):
+def loss_and_grad(name: str, logprobs, sampling_logprobs, advantages, datum_index=None):
+    """`datum_index`: each token's datum (default: one datum), for per-datum losses (gspo)."""
     lp = torch.tensor(logprobs, dtype=torch.float64, requires_grad=True)
     inputs = {
         "weights": torch.tensor(advantages, dtype=torch.float64),
         "advantages": torch.tensor(advantages, dtype=torch.float64),
         "logprobs": torch.tensor(sampling_logprobs, dtype=torch.float64),
+        "sequence_ratio_mask": torch.ones(len(logprobs), dtype=torch.float64),
+        "datum_index": torch.tensor(
+            [0] * len(logprobs) if datum_index is None else datum_index, dtype=torch.float64
+        ),
     }
     config = losses.resolve_config(name, None)
     loss = losses.get_loss(name).fn(lp, inputs, config)
@@ -148,11 +153,14 @@ def test_ppo_never_rewards_moving_the_ratio_past_the_clip(t):
 
 
 @given(per_token, st.sampled_from(sorted(losses.LOSSES)))
-def test_losses_are_finite_and_additive_over_tokens(t, name):
+def test_losses_are_finite_and_additive_over_data(t, name):
+    """Two data in one request lose what each loses alone; a per-token loss is additive
+    over tokens too (per-datum losses such as gspo see the cut as a datum boundary)."""
     logprobs, sampling, advantages = t
-    whole, _ = loss_and_grad(name, logprobs, sampling, advantages)
-    assert np.all(np.isfinite(whole))
     k = len(logprobs) // 2
+    two_data = [0] * k + [1] * (len(logprobs) - k)
+    whole, _ = loss_and_grad(name, logprobs, sampling, advantages, two_data)
+    assert np.all(np.isfinite(whole))
     head, _ = loss_and_grad(name, logprobs[:k], sampling[:k], advantages[:k])
     tail, _ = loss_and_grad(name, logprobs[k:], sampling[k:], advantages[k:])
     assert np.allclose(np.concatenate([head, tail]), whole)

@@ -99,7 +99,8 @@ def test_answers_paris_through_the_embedded_client(engine, converted):
 def test_tokenizer_id_is_what_a_remote_client_can_load(engine, converted):
     assert engine.base_model(SMOLLM2_ALIAS).tokenizer_id == SMOLLM2_HUB_ID
     tiny = engine.base_model("tinkerd/tiny")
-    assert tiny.tokenizer_id == str(tiny.path) and Path(tiny.tokenizer_id).is_dir()
+    # A local directory, with a trailing slash: transformers then reads it as a path.
+    assert tiny.tokenizer_id == f"{tiny.path}/" and Path(tiny.tokenizer_id).is_dir()
     assert hub_id_of("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"
     assert hub_id_of(SMOLLM2_HUB_ID) == SMOLLM2_HUB_ID
     assert hub_id_of(str(converted)) is None and hub_id_of("/no/such/model.gguf") is None
