@@ -68,3 +68,24 @@ def weighted_nll(logprobs, weights):
 
 NLL_RANKS = {"logprobs": 1, "weights": 1}
 """`weighted_nll`'s inputs and their ranks, as create_custom_loss takes them."""
+
+
+def gspo_case(logprobs: list[list[float]]) -> tuple[list[dict], float, list[list[float]]]:
+    """Two sequences whose sampler logprobs make sequence ratios 1.105 (inside gspo's clip
+    [0.8, 1.2]) and 0.607 (outside): their loss_fn_inputs, the hand-computed loss sum, and
+    each token's gradient weight d(-loss)/d logprob (ratio x advantage where unclipped, else
+    0), which cross_entropy with those weights must reproduce."""
+    import math
+
+    shifts, advantages = [-0.1, 0.5], [1.0, -1.0]  # q = lp + shift on masked tokens
+    inputs, total, weights = [], 0.0, []
+    for lps, shift, adv in zip(logprobs, shifts, advantages):
+        mask = [0.0] + [1.0] * (len(lps) - 1)  # the first token is outside the ratio
+        sampled = [lp + shift * m for lp, m in zip(lps, mask)]
+        ratio = math.exp(-shift)  # exp(mean over the mask of lp - q)
+        clipped = min(max(ratio, 0.8), 1.2)
+        inputs.append({"logprobs": sampled, "advantages": [adv] * len(lps), "mask": mask})
+        total += len(lps) * -min(ratio * adv, clipped * adv)
+        unclipped = ratio * adv <= clipped * adv
+        weights.append([ratio * adv if unclipped else 0.0] * len(lps))
+    return inputs, total, weights

@@ -8,7 +8,7 @@ import pytest
 import tinker
 import torch
 from conftest import KEYS, TINY, ServerProcess
-from helpers import fwd_bwd_body, post, raw_model, retrieve, sdk_datum
+from helpers import fwd_bwd_body, gspo_case, post, raw_model, retrieve, sdk_datum
 from tinker import types
 
 from tinkerd.types import AdamParams
@@ -40,6 +40,34 @@ def test_sdk_trains_and_the_loss_falls(sdk):
     out = client.forward(data, "cross_entropy").result()
     assert len(out.loss_fn_outputs) == 2
     assert len(out.loss_fn_outputs[0]["logprobs"].tolist()) == 13
+
+
+def test_sdk_gspo_loss_and_gradient(sdk):
+    """loss_fn="gspo" through the official SDK: the hand-computed loss of
+    helpers.gspo_case, and the gradient of cross_entropy with the hand weights."""
+    texts = [b"gspo one", b"and two"]
+    bases = [sdk_datum(t) for t in texts]
+    out = new_run(sdk, seed=23).forward(bases, "cross_entropy").result()
+    inputs, loss_sum, weights = gspo_case([o["logprobs"].tolist() for o in out.loss_fn_outputs])
+    data = [
+        types.Datum(
+            model_input=b.model_input,
+            loss_fn_inputs={
+                "target_tokens": b.loss_fn_inputs["target_tokens"],
+                "logprobs": i["logprobs"],
+                "advantages": i["advantages"],
+                "sequence_ratio_mask": i["mask"],
+            },
+        )
+        for b, i in zip(bases, inputs)
+    ]
+    client = new_run(sdk, seed=23)
+    result = client.forward_backward(data, "gspo").result()
+    assert result.metrics["loss:sum"] == pytest.approx(loss_sum, abs=1e-4)
+    norm = client.optim_step(ADAM).result().metrics["grad_norm"]
+    reference = new_run(sdk, seed=23)
+    reference.forward_backward([sdk_datum(t, w) for t, w in zip(texts, weights)], "cross_entropy")
+    assert norm == pytest.approx(reference.optim_step(ADAM).result().metrics["grad_norm"], rel=1e-4)
 
 
 def test_sdk_async_api_pipelines(sdk):

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 from conftest import KEYS, TINY, make_datum
+from helpers import gspo_case
 
 from tinkerd import AdamParams, Datum, ModelInput, ServiceClient, TensorData
 from tinkerd.client.transport import InProcessTransport
@@ -169,6 +170,38 @@ def test_rl_losses_at_ratio_one_have_the_policy_gradient(service):
     a_lp = sum(a * lp for a, lp in zip(advantages, lps))
     assert loss_sums["cispo"] == pytest.approx(-a_lp, abs=1e-4)
     assert loss_sums["dro"] == pytest.approx(-a_lp, abs=1e-4)
+
+
+def test_gspo_takes_one_clipped_ratio_per_sequence(service):
+    """gspo (GSPO-token): every token of a sequence carries the sequence's ratio (exp of the
+    mean log-ratio over sequence_ratio_mask) with its own logprob's gradient, clipped to
+    [0.8, 1.2]: loss and gradient follow the hand computation of helpers.gspo_case."""
+    bases = [make_datum([256, *b"gspo one"]), make_datum([256, *b"and two"])]
+    lps = logprobs(new_run(service, seed=22), bases)
+    inputs, loss_sum, weights = gspo_case(lps)
+    data = [
+        Datum(
+            model_input=b.model_input,
+            loss_fn_inputs={
+                "target_tokens": b.loss_fn_inputs["target_tokens"],
+                "logprobs": i["logprobs"],
+                "advantages": i["advantages"],
+                "sequence_ratio_mask": i["mask"],
+            },
+        )
+        for b, i in zip(bases, inputs)
+    ]
+    client = new_run(service, seed=22)
+    assert client.forward_backward(data, "gspo").result().metrics["loss:sum"] == pytest.approx(
+        loss_sum, abs=1e-4
+    )
+    norm = client.optim_step(ADAM).result().metrics["grad_norm"]
+    ce = [make_datum(list(b.model_input.to_ints()) + [0], w) for b, w in zip(bases, weights)]
+    for d, b in zip(ce, bases):  # same inputs and targets, weights from the hand computation
+        d.loss_fn_inputs["target_tokens"] = b.loss_fn_inputs["target_tokens"]
+    reference = new_run(service, seed=22)
+    reference.forward_backward(ce, "cross_entropy").result()
+    assert norm == pytest.approx(reference.optim_step(ADAM).result().metrics["grad_norm"], rel=1e-4)
 
 
 def test_cross_entropy_with_several_targets_per_position(service):
