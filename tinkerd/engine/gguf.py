@@ -101,7 +101,8 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     hf_logging.disable_progress_bar()
     reader = read_gguf(gguf_path)
     metadata = {key: field_value(field) for key, field in reader.fields.items()}
-    if fast_path_supported(metadata):
+    converter = "tinkerd" if fast_path_supported(metadata) else "transformers"
+    if converter == "tinkerd":
         config = gguf_config(metadata, {tensor.name for tensor in reader.tensors})
         model = _plain_model(config)
         # assign: the tensors become the parameters (a copy into the fresh ones measured
@@ -113,7 +114,9 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     else:
         _convert_with_transformers(gguf_path, out)
     (out / "tinkerd.json").write_text(
-        json.dumps({"converted_from": str(gguf_path), "version": CONVERT_VERSION})
+        json.dumps(
+            {"converted_from": str(gguf_path), "version": CONVERT_VERSION, "converter": converter}
+        )
     )
 
 
@@ -211,7 +214,8 @@ def gguf_state_dict(reader, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for tensor in reader.tensors:
         if tensor.name not in model_name_of:
             raise ValueError(f"GGUF tensor {tensor.name} has no place in {type(model).__name__}")
-        weight = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type)))
+        values = dequantize(tensor.data, tensor.tensor_type)  # F32: a read-only file view
+        weight = torch.from_numpy(values if values.flags.writeable else values.copy())
         n_head = heads.get(tensor.name.split(".")[-2])
         if n_head is not None:  # (n_head * head_dim, d): rows (i, half) -> (half, i)
             shape = weight.shape
