@@ -19,12 +19,16 @@ import importlib.util
 import json
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from tinkerd.engine.tiny import cached_model_dir
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader, ReaderField
+    from transformers import PretrainedConfig, PreTrainedModel, TokenizersBackend
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_ALIAS = "smollm2"
@@ -120,7 +124,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     )
 
 
-def read_gguf(path: Path):
+def read_gguf(path: Path) -> GGUFReader:
     """A `gguf.GGUFReader` of `path` whose byte array is a plain ndarray, not a np.memmap.
 
     The reader slices its array a few times per metadata value: about 250k slices for a
@@ -143,7 +147,7 @@ def read_gguf(path: Path):
     return PlainArrayReader(path)
 
 
-def field_value(field) -> Any:
+def field_value(field: ReaderField) -> Any:
     """A GGUF metadata field as Python: str, int, float, bool, or a list of them."""
     from gguf import GGUFValueType
 
@@ -174,7 +178,7 @@ def fast_path_supported(metadata: dict[str, Any]) -> bool:
     )
 
 
-def gguf_config(metadata: dict[str, Any], tensor_names: set[str]):
+def gguf_config(metadata: dict[str, Any], tensor_names: set[str]) -> PretrainedConfig:
     """The model config the file describes, by transformers' GGUF key table."""
     from transformers import AutoConfig
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
@@ -191,7 +195,7 @@ def gguf_config(metadata: dict[str, Any], tensor_names: set[str]):
     return AutoConfig.for_model(**values)
 
 
-def gguf_state_dict(reader, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gguf_state_dict(reader: GGUFReader, model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """{name in `model`: float32 tensor} for every tensor of the (llama-architecture) file.
 
     Names are mapped with `gguf`'s own name table, built once. llama.cpp stores the rows
@@ -217,9 +221,9 @@ def gguf_state_dict(reader, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         values = dequantize(tensor.data, tensor.tensor_type)  # F32: a read-only file view
         weight = torch.from_numpy(values if values.flags.writeable else values.copy())
         n_head = heads.get(tensor.name.split(".")[-2])
-        if n_head is not None:  # (n_head * head_dim, d): rows (i, half) -> (half, i)
+        if n_head is not None:  # per head, rows (i, half) -> (half, i); a bias likewise
             shape = weight.shape
-            weight = weight.reshape(n_head, -1, 2, shape[1]).transpose(1, 2).reshape(shape)
+            weight = weight.reshape(n_head, -1, 2, *shape[1:]).transpose(1, 2).reshape(shape)
         state[model_name_of[tensor.name]] = weight.contiguous()
     missing = set(model.state_dict()) - set(state)
     if missing - ({"lm_head.weight"} if config.tie_word_embeddings else set()):
@@ -227,7 +231,7 @@ def gguf_state_dict(reader, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def gguf_tokenizer(metadata: dict[str, Any]):
+def gguf_tokenizer(metadata: dict[str, Any]) -> TokenizersBackend:
     """The file's tokenizer, built by transformers' GGUF tokenizer builder."""
     from transformers import TokenizersBackend
     from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
@@ -249,7 +253,7 @@ def gguf_tokenizer(metadata: dict[str, Any]):
     return TokenizersBackend(tokenizer_object=backend, **settings, **extra)
 
 
-def _plain_model(config) -> torch.nn.Module:
+def _plain_model(config: PretrainedConfig) -> PreTrainedModel:
     """A float32 model of `config` with uninitialised weights (all are loaded next)."""
     from transformers import AutoModelForCausalLM
 
