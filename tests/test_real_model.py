@@ -240,7 +240,7 @@ def test_sft_through_the_official_sdk_teaches_a_made_up_fact(converted):
     params = types.SamplingParams(max_tokens=12, temperature=0.0)
 
     def greedy(client) -> str:
-        sampler = client.save_weights_and_get_sampling_client()
+        sampler = client.save_weights_and_get_sampling_client().result()
         result = sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result()
         return tokenizer.decode(result.sequences[0].tokens, skip_special_tokens=True)
 
