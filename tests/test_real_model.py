@@ -2,9 +2,13 @@
 GGUF file, converted once to a cached Hugging Face directory.
 
 The package is part of the set-up (scripts/test.sh installs it): without it these tests
-fail, they do not skip.
+fail, they do not skip. The conversion runs once per test session (conftest gives the
+session a fresh TINKERD_CACHE, which the server subprocess below inherits), and
+transformers' own, slower, GGUF load once, in the test that compares the two.
 """
 
+import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from tinkerd.engine.gguf import (
     SMOLLM2_ALIAS,
     SMOLLM2_HUB_ID,
     SMOLLM2_INSTALL,
+    fast_path_supported,
     gguf_model_dir,
     smollm2_gguf,
 )
@@ -42,7 +47,12 @@ def gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def converted(gguf: Path) -> Path:
-    return resolve_model_path(SMOLLM2_ALIAS)
+    started = time.perf_counter()
+    path = resolve_model_path(SMOLLM2_ALIAS)  # converts: the session's cache is fresh
+    print(
+        f"SmolLM2 GGUF resolved (converted unless cached) in {time.perf_counter() - started:.1f} s"
+    )
+    return path
 
 
 def chat_prompt(tokenizer) -> list[int]:
@@ -51,18 +61,40 @@ def chat_prompt(tokenizer) -> list[int]:
 
 
 def test_conversion_equals_transformers_gguf_load(gguf, converted):
-    """The converted directory is the same model as transformers' own GGUF load: same
-    tokens, same weights, same logits."""
+    """tinkerd's conversion (one in-memory parse of the file) is the same model as
+    transformers' own GGUF load: same config, same tokens, same weights, same logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    assert json.loads((converted / "tinkerd.json").read_text())["converter"] == "tinkerd"
     folder, name = str(gguf.parent), gguf.name
     direct = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     plain = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
     direct_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     plain_tok = AutoTokenizer.from_pretrained(converted)
-    text = "The quick brown fox jumps over the lazy dog. Paris, France: 42!"
-    assert plain_tok.encode(text) == direct_tok.encode(text)
+    assert type(plain_tok) is type(direct_tok)
+    texts = [
+        "The quick brown fox jumps over the lazy dog. Paris, France: 42!",
+        "  leading spaces, tabs\tand\nnewlines; émigré naïve 東京 🙂",
+        "<|im_start|>user\nhi<|im_end|>",
+        "def f(x):\n    return x**2  # 3.14159",
+    ]
+    for text in texts:
+        assert plain_tok.encode(text) == direct_tok.encode(text), text
     assert chat_prompt(plain_tok) == chat_prompt(direct_tok)
+    specials = ("bos_token", "eos_token", "unk_token", "pad_token")
+    assert [getattr(plain_tok, s) for s in specials] == [getattr(direct_tok, s) for s in specials]
+    assert plain_tok.chat_template == direct_tok.chat_template
+    want_config = direct.config.to_dict()
+    del want_config["quantization_config"]
+    got_config = plain.config.to_dict()
+    assert got_config.pop("architectures") == ["LlamaForCausalLM"]  # set by the save
+    for config in (want_config, got_config):
+        config.pop("_name_or_path", None)
+        config.pop("architectures", None)
+    assert got_config == want_config
+    want_weights, got_weights = direct.state_dict(), plain.state_dict()
+    assert want_weights.keys() == got_weights.keys()
+    assert all(torch.equal(got_weights[k], want_weights[k]) for k in want_weights)
     ids = torch.tensor([chat_prompt(plain_tok)])
     with torch.no_grad():
         want, got = direct(ids).logits, plain(ids).logits
@@ -70,6 +102,18 @@ def test_conversion_equals_transformers_gguf_load(gguf, converted):
     assert torch.equal(got, want)
     assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
     assert "quantization_config" not in plain.config.to_dict()
+
+
+def test_only_llama_byte_level_bpe_files_take_the_fast_path():
+    """Files transformers treats specially (a Mistral-named llama file, sentencepiece
+    vocabularies, other architectures) are converted by transformers' own loader."""
+    smollm = {"general.architecture": "llama", "general.name": "Smollm2 135M"}
+    assert fast_path_supported({**smollm, "tokenizer.ggml.model": "gpt2"})
+    assert not fast_path_supported({**smollm, "tokenizer.ggml.model": "llama"})
+    mistral = {**smollm, "general.name": "Mistral 7B Instruct"}
+    assert not fast_path_supported({**mistral, "tokenizer.ggml.model": "gpt2"})
+    qwen = {"general.architecture": "qwen2", "tokenizer.ggml.model": "gpt2"}
+    assert not fast_path_supported(qwen)
 
 
 def test_conversion_is_cached(gguf, converted):
@@ -171,15 +215,51 @@ def test_bfloat16_base_float32_lora_and_logprobs(monkeypatch, converted):
     print(f"bf16 trainer vs sampler logprobs: max gap {gap:.2e} nats")
 
 
-def test_facts_demo_starts_learning(engine, converted, capsys):
-    """`tinkerd demo --model smollm2`, cut to 3 steps: the answer loss halves, and the
-    before/after answers are printed (the full 15-step run states all four facts)."""
-    from tinkerd.demo import FACTS, run_facts_demo
+def test_sft_through_the_official_sdk_teaches_a_made_up_fact(converted):
+    """`tinkerd serve --model smollm2` and the official `tinker` SDK: 4 steps of
+    forward_backward + optim_step on one chat-formatted made-up fact (loss on the answer
+    only) change the greedy answer to state it. Measured (seed 0, rank 8, lr 2e-3): the
+    answer is exact from step 2 on; the loss/sum falls 16.9 -> 5.8 -> 0.4."""
+    import tinker
+    from conftest import KEYS, ServerProcess
+    from tinker import types
+    from transformers import AutoTokenizer
 
-    service = ServiceClient(transport=InProcessTransport(engine=engine))
-    result = run_facts_demo(SMOLLM2_ALIAS, steps=3, service=service, progress=False)
-    assert len(result.losses) == 3 and result.losses[-1] < 0.6 * result.losses[0]
-    assert not any(fact in answer for answer, (_, fact) in zip(result.before, FACTS))
-    assert "Paris" in result.before[-1]
-    printed = capsys.readouterr().out
-    assert printed.count("  before: ") == len(FACTS) + 1 and "made-up facts stated" in printed
+    from tinkerd.demo import FACTS, chat_tokens
+
+    question, fact = FACTS[0]  # "What is the capital of Zorvania?" -> "... Quillhaven."
+    tokenizer = AutoTokenizer.from_pretrained(converted)  # the server's: no hub here
+    prompt = chat_tokens(tokenizer, question)
+    tokens = chat_tokens(tokenizer, question, fact)  # ... answer, <|im_end|>
+    weights = [0.0] * (len(prompt) - 1) + [1.0] * (len(tokens) - len(prompt))
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights},
+    )
+    # "The capital of Zorvania is Quillhaven." is 11 tokens, its end-of-turn the 12th
+    params = types.SamplingParams(max_tokens=12, temperature=0.0)
+
+    def greedy(client) -> str:
+        sampler = client.save_weights_and_get_sampling_client().result()
+        result = sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result()
+        return tokenizer.decode(result.sequences[0].tokens, skip_special_tokens=True)
+
+    server = ServerProcess(tempfile.mkdtemp(prefix="tinkerd-sft-"), "--model", SMOLLM2_ALIAS)
+    sdk = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
+    try:
+        client = sdk.create_lora_training_client(SMOLLM2_ALIAS, rank=8, seed=0).result()
+        before = greedy(client)  # LoRA B = 0: the base model's answer
+        losses = []
+        for _ in range(4):
+            fwd_bwd = client.forward_backward([datum], "cross_entropy")
+            optim = client.optim_step(types.AdamParams(learning_rate=2e-3))
+            losses.append(fwd_bwd.result().metrics["loss:sum"])
+            optim.result()
+        after = greedy(client)
+    finally:
+        sdk.close("success").result()
+        server.stop()
+    print(f"before: {before!r}\nafter:  {after!r}\nlosses: {losses}")
+    assert "Quillhaven" not in before and "Zorvania" in before
+    assert "Quillhaven" in after
+    assert losses[-1] < 0.2 * losses[0]
