@@ -167,11 +167,6 @@ def optimizer_step(run: Run, params: OptimParams) -> dict[str, float]:
     return {**metrics, "step": float(run.step)}
 
 
-def adam_step(run: Run, adam: AdamParams) -> dict[str, float]:
-    """One AdamW step (`optimizer_step` of a run created with AdamW)."""
-    return optimizer_step(run, adam)
-
-
 def add_frozen_adapter(
     base: BaseModel, name: str, config, weights: dict[str, torch.Tensor]
 ) -> None:
