@@ -6,6 +6,7 @@ The update direction itself is checked against NumPy in test_optimizers.py."""
 
 import json
 import math
+import time
 
 import httpx
 import pytest
@@ -255,6 +256,29 @@ def test_unknown_optimizer_types_and_bad_params_are_a_400_naming_them(server):
         response = post("create_model", body | {"optimizer_config": config})
         assert response.status_code == 400, response.text
         assert message in response.text
+    # an existing run keeps its optimizer: a legacy load_weights may not change it
+    created = post("create_model", body | {"optimizer_config": {"type": "dimuon"}})
+    answer = post("retrieve_future", {"request_id": created.json()["request_id"]})
+    while answer.status_code == 408:  # long-poll: not done yet
+        answer = post("retrieve_future", {"request_id": created.json()["request_id"]})
+    model_id = answer.json()["model_id"]
+    load = {"model_id": model_id, "seq_id": 1, "path": f"tinker://{model_id}/weights/x"}
+    response = post("load_weights", load | {"optimizer": False, "optimizer_config": {}})
+    assert response.status_code == 400 and "unknown optimizer type None" in response.text
+    load |= {"seq_id": 2, "optimizer_config": {"type": "adamw"}}
+    response = post("load_weights", load)
+    assert response.status_code == 400 and "cannot change" in response.text, response.text
+    info = post("get_info", {"model_id": model_id}).json()
+    assert info["optimizer_config"] == {"type": "dimuon", "version": 1}
+    # both refusals used up their seq_id: the next request runs at once (no 60 s gap wait)
+    params = {"type": "dimuon", "learning_rate": 1e-3}
+    step = post("optim_step", {"model_id": model_id, "seq_id": 3, "optimizer_params": params})
+    started = time.monotonic()
+    answer = post("retrieve_future", {"request_id": step.json()["request_id"]})
+    while answer.status_code == 408:
+        answer = post("retrieve_future", {"request_id": step.json()["request_id"]})
+    assert answer.status_code == 200 and answer.json()["metrics"]["step"] == 1
+    assert time.monotonic() - started < 30
     for bad, message in (
         ({"type": "lion", "learning_rate": 1.0}, "unknown optimizer params type 'lion'"),
         ({"type": "dimuon"}, "learning_rate"),

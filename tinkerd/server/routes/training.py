@@ -122,14 +122,17 @@ def router(server: Server) -> APIRouter:
         if body.model_id is None:
             raise InvalidRequestError("give model_id (and seq_id), or session_id and model_seq_id")
         if body.optimizer_config is not None:  # an existing run keeps its optimizer
-            wanted = optimizer_config_from(body.optimizer_config)
             has = service.get_info(who, body.model_id).optimizer_config
-            if wanted != has:
-                service.queue.release(body.model_id, body.seq_id)
-                raise InvalidRequestError(
-                    f"model {body.model_id!r} uses the {has.type!r} optimizer; "
-                    f"optimizer_config {wanted.type!r} cannot change an existing model's"
-                )
+            try:
+                wanted = optimizer_config_from(body.optimizer_config)
+                if wanted != has:
+                    raise InvalidRequestError(
+                        f"model {body.model_id!r} uses the {has.type!r} optimizer; "
+                        f"optimizer_config {wanted.type!r} cannot change an existing model's"
+                    )
+            except InvalidRequestError:
+                service.queue.release(body.model_id, body.seq_id)  # its seq_id is used up
+                raise
         future = service.load_state(who, body.model_id, body.path, body.optimizer, body.seq_id)
         answer = {"path": body.path, "model_id": body.model_id, "type": "load_weights"}
         return server.track(
