@@ -1,6 +1,6 @@
 """Dimuon and AdamW behind the Optimizer interface: Dimuon's step against a NumPy
 computation of its documented formula, its properties, state round trips bit for bit, and
-AdamW equal to the engine's adam_step."""
+AdamW equal to the engine's former adam_step (torch.optim.AdamW, kept here as the reference)."""
 
 import math
 from types import SimpleNamespace
@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from tinkerd.engine import optimizers
-from tinkerd.engine.adapters import adam_step
 from tinkerd.engine.optimizers import AdamW, Dimuon, DimuonHyper
 from tinkerd.errors import InvalidRequestError
 from tinkerd.types import AdamParams
@@ -192,6 +191,28 @@ def test_state_dict_round_trip_is_bit_for_bit():
     assert opt.momentum[0].abs().sum() > 0
     with pytest.raises(InvalidRequestError, match="not a Dimuon v1"):
         resumed.load_state_dict({"type": "adamw"})
+
+
+def adam_step(run, adam: AdamParams) -> dict[str, float]:
+    """The engine's adam_step before the Optimizer interface: torch.optim.AdamW with
+    Tinker's AdamParams, global-norm clipping first."""
+    grads = [p.grad for p in run.params if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+    if adam.grad_clip_norm > 0 and grad_norm > adam.grad_clip_norm:
+        torch.nn.utils.clip_grads_with_norm_(
+            run.params, adam.grad_clip_norm, torch.tensor(grad_norm)
+        )
+    for group in run.optimizer.param_groups:
+        group.update(
+            lr=adam.learning_rate,
+            betas=(adam.beta1, adam.beta2),
+            eps=adam.eps,
+            weight_decay=adam.weight_decay,
+        )
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return {"grad_norm": grad_norm, "learning_rate": adam.learning_rate, "step": float(run.step)}
 
 
 def test_adamw_equals_adam_step_and_round_trips():

@@ -5,8 +5,11 @@ from tinkerd.client import APIFuture, RestClient, SamplingClient, ServiceClient,
 from tinkerd.custom_loss import RegularizerSpec
 from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.types import (
+    AdamOptimizerConfig,
     AdamParams,
     Datum,
+    DimuonOptimizerConfig,
+    DimuonParams,
     EncodedTextChunk,
     ForwardBackwardOutput,
     ModelInput,
@@ -19,8 +22,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "APIFuture",
+    "AdamOptimizerConfig",
     "AdamParams",
     "Datum",
+    "DimuonOptimizerConfig",
+    "DimuonParams",
     "EncodedTextChunk",
     "ForwardBackwardOutput",
     "InvalidRequestError",

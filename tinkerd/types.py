@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import datetime
 import sys
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tinkerd.errors import InvalidRequestError
 
 if TYPE_CHECKING:  # torch is imported only by the helpers that convert to and from it
     import torch
@@ -234,6 +237,64 @@ class AdamParams(StrictBase):
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
 
+class DimuonParams(StrictBase):
+    """One Dimuon step (`tinker.types.DimuonParams`, with `type` "dimuon"). The update of
+    each LoRA matrix is learning_rate * (32 / rank)^rank_lr_correction_exponent times a
+    direction of Frobenius norm sqrt(rank) (see `tinkerd.engine.optimizers`). The SDK's
+    0.38 type lacks `damping` and `rank_lr_correction_exponent`; tinkerd takes them,
+    with Tinker's published defaults."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    type: Literal["dimuon"] = "dimuon"
+    learning_rate: float = Field(ge=0)
+    grad_clip_norm: float = 0.0
+    """Clip the global gradient norm to this value; 0 or less disables clipping."""
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    """Momentum: the weight of the running average of gradients."""
+    damping: float = Field(default=1e-4, gt=0)
+    """Added to the normalised row and column energies before the preconditioner's power."""
+    rank_lr_correction_exponent: float = 0.175
+    """e in the factor (32 / rank)^e on the learning rate (1 at rank 32)."""
+
+
+OptimParams = AdamParams | DimuonParams
+"""An optim_step's hyperparameters: of the optimizer the run was created with."""
+
+
+def _validated(cls: type[BaseModel], data: Mapping[str, Any]) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        errors = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise InvalidRequestError(f"invalid {cls.__name__}: {errors}") from None
+
+
+def _as_mapping(value: Any, expected: str) -> Mapping[str, Any]:
+    if isinstance(value, Mapping):
+        return value
+    if hasattr(value, "model_dump"):  # e.g. the official SDK's type of the same name
+        return value.model_dump()
+    raise InvalidRequestError(f"expected {expected}, got {type(value).__name__}")
+
+
+def optim_params_from(value: Any) -> OptimParams:
+    """Ours, the official SDK's, or their JSON: a `type` of "dimuon" is DimuonParams,
+    no `type` (the SDK sends none for Adam) or "adamw" is AdamParams."""
+    if isinstance(value, (AdamParams, DimuonParams)):
+        return value
+    data = dict(_as_mapping(value, "AdamParams or DimuonParams"))
+    kind = data.get("type")
+    if kind in (None, "adamw"):
+        data.pop("type", None)
+        return _validated(AdamParams, data)
+    if kind == "dimuon":
+        return _validated(DimuonParams, data)
+    raise InvalidRequestError(
+        f"unknown optimizer params type {kind!r}: give AdamParams or DimuonParams"
+    )
+
+
 class OptimStepResponse(ResponseBase):
     metrics: dict[str, float] | None = None
     """`grad_norm` (global L2 norm before clipping), `learning_rate`, `step`."""
@@ -246,14 +307,46 @@ class ModelData(ResponseBase):
 
 
 class AdamOptimizerConfig(ResponseBase):
+    """The default optimizer: AdamW, stepped with AdamParams."""
+
     type: Literal["adamw"] = "adamw"
+
+
+class DimuonOptimizerConfig(ResponseBase):
+    """The Dimuon optimizer, stepped with DimuonParams (fixed when the run is created)."""
+
+    type: Literal["dimuon"] = "dimuon"
+    version: Literal[1] = 1
+
+
+OptimizerConfig = Annotated[
+    AdamOptimizerConfig | DimuonOptimizerConfig, Field(discriminator="type")
+]
+"""A run's optimizer, chosen at creation (CreateModelRequest.optimizer_config)."""
+
+
+def optimizer_config_from(value: Any) -> AdamOptimizerConfig | DimuonOptimizerConfig:
+    """Ours, the official SDK's, or their JSON (`type` "adamw" or "dimuon")."""
+    if isinstance(value, (AdamOptimizerConfig, DimuonOptimizerConfig)):
+        return value
+    data = _as_mapping(value, "AdamOptimizerConfig or DimuonOptimizerConfig")
+    known = {"adamw": AdamOptimizerConfig, "dimuon": DimuonOptimizerConfig}
+    cls = known.get(data.get("type"))  # type: ignore[arg-type]
+    if cls is None:
+        raise InvalidRequestError(
+            f"unknown optimizer type {data.get('type')!r}; known: 'adamw', 'dimuon'"
+        )
+    unknown = set(data) - set(cls.model_fields)
+    if unknown:  # a newer optimizer version's fields: refused, never silently dropped
+        raise InvalidRequestError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    return _validated(cls, data)
 
 
 class GetInfoResponse(ResponseBase):
     type: Literal["get_info"] | None = None
     model_data: ModelData
     model_id: ModelID
-    optimizer_config: AdamOptimizerConfig = Field(default_factory=AdamOptimizerConfig)
+    optimizer_config: OptimizerConfig = Field(default_factory=AdamOptimizerConfig)
     is_lora: bool | None = None
     lora_rank: int | None = None
     model_name: str | None = None
@@ -381,7 +474,7 @@ class WeightsInfoResponse(ResponseBase):
     """What a checkpoint needs to be loaded: its base model and LoRA shape."""
 
     base_model: str
-    optimizer_config: AdamOptimizerConfig = Field(default_factory=AdamOptimizerConfig)
+    optimizer_config: OptimizerConfig = Field(default_factory=AdamOptimizerConfig)
     is_lora: bool
     lora_rank: int | None = None
     train_unembed: bool | None = None

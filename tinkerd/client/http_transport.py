@@ -33,14 +33,16 @@ from tinkerd.custom_loss import (
 )
 from tinkerd.errors import InvalidRequestError, RequestFailedError, TinkerdError, error_for_status
 from tinkerd.types import (
-    AdamParams,
     CustomLossOutput,
     Datum,
+    DimuonParams,
     ForwardBackwardOutput,
     GetInfoResponse,
     GetServerCapabilitiesResponse,
     LoraConfig,
     ModelInput,
+    OptimizerConfig,
+    OptimParams,
     OptimStepResponse,
     SampleResponse,
     SamplingParams,
@@ -164,7 +166,9 @@ class HttpTransport:
             )
         )
 
-    def create_model(self, base_model: str, lora_config: LoraConfig) -> Future[str]:
+    def create_model(
+        self, base_model: str, lora_config: LoraConfig, optimizer_config: OptimizerConfig | None
+    ) -> Future[str]:
         session_id = self._session()
         with self._lock:
             model_seq_id, self._model_seq = self._model_seq, self._model_seq + 1
@@ -175,6 +179,8 @@ class HttpTransport:
             "lora_config": lora_config.model_dump(exclude_none=True),
             "type": "create_model",
         }
+        if optimizer_config is not None:
+            payload["optimizer_config"] = optimizer_config.model_dump()
         return self._submit("/create_model", lambda r: r.json()["model_id"], payload)
 
     def get_info(self, model_id: str) -> Future[GetInfoResponse]:
@@ -317,12 +323,14 @@ class HttpTransport:
         )
         return self._submit("/forward_backward", _decode_fb, content=body)
 
-    def optim_step(self, model_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]:
+    def optim_step(self, model_id: str, params: OptimParams) -> Future[OptimStepResponse]:
+        # As the SDK sends them: AdamParams as adam_params, others as optimizer_params
+        key = "optimizer_params" if isinstance(params, DimuonParams) else "adam_params"
         payload = {
             "model_id": model_id,
             "seq_id": self._next_seq(model_id),
             "type": "optim_step",
-            "adam_params": adam_params.model_dump(),
+            key: params.model_dump(),
         }
         return self._submit(
             "/optim_step", lambda r: OptimStepResponse.model_validate(r.json()), payload
@@ -354,7 +362,7 @@ class HttpTransport:
         return self._submit("/load_weights", lambda r: None, payload)
 
     def create_model_from_state(
-        self, path: str, with_optimizer: bool
+        self, path: str, with_optimizer: bool, optimizer_config: OptimizerConfig | None
     ) -> Future[tuple[str, str, LoraConfig]]:
         def create() -> tuple[str, str, LoraConfig]:
             info = WeightsInfoResponse.model_validate(
@@ -370,6 +378,8 @@ class HttpTransport:
                 "optimizer": with_optimizer,
                 "type": "load_weights",
             }
+            if optimizer_config is not None:
+                payload["optimizer_config"] = optimizer_config.model_dump()
             model_id = self._submit("/load_weights", lambda r: r.json()["model_id"], payload)
             lora = LoraConfig(
                 rank=info.lora_rank,

@@ -11,7 +11,7 @@ from tinkerd.client.sampling_client import SamplingClient
 from tinkerd.client.training_client import TrainingClient
 from tinkerd.client.transport import InProcessTransport, Transport
 from tinkerd.errors import InvalidRequestError
-from tinkerd.types import GetServerCapabilitiesResponse, LoraConfig
+from tinkerd.types import GetServerCapabilitiesResponse, LoraConfig, optimizer_config_from
 
 if TYPE_CHECKING:
     from tinkerd.client.rest_client import RestClient
@@ -63,8 +63,12 @@ class ServiceClient:
         train_attn: bool = True,
         train_unembed: bool = True,
         user_metadata: dict[str, str] | None = None,
+        optimizer: Any = None,
     ) -> TrainingClient:
-        """A new LoRA run on `base_model` (loaded once and shared with other runs)."""
+        """A new LoRA run on `base_model` (loaded once and shared with other runs), trained
+        with `optimizer` for its whole life: AdamOptimizerConfig (the default) or
+        DimuonOptimizerConfig (ours or the official SDK's)."""
+        optimizer_config = None if optimizer is None else optimizer_config_from(optimizer)
         lora = LoraConfig(
             rank=rank,
             seed=seed,
@@ -72,7 +76,7 @@ class ServiceClient:
             train_attn=train_attn,
             train_unembed=train_unembed,
         )
-        model_id = self._transport.create_model(base_model, lora).result()
+        model_id = self._transport.create_model(base_model, lora, optimizer_config).result()
         return TrainingClient(self._transport, model_id, base_model, lora)
 
     async def create_lora_training_client_async(self, *args: Any, **kwargs: Any) -> TrainingClient:
@@ -81,21 +85,29 @@ class ServiceClient:
         return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
 
     def create_training_client_from_state(
-        self, path: str, user_metadata: dict[str, str] | None = None, **_: Any
+        self,
+        path: str,
+        user_metadata: dict[str, str] | None = None,
+        *,
+        optimizer: Any = None,
+        **_: Any,
     ) -> TrainingClient:
         """A new run shaped like the checkpoint at `path` (base model, rank, train_* flags)
-        with its weights; the optimizer starts afresh."""
-        return self._from_state(path, with_optimizer=False)
+        with its weights; the optimizer (`optimizer`, default AdamW) starts afresh."""
+        optimizer_config = None if optimizer is None else optimizer_config_from(optimizer)
+        return self._from_state(path, with_optimizer=False, optimizer_config=optimizer_config)
 
     def create_training_client_from_state_with_optimizer(
         self, path: str, user_metadata: dict[str, str] | None = None, **_: Any
     ) -> TrainingClient:
-        """Like `create_training_client_from_state`, with the checkpoint's AdamW state too:
-        training continues exactly as if it had never stopped."""
+        """Like `create_training_client_from_state`, with the checkpoint's optimizer and its
+        state too: training continues exactly as if it had never stopped."""
         return self._from_state(path, with_optimizer=True)
 
-    def _from_state(self, path: str, with_optimizer: bool) -> TrainingClient:
-        future = self._transport.create_model_from_state(path, with_optimizer)
+    def _from_state(
+        self, path: str, with_optimizer: bool, optimizer_config: Any = None
+    ) -> TrainingClient:
+        future = self._transport.create_model_from_state(path, with_optimizer, optimizer_config)
         model_id, base_model, lora = future.result()
         return TrainingClient(self._transport, model_id, base_model, lora)
 

@@ -26,11 +26,13 @@ from tinkerd.types import (
     LoadWeightsResponse,
     LoraConfig,
     ModelInput,
+    OptimParams,
     OptimStepResponse,
     SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
     TensorData,
     UnloadModelResponse,
+    optim_params_from,
 )
 
 
@@ -150,12 +152,18 @@ class TrainingClient:
         return self.forward_backward_custom(*args, **kwargs)
 
     def optim_step(
-        self, optim_params: AdamParams | None = None, *, adam_params: AdamParams | None = None
+        self, optim_params: OptimParams | None = None, *, adam_params: AdamParams | None = None
     ) -> APIFuture[OptimStepResponse]:
-        """One Adam step on the accumulated gradient; metrics carry the pre-clip `grad_norm`."""
+        """One step of the run's optimizer on the accumulated gradient: AdamParams for a
+        run created with AdamW (the default), DimuonParams for one created with
+        DimuonOptimizerConfig (ours or the official SDK's). Metrics carry the pre-clip
+        `grad_norm`."""
         if optim_params is not None and adam_params is not None:
             return failed(InvalidRequestError("pass optim_params or adam_params, not both"))
-        params = optim_params or adam_params or AdamParams()
+        try:
+            params = optim_params_from(optim_params or adam_params or AdamParams())
+        except InvalidRequestError as e:
+            return failed(e)
         return self._submit("optim_step", params)
 
     def unload_model(self) -> APIFuture[UnloadModelResponse]:
@@ -196,7 +204,8 @@ class TrainingClient:
         return self._load(path, with_optimizer=False)
 
     def load_state_with_optimizer(self, path: str) -> APIFuture[LoadWeightsResponse]:
-        """Replace weights and AdamW state with a checkpoint's: training resumes exactly."""
+        """Replace weights and optimizer state with a checkpoint's (saved by a run with the
+        same optimizer): training resumes exactly."""
         return self._load(path, with_optimizer=True)
 
     def _load(self, path: str, with_optimizer: bool) -> APIFuture[LoadWeightsResponse]:

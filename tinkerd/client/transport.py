@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tinkerd.types import (
-    AdamParams,
     CustomLossOutput,
     Datum,
     ForwardBackwardOutput,
@@ -23,6 +22,8 @@ from tinkerd.types import (
     GetServerCapabilitiesResponse,
     LoraConfig,
     ModelInput,
+    OptimizerConfig,
+    OptimParams,
     OptimStepResponse,
     SampleResponse,
     SamplingParams,
@@ -53,7 +54,11 @@ class SampleOptions:
 class Transport(Protocol):
     def get_server_capabilities(self) -> Future[GetServerCapabilitiesResponse]: ...
 
-    def create_model(self, base_model: str, lora_config: LoraConfig) -> Future[str]: ...
+    def create_model(
+        self, base_model: str, lora_config: LoraConfig, optimizer_config: OptimizerConfig | None
+    ) -> Future[str]:
+        """A new run, trained with `optimizer_config` (None: AdamW)."""
+        ...
 
     def get_info(self, model_id: str) -> Future[GetInfoResponse]: ...
 
@@ -91,7 +96,7 @@ class Transport(Protocol):
         """Make a traced loss (a LossHandle) usable: upload it, or keep it local."""
         ...
 
-    def optim_step(self, model_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]: ...
+    def optim_step(self, model_id: str, params: OptimParams) -> Future[OptimStepResponse]: ...
 
     def unload_model(self, model_id: str) -> Future[UnloadModelResponse]: ...
 
@@ -103,9 +108,10 @@ class Transport(Protocol):
     def load_state(self, model_id: str, path: str, with_optimizer: bool) -> Future[None]: ...
 
     def create_model_from_state(
-        self, path: str, with_optimizer: bool
+        self, path: str, with_optimizer: bool, optimizer_config: OptimizerConfig | None
     ) -> Future[tuple[str, str, LoraConfig]]:
-        """A new run loaded from a checkpoint: (model_id, base_model, lora_config)."""
+        """A new run loaded from a checkpoint: (model_id, base_model, lora_config); its
+        optimizer the checkpoint's if `with_optimizer`, else `optimizer_config`."""
         ...
 
     def save_weights_for_sampler(self, model_id: str, name: str | None) -> Future[SamplerRef]:
@@ -194,8 +200,13 @@ class InProcessTransport:
     def get_server_capabilities(self) -> Future[GetServerCapabilitiesResponse]:
         return _call(self.service.get_server_capabilities)
 
-    def create_model(self, base_model: str, lora_config: LoraConfig) -> Future[str]:
-        return _call(self.service.create_model, None, base_model, lora_config)
+    def create_model(
+        self, base_model: str, lora_config: LoraConfig, optimizer_config: OptimizerConfig | None
+    ) -> Future[str]:
+        create = self.service.create_model
+        return _call(
+            lambda: create(None, base_model, lora_config, optimizer_config=optimizer_config)
+        )
 
     def get_info(self, model_id: str) -> Future[GetInfoResponse]:
         return _call(self.service.get_info, None, model_id)
@@ -234,8 +245,8 @@ class InProcessTransport:
         handle.loss_id = f"local:{handle.name}"
         return _call(lambda: handle)
 
-    def optim_step(self, model_id: str, adam_params: AdamParams) -> Future[OptimStepResponse]:
-        return _call(self.service.optim_step, None, model_id, adam_params)
+    def optim_step(self, model_id: str, params: OptimParams) -> Future[OptimStepResponse]:
+        return _call(self.service.optim_step, None, model_id, params)
 
     def unload_model(self, model_id: str) -> Future[UnloadModelResponse]:
         return _call(self.service.unload_model, None, model_id)
@@ -247,9 +258,10 @@ class InProcessTransport:
         return _call(self.service.load_state, None, model_id, path, with_optimizer)
 
     def create_model_from_state(
-        self, path: str, with_optimizer: bool
+        self, path: str, with_optimizer: bool, optimizer_config: OptimizerConfig | None
     ) -> Future[tuple[str, str, LoraConfig]]:
-        return _call(self.service.create_model_from_state, None, path, with_optimizer)
+        create = self.service.create_model_from_state
+        return _call(lambda: create(None, path, with_optimizer, optimizer_config=optimizer_config))
 
     def save_weights_for_sampler(self, model_id: str, name: str | None) -> Future[SamplerRef]:
         future = _call(self.service.save_weights_for_sampler, None, model_id, name)

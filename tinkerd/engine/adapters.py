@@ -1,9 +1,9 @@
-"""One training run = one named PEFT LoRA adapter on a shared base + its own Adam state."""
+"""One training run = one named PEFT LoRA adapter on a shared base + its own optimizer
+(AdamW or Dimuon, `tinkerd.engine.optimizers`)."""
 
 from __future__ import annotations
 
 import copy
-import math
 import secrets
 import warnings
 from dataclasses import dataclass
@@ -13,8 +13,16 @@ from torch import nn
 
 from tinkerd.engine.lora import adapter_params
 from tinkerd.engine.models import BaseModel
+from tinkerd.engine.optimizers import DimuonHyper, Optimizer, make_optimizer, validate_adam
 from tinkerd.errors import InvalidRequestError
-from tinkerd.types import AdamParams, LoraConfig
+from tinkerd.types import (
+    AdamOptimizerConfig,
+    AdamParams,
+    DimuonOptimizerConfig,
+    DimuonParams,
+    LoraConfig,
+    OptimParams,
+)
 
 LORA_ALPHA = 32  # fixed alpha: the update scale is alpha / rank, as in common practice
 MAX_LORA_RANK = 512
@@ -28,7 +36,9 @@ class Run:
     base: BaseModel
     lora: LoraConfig
     params: list[nn.Parameter]
-    optimizer: torch.optim.AdamW
+    """The LoRA weights, in a fixed order (the optimizer's state is kept by position)."""
+    optimizer: Optimizer
+    optimizer_config: AdamOptimizerConfig | DimuonOptimizerConfig
     step: int = 0
 
     def activate(self) -> None:
@@ -39,6 +49,15 @@ class Run:
         """This run's LoRA weights by parameter name (detached views)."""
         params = adapter_params(self.base.peft_model, self.model_id)
         return {n: p.detach() for n, p in params.items()}
+
+    def reset_optimizer(self) -> None:
+        """A fresh optimizer of the run's kind (no state, no pending gradients)."""
+        self.clear_grads()
+        self.optimizer = make_optimizer(self.optimizer_config.type, self.params, self.lora.rank)
+
+    def clear_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
 
 
 def validate_lora_config(lora: LoraConfig) -> None:
@@ -67,12 +86,19 @@ def lora_targets(base: BaseModel, lora: LoraConfig) -> tuple[list[str], list[str
     return targets, base.lora_target_parameters(**flags)
 
 
-def create_run(base: BaseModel, model_id: str, lora: LoraConfig) -> Run:
-    """Add an adapter named `model_id` to `base`, initialised from `lora.seed`."""
+def create_run(
+    base: BaseModel,
+    model_id: str,
+    lora: LoraConfig,
+    optimizer: AdamOptimizerConfig | DimuonOptimizerConfig | None = None,
+) -> Run:
+    """Add an adapter named `model_id` to `base`, initialised from `lora.seed`, trained
+    with `optimizer` (default AdamW)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     validate_lora_config(lora)
+    optimizer = optimizer or AdamOptimizerConfig()
     targets, parameters = lora_targets(base, lora)
     config = PeftLoraConfig(
         r=lora.rank,
@@ -95,64 +121,64 @@ def create_run(base: BaseModel, model_id: str, lora: LoraConfig) -> Run:
         params = list(adapter_params(base.peft_model, model_id).values())
     for p in params:  # float32 master weights even on a bf16 base
         p.data = p.data.float()
-    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0, foreach=True)
-    return Run(model_id=model_id, base=base, lora=lora, params=params, optimizer=optimizer)
+    return Run(
+        model_id=model_id,
+        base=base,
+        lora=lora,
+        params=params,
+        optimizer=make_optimizer(optimizer.type, params, lora.rank),
+        optimizer_config=optimizer,
+    )
 
 
 def delete_run(run: Run) -> None:
     base = run.base
     with base.lock:
-        run.optimizer.state.clear()
-        for p in run.params:
-            p.grad = None
+        run.reset_optimizer()
         base.adapters.discard(run.model_id)
         _delete_adapter(base, run.model_id)
 
 
 def validate_adam_params(adam: AdamParams) -> None:
-    checks = {
-        "learning_rate": adam.learning_rate >= 0,
-        "beta1": 0 <= adam.beta1 < 1,
-        "beta2": 0 <= adam.beta2 < 1,
-        "eps": adam.eps >= 0,
-        "weight_decay": adam.weight_decay >= 0,
-        "grad_clip_norm": adam.grad_clip_norm >= 0,
-    }
-    for name, ok in checks.items():
-        value = getattr(adam, name)
-        if not (ok and math.isfinite(value)):
-            raise InvalidRequestError(f"AdamParams.{name} out of range: {value}")
+    validate_adam(adam)
 
 
-def adam_step(run: Run, adam: AdamParams) -> dict[str, float]:
-    """One AdamW step on the run's accumulated gradients, then clear them.
+_PARAMS_OF = {"adamw": "AdamParams", "dimuon": "DimuonParams"}
+
+
+def step_hyper(run: Run, params: OptimParams) -> AdamParams | DimuonHyper:
+    """`params` checked against the run's optimizer (a 400 naming both if they are of
+    another optimizer) and validated: what `optimizer_step` takes."""
+    given = "dimuon" if isinstance(params, DimuonParams) else "adamw"
+    kind = run.optimizer_config.type
+    if given != kind:
+        raise InvalidRequestError(
+            f"optim_step got {type(params).__name__}, but run {run.model_id!r} was created "
+            f"with the {kind!r} optimizer, which takes {_PARAMS_OF[kind]}"
+        )
+    if isinstance(params, DimuonParams):
+        hyper = DimuonHyper.from_params(params)
+        hyper.validate()
+        return hyper
+    validate_adam(params)
+    return params
+
+
+def optimizer_step(run: Run, params: OptimParams) -> dict[str, float]:
+    """One step of the run's optimizer on its accumulated gradients, then clear them.
 
     Returns the metrics `grad_norm` (global L2 norm before clipping), `learning_rate`
-    and `step` (steps taken so far, this one included).
-    """
-    validate_adam_params(adam)
-    grads = [p.grad for p in run.params if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
-    if not math.isfinite(grad_norm):
-        run.optimizer.zero_grad(set_to_none=True)
-        raise InvalidRequestError(
-            f"gradient norm is {grad_norm}; step skipped and gradients cleared"
-        )
-    if adam.grad_clip_norm > 0 and grad_norm > adam.grad_clip_norm:
-        torch.nn.utils.clip_grads_with_norm_(
-            run.params, adam.grad_clip_norm, torch.tensor(grad_norm)
-        )
-    for group in run.optimizer.param_groups:
-        group.update(
-            lr=adam.learning_rate,
-            betas=(adam.beta1, adam.beta2),
-            eps=adam.eps,
-            weight_decay=adam.weight_decay,
-        )
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    and `step` (steps taken so far, this one included). Bad `params` are refused with
+    the gradients kept; a non-finite gradient norm skips the step and clears them."""
+    hyper = step_hyper(run, params)
+    try:
+        metrics = run.optimizer.step(run.params, hyper)
+    except InvalidRequestError as e:
+        run.clear_grads()
+        raise InvalidRequestError(f"{e}; gradients cleared") from None
+    run.clear_grads()
     run.step += 1
-    return {"grad_norm": grad_norm, "learning_rate": adam.learning_rate, "step": float(run.step)}
+    return {**metrics, "step": float(run.step)}
 
 
 def add_frozen_adapter(

@@ -3,9 +3,12 @@
 Layout: `root/<model_id>/<kind>/<name>/` holds
 - `adapter_model.safetensors` + `adapter_config.json`, exactly as PEFT's `save_pretrained`
   writes them, so `PeftModel.from_pretrained(base, dir)` loads the directory as-is;
-- `optimizer.pt` (only if saved with the optimizer): per parameter `exp_avg`, `exp_avg_sq`,
-  `step`, keyed by the same names as the adapter weights, plus `run_step`;
-- `tinkerd.json`, written last: what was saved, and the sha256 and size of every file.
+- `optimizer.pt` (only if saved with the optimizer), keyed by the same parameter names as
+  the adapter weights, plus `run_step`: of AdamW, per parameter `exp_avg`, `exp_avg_sq`,
+  `step`; of Dimuon, `type` "dimuon", `version`, `rank`, `step` and `momentum` (per
+  parameter, float32). A file without `type` is AdamW's;
+- `tinkerd.json`, written last: what was saved (with the run's `optimizer_config`; none
+  means AdamW, as before it was recorded), and the sha256 and size of every file.
 """
 
 from __future__ import annotations
@@ -15,11 +18,17 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
-from tinkerd.types import Checkpoint, WeightsInfoResponse
+from tinkerd.types import (
+    AdamOptimizerConfig,
+    Checkpoint,
+    DimuonOptimizerConfig,
+    WeightsInfoResponse,
+    optimizer_config_from,
+)
 
 KINDS = ("weights", "sampler_weights", "external_weights")
 """Tinker path segment: "weights" is training state, "sampler_weights" is for sampling,
@@ -66,6 +75,10 @@ class CheckpointInfo:
     """Unix time in seconds."""
     size_bytes: int
     """All files of the checkpoint together, tinkerd.json included."""
+    optimizer_config: AdamOptimizerConfig | DimuonOptimizerConfig = field(
+        default_factory=AdamOptimizerConfig
+    )
+    """The optimizer of the run that saved it (whose state `optimizer.pt` holds)."""
 
     def as_checkpoint(self, public: bool = False) -> Checkpoint:
         """The SDK's view of this checkpoint (what the REST API lists)."""
@@ -86,6 +99,7 @@ class CheckpointInfo:
             train_unembed=self.train_unembed,
             train_mlp=self.train_mlp,
             train_attn=self.train_attn,
+            optimizer_config=self.optimizer_config,
         )
 
 
@@ -212,4 +226,5 @@ def _info(path: Path, meta: dict) -> CheckpointInfo:
         created_at=meta["created_at"],
         size_bytes=sum(f["size"] for f in meta["files"].values())
         + (path / META_FILE).stat().st_size,
+        optimizer_config=optimizer_config_from(meta.get("optimizer_config", {"type": "adamw"})),
     )

@@ -98,7 +98,7 @@ class CheckpointStore:
     def save(
         self, run: Run, kind: str, name: str, *, with_optimizer: bool, overwrite: bool = False
     ) -> CheckpointInfo:
-        """Save the run's adapter (and AdamW state if `with_optimizer`) as `name`."""
+        """Save the run's adapter (and optimizer state if `with_optimizer`) as `name`."""
         final = self._dir(run.model_id, kind, name)
         if final.exists() and not overwrite:
             raise _conflict(run.model_id, kind, name)
@@ -135,6 +135,7 @@ class CheckpointStore:
                 "name": name,
                 "base_model": run.base.name,
                 "lora": run.lora.model_dump(),
+                "optimizer_config": run.optimizer_config.model_dump(),
                 "step": step,
                 "created_at": time.time(),
                 "has_optimizer": optimizer is not None,
@@ -245,9 +246,14 @@ def _param_names(run: Run) -> list[str]:
 
 
 def _optimizer_state(run: Run) -> dict:
-    """CPU copy of the AdamW state by saved parameter name, plus `run_step`."""
+    """CPU copy of the optimizer's state by saved parameter name, plus `run_step`."""
+    names = _param_names(run)
+    if run.optimizer_config.type == "dimuon":
+        state = run.optimizer.state_dict()
+        momentum = {names[i]: m.detach().to("cpu", copy=True) for i, m in state["momentum"].items()}
+        return {**state, "momentum": momentum, "run_step": run.step}
     state: dict = {"run_step": run.step}
-    for name, p in zip(_param_names(run), run.params):
+    for name, p in zip(names, run.params):
         if p in run.optimizer.state:  # a parameter that never had a gradient has no state
             state[name] = {
                 k: v.detach().to("cpu", copy=True) for k, v in run.optimizer.state[p].items()
@@ -338,7 +344,9 @@ def _diff(got: dict, expected: dict) -> str:
 
 
 def load_optimizer_state(run: Run, info: CheckpointInfo) -> None:
-    """Restore AdamW's exp_avg, exp_avg_sq and step of every parameter, and `run.step`.
+    """Restore the optimizer's state (AdamW's exp_avg, exp_avg_sq and step of every
+    parameter, or Dimuon's momentum) and `run.step`. The run's optimizer must be the
+    checkpoint's (`Engine.load_state` checks).
 
     Parameters are matched by saved name (adapter name stripped), so a checkpoint of
     run A loads into a run B created with the same LoraConfig."""
@@ -347,21 +355,36 @@ def load_optimizer_state(run: Run, info: CheckpointInfo) -> None:
     data = read_verified(info.path, OPTIMIZER_FILE)
     saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     run_step = saved.pop("run_step")
+    kind = saved.get("type", "adamw")  # AdamW's files have no type
+    if kind != run.optimizer_config.type:
+        raise InvalidRequestError(
+            f"optimizer state of {info.tinker_path} is {kind!r}; run {run.model_id!r} "
+            f"uses {run.optimizer_config.type!r}"
+        )
     with run.base.lock:
         names = _param_names(run)
         shapes = {n: p.shape for n, p in zip(names, run.params)}
-        got = {n: s["exp_avg"].shape for n, s in saved.items()}
+        tensors = (
+            saved["momentum"] if kind == "dimuon" else {n: s["exp_avg"] for n, s in saved.items()}
+        )
+        got = {n: t.shape for n, t in tensors.items()}
         want = {n: shapes[n] for n in got if n in shapes}
         if got != want:  # a parameter without state (never had a gradient) is fine
             raise InvalidRequestError(
                 f"optimizer state of {info.tinker_path} does not fit run {run.model_id!r}: "
                 f"{_diff(got, want)}"
             )
-        # Optimizer.load_state_dict casts each state to its parameter's device and dtype
-        # (keeping `step` as AdamW wants it); params are indexed in run.params order.
-        state_dict = run.optimizer.state_dict()
-        state_dict["state"] = {i: saved[n] for i, n in enumerate(names) if n in saved}
-        run.optimizer.load_state_dict(state_dict)
+        if kind == "dimuon":  # Dimuon keeps its state by position in run.params
+            momentum = {i: saved["momentum"][n] for i, n in enumerate(names) if n in got}
+            run.optimizer.load_state_dict({**saved, "momentum": momentum})
+        else:
+            # Optimizer.load_state_dict casts each state to its parameter's device and dtype
+            # (keeping `step` as AdamW wants it); params are indexed in run.params order.
+            adam = run.optimizer.torch
+            state_dict = adam.state_dict()
+            state_dict["state"] = {i: saved[n] for i, n in enumerate(names) if n in saved}
+            adam.load_state_dict(state_dict)
+            run.optimizer.steps = int(run_step)
         run.step = int(run_step)
 
 

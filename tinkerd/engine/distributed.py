@@ -6,7 +6,7 @@ apply it to their own `Engine` in the same order. Each engine's `parallel` is th
 group, so the engine's one compute path (`tinkerd.engine.compute`) takes this rank's
 contiguous share of every request (requests of several runs still share a packed pass),
 the ranks agree on which losses are finite, and `optim_step` sums the LoRA gradients over
-ranks before every rank takes the same AdamW step: the weights stay identical on every
+ranks before every rank takes the same optimizer step: the weights stay identical on every
 rank, and equal (to float rounding) to a single process's. Everything else (sampling,
 checkpoint saves and reads, run lookups) runs on rank 0 alone, which holds the same
 weights. With FSDP (`shard_base_with_fsdp`) each rank's base model is sharded with FSDP2
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from tinkerd.engine.adapters import Run, validate_adam_params
+from tinkerd.engine.adapters import Run
 from tinkerd.engine.checkpoints import CheckpointInfo, CheckpointStore
 from tinkerd.engine.compute import LossRequest
 from tinkerd.engine.engine import Engine
@@ -36,12 +36,14 @@ from tinkerd.engine.parallel import TorchDistributed
 from tinkerd.engine.sampler_weights import SamplerWeights
 from tinkerd.errors import InvalidRequestError
 from tinkerd.types import (
-    AdamParams,
+    AdamOptimizerConfig,
     Datum,
+    DimuonOptimizerConfig,
     ForwardBackwardOutput,
     GetInfoResponse,
     GetServerCapabilitiesResponse,
     LoraConfig,
+    OptimParams,
     OptimStepResponse,
     SampleResponse,
     UnloadModelResponse,
@@ -98,20 +100,30 @@ class DistributedEngine:
     # ------------------------------------------------------------ on every rank
 
     def create_model(
-        self, base_model: str, lora_config: LoraConfig, model_id: str | None = None
+        self,
+        base_model: str,
+        lora_config: LoraConfig,
+        model_id: str | None = None,
+        optimizer_config: AdamOptimizerConfig | DimuonOptimizerConfig | None = None,
     ) -> str:
         # Same seed and id everywhere, so every rank starts from the same weights.
         self.local.base_model(base_model)  # an unknown model is refused on rank 0 alone
         seed = lora_config.seed if lora_config.seed is not None else secrets.randbits(63)
         lora = lora_config.model_copy(update={"seed": seed})
-        return self._everywhere("create_model", base_model, lora, model_id or _new_id())
+        return self._everywhere(
+            "create_model", base_model, lora, model_id or _new_id(), optimizer_config
+        )
 
     def create_model_from_state(
-        self, path: str, with_optimizer: bool, model_id: str | None = None
+        self,
+        path: str,
+        with_optimizer: bool,
+        model_id: str | None = None,
+        optimizer_config: AdamOptimizerConfig | DimuonOptimizerConfig | None = None,
     ) -> str:
         self.local.checkpoints.resolve(path)  # not found / malformed: refused on rank 0 alone
         return self._everywhere(
-            "create_model_from_state", path, with_optimizer, model_id or _new_id()
+            "create_model_from_state", path, with_optimizer, model_id or _new_id(), optimizer_config
         )
 
     def load_state(self, model_id: str, path: str, with_optimizer: bool) -> None:
@@ -136,10 +148,12 @@ class DistributedEngine:
         self.local.check_custom_data(model_id, data)
         return self._everywhere("forward_backward_custom", model_id, data, gradient_fn=gradient_fn)
 
-    def optim_step(self, model_id: str, adam_params: AdamParams) -> OptimStepResponse:
-        validate_adam_params(adam_params)
-        self.local.run(model_id)
-        return self._everywhere("optim_step", model_id, adam_params)
+    def check_optim_params(self, model_id: str, params: OptimParams) -> None:
+        self.local.check_optim_params(model_id, params)
+
+    def optim_step(self, model_id: str, params: OptimParams) -> OptimStepResponse:
+        self.local.check_optim_params(model_id, params)  # refused on rank 0 alone
+        return self._everywhere("optim_step", model_id, params)
 
     def run_loss(self, request: LossRequest, backward: bool) -> ForwardBackwardOutput:
         (out,) = self.run_losses([request], backward)

@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor
 
 from tinkerd import losses
-from tinkerd.engine.adapters import Run, adam_step, create_run, delete_run
+from tinkerd.engine.adapters import Run, create_run, delete_run, optimizer_step, step_hyper
 from tinkerd.engine.batch import DEFAULT_MAX_BATCH_TOKENS, Batch, collate
 from tinkerd.engine.checkpoints import (
     CheckpointInfo,
@@ -39,13 +39,15 @@ from tinkerd.engine.sampling.sampler import Sampler
 from tinkerd.engine.tiny import TINY_MODEL_NAME
 from tinkerd.errors import InvalidRequestError, ModelUnloadedError, NotFoundError
 from tinkerd.types import (
-    AdamParams,
+    AdamOptimizerConfig,
     Datum,
+    DimuonOptimizerConfig,
     ForwardBackwardOutput,
     GetInfoResponse,
     GetServerCapabilitiesResponse,
     LoraConfig,
     ModelData,
+    OptimParams,
     OptimStepResponse,
     SampleResponse,
     SamplingParams,
@@ -77,6 +79,23 @@ class EngineConfig:
     @property
     def limits(self) -> Limits:
         return Limits(self.micro_batch_tokens, self.logits_chunk_tokens)
+
+
+def optimizer_for_state(
+    info: CheckpointInfo,
+    with_optimizer: bool,
+    optimizer_config: AdamOptimizerConfig | DimuonOptimizerConfig | None,
+) -> AdamOptimizerConfig | DimuonOptimizerConfig:
+    """The optimizer of a run made from checkpoint `info`: the checkpoint's when its state
+    is restored (`optimizer_config` may only repeat it), else `optimizer_config` or AdamW."""
+    if not with_optimizer:
+        return optimizer_config or AdamOptimizerConfig()
+    if optimizer_config is not None and optimizer_config != info.optimizer_config:
+        raise InvalidRequestError(
+            f"{info.tinker_path} holds {info.optimizer_config.type!r} optimizer state; "
+            f"optimizer_config {optimizer_config.type!r} cannot override restored state"
+        )
+    return info.optimizer_config
 
 
 class Engine:
@@ -123,12 +142,17 @@ class Engine:
         )
 
     def create_model(
-        self, base_model: str, lora_config: LoraConfig, model_id: str | None = None
+        self,
+        base_model: str,
+        lora_config: LoraConfig,
+        model_id: str | None = None,
+        optimizer_config: AdamOptimizerConfig | DimuonOptimizerConfig | None = None,
     ) -> str:
-        """Create a LoRA training run on `base_model`; returns its model_id."""
+        """Create a LoRA training run on `base_model`, trained with `optimizer_config`
+        (default AdamW) for its whole life; returns its model_id."""
         model_id = model_id or f"run-{uuid.uuid4().hex[:12]}"
         base = self._load_base(base_model)
-        run = create_run(base, model_id, lora_config)
+        run = create_run(base, model_id, lora_config, optimizer_config)
         with self._lock:
             self._runs[model_id] = run
         return model_id
@@ -166,6 +190,7 @@ class Engine:
             is_lora=True,
             lora_rank=run.lora.rank,
             model_name=run.base.name,
+            optimizer_config=run.optimizer_config,
         )
 
     def unload_model(self, model_id: str) -> UnloadModelResponse:
@@ -194,8 +219,9 @@ class Engine:
         return self.checkpoints.save(run, "weights", name, with_optimizer=True, overwrite=overwrite)
 
     def load_state(self, model_id: str, path: str, with_optimizer: bool) -> None:
-        """Replace the run's weights with a checkpoint's; its AdamW state too if
-        `with_optimizer`, else the optimizer starts afresh. Pending gradients are dropped.
+        """Replace the run's weights with a checkpoint's; its optimizer state too if
+        `with_optimizer` (of the same optimizer as the run's), else the optimizer starts
+        afresh. Pending gradients are dropped.
         Everything is checked before anything changes, so a refused load leaves the run as
         it was."""
         run = self.run(model_id)
@@ -204,28 +230,40 @@ class Engine:
             raise InvalidRequestError(
                 f"{path} has no optimizer state (sampler weights never do); use load_state"
             )
+        saved, kind = info.optimizer_config.type, run.optimizer_config.type
+        if with_optimizer and saved != kind:
+            raise InvalidRequestError(
+                f"{path} holds {saved!r} optimizer state; run {model_id!r} uses the {kind!r} "
+                "optimizer (load_state loads the weights alone)"
+            )
         self.checkpoints.verify(info)
         with run.base.lock:
             load_adapter_weights(run.base, model_id, info)
-            run.optimizer.zero_grad(set_to_none=True)
-            run.optimizer.state.clear()
+            run.reset_optimizer()
             run.step = 0
             if with_optimizer:
                 load_optimizer_state(run, info)
 
     def create_model_from_state(
-        self, path: str, with_optimizer: bool, model_id: str | None = None
+        self,
+        path: str,
+        with_optimizer: bool,
+        model_id: str | None = None,
+        optimizer_config: AdamOptimizerConfig | DimuonOptimizerConfig | None = None,
     ) -> str:
         """A new run shaped like the checkpoint (base model, rank, train_* flags), loaded
-        from it; returns its model_id."""
+        from it; returns its model_id. Its optimizer: with `with_optimizer` the
+        checkpoint's (an `optimizer_config` naming another is refused), else
+        `optimizer_config` (default AdamW)."""
         info = self.checkpoints.resolve(path)
+        optimizer_config = optimizer_for_state(info, with_optimizer, optimizer_config)
         lora = LoraConfig(
             rank=info.lora_rank,
             train_mlp=info.train_mlp,
             train_attn=info.train_attn,
             train_unembed=info.train_unembed,
         )
-        model_id = self.create_model(info.base_model, lora, model_id)
+        model_id = self.create_model(info.base_model, lora, model_id, optimizer_config)
         try:
             self.load_state(model_id, path, with_optimizer)
         except BaseException:
@@ -258,13 +296,18 @@ class Engine:
         """Loss, logprobs, and the loss's gradient added to the run's accumulated one."""
         return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), True)
 
-    def optim_step(self, model_id: str, adam_params: AdamParams) -> OptimStepResponse:
-        """One AdamW step from the gradient accumulated since the last (summed over the
-        data-parallel ranks first, so that every rank takes the same step)."""
+    def check_optim_params(self, model_id: str, params: OptimParams) -> None:
+        """Refuse (400) `params` of another optimizer than the run's, or out of range."""
+        step_hyper(self.run(model_id), params)
+
+    def optim_step(self, model_id: str, params: OptimParams) -> OptimStepResponse:
+        """One step of the run's optimizer (AdamParams for AdamW, DimuonParams for Dimuon)
+        from the gradient accumulated since the last (summed over the data-parallel ranks
+        first, so that every rank takes the same step)."""
         run = self.run(model_id)
         with run.base.lock:
             self.parallel.sum_gradients(run.params)
-            return OptimStepResponse(metrics=adam_step(run, adam_params))
+            return OptimStepResponse(metrics=optimizer_step(run, params))
 
     def check_custom_data(self, model_id: str, data: list[Datum]) -> None:
         """Validate data for forward_backward_custom without computing anything."""

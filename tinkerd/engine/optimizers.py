@@ -229,6 +229,11 @@ class AdamW:
         self.torch = torch.optim.AdamW(self.params, lr=0.0, weight_decay=0.0, foreach=True)
         self.steps = 0
 
+    @property
+    def state(self) -> Any:
+        """torch's per-parameter state (exp_avg, exp_avg_sq, step), keyed by parameter."""
+        return self.torch.state
+
     def step(self, params: Sequence[Tensor], hyper: Any) -> dict[str, float]:
         if [id(p) for p in params] != [id(p) for p in self.params]:
             raise InvalidRequestError("AdamW.step got other parameters than it was made for")

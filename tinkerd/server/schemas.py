@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tinkerd.types import AdamParams, Datum, LoraConfig, ModelInput
+from tinkerd.types import Datum, LoraConfig, ModelInput
 
 
 class Body(BaseModel):
@@ -37,6 +37,9 @@ class CreateModelRequest(Body):
     base_model: str
     lora_config: LoraConfig
     user_metadata: dict[str, Any] | None = None
+    optimizer_config: dict[str, Any] | None = None
+    """{"type": "adamw"} (the default) or {"type": "dimuon", "version": 1}; parsed by the
+    service (`types.optimizer_config_from`), so an unknown type is a 400 naming it."""
 
 
 class ModelRequest(Body):
@@ -46,8 +49,10 @@ class ModelRequest(Body):
 class OptimStepRequest(Body):
     model_id: str
     seq_id: int | None = None
-    adam_params: AdamParams | None = None
-    optimizer_params: AdamParams | None = None
+    adam_params: dict[str, Any] | None = None
+    optimizer_params: dict[str, Any] | None = None
+    """The SDK sends AdamParams as `adam_params`, DimuonParams (`type` "dimuon") as
+    `optimizer_params`; parsed by the service (`types.optim_params_from`)."""
 
 
 class SaveWeightsForSamplerRequest(Body):
@@ -79,6 +84,9 @@ class LoadWeightsRequest(Body):
     model_seq_id: int | None = Field(default=None, ge=0)
     base_model: str | None = None
     user_metadata: dict[str, Any] | None = None
+    optimizer_config: dict[str, Any] | None = None
+    """The optimizer of a run created weights-only (default AdamW); with `optimizer` the
+    run takes the checkpoint's, which this may only repeat."""
 
 
 class WeightsInfoRequest(Body):

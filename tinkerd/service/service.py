@@ -31,8 +31,9 @@ from tinkerd.custom_loss import (
     gradient_fn,
 )
 from tinkerd.engine import Engine, SamplerWeights
-from tinkerd.engine.adapters import validate_adam_params, validate_lora_config
+from tinkerd.engine.adapters import validate_lora_config
 from tinkerd.engine.checkpoints import CheckpointInfo, tinker_path
+from tinkerd.engine.engine import optimizer_for_state
 from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
 from tinkerd.service.access import Catalog, check_age_recipients
 from tinkerd.service.config import ServiceConfig
@@ -44,7 +45,6 @@ from tinkerd.service.sessions import Sessions
 from tinkerd.service.store import Store
 from tinkerd.service.uploaded_losses import UploadedLosses
 from tinkerd.types import (
-    AdamParams,
     CustomLossOutput,
     Datum,
     ForwardBackwardOutput,
@@ -53,6 +53,8 @@ from tinkerd.types import (
     LoraConfig,
     OptimStepResponse,
     UnloadModelResponse,
+    optim_params_from,
+    optimizer_config_from,
 )
 
 Owner = str | None
@@ -210,8 +212,11 @@ class Service:
         session_id: str | None = None,
         model_seq_id: int | None = None,
         user_metadata: dict | None = None,
+        optimizer_config: Any = None,
     ) -> Future[str]:
-        """A new LoRA run; the future gives its model_id."""
+        """A new LoRA run trained with `optimizer_config` (AdamOptimizerConfig, the default,
+        or DimuonOptimizerConfig; ours, the SDK's or JSON); the future gives its model_id."""
+        optimizer = None if optimizer_config is None else optimizer_config_from(optimizer_config)
         if owner is not None:
             self.check_base(base_model)
             validate_lora_config(lora)
@@ -220,7 +225,7 @@ class Service:
             self.store.add_run(
                 model_id, owner, session_id, base_model, lora.model_dump(), user_metadata or {}
             )
-        create = lambda: self.engine.create_model(base_model, lora, model_id)  # noqa: E731
+        create = lambda: self.engine.create_model(base_model, lora, model_id, optimizer)  # noqa: E731
         return self._create(owner, session_id, model_id, base_model, create)
 
     def create_model_from_state(
@@ -232,11 +237,16 @@ class Service:
         model_seq_id: int | None = None,
         base_model: str | None = None,
         user_metadata: dict | None = None,
+        optimizer_config: Any = None,
     ) -> Future[tuple[str, str, LoraConfig]]:
-        """A new run made from the checkpoint at `path`: (model_id, base_model, lora)."""
+        """A new run made from the checkpoint at `path`: (model_id, base_model, lora). Its
+        optimizer is the checkpoint's `with_optimizer`, else `optimizer_config` (AdamW)."""
+        optimizer = None if optimizer_config is None else optimizer_config_from(optimizer_config)
         if owner is None:  # local: any checkpoint of the data directory
             info = self.engine.weights_info(path)
-            return self._create_from_state(owner, path, with_optimizer, None, None, info.base_model)
+            return self._create_from_state(
+                owner, path, with_optimizer, None, None, info.base_model, optimizer
+            )
         info = self.catalog.readable(path, owner)
         if base_model not in (None, info.base_model):
             raise InvalidRequestError(
@@ -244,16 +254,21 @@ class Service:
             )
         if with_optimizer and not info.has_optimizer:
             raise InvalidRequestError(f"{path} has no optimizer state")
+        optimizer = optimizer_for_state(info, with_optimizer, optimizer)
         model_id = self._new_run_id(owner, session_id, model_seq_id)
         flags = {"train_mlp", "train_attn", "train_unembed"}
         lora = info.weights_info().model_dump(include=flags) | {"rank": info.lora_rank}
         self.store.add_run(model_id, owner, session_id, info.base_model, lora, user_metadata or {})
         return self._create_from_state(
-            owner, path, with_optimizer, session_id, model_id, info.base_model
+            owner, path, with_optimizer, session_id, model_id, info.base_model, optimizer
         )
 
-    def _create_from_state(self, owner, path, with_optimizer, session_id, model_id, base_model):
-        create = lambda: self.engine.create_model_from_state(path, with_optimizer, model_id)  # noqa: E731
+    def _create_from_state(
+        self, owner, path, with_optimizer, session_id, model_id, base_model, optimizer
+    ):
+        create = lambda: self.engine.create_model_from_state(  # noqa: E731
+            path, with_optimizer, model_id, optimizer
+        )
         describe = lambda m: (m, base_model, self.engine.run(m).lora)  # noqa: E731
         return self._create(owner, session_id, model_id, base_model, create, describe)
 
@@ -354,11 +369,14 @@ class Service:
         )
 
     def optim_step(
-        self, owner: Owner, model_id: str, adam: AdamParams, seq_id: int | None = None
+        self, owner: Owner, model_id: str, params: Any, seq_id: int | None = None
     ) -> Future[OptimStepResponse]:
+        """One step of the run's optimizer: `params` are AdamParams or DimuonParams (ours,
+        the SDK's or JSON), of the optimizer the run was created with, else a 400."""
         with self._door(model_id, owner, seq_id):
-            validate_adam_params(adam)
-        work = lambda: self.engine.optim_step(model_id, adam)  # noqa: E731
+            params = optim_params_from(params)
+            self.engine.check_optim_params(model_id, params)
+        work = lambda: self.engine.optim_step(model_id, params)  # noqa: E731
         return self._run_work(model_id, self._recorded(owner, model_id, "optim_step", work), seq_id)
 
     # ---------------------------------------------------------------- checkpoints

@@ -22,7 +22,7 @@ from tinkerd.server.schemas import (
     SaveWeightsRequest,
     WeightsInfoRequest,
 )
-from tinkerd.types import AdamParams
+from tinkerd.types import optimizer_config_from
 
 if TYPE_CHECKING:
     from tinkerd.server.app import Server
@@ -46,6 +46,7 @@ def router(server: Server) -> APIRouter:
             body.session_id,
             body.model_seq_id,
             body.user_metadata,
+            body.optimizer_config,
         )
         answer = lambda model_id: {"model_id": model_id, "type": "create_model"}  # noqa: E731
         return server.track(who, "create_model", future, lambda m: encode_json(answer(m)))
@@ -107,8 +108,12 @@ def router(server: Server) -> APIRouter:
 
     @routes.post("/optim_step")
     def optim_step(body: OptimStepRequest, who: str = Owner) -> dict:
-        adam = body.adam_params or body.optimizer_params or AdamParams()
-        future = service.optim_step(who, body.model_id, adam, body.seq_id)
+        if body.adam_params is not None and body.optimizer_params is not None:
+            service.check_run(body.model_id, who)
+            service.queue.release(body.model_id, body.seq_id)
+            raise InvalidRequestError("give adam_params or optimizer_params, not both")
+        params = body.adam_params or body.optimizer_params or {}
+        future = service.optim_step(who, body.model_id, params, body.seq_id)
         return server.track(who, "optim_step", future, model_id=body.model_id)
 
     @routes.post("/unload_model")
@@ -152,6 +157,7 @@ def router(server: Server) -> APIRouter:
                 body.model_seq_id,
                 body.base_model,
                 body.user_metadata,
+                body.optimizer_config,
             )
             encode = lambda r: encode_json(  # noqa: E731
                 {"path": body.path, "model_id": r[0], "type": "load_weights"}
@@ -159,6 +165,18 @@ def router(server: Server) -> APIRouter:
             return server.track(who, "load_weights", future, encode)
         if body.model_id is None:
             raise InvalidRequestError("give model_id (and seq_id), or session_id and model_seq_id")
+        if body.optimizer_config is not None:  # an existing run keeps its optimizer
+            has = service.get_info(who, body.model_id).optimizer_config
+            try:
+                wanted = optimizer_config_from(body.optimizer_config)
+                if wanted != has:
+                    raise InvalidRequestError(
+                        f"model {body.model_id!r} uses the {has.type!r} optimizer; "
+                        f"optimizer_config {wanted.type!r} cannot change an existing model's"
+                    )
+            except InvalidRequestError:
+                service.queue.release(body.model_id, body.seq_id)  # its seq_id is used up
+                raise
         future = service.load_state(who, body.model_id, body.path, body.optimizer, body.seq_id)
         answer = {"path": body.path, "model_id": body.model_id, "type": "load_weights"}
         return server.track(
