@@ -59,7 +59,11 @@ def router(server: Server) -> APIRouter:
         return await asyncio.to_thread(submit_forward_backward, raw, who)
 
     def submit_forward_backward(raw: bytes, who: str) -> dict:
-        req = wire_proto.decode_forward_backward_request(raw)
+        try:
+            req = wire_proto.decode_forward_backward_request(raw)
+        except wire_proto.ProtoDecodeError as e:
+            server.release_rejected(who, e.model_id, e.seq_id)
+            raise
         model_id, seq_id, data = req["model_id"], req["seq_id"], req["data"]
         if req["loss_fn"] == "custom":
             if req["forward_only"]:
