@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
@@ -61,6 +61,11 @@ class CheckpointInfo:
     """Unix time in seconds."""
     size_bytes: int
     """All files of the checkpoint together, tinkerd.json included."""
+    user_metadata: dict[str, str] = field(default_factory=dict)
+    """Given with the save; an overwrite replaces it."""
+    identity: str = ""
+    """What the checkpoint holds: the sha256 of its weights and adapter config. The same
+    path re-saved (overwrite, or delete and save) with other weights has another one."""
 
     def as_checkpoint(self, public: bool = False) -> Checkpoint:
         """The SDK's view of this checkpoint (what the REST API lists)."""
@@ -71,6 +76,7 @@ class CheckpointInfo:
             tinker_path=self.tinker_path,
             size_bytes=self.size_bytes,
             public=public,
+            user_metadata=self.user_metadata,
         )
 
     def weights_info(self) -> WeightsInfoResponse:
@@ -207,4 +213,6 @@ def _info(path: Path, meta: dict) -> CheckpointInfo:
         created_at=meta["created_at"],
         size_bytes=sum(f["size"] for f in meta["files"].values())
         + (path / META_FILE).stat().st_size,
+        user_metadata={str(k): str(v) for k, v in (meta.get("user_metadata") or {}).items()},
+        identity=":".join(meta["files"][f]["sha256"] for f in (WEIGHTS_FILE, CONFIG_FILE)),
     )

@@ -1,23 +1,60 @@
-"""Request bodies of the wire protocol's JSON routes (see docs/wire-protocol.md)."""
+"""Request bodies of the wire protocol's JSON routes (see docs/wire-protocol.md).
+
+Every field the official SDK (0.38) can send is declared here, and either honoured or,
+for a value the server cannot honour, refused with a 422 that names the field
+(`refuse_unless`) -- never dropped without a word. tests/test_audit.py walks the SDK's
+request types to keep it so.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tinkerd.types import AdamParams, LoraConfig, ModelInput
 
+OPTIMIZERS = ("adamw",)
+"""The optimizer families (`optimizer_config.type`) runs here can be created with."""
+TtlSeconds = int | None
+UserMetadata = dict[str, str] | None
+
 
 class Body(BaseModel):
-    """Request bodies: unknown fields (newer SDKs) are ignored."""
+    """Request bodies: unknown fields (SDKs newer than 0.38) are ignored."""
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+def refuse_unless(value: Any, allowed: Any, why: str) -> Any:
+    """`value` if it is `allowed`, else a ValueError (a 422 naming the field) saying why."""
+    if value != allowed:
+        raise ValueError(f"{why} (got {str(value)[:80]})")
+    return value
+
+
+def check_optimizer_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    if config is not None and config.get("type") not in OPTIMIZERS:
+        raise ValueError(
+            f"optimizer {str(config.get('type'))[:40]!r} is not supported by this server "
+            f"(supported: {', '.join(OPTIMIZERS)})"
+        )
+    return config
 
 
 class CreateSessionRequest(Body):
     tags: list[str] = Field(default_factory=list)
     user_metadata: dict[str, Any] = Field(default_factory=dict)
+    sdk_version: str | None = None
+    """Informational (asks nothing of the server)."""
+    display_name: str | None = None
+    """Informational: a label for the session (asks nothing of the server)."""
+    project_id: str | None = None
+
+    @field_validator("project_id")
+    @classmethod
+    def _no_projects(cls, v: str | None) -> None:
+        return refuse_unless(v, None, "tinkerd has no projects: a key's runs are its own")
 
 
 class SessionRequest(Body):
@@ -30,6 +67,10 @@ class CreateModelRequest(Body):
     base_model: str
     lora_config: LoraConfig
     user_metadata: dict[str, Any] | None = None
+    optimizer_config: dict[str, Any] | None = None
+    """The run's optimizer family (`OPTIMIZERS`); None: AdamW."""
+
+    _optimizer = field_validator("optimizer_config")(check_optimizer_config)
 
 
 class ModelRequest(Body):
@@ -41,6 +82,17 @@ class OptimStepRequest(Body):
     seq_id: int | None = None
     adam_params: AdamParams | None = None
     optimizer_params: AdamParams | None = None
+    """What SDK 0.38 sends for a non-Adam family (`{"type": ...}`): refused by name."""
+
+    @field_validator("optimizer_params", mode="before")
+    @classmethod
+    def _adam_only(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "type" in v:
+            kind = v["type"]
+            if kind not in ("adam", *OPTIMIZERS):
+                raise ValueError(f"optimizer {str(kind)[:40]!r} is not supported by this server")
+            v = {k: x for k, x in v.items() if k != "type"}
+        return v
 
 
 class SaveWeightsForSamplerRequest(Body):
@@ -50,6 +102,12 @@ class SaveWeightsForSamplerRequest(Body):
     """A name: the weights are kept at tinker://<model_id>/sampler_weights/<name>."""
     sampling_session_seq_id: int | None = None
     """Without a name: open a sampling session on the (ephemeral) weights."""
+    ttl_seconds: TtlSeconds = None
+    """Delete the saved weights this long after the save (None: keep them)."""
+    user_metadata: UserMetadata = None
+    """Listed with the checkpoint."""
+    kind: Literal["snapshot"] = "snapshot"
+    """Sampler weights here are always a fixed snapshot ("inflight" is refused)."""
 
 
 class SaveWeightsRequest(Body):
@@ -58,6 +116,11 @@ class SaveWeightsRequest(Body):
     """A name: the state is saved as tinker://<model_id>/weights/<name>."""
     seq_id: int | None = None
     overwrite: bool = False
+    """Replace a checkpoint of this name (its TTL and user_metadata too)."""
+    ttl_seconds: TtlSeconds = None
+    """Delete the checkpoint this long after the save (None: keep it)."""
+    user_metadata: UserMetadata = None
+    """Listed with the checkpoint."""
 
 
 class LoadWeightsRequest(Body):
@@ -72,6 +135,15 @@ class LoadWeightsRequest(Body):
     model_seq_id: int | None = Field(default=None, ge=0)
     base_model: str | None = None
     user_metadata: dict[str, Any] | None = None
+    optimizer_config: dict[str, Any] | None = None
+    weights_access_token: str | None = None
+
+    _optimizer = field_validator("optimizer_config")(check_optimizer_config)
+
+    @field_validator("weights_access_token")
+    @classmethod
+    def _no_token(cls, v: str | None) -> None:
+        return refuse_unless(v, None, "tinkerd loads only checkpoints of its own data directory")
 
 
 class WeightsInfoRequest(Body):
@@ -93,13 +165,21 @@ class SampleRequest(Body):
     num_samples: int = 1
     prompt: ModelInput
     sampling_params: dict[str, Any] = Field(default_factory=dict)
-    prompt_logprobs: bool = False
+    prompt_logprobs: bool | None = False
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0
     prompt_logprobs_last_n: int | None = None
     prompt_alt_tokens_k: int = 0
     target_prompt_logprobs: Any = None
+    record_stability_info: bool | None = None
+
+    @field_validator("record_stability_info")
+    @classmethod
+    def _no_stability_info(cls, v: bool | None) -> bool | None:
+        return v if not v else refuse_unless(v, False, "tinkerd records no stability info")
 
 
 class RetrieveFutureRequest(Body):
     request_id: str
+    allow_metadata_only: bool = False
+    """A permission, not a demand: tinkerd always answers with the whole result."""

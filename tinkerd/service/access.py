@@ -32,8 +32,8 @@ from tinkerd.types import Checkpoint, CheckpointsListResponse, Cursor, TrainingR
 
 ARCHIVE_URL_SECONDS = 15 * 60
 """How long a signed archive URL stays valid."""
-MAX_TTL_SECONDS = 100 * 365 * 24 * 3600
-"""The longest checkpoint TTL (100 years): an expiry stays a date a client can parse."""
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+"""The longest checkpoint TTL, 10 years (as Tinker documents): an expiry stays a date."""
 LOCAL = "local"
 """The owner recorded for what is published without a key (local access to the data dir)."""
 
@@ -51,7 +51,7 @@ def check_ttl(ttl_seconds: int | None) -> None:
     """A TTL is null (keep) or 1 s .. MAX_TTL_SECONDS; anything else is a 400 naming it."""
     if ttl_seconds is not None and not 0 < ttl_seconds <= MAX_TTL_SECONDS:
         raise InvalidRequestError(
-            f"ttl_seconds must be null or in [1, {MAX_TTL_SECONDS}] (100 years), "
+            f"ttl_seconds must be null or in [1, {MAX_TTL_SECONDS}] (10 years), "
             f"got {str(ttl_seconds)[:40]}"
         )
 

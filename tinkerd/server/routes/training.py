@@ -97,7 +97,15 @@ def router(server: Server) -> APIRouter:
 
     @routes.post("/save_weights")
     def save_weights(body: SaveWeightsRequest, who: str = Owner) -> dict:
-        future = service.save_state(who, body.model_id, body.path, body.overwrite, body.seq_id)
+        future = service.save_state(
+            who,
+            body.model_id,
+            body.path,
+            body.overwrite,
+            body.seq_id,
+            body.ttl_seconds,
+            body.user_metadata,
+        )
         encode = lambda path: encode_json({"path": path, "type": "save_weights"})  # noqa: E731
         return server.track(who, "save_weights", future, encode, body.model_id)
 

@@ -1,0 +1,175 @@
+"""Regression tests of an audit that drove `tinkerd serve` with the official SDK 0.38 and
+attacked it (issue 17): each test failed before its fix. docs/reliability.md lists them."""
+
+import logging
+import time
+import urllib.parse
+
+import httpx
+import pytest
+import tinker
+from conftest import KEYS, TINY
+from starlette.testclient import TestClient
+from test_official_sdk import (
+    ADAM,
+    fwd_bwd_body,
+    post,
+    raw_model,
+    raw_session,
+    sdk_datum,
+)
+from tinker import types
+
+from tinkerd import wire_proto
+from tinkerd.server.app import Server, create_app
+
+BOB = KEYS[1]
+
+
+def optim_body(model_id: str, seq_id: int, learning_rate=1e-3) -> dict:
+    adam = {"learning_rate": learning_rate, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12}
+    return {"model_id": model_id, "seq_id": seq_id, "adam_params": adam}
+
+
+def answered_within(server, request_id: str, seconds: float) -> bool:
+    """Whether the request finishes within `seconds` (the fixture long-polls 2 s a time)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        response = post(server, "retrieve_future", json={"request_id": request_id}, timeout=30)
+        if response.status_code != 408:
+            assert response.status_code == 200, response.text
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- item 3: seq_id release
+
+
+def test_a_body_refused_before_its_handler_does_not_stall_the_run(server):
+    """A 422 (body validation) or a protobuf that does not decode used to keep its seq_id:
+    the run's next request then waited for the 60 s gap timeout."""
+    model_id = raw_model(server)
+    bad = post(server, "optim_step", json=optim_body(model_id, 1, learning_rate="fast"))
+    assert bad.status_code == 422 and "learning_rate" in bad.json()["detail"]
+    ok = post(server, "optim_step", json=optim_body(model_id, 2)).json()["request_id"]
+    assert answered_within(server, ok, 6)
+
+    # A protobuf that parses, but whose data does not decode (odd token bytes).
+    msg = wire_proto.MESSAGES["ForwardBackwardRequest"]()
+    msg.ParseFromString(fwd_bwd_body(model_id, 3))
+    msg.data[0].model_input[0].encoded_text.tokens = b"\x01\x02\x03"
+    bad = post(server, "forward_backward", content=msg.SerializeToString())
+    assert bad.status_code == 400 and "whole number" in bad.json()["detail"]
+    ok = post(server, "forward_backward", content=fwd_bwd_body(model_id, 4)).json()
+    assert answered_within(server, ok["request_id"], 6)
+
+    # Another key's bad body naming this run changes nothing: seq 6 still waits for 5.
+    assert post(server, "optim_step", key=BOB, json=optim_body(model_id, 5, "x")).status_code
+    waiting = post(server, "optim_step", json=optim_body(model_id, 6)).json()["request_id"]
+    assert not answered_within(server, waiting, 1)
+    first = post(server, "optim_step", json=optim_body(model_id, 5)).json()["request_id"]
+    assert answered_within(server, first, 10) and answered_within(server, waiting, 10)
+
+
+# ---------------------------------------------------------------- item 7: bounded TTLs
+
+
+def test_ttls_are_bounded_and_a_published_checkpoint_cannot_break_listings(server):
+    sdk = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
+    try:
+        client = sdk.create_lora_training_client(base_model=TINY, rank=4, seed=3).result()
+        path = client.save_state("ttl-bound").result().path
+        rest = tinker.RestClient(base_url=server.url, api_key=KEYS[0])
+        rest.publish_checkpoint_from_tinker_path(path).result()
+        url = f"training_runs/{client.model_id}/checkpoints/weights/ttl-bound/ttl"
+        for ttl in (10**15, 10**400, 0, -5):
+            response = httpx.put(
+                f"{server.url}/api/v1/{url}",
+                headers={"X-API-Key": KEYS[0], "Content-Type": "application/json"},
+                content=f'{{"ttl_seconds": {ttl}}}',
+            )
+            assert response.status_code == 400, (ttl, response.text)
+            assert "ttl_seconds" in response.json()["detail"]
+        with pytest.raises(tinker.BadRequestError, match="ttl_seconds"):
+            rest.set_checkpoint_ttl_from_tinker_path(path, 10**15).result()
+        rest.set_checkpoint_ttl_from_tinker_path(path, 3600).result()  # in bounds: kept
+        for listing in ("checkpoints", "training_runs?access_scope=accessible"):
+            for key in KEYS:
+                response = httpx.get(f"{server.url}/api/v1/{listing}", headers={"X-API-Key": key})
+                assert response.status_code == 200, response.text
+        rest.unpublish_checkpoint_from_tinker_path(path).result()
+    finally:
+        sdk.close("success").result()
+
+
+# ---------------------------------------------------------------- item 8: archive signature
+
+
+def test_a_non_ascii_archive_signature_is_a_404_not_a_500(server):
+    model_id = raw_model(server)
+    for signature in ("é", "\u2603" * 64, "a" * 64, ""):
+        query = urllib.parse.urlencode({"expires": 2**62, "signature": signature})
+        response = httpx.get(
+            f"{server.url}/api/v1/checkpoint_archives/{model_id}/weights/x?{query}"
+        )
+        assert response.status_code == 404, (signature, response.text)
+
+
+# ---------------------------------------------------------------- item 9: no unchecked input
+
+
+def test_huge_seeds_and_bad_loss_seq_ids_are_400s(server):
+    sdk = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
+    try:
+        sampler = sdk.create_sampling_client(base_model=TINY).result()
+        prompt = types.ModelInput.from_ints([256, 1, 2])
+        params = types.SamplingParams(max_tokens=2, seed=2**70)
+        with pytest.raises(tinker.BadRequestError, match="seed"):
+            sampler.sample(prompt, 1, params).result()
+        with pytest.raises(tinker.APIStatusError, match="seed"):
+            sdk.create_lora_training_client(base_model=TINY, rank=4, seed=2**70).result()
+        # Bounds that torch takes are fine.
+        ok = types.SamplingParams(max_tokens=2, seed=2**64 - 1)
+        assert len(sampler.sample(prompt, 1, ok).result().sequences[0].tokens) == 2
+    finally:
+        sdk.close("success").result()
+    session = raw_session(server)
+    for seq_id in ("abc", -1, 1.5, [1]):
+        body = {"session_id": session, "custom_loss_seq_id": seq_id, "nodes": []}
+        response = post(server, "create_custom_loss", json=body)
+        assert response.status_code == 400, (seq_id, response.text)
+        assert "custom_loss_seq_id" in response.json()["detail"]
+
+
+def test_an_unexpected_error_is_a_json_500_and_the_server_keeps_serving(
+    engine, tmp_path, monkeypatch, caplog
+):
+    """A bug must not drop the connection (the client saw "connection reset") nor leak
+    its traceback: a generic JSON 500, the traceback in the server's log."""
+    server = Server(engine, tmp_path, list(KEYS), [TINY], 0.05)
+
+    def broken(*_):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(server.service, "get_server_capabilities", broken)
+    client = TestClient(create_app(server), headers={"X-API-Key": KEYS[0]})
+    with caplog.at_level(logging.ERROR, "tinkerd.server"):
+        response = client.get("/api/v1/get_server_capabilities")
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert "internal server error" in response.json()["detail"]
+    assert "secret" not in response.text
+    assert "secret internals" in caplog.text
+    assert client.get("/api/v1/healthz").status_code == 200
+
+
+def test_the_sdk_trains_on_after_every_refusal(server):
+    """The refusals above leave a fresh run of the same server usable."""
+    sdk = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
+    try:
+        client = sdk.create_lora_training_client(base_model=TINY, rank=4, seed=0).result()
+        out = client.forward_backward([sdk_datum(b"still fine")], "cross_entropy").result()
+        assert out.metrics["loss:sum"] > 0
+        assert client.optim_step(ADAM).result().metrics["step"] == 1
+    finally:
+        sdk.close("success").result()
