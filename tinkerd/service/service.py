@@ -423,13 +423,13 @@ class Service:
         The future gives (weights, sampling session id or None). `ttl_seconds` and
         `user_metadata` as for `save_state`; they need a name."""
         with self._door(model_id, owner, seq_id):
-            if owner is not None and name is None and sampling_session_seq_id is None:
-                raise InvalidRequestError("give a path (a name) or a sampling_session_seq_id")
             if name is None and (ttl_seconds is not None or user_metadata):
                 raise InvalidRequestError(
                     "ttl_seconds and user_metadata need a path (a name): ephemeral sampler "
                     "weights are not a checkpoint"
                 )
+            if owner is not None and name is None and sampling_session_seq_id is None:
+                raise InvalidRequestError("give a path (a name) or a sampling_session_seq_id")
             check_ttl(ttl_seconds)
 
         def work() -> tuple[SamplerWeights, str | None]:
