@@ -125,10 +125,12 @@ def test_huge_seeds_and_bad_loss_seq_ids_are_400s(server):
         sampler = sdk.create_sampling_client(base_model=TINY).result()
         prompt = types.ModelInput.from_ints([256, 1, 2])
         params = types.SamplingParams(max_tokens=2, seed=2**70)
-        with pytest.raises(tinker.BadRequestError, match="seed"):
+        with pytest.raises(tinker.APIStatusError, match="seed") as refused:
             sampler.sample(prompt, 1, params).result()
-        with pytest.raises(tinker.APIStatusError, match="seed"):
+        assert 400 <= refused.value.status_code < 500
+        with pytest.raises(tinker.APIStatusError, match="seed") as refused:
             sdk.create_lora_training_client(base_model=TINY, rank=4, seed=2**70).result()
+        assert 400 <= refused.value.status_code < 500
         # Bounds that torch takes are fine.
         ok = types.SamplingParams(max_tokens=2, seed=2**64 - 1)
         assert len(sampler.sample(prompt, 1, ok).result().sequences[0].tokens) == 2

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tinkerd.types import AdamParams, LoraConfig, ModelInput
+from tinkerd.types import AdamParams, LoraConfig, ModelInput, SamplingParams
 
 OPTIMIZERS = ("adamw",)
 """The optimizer families (`optimizer_config.type`) runs here can be created with."""
@@ -157,6 +157,13 @@ class CreateSamplingSessionRequest(Body):
     model_path: str | None = None
 
 
+class SamplingParamsBody(SamplingParams):
+    """SamplingParams as a request carries them: keys of newer SDKs are ignored (every
+    key of SDK 0.38's SamplingParams is a field here)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
 class SampleRequest(Body):
     sampling_session_id: str | None = None
     seq_id: int | None = None
@@ -164,7 +171,7 @@ class SampleRequest(Body):
     model_path: str | None = None
     num_samples: int = 1
     prompt: ModelInput
-    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    sampling_params: SamplingParamsBody = Field(default_factory=SamplingParamsBody)
     prompt_logprobs: bool | None = False
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0

@@ -73,10 +73,7 @@ def router(server: Server) -> APIRouter:
             raise InvalidRequestError(
                 "prompt_alt_tokens_k and target_prompt_logprobs are not supported by tinkerd"
             )
-        known = SamplingParams.model_fields
-        params = SamplingParams.model_validate(
-            {k: v for k, v in body.sampling_params.items() if k in known}
-        )
+        params = SamplingParams.model_validate(body.sampling_params.model_dump())
         last_n = body.prompt_logprobs_last_n
         prompt = body.prompt.to_ints()
         if last_n is not None and not 1 <= last_n < len(prompt):
