@@ -39,7 +39,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tinkerd.errors import InvalidRequestError
-from tinkerd.types import SampleResponse, SamplingParams
+from tinkerd.types import SampleResponse, SamplingParams, Seed
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs (and legacy logprobs)
 
@@ -105,7 +105,7 @@ class CompletionRequest(Body):
     top_k: int = -1
     n: int = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     stream: bool = False
@@ -132,7 +132,7 @@ class ChatCompletionRequest(Body):
     top_k: int = -1
     n: int = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
