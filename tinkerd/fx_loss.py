@@ -126,7 +126,7 @@ def compile_loss(request: Mapping[str, Any]) -> CompiledLoss:
         raise InvalidRequestError(f"custom loss graph needs 1 to {MAX_NODES} nodes")
     try:
         inputs = [(str(i["name"]), int(i["rank"])) for i in request.get("inputs", [])]
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # int(inf) overflows
         raise InvalidRequestError("custom loss inputs must be [{name, rank}]") from None
     if not inputs or inputs[0][0] != "logprobs" or any(r not in (0, 1, 2) for _, r in inputs):
         raise InvalidRequestError("custom loss inputs start with logprobs; ranks are 0, 1 or 2")

@@ -205,9 +205,13 @@ class Datum(StrictBase):
 # ---------------------------------------------------------------- training
 
 
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**64)]
+"""What torch's generators take: a seed beyond it is refused with the request."""
+
+
 class LoraConfig(StrictBase):
     rank: int = 32
-    seed: int | None = None
+    seed: Seed | None = None
     """Seed of the adapter's initial weights; None draws one at random."""
     train_unembed: bool = True
     train_mlp: bool = True
@@ -412,7 +416,7 @@ StopReason = Literal["length", "stop"]
 class SamplingParams(StrictBase):
     max_tokens: int | None = None
     """Most tokens to generate; None = until a stop or the end of the context window."""
-    seed: int | None = None
+    seed: Seed | None = None
     """Same seed, prompt and weights give the same tokens, whatever else shares the batch."""
     stop: str | list[str] | list[int] | None = None
     """Stop strings or token ids. None stops at the tokenizer's EOS; a list replaces EOS

@@ -177,6 +177,10 @@ _WIRE_DTYPE = {"float32": DTYPE_FLOAT32, "int64": DTYPE_INT64}
 class ProtoDecodeError(InvalidRequestError):
     """A protobuf body that does not decode to what the endpoint takes."""
 
+    model_id: str | None = None
+    seq_id: int | None = None
+    """Of a body that parsed but whose data did not decode (None if it did not parse)."""
+
 
 # ---------------------------------------------------------------- forward_backward request
 
@@ -226,21 +230,26 @@ def decode_forward_backward_request(body: bytes) -> dict:
         msg.ParseFromString(body)
     except Exception as e:  # protobuf raises its own DecodeError type
         raise ProtoDecodeError(f"body is not a ForwardBackwardRequest protobuf: {e}") from None
-    config: dict[str, float | str] = dict(msg.loss_fn_config)
-    for key, value in msg.loss_fn_config_v2.items():
-        config[key] = value.text if value.WhichOneof("value") == "text" else value.number
-    data = []
-    for i, d in enumerate(msg.data):
-        chunks = []
-        for chunk in d.model_input:
-            if chunk.WhichOneof("chunk") != "encoded_text":
-                raise ProtoDecodeError(f"data[{i}]: only encoded_text chunks are supported")
-            chunks.append(EncodedTextChunk(tokens=_ints(chunk.encoded_text.tokens, "<i4", i)))
-        inputs = {
-            key: _tensor_data(t, f"data[{i}].loss_fn_inputs[{key!r}]")
-            for key, t in d.loss_fn_inputs.items()
-        }
-        data.append(Datum(model_input=ModelInput(chunks=chunks), loss_fn_inputs=inputs))
+    try:
+        config: dict[str, float | str] = dict(msg.loss_fn_config)
+        for key, value in msg.loss_fn_config_v2.items():
+            config[key] = value.text if value.WhichOneof("value") == "text" else value.number
+        data = []
+        for i, d in enumerate(msg.data):
+            chunks = []
+            for chunk in d.model_input:
+                if chunk.WhichOneof("chunk") != "encoded_text":
+                    raise ProtoDecodeError(f"data[{i}]: only encoded_text chunks are supported")
+                chunks.append(EncodedTextChunk(tokens=_ints(chunk.encoded_text.tokens, "<i4", i)))
+            inputs = {
+                key: _tensor_data(t, f"data[{i}].loss_fn_inputs[{key!r}]")
+                for key, t in d.loss_fn_inputs.items()
+            }
+            data.append(Datum(model_input=ModelInput(chunks=chunks), loss_fn_inputs=inputs))
+    except (ProtoDecodeError, ValueError) as e:  # pydantic's errors are ValueErrors
+        error = e if isinstance(e, ProtoDecodeError) else ProtoDecodeError(f"data: {e}")
+        error.model_id, error.seq_id = msg.model_id, msg.seq_id  # the route releases seq_id
+        raise error from None
     return dict(
         model_id=msg.model_id,
         seq_id=msg.seq_id,

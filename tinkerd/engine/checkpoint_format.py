@@ -79,6 +79,11 @@ class CheckpointInfo:
         default_factory=AdamOptimizerConfig
     )
     """The optimizer of the run that saved it (whose state `optimizer.pt` holds)."""
+    user_metadata: dict[str, str] = field(default_factory=dict)
+    """Given with the save; an overwrite replaces it."""
+    identity: str = ""
+    """What the checkpoint holds: the sha256 of its weights and adapter config. The same
+    path re-saved (overwrite, or delete and save) with other weights has another one."""
 
     def as_checkpoint(self, public: bool = False) -> Checkpoint:
         """The SDK's view of this checkpoint (what the REST API lists)."""
@@ -89,6 +94,7 @@ class CheckpointInfo:
             tinker_path=self.tinker_path,
             size_bytes=self.size_bytes,
             public=public,
+            user_metadata=self.user_metadata,
         )
 
     def weights_info(self) -> WeightsInfoResponse:
@@ -227,4 +233,6 @@ def _info(path: Path, meta: dict) -> CheckpointInfo:
         size_bytes=sum(f["size"] for f in meta["files"].values())
         + (path / META_FILE).stat().st_size,
         optimizer_config=optimizer_config_from(meta.get("optimizer_config", {"type": "adamw"})),
+        user_metadata={str(k): str(v) for k, v in (meta.get("user_metadata") or {}).items()},
+        identity=":".join(meta["files"][f]["sha256"] for f in (WEIGHTS_FILE, CONFIG_FILE)),
     )

@@ -96,9 +96,17 @@ class CheckpointStore:
         return self.root / model_id / kind / name
 
     def save(
-        self, run: Run, kind: str, name: str, *, with_optimizer: bool, overwrite: bool = False
+        self,
+        run: Run,
+        kind: str,
+        name: str,
+        *,
+        with_optimizer: bool,
+        overwrite: bool = False,
+        user_metadata: dict[str, str] | None = None,
     ) -> CheckpointInfo:
-        """Save the run's adapter (and optimizer state if `with_optimizer`) as `name`."""
+        """Save the run's adapter (and optimizer state if `with_optimizer`) as `name`, with
+        the caller's `user_metadata` (string to string) in its metadata."""
         final = self._dir(run.model_id, kind, name)
         if final.exists() and not overwrite:
             raise _conflict(run.model_id, kind, name)
@@ -139,6 +147,7 @@ class CheckpointStore:
                 "step": step,
                 "created_at": time.time(),
                 "has_optimizer": optimizer is not None,
+                "user_metadata": dict(user_metadata or {}),
                 "files": files,
             }
             write_file(tmp / META_FILE, json.dumps(meta, indent=2).encode())

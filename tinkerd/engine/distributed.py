@@ -205,8 +205,10 @@ class DistributedEngine:
             )
         return self.local.sample(weights, *args, **kwargs)
 
-    def save_weights_for_sampler(self, model_id: str, name: str | None = None) -> SamplerWeights:
-        return self.local.save_weights_for_sampler(model_id, name)
+    def save_weights_for_sampler(
+        self, model_id: str, name: str | None = None, user_metadata: dict[str, str] | None = None
+    ) -> SamplerWeights:
+        return self.local.save_weights_for_sampler(model_id, name, user_metadata)
 
     def sampler_for(
         self, base_model: str | None = None, model_path: str | None = None
@@ -219,8 +221,14 @@ class DistributedEngine:
     def sampler_stats(self, base_model: str) -> list[tuple[int, int]]:
         return self.local.sampler_stats(base_model)
 
-    def save_state(self, model_id: str, name: str, overwrite: bool = False) -> CheckpointInfo:
-        return self.local.save_state(model_id, name, overwrite)
+    def save_state(
+        self,
+        model_id: str,
+        name: str,
+        overwrite: bool = False,
+        user_metadata: dict[str, str] | None = None,
+    ) -> CheckpointInfo:
+        return self.local.save_state(model_id, name, overwrite, user_metadata)
 
     def weights_info(self, path: str) -> WeightsInfoResponse:
         return self.local.weights_info(path)

@@ -213,10 +213,23 @@ class Engine:
                 self._checkpoints = CheckpointStore(root, recover=self._recover_checkpoints)
             return self._checkpoints
 
-    def save_state(self, model_id: str, name: str, overwrite: bool = False) -> CheckpointInfo:
+    def save_state(
+        self,
+        model_id: str,
+        name: str,
+        overwrite: bool = False,
+        user_metadata: dict[str, str] | None = None,
+    ) -> CheckpointInfo:
         """Save the run's weights and optimizer state as `tinker://<model_id>/weights/<name>`."""
         run = self.run(model_id)
-        return self.checkpoints.save(run, "weights", name, with_optimizer=True, overwrite=overwrite)
+        return self.checkpoints.save(
+            run,
+            "weights",
+            name,
+            with_optimizer=True,
+            overwrite=overwrite,
+            user_metadata=user_metadata,
+        )
 
     def load_state(self, model_id: str, path: str, with_optimizer: bool) -> None:
         """Replace the run's weights with a checkpoint's; its optimizer state too if
@@ -428,9 +441,11 @@ class Engine:
 
     # ------------------------------------------------------------ sampling
 
-    def save_weights_for_sampler(self, model_id: str, name: str | None = None) -> SamplerWeights:
+    def save_weights_for_sampler(
+        self, model_id: str, name: str | None = None, user_metadata: dict[str, str] | None = None
+    ) -> SamplerWeights:
         """Freeze the run's current weights as a sampler version (`SamplerVersions.save`)."""
-        return self.samplers.save(self.run(model_id), name)
+        return self.samplers.save(self.run(model_id), name, user_metadata)
 
     def sampler_for(
         self, base_model: str | None = None, model_path: str | None = None

@@ -5,6 +5,12 @@ on the shared base (and, when named, on disk). At most `max_snapshots` of them s
 loaded, least recently used first out; a named one comes back from disk when sampled
 again, an unnamed one is gone. Each base model has one sampler backend
 (`tinkerd.engine.sampling.backend`), made on first use.
+
+Weights loaded from a path are cached by what the checkpoint holds (its `identity`, a
+checksum), never by the path alone: once a path is overwritten (or deleted and saved
+again), asking for it loads what it holds now. A sampler version already handed out keeps
+the weights it was made from (a snapshot); if those were evicted meanwhile and the path
+now holds others, sampling from it is refused rather than served with other weights.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class SamplerWeights:
     """`tinker://<model_id>/sampler_weights/<name>` when saved under a name."""
     model_id: str | None
     """The training run the weights came from."""
+    identity: str = ""
+    """Of the checkpoint at `model_path` these weights are (`CheckpointInfo.identity`)."""
 
 
 class SamplerVersions:
@@ -65,27 +73,38 @@ class SamplerVersions:
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()
 
-    def save(self, run: Run, name: str | None = None) -> SamplerWeights:
+    def save(
+        self, run: Run, name: str | None = None, user_metadata: dict[str, str] | None = None
+    ) -> SamplerWeights:
         """Freeze the run's current weights as a sampler version. Named versions are also
         written to disk as `tinker://<model_id>/sampler_weights/<name>` (a re-save under
         a name replaces it); unnamed ones live in memory only and get an id."""
         path = None if name is None else tinker_path(run.model_id, "sampler_weights", name)
+        identity = ""
         if name is not None:
-            self._checkpoints().save(
-                run, "sampler_weights", name, with_optimizer=False, overwrite=True
+            saved = self._checkpoints().save(
+                run,
+                "sampler_weights",
+                name,
+                with_optimizer=False,
+                overwrite=True,
+                user_metadata=user_metadata,
             )
+            identity = saved.identity
         config, weights = snapshot_weights(run)  # under the base lock: after queued steps
         adapter = f"s{uuid.uuid4().hex[:12]}"
         add_frozen_adapter(run.base, adapter, config, weights)
         return self._register(
-            SamplerWeights(_new_sampler_id(), run.base.name, adapter, path, run.model_id)
+            SamplerWeights(_new_sampler_id(), run.base.name, adapter, path, run.model_id, identity)
         )
 
     def _register(self, sw: SamplerWeights) -> SamplerWeights:
         with self._lock:
             if sw.model_path is not None:
                 for old in [w for w in self._by_id.values() if w.model_path == sw.model_path]:
-                    self._by_id.pop(old.sampler_id)  # a re-save replaces the name
+                    # A re-save replaces the name: `find` no longer hands the old out.
+                    # (A sampler session holding it keeps its snapshot while loaded.)
+                    self._by_id.pop(old.sampler_id)
             self._by_id[sw.sampler_id] = sw
             self._loaded[sw.adapter] = sw
         self._evict()
@@ -99,12 +118,18 @@ class SamplerVersions:
         if base_model is not None:
             self._load_base(base_model)
             return SamplerWeights(f"base:{base_model}", base_model, BASE_ADAPTER, None, None)
+        info = self._checkpoints().resolve(model_path)  # what the path holds now
         with self._lock:
-            found = [w for w in self._by_id.values() if w.model_path == model_path]
+            found = [
+                w
+                for w in self._by_id.values()
+                if w.model_path == model_path and w.identity == info.identity
+            ]
         if found:
             return found[-1]
-        info = self._checkpoints().resolve(model_path)
-        weights = SamplerWeights(_new_sampler_id(), info.base_model, "", model_path, info.model_id)
+        weights = SamplerWeights(
+            _new_sampler_id(), info.base_model, "", model_path, info.model_id, info.identity
+        )
         self._load_from_disk(weights, info)
         return self._register(weights)
 
@@ -165,7 +190,14 @@ class SamplerVersions:
             )
         with self._reload_lock:  # concurrent samples of one evicted version load it once
             if weights.adapter not in self._loaded:
-                self._load_from_disk(weights, self._checkpoints().resolve(weights.model_path))
+                info = self._checkpoints().resolve(weights.model_path)
+                if info.identity != weights.identity:
+                    raise NotFoundError(
+                        f"{weights.model_path} was overwritten after this sampling client "
+                        "was made, and its old weights are no longer loaded; create a new "
+                        "sampling client to sample from what it holds now"
+                    )
+                self._load_from_disk(weights, info)
                 with self._lock:
                     self._loaded[weights.adapter] = weights
                 self._evict()

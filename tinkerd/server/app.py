@@ -10,8 +10,11 @@ created.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import json
+import logging
 import math
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -21,6 +24,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinkerd.engine import Engine
 from tinkerd.errors import AuthenticationError, TinkerdError
@@ -30,6 +35,8 @@ from tinkerd.server.rest import rest_router
 from tinkerd.server.routes import sampling, sessions, training
 from tinkerd.server.routes.inference import inference_router
 from tinkerd.service import Service, ServiceConfig
+
+log = logging.getLogger("tinkerd.server")
 
 
 def fingerprint(key: str) -> str:
@@ -89,6 +96,43 @@ class Server:
         request_id = self.requests.track(owner, kind, future, encode, model_id)
         return {"request_id": request_id, "model_id": model_id}
 
+    def release_rejected(self, owner: str, model_id: Any, seq_id: Any) -> None:
+        """Use up the seq_id of a request refused before its handler ran (a body that
+        fails validation or decoding), so the run's next request need not wait for the
+        gap timeout. Only the run's own key may: another key's refusals change nothing."""
+        if not isinstance(model_id, str) or type(seq_id) is not int or seq_id <= 0:
+            return
+        with contextlib.suppress(TinkerdError):
+            self.service.check_run(model_id, owner)
+            self.service.queue.release(model_id, seq_id)
+
+
+class CatchAll:
+    """Any exception a route lets escape becomes a JSON 500 with a generic message (the
+    traceback goes to the log), and the connection stays open for the next request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            if started:  # half an answer went out: nothing to do but close
+                raise
+            body = {"detail": "internal server error (logged on the server)"}
+            await JSONResponse(body, status_code=500)(scope, receive, send)
+
 
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="tinkerd", version="0.1.0", docs_url="/docs")
@@ -101,12 +145,29 @@ def create_app(server: Server) -> FastAPI:
         return JSONResponse({"detail": str(e)}, status_code=e.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-        return JSONResponse({"detail": "; ".join(lines)}, status_code=422)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        body = e.body
+        if isinstance(body, bytes | str):
+            with contextlib.suppress(ValueError):
+                body = json.loads(body)
+        if isinstance(body, dict):
+            with contextlib.suppress(AuthenticationError):
+                owner = server.owner(request)
+                server.release_rejected(owner, body.get("model_id"), body.get("seq_id"))
+        return JSONResponse({"detail": _describe(e.errors())}, status_code=422)
+
+    @app.exception_handler(ValidationError)
+    async def value_error(_: Request, e: ValidationError) -> JSONResponse:
+        """A value a route validates itself (e.g. sampling_params) is bad input too."""
+        return JSONResponse({"detail": _describe(e.errors())}, status_code=400)
 
     for routes in (sessions, training, sampling):
         app.include_router(routes.router(server))
     app.include_router(rest_router(server))
     app.include_router(inference_router(server))  # OpenAI- and Anthropic-compatible
+    app.add_middleware(CatchAll)
     return app
+
+
+def _describe(errors: Any) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in errors)

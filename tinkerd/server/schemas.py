@@ -1,24 +1,60 @@
-"""Request bodies of the wire protocol's JSON routes (see docs/wire-protocol.md)."""
+"""Request bodies of the wire protocol's JSON routes (see docs/wire-protocol.md).
+
+Every field the official SDK (0.38) can send is declared here, and either honoured or,
+for a value the server cannot honour, refused with a 422 that names the field
+(`refuse_unless`) -- never dropped without a word. tests/test_audit.py walks the SDK's
+request types to keep it so.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tinkerd.types import Datum, LoraConfig, ModelInput
+from tinkerd.types import Datum, LoraConfig, ModelInput, SamplingParams
+
+OPTIMIZERS = ("adamw", "dimuon")
+"""The optimizer families (`optimizer_config.type`) runs here can be created with."""
+TtlSeconds = int | None
+UserMetadata = dict[str, str] | None
 
 
 class Body(BaseModel):
-    """Request bodies: unknown fields (newer SDKs) are ignored."""
+    """Request bodies: unknown fields (SDKs newer than 0.38) are ignored."""
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+def refuse_unless(value: Any, allowed: Any, why: str) -> Any:
+    """`value` if it is `allowed`, else a ValueError (a 422 naming the field) saying why."""
+    if value != allowed:
+        raise ValueError(f"{why} (got {str(value)[:80]})")
+    return value
+
+
+def check_optimizer_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    if config is not None and config.get("type") not in OPTIMIZERS:
+        raise ValueError(
+            f"optimizer {str(config.get('type'))[:40]!r} is not supported by this server "
+            f"(supported: {', '.join(OPTIMIZERS)})"
+        )
+    return config
 
 
 class CreateSessionRequest(Body):
     tags: list[str] = Field(default_factory=list)
     user_metadata: dict[str, Any] = Field(default_factory=dict)
+    sdk_version: str | None = None
+    """Informational (asks nothing of the server)."""
     display_name: str | None = None
+    """A label for the session, kept and shown by the session REST routes."""
+    project_id: str | None = None
+
+    @field_validator("project_id")
+    @classmethod
+    def _no_projects(cls, v: str | None) -> None:
+        return refuse_unless(v, None, "tinkerd has no projects: a key's runs are its own")
 
 
 class FinishSessionRequest(Body):
@@ -41,6 +77,8 @@ class CreateModelRequest(Body):
     """{"type": "adamw"} (the default) or {"type": "dimuon", "version": 1}; parsed by the
     service (`types.optimizer_config_from`), so an unknown type is a 400 naming it."""
 
+    _optimizer = field_validator("optimizer_config")(check_optimizer_config)
+
 
 class ModelRequest(Body):
     model_id: str
@@ -62,6 +100,12 @@ class SaveWeightsForSamplerRequest(Body):
     """A name: the weights are kept at tinker://<model_id>/sampler_weights/<name>."""
     sampling_session_seq_id: int | None = None
     """Without a name: open a sampling session on the (ephemeral) weights."""
+    ttl_seconds: TtlSeconds = None
+    """Delete the saved weights this long after the save (None: keep them)."""
+    user_metadata: UserMetadata = None
+    """Listed with the checkpoint."""
+    kind: Literal["snapshot"] = "snapshot"
+    """Sampler weights here are always a fixed snapshot ("inflight" is refused)."""
 
 
 class SaveWeightsRequest(Body):
@@ -70,6 +114,11 @@ class SaveWeightsRequest(Body):
     """A name: the state is saved as tinker://<model_id>/weights/<name>."""
     seq_id: int | None = None
     overwrite: bool = False
+    """Replace a checkpoint of this name (its TTL and user_metadata too)."""
+    ttl_seconds: TtlSeconds = None
+    """Delete the checkpoint this long after the save (None: keep it)."""
+    user_metadata: UserMetadata = None
+    """Listed with the checkpoint."""
 
 
 class LoadWeightsRequest(Body):
@@ -87,6 +136,14 @@ class LoadWeightsRequest(Body):
     optimizer_config: dict[str, Any] | None = None
     """The optimizer of a run created weights-only (default AdamW); with `optimizer` the
     run takes the checkpoint's, which this may only repeat."""
+    weights_access_token: str | None = None
+
+    _optimizer = field_validator("optimizer_config")(check_optimizer_config)
+
+    @field_validator("weights_access_token")
+    @classmethod
+    def _no_token(cls, v: str | None) -> None:
+        return refuse_unless(v, None, "tinkerd loads only checkpoints of its own data directory")
 
 
 class WeightsInfoRequest(Body):
@@ -100,6 +157,13 @@ class CreateSamplingSessionRequest(Body):
     model_path: str | None = None
 
 
+class SamplingParamsBody(SamplingParams):
+    """SamplingParams as a request carries them: keys of newer SDKs are ignored (every
+    key of SDK 0.38's SamplingParams is a field here)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
 class SampleRequest(Body):
     sampling_session_id: str | None = None
     seq_id: int | None = None
@@ -107,17 +171,25 @@ class SampleRequest(Body):
     model_path: str | None = None
     num_samples: int = 1
     prompt: ModelInput
-    sampling_params: dict[str, Any] = Field(default_factory=dict)
-    prompt_logprobs: bool = False
+    sampling_params: SamplingParamsBody = Field(default_factory=SamplingParamsBody)
+    prompt_logprobs: bool | None = False
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0
     prompt_logprobs_last_n: int | None = None
     prompt_alt_tokens_k: int = 0
     target_prompt_logprobs: Any = None
+    record_stability_info: bool | None = None
+
+    @field_validator("record_stability_info")
+    @classmethod
+    def _no_stability_info(cls, v: bool | None) -> bool | None:
+        return v if not v else refuse_unless(v, False, "tinkerd records no stability info")
 
 
 class RetrieveFutureRequest(Body):
     request_id: str
+    allow_metadata_only: bool = False
+    """A permission, not a demand: tinkerd always answers with the whole result."""
 
 
 class LossInput(Body):

@@ -38,6 +38,8 @@ EXTERNAL_FILES = (WEIGHTS_FILE, CONFIG_FILE)
 `PeftModel.from_pretrained` reads it (tinkerd's own metadata stays behind)."""
 AGE_SUFFIX = ".age"
 MAX_AGE_RECIPIENTS = 10
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+"""The longest checkpoint TTL, 10 years (as Tinker documents): an expiry stays a date."""
 LOCAL = "local"
 """The owner recorded for what is published without a key (local access to the data dir)."""
 
@@ -46,7 +48,18 @@ LiveRuns = Callable[[], dict[str, tuple[str, int]]]
 
 
 def _utc(timestamp: float) -> datetime.datetime:
+    # Clamped: an expiry stored before TTLs were bounded must not fail every listing.
+    timestamp = min(timestamp, time.time() + MAX_TTL_SECONDS)
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+
+
+def check_ttl(ttl_seconds: int | None) -> None:
+    """A TTL is null (keep) or 1 s .. MAX_TTL_SECONDS; anything else is a 400 naming it."""
+    if ttl_seconds is not None and not 0 < ttl_seconds <= MAX_TTL_SECONDS:
+        raise InvalidRequestError(
+            f"ttl_seconds must be null or in [1, {MAX_TTL_SECONDS}] (10 years), "
+            f"got {str(ttl_seconds)[:40]}"
+        )
 
 
 def checkpoint_path(training_run_id: str, checkpoint_id: str) -> str:
@@ -188,8 +201,7 @@ class Catalog:
     def set_ttl(self, path: str, who: str | None, ttl_seconds: int | None) -> None:
         """Delete the checkpoint `ttl_seconds` from now (None: keep it)."""
         self.owned(path, who)
-        if ttl_seconds is not None and ttl_seconds <= 0:
-            raise InvalidRequestError(f"ttl_seconds must be > 0 or null, got {ttl_seconds}")
+        check_ttl(ttl_seconds)
         expires = None if ttl_seconds is None else time.time() + ttl_seconds
         self.store.set_expiry(path, expires)
 
@@ -223,7 +235,8 @@ class Catalog:
         return expires, self.signature(path, expires)
 
     def check_signature(self, path: str, expires: int, signature: str) -> CheckpointInfo:
-        good = hmac.compare_digest(self.signature(path, expires), signature)
+        # As bytes: compare_digest refuses a str that is not ASCII (a forged signature).
+        good = hmac.compare_digest(self.signature(path, expires).encode(), signature.encode())
         if not good or expires < time.time():
             raise NotFoundError("the download link is invalid or has expired; ask for a new one")
         return self.checkpoints.resolve(path)

@@ -35,7 +35,7 @@ from tinkerd.engine.adapters import validate_lora_config
 from tinkerd.engine.checkpoints import CheckpointInfo, tinker_path
 from tinkerd.engine.engine import optimizer_for_state
 from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
-from tinkerd.service.access import Catalog, check_age_recipients
+from tinkerd.service.access import Catalog, check_age_recipients, check_ttl
 from tinkerd.service.config import ServiceConfig
 from tinkerd.service.futures import RequestQueue
 from tinkerd.service.metrics import record, timed
@@ -388,11 +388,21 @@ class Service:
         name: str,
         overwrite: bool = False,
         seq_id: int | None = None,
+        ttl_seconds: int | None = None,
+        user_metadata: dict[str, str] | None = None,
     ) -> Future[str]:
-        """Weights and optimizer state at tinker://<model_id>/weights/<name>: its path."""
+        """Weights and optimizer state at tinker://<model_id>/weights/<name>: its path.
+        `ttl_seconds`: deleted that long after the save (None: kept); `user_metadata` is
+        listed with the checkpoint (an overwrite replaces both)."""
         with self._door(model_id, owner, seq_id):
             tinker_path(model_id, "weights", name)  # a bad name fails now, not in the lane
-        work = lambda: self.engine.save_state(model_id, name, overwrite).tinker_path  # noqa: E731
+            check_ttl(ttl_seconds)
+
+        def work() -> str:
+            info = self.engine.save_state(model_id, name, overwrite, user_metadata)
+            self._expire_after(owner, info.tinker_path, ttl_seconds)
+            return info.tinker_path
+
         return self._run_work(model_id, work, seq_id)
 
     def save_weights_external(
@@ -411,8 +421,7 @@ class Service:
         with self._door(model_id, owner, seq_id):
             path = tinker_path(model_id, "external_weights", name)
             check_age_recipients(age_recipients or [])
-            if ttl_seconds is not None and ttl_seconds <= 0:
-                raise InvalidRequestError(f"ttl_seconds must be > 0 or null, got {ttl_seconds}")
+            check_ttl(ttl_seconds)
 
         def work() -> CheckpointInfo:
             run = self.engine.run(model_id)
@@ -424,6 +433,11 @@ class Service:
             return info
 
         return self._run_work(model_id, work, seq_id)
+
+    def _expire_after(self, owner: Owner, path: str, ttl_seconds: int | None) -> None:
+        """The TTL of a checkpoint just saved (an overwrite drops the old one's)."""
+        if ttl_seconds is not None or owner is not None:  # embedded, no TTL: no store
+            self.catalog.set_ttl(path, owner, ttl_seconds)
 
     def load_state(
         self,
@@ -448,16 +462,27 @@ class Service:
         name: str | None,
         sampling_session_seq_id: int | None = None,
         seq_id: int | None = None,
+        ttl_seconds: int | None = None,
+        user_metadata: dict[str, str] | None = None,
     ) -> Future[tuple[SamplerWeights, str | None]]:
         """Freeze the run's weights (after its earlier requests) for sampling: saved as
         `name`, or ephemeral; with a `sampling_session_seq_id`, in a new sampling session.
-        The future gives (weights, sampling session id or None)."""
+        The future gives (weights, sampling session id or None). `ttl_seconds` and
+        `user_metadata` as for `save_state`; they need a name."""
         with self._door(model_id, owner, seq_id):
+            if name is None and (ttl_seconds is not None or user_metadata):
+                raise InvalidRequestError(
+                    "ttl_seconds and user_metadata need a path (a name): ephemeral sampler "
+                    "weights are not a checkpoint"
+                )
             if owner is not None and name is None and sampling_session_seq_id is None:
                 raise InvalidRequestError("give a path (a name) or a sampling_session_seq_id")
+            check_ttl(ttl_seconds)
 
         def work() -> tuple[SamplerWeights, str | None]:
-            weights = self.engine.save_weights_for_sampler(model_id, name)
+            weights = self.engine.save_weights_for_sampler(model_id, name, user_metadata)
+            if weights.model_path is not None:
+                self._expire_after(owner, weights.model_path, ttl_seconds)
             if name is not None or sampling_session_seq_id is None:
                 return weights, None
             sampling_id = f"{model_id}:sample:{sampling_session_seq_id}"

@@ -23,8 +23,13 @@ class UploadedLosses:
 
     def add(self, owner: str | None, session_id: str, graph: dict) -> str:
         """Compile `graph` (refused outside the allowlist); its loss_id."""
+        seq_id = graph.get("custom_loss_seq_id", 0)
+        if type(seq_id) is not int or seq_id < 0:
+            raise InvalidRequestError(
+                f"custom_loss_seq_id must be an integer >= 0, got {str(seq_id)[:40]!r}"
+            )
         compiled = compile_loss(graph)
-        loss_id = f"{session_id}:loss:{int(graph.get('custom_loss_seq_id', 0))}"
+        loss_id = f"{session_id}:loss:{seq_id}"
         self._compiled[(owner, loss_id)] = compiled
         return loss_id
 

@@ -29,7 +29,13 @@ def router(server: Server) -> APIRouter:
     @routes.post("/save_weights_for_sampler")
     def save_weights_for_sampler(body: SaveWeightsForSamplerRequest, who: str = Owner) -> dict:
         future = service.save_weights_for_sampler(
-            who, body.model_id, body.path, body.sampling_session_seq_id, body.seq_id
+            who,
+            body.model_id,
+            body.path,
+            body.sampling_session_seq_id,
+            body.seq_id,
+            body.ttl_seconds,
+            body.user_metadata,
         )
 
         def encode(saved: tuple) -> tuple[str, bytes]:
@@ -67,10 +73,7 @@ def router(server: Server) -> APIRouter:
             raise InvalidRequestError(
                 "prompt_alt_tokens_k and target_prompt_logprobs are not supported by tinkerd"
             )
-        known = SamplingParams.model_fields
-        params = SamplingParams.model_validate(
-            {k: v for k, v in body.sampling_params.items() if k in known}
-        )
+        params = SamplingParams.model_validate(body.sampling_params.model_dump())
         last_n = body.prompt_logprobs_last_n
         prompt = body.prompt.to_ints()
         if last_n is not None and not 1 <= last_n < len(prompt):

@@ -75,11 +75,13 @@ def router(server: Server) -> APIRouter:
             body = decompress(raw, headers.get("content-encoding"))
             try:
                 req = decode_loss_request(body, content_type, forward_only)
+            except wire_proto.ProtoDecodeError as e:
+                server.release_rejected(who, e.model_id, e.seq_id)
+                raise
             except InvalidRequestError:
                 named = run_and_seq(body) if "json" in (content_type or "") else None
                 if named is not None:
-                    service.check_run(named[0], who)  # another key's run: a 404
-                    service.queue.release(*named)
+                    server.release_rejected(who, *named)
                 raise
             return submit_forward_backward(req, who)
 
@@ -123,7 +125,15 @@ def router(server: Server) -> APIRouter:
 
     @routes.post("/save_weights")
     def save_weights(body: SaveWeightsRequest, who: str = Owner) -> dict:
-        future = service.save_state(who, body.model_id, body.path, body.overwrite, body.seq_id)
+        future = service.save_state(
+            who,
+            body.model_id,
+            body.path,
+            body.overwrite,
+            body.seq_id,
+            body.ttl_seconds,
+            body.user_metadata,
+        )
         encode = lambda path: encode_json({"path": path, "type": "save_weights"})  # noqa: E731
         return server.track(who, "save_weights", future, encode, body.model_id)
 

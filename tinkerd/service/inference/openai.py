@@ -33,6 +33,7 @@ from tinkerd.service.inference.generate import (
     token_offsets,
 )
 from tinkerd.service.inference.logprobs import chat_logprobs, completion_logprobs
+from tinkerd.types import Seed
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs (and legacy logprobs)
 
@@ -53,7 +54,7 @@ class CompletionRequest(Body):
     top_k: int = -1
     n: int = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     stream: bool = False
@@ -75,7 +76,7 @@ class ChatCompletionRequest(Body):
     top_k: int = -1
     n: int = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
