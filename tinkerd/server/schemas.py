@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tinkerd.service.session_search import SessionSearch  # noqa: F401  sessions/search body
 from tinkerd.types import Datum, LoraConfig, ModelInput, SamplingParams
 
 OPTIMIZERS = ("adamw", "dimuon")
