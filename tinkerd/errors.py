@@ -50,6 +50,15 @@ class QueueFullError(TinkerdError):
     retry_after = 1.0
 
 
+class QuotaExceededError(TinkerdError):
+    """The API key holds as many of something (runs, sessions, uploaded losses) as the
+    server allows it (`tinkerd serve --max-...-per-key`): free some first (HTTP 403; not
+    retried, since waiting alone does not free anything)."""
+
+    status_code = 403
+    category = "user"
+
+
 class RequestFailedError(TinkerdError):
     """A queued request failed on the server for a reason of the server's own."""
 

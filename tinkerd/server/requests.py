@@ -106,12 +106,15 @@ class RequestTable:
             stored = self.store.future(request_id)
             if stored is None or stored.owner != owner:
                 raise KeyError(request_id)
+            self.store.mark_retrieved(request_id)  # kept `retrieved_grace` s from now
             return stored
         if pending.owner != owner:
             raise KeyError(request_id)
         try:
-            return await asyncio.wait_for(
+            stored = await asyncio.wait_for(
                 asyncio.shield(asyncio.wrap_future(pending.done)), timeout
             )
         except asyncio.TimeoutError:
             return None
+        self.store.mark_retrieved(request_id)
+        return stored

@@ -33,7 +33,7 @@ from tinkerd.custom_loss import (
 from tinkerd.engine import Engine, SamplerWeights
 from tinkerd.engine.adapters import validate_adam_params, validate_lora_config
 from tinkerd.engine.checkpoints import tinker_path
-from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
+from tinkerd.errors import InvalidRequestError, NotFoundError, QuotaExceededError, TinkerdError
 from tinkerd.service.access import Catalog
 from tinkerd.service.config import ServiceConfig
 from tinkerd.service.futures import RequestQueue
@@ -58,6 +58,24 @@ from tinkerd.types import (
 Owner = str | None
 
 
+def _gone(model_id: str, status: str | None) -> str:
+    """What a 404 says about a run of the caller that is listed but not loaded."""
+    why = {
+        "lost": "the server restarted since it was created, and a run's weights and "
+        "optimizer state live in memory only",
+        "expired": "its session missed heartbeats and expired",
+        "finished": "its session was closed",
+        "unloaded": "it was unloaded",
+        "failed": "it failed to be created",
+    }.get(status or "", f"it is {status}")
+    return (
+        f"no training run {model_id!r} is loaded: {why}. Its checkpoints are kept: make a "
+        "new training client from its last one (ServiceClient."
+        "create_training_client_from_state_with_optimizer(path), paths from "
+        "RestClient.list_checkpoints) and carry on from there"
+    )
+
+
 _services: weakref.WeakKeyDictionary[Engine, Service] = weakref.WeakKeyDictionary()
 _services_lock = threading.Lock()
 
@@ -80,8 +98,15 @@ class Service:
         self.checkpoints = engine.checkpoints  # opening it finishes what a crash cut off
         self.data_dir = Path(data_dir or engine.data_dir)
         self.scheduler = Scheduler(self.config.max_pass_tokens)
-        self.queue = RequestQueue(self.scheduler, self.config.gap_timeout, self.config.max_pending)
-        self.losses = UploadedLosses()
+        self.queue = RequestQueue(
+            self.scheduler,
+            self.config.gap_timeout,
+            self.config.max_pending,
+            max_pending_per_tenant=self.config.max_queued_per_key,
+        )
+        self.losses = UploadedLosses(
+            self.config.max_losses_per_key, self.config.max_loss_bytes_per_key
+        )
         self.local_runs: dict[str, str] = {}  # model_id: base model, of owner None
         if recover:
             self.store.fail_unfinished("the server restarted before this request finished")
@@ -90,7 +115,7 @@ class Service:
     @functools.cached_property
     def store(self) -> Store:
         """Opened on first use: an embedded service that never needs it writes nothing."""
-        return Store(self.data_dir, clock=self.config.clock)
+        return Store(self.data_dir, self.config.clock, self.config.max_metric_steps)
 
     @functools.cached_property
     def catalog(self) -> Catalog:
@@ -98,7 +123,7 @@ class Service:
 
     @functools.cached_property
     def sessions(self) -> Sessions:
-        return Sessions(self.store, self.engine, self.queue, self.config)
+        return Sessions(self.store, self.engine, self.queue, self.config, self.losses)
 
     @functools.cached_property
     def sampling(self) -> Sampling:
@@ -132,8 +157,16 @@ class Service:
         return runs
 
     def check_run(self, model_id: str, owner: Owner) -> None:
-        if owner is not None and self.store.run_owner(model_id) != owner:
+        if owner is None:
+            return
+        found_owner, status = self.store.run_owner_status(model_id)
+        if found_owner != owner:
             raise NotFoundError(f"no training run {model_id!r}")  # another key's looks absent
+        if status not in ("active", "unloaded"):  # unloaded: the engine's 409 says so
+            try:
+                self.engine.run(model_id)
+            except NotFoundError:
+                raise NotFoundError(_gone(model_id, status)) from None
 
     def check_base(self, base_model: str) -> None:
         if self.served_models is not None and base_model not in self.served_models:
@@ -151,10 +184,11 @@ class Service:
             self.queue.release(model_id, seq_id)
             raise
 
-    def _run_work(self, model_id: str, work: Any, seq_id: int | None) -> Future:
-        """Queue `work` behind the run's earlier requests, in its base model's lane."""
+    def _run_work(self, owner: Owner, model_id: str, work: Any, seq_id: int | None) -> Future:
+        """Queue `work` behind the run's earlier requests, in its base model's lane; it
+        takes turns as its owner's (fairness per key, then per run: scheduler.py)."""
         lane = self.engine.run(model_id).base.name
-        return self.queue.submit(lane, work, model_id, seq_id)
+        return self.queue.submit(lane, work, model_id, seq_id, tenant=owner)
 
     def _recorded(self, owner: Owner, model_id: str, kind: str, work: Any, tokens: int = 0):
         """`work` recording its metrics for the dashboard when it succeeds (runs of a key)."""
@@ -178,6 +212,12 @@ class Service:
         if session_id is None or model_seq_id is None:
             raise InvalidRequestError("give session_id and model_seq_id")
         self.sessions.check_owner(session_id, owner)
+        limit = self.config.max_runs_per_key
+        if limit is not None and self.store.count_active_runs(owner) >= limit:
+            raise QuotaExceededError(
+                f"this API key has {limit} active training runs (limit --max-runs-per-key): "
+                "unload one (or end its session) first"
+            )
         model_id = f"{session_id}:train:{model_seq_id}"
         if self.store.run_owner(model_id) is not None:
             raise InvalidRequestError(f"model {model_id!r} already exists")
@@ -200,7 +240,7 @@ class Service:
                 self.sessions.check_alive(session_id, created)
             return describe(created)
 
-        return self.queue.submit(base_model, work)
+        return self.queue.submit(base_model, work, tenant=owner)
 
     def create_model(
         self,
@@ -272,7 +312,7 @@ class Service:
             self.queue.forget_model(model_id)
             return result
 
-        return self._run_work(model_id, work, None)
+        return self._run_work(owner, model_id, work, None)
 
     # ---------------------------------------------------------------- training
 
@@ -309,7 +349,7 @@ class Service:
             work.after = lambda result, seconds: record(
                 self.store, self.engine, model_id, "forward_backward", result, seconds, tokens
             )
-        return self._run_work(model_id, work, seq_id)
+        return self._run_work(owner, model_id, work, seq_id)
 
     def forward_backward_custom(
         self,
@@ -336,7 +376,7 @@ class Service:
 
         tokens = sum(d.model_input.length for d in data)
         recorded = self._recorded(owner, model_id, "forward_backward", work, tokens)
-        return self._run_work(model_id, recorded, seq_id)
+        return self._run_work(owner, model_id, recorded, seq_id)
 
     def create_custom_loss(self, owner: str, session_id: str, graph: dict) -> str:
         """Compile an uploaded loss graph for the owner's session; its loss_id."""
@@ -359,7 +399,7 @@ class Service:
         with self._door(model_id, owner, seq_id):
             validate_adam_params(adam)
         work = lambda: self.engine.optim_step(model_id, adam)  # noqa: E731
-        return self._run_work(model_id, self._recorded(owner, model_id, "optim_step", work), seq_id)
+        return self._run_work(owner, model_id, self._recorded(owner, model_id, "optim_step", work), seq_id)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -375,7 +415,7 @@ class Service:
         with self._door(model_id, owner, seq_id):
             tinker_path(model_id, "weights", name)  # a bad name fails now, not in the lane
         work = lambda: self.engine.save_state(model_id, name, overwrite).tinker_path  # noqa: E731
-        return self._run_work(model_id, work, seq_id)
+        return self._run_work(owner, model_id, work, seq_id)
 
     def load_state(
         self,
@@ -389,7 +429,7 @@ class Service:
             if owner is not None:  # the local caller may load any checkpoint
                 self.catalog.readable(path, owner)
         work = lambda: self.engine.load_state(model_id, path, with_optimizer)  # noqa: E731
-        return self._run_work(model_id, work, seq_id)
+        return self._run_work(owner, model_id, work, seq_id)
 
     # ---------------------------------------------------------------- sampling
 
@@ -416,4 +456,4 @@ class Service:
             self.sessions.add_sampler(sampling_id, owner, weights)
             return weights, sampling_id
 
-        return self._run_work(model_id, work, seq_id)
+        return self._run_work(owner, model_id, work, seq_id)

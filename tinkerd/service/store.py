@@ -55,14 +55,20 @@ class StoredFuture:
 
 
 class Store:
-    def __init__(self, data_dir: Path, clock: Callable[[], float] = time.time):
+    def __init__(
+        self, data_dir: Path, clock: Callable[[], float] = time.time, max_metric_steps: int = 10_000
+    ):
         self.clock = clock  # seconds since the epoch; injectable so tests need not wait
+        self.max_metric_steps = max_metric_steps
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "tinkerd.sqlite3"
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(futures)")}
+        if "retrieved" not in columns:  # a data directory from before retention
+            self._db.execute("ALTER TABLE futures ADD COLUMN retrieved REAL")
         self._lock = threading.Lock()
 
     def _exec(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -121,6 +127,12 @@ class Store:
                 )
         return [r[0] for r in rows]
 
+    def open_sessions(self, owner: str) -> int:
+        rows = self._exec(
+            "SELECT COUNT(*) FROM sessions WHERE owner=? AND finished IS NULL", (owner,)
+        )
+        return rows[0][0]
+
     def active_runs(self, session_id: str) -> list[str]:
         rows = self._exec(
             "SELECT model_id FROM runs WHERE session_id=? AND status='active'", (session_id,)
@@ -144,6 +156,16 @@ class Store:
     def run_owner(self, model_id: str) -> str | None:
         rows = self._exec("SELECT owner FROM runs WHERE model_id=?", (model_id,))
         return rows[0][0] if rows else None
+
+    def run_owner_status(self, model_id: str) -> tuple[str | None, str | None]:
+        rows = self._exec("SELECT owner, status FROM runs WHERE model_id=?", (model_id,))
+        return rows[0] if rows else (None, None)
+
+    def count_active_runs(self, owner: str) -> int:
+        rows = self._exec(
+            "SELECT COUNT(*) FROM runs WHERE owner=? AND status='active'", (owner,)
+        )
+        return rows[0][0]
 
     def touch_run(self, model_id: str, status: str | None = None) -> None:
         if status:
@@ -209,7 +231,8 @@ class Store:
 
     def add_future(self, request_id: str, owner: str, model_id: str | None, kind: str) -> None:
         self._exec(
-            "INSERT INTO futures VALUES (?, ?, ?, ?, 'pending', NULL, NULL, ?, NULL)",
+            "INSERT INTO futures (request_id, owner, model_id, kind, status, created) "
+            "VALUES (?, ?, ?, ?, 'pending', ?)",
             (request_id, owner, model_id, kind, self.clock()),
         )
 
@@ -227,6 +250,24 @@ class Store:
         )
         return StoredFuture(*rows[0]) if rows else None
 
+    def mark_retrieved(self, request_id: str) -> None:
+        self._exec(
+            "UPDATE futures SET retrieved=? WHERE request_id=? AND retrieved IS NULL",
+            (self.clock(), request_id),
+        )
+
+    def prune_futures(self, retention: float, grace: float) -> int:
+        """Forget finished results: `retention` seconds after they finished, or `grace`
+        seconds after they were first retrieved; how many."""
+        now = self.clock()
+        with self._lock:
+            cursor = self._db.execute(
+                "DELETE FROM futures WHERE status!='pending' AND "
+                "(finished < ? OR (retrieved IS NOT NULL AND retrieved < ?))",
+                (now - retention, now - grace),
+            )
+            return cursor.rowcount
+
     # ---------------------------------------------------------------- metrics
 
     def add_metrics(self, model_id: str, step: int, kind: str, values: dict[str, float]) -> None:
@@ -243,6 +284,27 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+        if kind == "optim_step" and step % 64 == 0:
+            self.thin_metrics(model_id, self.max_metric_steps)
+
+    def thin_metrics(self, model_id: str, max_steps: int) -> int:
+        """If the run has metrics at more than `max_steps` steps, drop every other step of
+        the older half (odd steps); rows deleted."""
+        with self._lock:
+            steps = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT DISTINCT step FROM metrics WHERE model_id=? ORDER BY step", (model_id,)
+                )
+            ]
+            if len(steps) <= max_steps:
+                return 0
+            old = steps[: len(steps) // 2]
+            drop = [(model_id, s) for s in old[1::2]]
+            cursor = self._db.executemany(
+                "DELETE FROM metrics WHERE model_id=? AND step=?", drop
+            )
+            return cursor.rowcount
 
     def metric_rows(self, model_id: str, since_step: int = 0) -> list[tuple]:
         """`(step, kind, time, name, value)` of the run's operations at steps >= since_step,

@@ -85,6 +85,7 @@ def router(server: Server) -> APIRouter:
             body.prompt_logprobs,
             body.topk_prompt_logprobs,
             body.topk_sample_logprobs,
+            owner=who,
         )
         encode = lambda r: (PROTOBUF, wire_proto.encode_sample_response(only_last(r, last_n)))  # noqa: E731
         request_id = server.requests.track(who, "sample", future, encode)
