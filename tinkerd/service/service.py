@@ -399,7 +399,9 @@ class Service:
         with self._door(model_id, owner, seq_id):
             validate_adam_params(adam)
         work = lambda: self.engine.optim_step(model_id, adam)  # noqa: E731
-        return self._run_work(owner, model_id, self._recorded(owner, model_id, "optim_step", work), seq_id)
+        return self._run_work(
+            owner, model_id, self._recorded(owner, model_id, "optim_step", work), seq_id
+        )
 
     # ---------------------------------------------------------------- checkpoints
 

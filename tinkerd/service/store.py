@@ -162,9 +162,7 @@ class Store:
         return rows[0] if rows else (None, None)
 
     def count_active_runs(self, owner: str) -> int:
-        rows = self._exec(
-            "SELECT COUNT(*) FROM runs WHERE owner=? AND status='active'", (owner,)
-        )
+        rows = self._exec("SELECT COUNT(*) FROM runs WHERE owner=? AND status='active'", (owner,))
         return rows[0][0]
 
     def touch_run(self, model_id: str, status: str | None = None) -> None:
@@ -288,23 +286,26 @@ class Store:
             self.thin_metrics(model_id, self.max_metric_steps)
 
     def thin_metrics(self, model_id: str, max_steps: int) -> int:
-        """If the run has metrics at more than `max_steps` steps, drop every other step of
-        the older half (odd steps); rows deleted."""
+        """While the run has metrics at more than `max_steps` steps, drop every other step
+        of the older half; rows deleted. The newest `max_steps // 2` steps stay exact, old
+        history gets coarser, and the run keeps at most `max_steps` steps."""
+        deleted = 0
         with self._lock:
-            steps = [
-                r[0]
-                for r in self._db.execute(
-                    "SELECT DISTINCT step FROM metrics WHERE model_id=? ORDER BY step", (model_id,)
+            while True:
+                steps = [
+                    r[0]
+                    for r in self._db.execute(
+                        "SELECT DISTINCT step FROM metrics WHERE model_id=? ORDER BY step",
+                        (model_id,),
+                    )
+                ]
+                if len(steps) <= max(max_steps, 2):
+                    return deleted
+                drop = [(model_id, s) for s in steps[: len(steps) // 2][1::2]]
+                cursor = self._db.executemany(
+                    "DELETE FROM metrics WHERE model_id=? AND step=?", drop
                 )
-            ]
-            if len(steps) <= max_steps:
-                return 0
-            old = steps[: len(steps) // 2]
-            drop = [(model_id, s) for s in old[1::2]]
-            cursor = self._db.executemany(
-                "DELETE FROM metrics WHERE model_id=? AND step=?", drop
-            )
-            return cursor.rowcount
+                deleted += cursor.rowcount
 
     def metric_rows(self, model_id: str, since_step: int = 0) -> list[tuple]:
         """`(step, kind, time, name, value)` of the run's operations at steps >= since_step,
