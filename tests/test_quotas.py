@@ -33,7 +33,7 @@ def test_scheduler_turns_go_by_tenant_then_by_key():
     gate = threading.Event()
     scheduler.submit_keyed("lane", "gate", gate.wait)
     order: list[str] = []
-    for i in range(2):
+    for _ in range(2):
         for key in ("a1", "a2", "a3"):
             scheduler.submit_keyed("lane", key, lambda k=key: order.append(k), tenant="A")
         scheduler.submit_keyed("lane", "b", lambda: order.append("b"), tenant="B")

@@ -70,14 +70,19 @@ class RequestTable:
         future: Future,
         encode: Callable[[Any], Encoded] = encode_json,
         model_id: str | None = None,
+        saves: tuple[str, Encoded] | None = None,
     ) -> str:
-        """The request_id of `future` (a new one, unless this future was tracked already)."""
+        """The request_id of `future` (a new one, unless this future was tracked already).
+        `saves`: (tinker path, encoded answer) of a save: its answer if the server dies
+        after the checkpoint is complete, before the answer is recorded
+        (Store.fail_unfinished)."""
         with self._lock:
             request_id = self._ids.get(future)
             if request_id is not None:
                 return request_id
             request_id = self._ids[future] = f"req-{uuid.uuid4().hex}"
-            self.store.add_future(request_id, owner, model_id, kind)
+            answer = None if saves is None else (saves[0], *saves[1])
+            self.store.add_future(request_id, owner, model_id, kind, answer)
             self._pending[request_id] = _Pending(owner, Future())
         future.add_done_callback(lambda f: self._record(request_id, f, encode))
         return request_id

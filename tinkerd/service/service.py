@@ -109,7 +109,9 @@ class Service:
         )
         self.local_runs: dict[str, str] = {}  # model_id: base model, of owner None
         if recover:
-            self.store.fail_unfinished("the server restarted before this request finished")
+            self.store.fail_unfinished(
+                "the server restarted before this request finished", self._saved_since
+            )
             self.sessions.start_expiry()
 
     @functools.cached_property
@@ -155,6 +157,14 @@ class Service:
             with contextlib.suppress(TinkerdError):  # unloaded since
                 runs[model_id] = (base_model, self.engine.run(model_id).lora.rank)
         return runs
+
+    def _saved_since(self, path: str, since: float) -> bool:
+        """Whether the checkpoint at `path` is complete and was written at or after
+        `since` (unix seconds): a save that finished before a crash could report it."""
+        try:
+            return self.checkpoints.resolve(path).created_at >= since
+        except (TinkerdError, ValueError, OSError):
+            return False
 
     def check_run(self, model_id: str, owner: Owner) -> None:
         if owner is None:

@@ -34,6 +34,10 @@ CREATE INDEX IF NOT EXISTS runs_by_owner ON runs (owner);
 CREATE TABLE IF NOT EXISTS published (
     tinker_path TEXT PRIMARY KEY, owner TEXT NOT NULL, published REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pending_saves (
+    request_id TEXT PRIMARY KEY, tinker_path TEXT NOT NULL, content_type TEXT NOT NULL,
+    body BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS checkpoint_ttl (tinker_path TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS metrics (
     model_id TEXT NOT NULL, step INTEGER NOT NULL, kind TEXT NOT NULL, time REAL NOT NULL,
@@ -79,10 +83,28 @@ class Store:
         with self._lock:
             self._db.close()
 
-    def fail_unfinished(self, reason: str) -> int:
-        """At start-up: requests in flight when the server stopped can never finish."""
+    def fail_unfinished(
+        self, reason: str, saved: Callable[[str, float], bool] = lambda path, since: False
+    ) -> int:
+        """At start-up: requests in flight when the server stopped can never finish. A
+        save whose checkpoint is complete on disk (`saved(tinker_path, request created)`:
+        written after the request came) did finish, only its answer was not recorded:
+        it is answered as done, so a retry never meets "already exists"."""
         body = json.dumps({"error": reason, "category": "server"}).encode()
         with self._lock:
+            saves = self._db.execute(
+                "SELECT f.request_id, s.tinker_path, s.content_type, s.body, f.created "
+                "FROM futures f JOIN pending_saves s ON f.request_id=s.request_id "
+                "WHERE f.status='pending'"
+            ).fetchall()
+            for request_id, path, content_type, done, created in saves:
+                if saved(path, created):
+                    self._db.execute(
+                        "UPDATE futures SET status='done', content_type=?, body=?, finished=? "
+                        "WHERE request_id=?",
+                        (content_type, done, self.clock(), request_id),
+                    )
+            self._db.execute("DELETE FROM pending_saves")
             cursor = self._db.execute(
                 "UPDATE futures SET status='failed', content_type='application/json', body=?, "
                 "finished=? WHERE status='pending'",
@@ -227,18 +249,37 @@ class Store:
 
     # ---------------------------------------------------------------- futures
 
-    def add_future(self, request_id: str, owner: str, model_id: str | None, kind: str) -> None:
-        self._exec(
-            "INSERT INTO futures (request_id, owner, model_id, kind, status, created) "
-            "VALUES (?, ?, ?, ?, 'pending', ?)",
-            (request_id, owner, model_id, kind, self.clock()),
-        )
+    def add_future(
+        self,
+        request_id: str,
+        owner: str,
+        model_id: str | None,
+        kind: str,
+        saves: tuple[str, str, bytes] | None = None,
+    ) -> None:
+        """A request in flight. `saves`: (tinker path, content type, body) of a save
+        request's answer, recorded as its result at start-up if the server died after the
+        checkpoint was complete but before the answer was (`fail_unfinished`)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO futures (request_id, owner, model_id, kind, status, created) "
+                "VALUES (?, ?, ?, ?, 'pending', ?)",
+                (request_id, owner, model_id, kind, self.clock()),
+            )
+            if saves is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO pending_saves VALUES (?, ?, ?, ?)",
+                    (request_id, *saves),
+                )
 
     def finish_future(self, request_id: str, status: str, content_type: str, body: bytes) -> None:
-        self._exec(
-            "UPDATE futures SET status=?, content_type=?, body=?, finished=? WHERE request_id=?",
-            (status, content_type, body, self.clock(), request_id),
-        )
+        with self._lock:
+            self._db.execute(
+                "UPDATE futures SET status=?, content_type=?, body=?, finished=? "
+                "WHERE request_id=?",
+                (status, content_type, body, self.clock(), request_id),
+            )
+            self._db.execute("DELETE FROM pending_saves WHERE request_id=?", (request_id,))
 
     def future(self, request_id: str) -> StoredFuture | None:
         rows = self._exec(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, Request
 
 from tinkerd import wire_proto
+from tinkerd.engine.checkpoints import tinker_path
 from tinkerd.errors import InvalidRequestError
 from tinkerd.server.requests import PROTOBUF, done, encode_json
 from tinkerd.server.routes import API
@@ -95,7 +96,10 @@ def router(server: Server) -> APIRouter:
     def save_weights(body: SaveWeightsRequest, who: str = Owner) -> dict:
         future = service.save_state(who, body.model_id, body.path, body.overwrite, body.seq_id)
         encode = lambda path: encode_json({"path": path, "type": "save_weights"})  # noqa: E731
-        return server.track(who, "save_weights", future, encode, body.model_id)
+        path = tinker_path(body.model_id, "weights", body.path)
+        return server.track(
+            who, "save_weights", future, encode, body.model_id, (path, encode(path))
+        )
 
     @routes.post("/load_weights")
     def load_weights(body: LoadWeightsRequest, who: str = Owner) -> dict:
