@@ -72,7 +72,14 @@ _Queues = OrderedDict[Hashable, deque[_Item]]
 
 
 class _Lane:
-    def __init__(self, name: str, max_pass_tokens: int, log: deque):
+    def __init__(
+        self,
+        name: str,
+        max_pass_tokens: int,
+        log: deque,
+        on_idle: Callable[[], Any] | None = None,
+    ):
+        self.on_idle = on_idle
         # tenant: {key: queue}, both in turn order; neither holds an empty queue.
         self.tenants: OrderedDict[Hashable, _Queues] = OrderedDict()
         self.cond = threading.Condition()
@@ -137,6 +144,11 @@ class _Lane:
                 taken = self._take()
             self.log.append(tuple(k for k, _ in taken))
             _run(taken)
+            if self.on_idle is not None and not self.tenants:  # unlocked peek: a hint
+                try:
+                    self.on_idle()
+                except Exception:  # noqa: BLE001 -- housekeeping never stops a lane
+                    log.exception("idle hook of a lane failed")
 
     def close(self, cancel: bool) -> None:
         with self.cond:
@@ -178,10 +190,15 @@ def _run(taken: list[tuple[Hashable, _Item]]) -> None:
 
 
 class Scheduler:
-    def __init__(self, max_pass_tokens: int = MAX_PASS_TOKENS) -> None:
+    def __init__(
+        self, max_pass_tokens: int = MAX_PASS_TOKENS, on_idle: Callable[[], Any] | None = None
+    ) -> None:
+        """`on_idle`: called in a lane's thread when it has run out of work (e.g. to give
+        freed memory back: service/memory.py)."""
         self._lanes: dict[str, _Lane] = {}
         self._lock = threading.Lock()
         self.max_pass_tokens = max_pass_tokens
+        self.on_idle = on_idle
         self.passes: deque[tuple[Hashable, ...]] = deque(maxlen=4096)
         """Keys served by each recent pass, all lanes together: how much was packed."""
         # A daemon worker still inside a torch op at interpreter teardown aborts the
@@ -200,7 +217,9 @@ class Scheduler:
         with self._lock:
             worker = self._lanes.get(lane)
             if worker is None:
-                worker = self._lanes[lane] = _Lane(lane, self.max_pass_tokens, self.passes)
+                worker = self._lanes[lane] = _Lane(
+                    lane, self.max_pass_tokens, self.passes, self.on_idle
+                )
         return worker.put(key, work, tenant)
 
     def submit(self, lane: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:

@@ -37,6 +37,7 @@ from tinkerd.errors import InvalidRequestError, NotFoundError, QuotaExceededErro
 from tinkerd.service.access import Catalog
 from tinkerd.service.config import ServiceConfig
 from tinkerd.service.futures import RequestQueue
+from tinkerd.service.memory import trim_heap
 from tinkerd.service.metrics import record, timed
 from tinkerd.service.sampling import Sampling
 from tinkerd.service.scheduler import Scheduler, loss_work
@@ -97,7 +98,7 @@ class Service:
         self.served_models = served_models
         self.checkpoints = engine.checkpoints  # opening it finishes what a crash cut off
         self.data_dir = Path(data_dir or engine.data_dir)
-        self.scheduler = Scheduler(self.config.max_pass_tokens)
+        self.scheduler = Scheduler(self.config.max_pass_tokens, on_idle=trim_heap)
         self.queue = RequestQueue(
             self.scheduler,
             self.config.gap_timeout,
