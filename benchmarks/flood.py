@@ -74,14 +74,6 @@ class Flood:
                 self.errors.append(traceback.format_exc(limit=2))
 
     def start(self) -> None:
-        headers = {"X-API-Key": FLOOD_KEY}
-        with httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=60) as http:
-            for _ in range(self.args.flood_sessions):  # raw: no heartbeat threads
-                r = http.post("/create_session", json={"tags": [], "user_metadata": {}})
-                if r.status_code == 200:
-                    self.granted["sessions"] += 1
-                else:
-                    self.refused[str(r.status_code)] = self.refused.get(str(r.status_code), 0) + 1
         self.service = tinker.ServiceClient(base_url=self.url, api_key=FLOOD_KEY)
         clients = []
         for seed in range(self.args.flood_runs):
@@ -97,6 +89,14 @@ class Flood:
                 self.granted["sampling sessions"] += 1
             except tinker.APIStatusError as e:
                 self._refusal(e)
+        headers = {"X-API-Key": FLOOD_KEY}
+        with httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=60) as http:
+            for _ in range(self.args.flood_sessions):  # raw: no heartbeat threads
+                r = http.post("/create_session", json={"tags": [], "user_metadata": {}})
+                if r.status_code == 200:
+                    self.granted["sessions"] += 1
+                else:
+                    self.refused[str(r.status_code)] = self.refused.get(str(r.status_code), 0) + 1
         for k, client in enumerate(clients):
             thread = threading.Thread(target=self._train, args=(client, k), daemon=True)
             thread.start()

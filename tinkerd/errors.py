@@ -71,7 +71,7 @@ def error_for_status(status: int, message: str) -> TinkerdError:
     by_status = {
         400: InvalidRequestError,
         401: AuthenticationError,
-        403: AuthenticationError,
+        403: QuotaExceededError,
         404: NotFoundError,
         409: ModelUnloadedError,
         422: InvalidRequestError,
