@@ -130,7 +130,8 @@ def test_after_a_restart_a_runs_old_client_is_told_to_reload_its_last_checkpoint
         message = str(lost.value)
         assert "restarted" in message and "create_training_client_from_state" in message
         fresh = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
-        runs = fresh.create_rest_client().list_training_runs().result().training_runs
+        rest = tinker.RestClient(base_url=server.url, api_key=KEYS[0])
+        runs = rest.list_training_runs().result().training_runs
         assert client.model_id in [r.training_run_id for r in runs]  # still listed
         resumed = fresh.create_training_client_from_state_with_optimizer(path).result()
         assert resumed.forward_backward(batch, "cross_entropy").result().metrics

@@ -209,7 +209,8 @@ def test_a_save_complete_at_a_crash_is_reported_done_after_restart(tmp_path):
         path = f"tinker://{client.model_id}/weights/b"
         assert future.result(timeout=120).path == path
         fresh = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
-        listed = fresh.create_rest_client().list_checkpoints(client.model_id).result()
+        rest = tinker.RestClient(base_url=server.url, api_key=KEYS[0])
+        listed = rest.list_checkpoints(client.model_id).result()
         assert [c.tinker_path for c in listed.checkpoints] == [path]
         fresh.create_training_client_from_state(path).result()
     finally:
