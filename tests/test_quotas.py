@@ -5,6 +5,7 @@ the quotas (403 / 429 through the official SDK) is at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -27,17 +28,27 @@ def service_with(engine, tmp_path, **limits) -> Service:
     return Service(engine, tmp_path, [TINY], config)
 
 
+@contextlib.contextmanager
+def lane_held(scheduler: Scheduler, lane: str = TINY):
+    """Hold the lane while the body queues work; always let go (a failing assertion must
+    not leave a lane blocked, which would hang the interpreter's exit)."""
+    gate = threading.Event()
+    scheduler.submit_keyed(lane, "gate", gate.wait)
+    try:
+        yield
+    finally:
+        gate.set()
+
+
 def test_scheduler_turns_go_by_tenant_then_by_key():
     """Tenant A's three keys get one turn per round, like tenant B's one key."""
     scheduler = Scheduler()
-    gate = threading.Event()
-    scheduler.submit_keyed("lane", "gate", gate.wait)
     order: list[str] = []
-    for _ in range(2):
-        for key in ("a1", "a2", "a3"):
-            scheduler.submit_keyed("lane", key, lambda k=key: order.append(k), tenant="A")
-        scheduler.submit_keyed("lane", "b", lambda: order.append("b"), tenant="B")
-    gate.set()
+    with lane_held(scheduler, "lane"):
+        for _ in range(2):
+            for key in ("a1", "a2", "a3"):
+                scheduler.submit_keyed("lane", key, lambda k=key: order.append(k), tenant="A")
+            scheduler.submit_keyed("lane", "b", lambda: order.append("b"), tenant="B")
     scheduler.shutdown()
     assert order == ["a1", "b", "a2", "b", "a3", "a1", "a2", "a3"]
 
@@ -49,14 +60,12 @@ def test_a_key_with_many_runs_does_not_crowd_out_a_key_with_one(engine, tmp_path
     alice, bob = (service.sessions.create(who, [], {}) for who in ("alice", "bob"))
     runs = [service.create_model("alice", TINY, LORA, alice, i).result() for i in range(5)]
     victim = service.create_model("bob", TINY, LORA, bob, 0).result()
-    gate = threading.Event()
-    service.scheduler.submit_keyed(TINY, "gate", gate.wait)
     finished: list[str] = []
-    futures = [service.forward_backward("alice", m, FB, "cross_entropy") for m in runs]
-    futures.append(service.forward_backward("bob", victim, FB, "cross_entropy"))
-    for model_id, future in zip([*runs, victim], futures):
-        future.add_done_callback(lambda _, m=model_id: finished.append(m))
-    gate.set()
+    with lane_held(service.scheduler):
+        futures = [service.forward_backward("alice", m, FB, "cross_entropy") for m in runs]
+        futures.append(service.forward_backward("bob", victim, FB, "cross_entropy"))
+        for model_id, future in zip([*runs, victim], futures):
+            future.add_done_callback(lambda _, m=model_id: finished.append(m))
     for future in futures:
         future.result()
     assert finished.index(victim) == 1, finished
@@ -87,19 +96,17 @@ def test_queued_requests_per_key_answer_429_and_leave_other_keys_alone(engine, t
     alice, bob = (service.sessions.create(who, [], {}) for who in ("alice", "bob"))
     mine = service.create_model("alice", TINY, LORA, alice, 0).result()
     theirs = service.create_model("bob", TINY, LORA, bob, 0).result()
-    gate = threading.Event()
-    service.scheduler.submit_keyed(TINY, "gate", gate.wait)
-    queued = [service.forward("alice", mine, FB, "cross_entropy") for _ in range(2)]
-    with pytest.raises(QueueFullError, match="max-queued-per-key") as refused:
-        service.forward("alice", mine, FB, "cross_entropy")
-    assert refused.value.status_code == 429 and refused.value.retry_after > 0
-    weights = service.sampling.weights("alice", TINY, None)
-    with pytest.raises(QueueFullError):  # samples count too
-        service.sampling.sample(
-            weights, [256, 5], 1, tinker.SamplingParams(max_tokens=1), owner="alice"
-        )
-    other = service.forward("bob", theirs, FB, "cross_entropy")
-    gate.set()
+    with lane_held(service.scheduler):
+        queued = [service.forward("alice", mine, FB, "cross_entropy") for _ in range(2)]
+        with pytest.raises(QueueFullError, match="max-queued-per-key") as refused:
+            service.forward("alice", mine, FB, "cross_entropy")
+        assert refused.value.status_code == 429 and refused.value.retry_after > 0
+        weights = service.sampling.weights("alice", TINY, None)
+        with pytest.raises(QueueFullError):  # samples count too
+            service.sampling.sample(
+                weights, [256, 5], 1, tinker.SamplingParams(max_tokens=1), owner="alice"
+            )
+        other = service.forward("bob", theirs, FB, "cross_entropy")
     for future in [*queued, other]:
         future.result()
     service.forward("alice", mine, FB, "cross_entropy").result()  # room again
