@@ -245,6 +245,41 @@ def test_the_page_shows_the_run_and_its_charts_grow_live(served, sdk, tmp_path):
         shutil.copy(shot, DOCS_SCREENSHOT)
 
 
+def test_the_page_sends_security_headers(served):
+    for path in ("/", "/static/dashboard.js", "/static/dashboard.css"):
+        headers = httpx.get(served.url + path, timeout=30).headers
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["x-frame-options"] == "DENY"
+        policy = headers["content-security-policy"]
+        assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+        assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+
+
+def test_a_link_never_switches_a_tabs_key_without_asking(served):
+    """A tab that uses Carol's key opens a link carrying Alice's: the key leaves the
+    address bar, the tab keeps Carol's and asks; only "use the link's key" switches it.
+    The page runs under its CSP (a violation would stop the script: the runs would not
+    load)."""
+    stored = "sessionStorage.getItem('tinkerd-api-key')"
+    browser = Browser()
+    try:
+        browser.open(f"{served.url}/#key={CAROL}")  # a fresh tab takes a link's key
+        browser.wait_for("document.getElementById('main').dataset.loaded", "true")
+        assert browser.evaluate(stored) == CAROL
+        browser.evaluate(f"location.hash = 'key={ALICE}'")
+        browser.wait_for("document.getElementById('key-offer').hidden", False)
+        assert browser.evaluate(stored) == CAROL and ALICE not in browser.evaluate("location.href")
+        browser.evaluate("document.getElementById('keep-key').click()")
+        assert browser.evaluate("document.getElementById('key-offer').hidden") is True
+        assert browser.evaluate(stored) == CAROL
+        browser.evaluate(f"location.hash = 'key={ALICE}'")
+        browser.wait_for("document.getElementById('key-offer').hidden", False)
+        browser.evaluate("document.getElementById('use-link-key').click()")
+        assert browser.evaluate(stored) == ALICE
+    finally:
+        browser.close()
+
+
 def test_a_step_folds_its_operations():
     """Gradient accumulation: two forward_backwards and an optim_step make one step."""
     rows = [

@@ -123,6 +123,34 @@ def test_requests_in_flight_at_a_crash_fail_clearly_after_restart(limited):
     assert post(server, "get_info", json={"model_id": model_id}).status_code == 404
 
 
+def test_after_a_restart_a_runs_old_client_is_told_to_reload_its_last_checkpoint(tmp_path):
+    """The run is listed after a restart but its weights were in memory only: the old
+    official-SDK client's next request gets a 404 that says so and what to do, and doing
+    it (a new client from the last checkpoint, with its optimizer) trains on."""
+    server = ServerProcess(tmp_path)
+    try:
+        sdk = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
+        client = sdk.create_lora_training_client(base_model=TINY, rank=2).result()
+        batch = [sdk_datum(b"abc")]
+        client.forward_backward(batch, "cross_entropy").result()
+        client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        path = client.save_state("last").result().path
+        server.stop(kill=True)
+        server.start()
+        with pytest.raises(tinker.NotFoundError) as lost:
+            client.forward_backward(batch, "cross_entropy").result()
+        message = str(lost.value)
+        assert "restarted" in message and "create_training_client_from_state" in message
+        fresh = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
+        rest = tinker.RestClient(base_url=server.url, api_key=KEYS[0])
+        runs = rest.list_training_runs().result().training_runs
+        assert client.model_id in [r.training_run_id for r in runs]  # still listed
+        resumed = fresh.create_training_client_from_state_with_optimizer(path).result()
+        assert resumed.forward_backward(batch, "cross_entropy").result().metrics
+    finally:
+        server.stop()
+
+
 def test_api_keys_never_reach_the_logs(limited):
     server = limited  # logs at debug level; its log also holds the tests above
     try:

@@ -203,6 +203,31 @@ def test_archive_download_is_signed_and_scoped(server, alice_run):
     bob.close()
 
 
+def test_archive_links_are_revoked_when_the_checkpoint_changes(server, alice_run):
+    """A signed link dies at once (not 15 minutes later) when the checkpoint is
+    unpublished, or deleted and re-created under the same name."""
+    from tinkerd import RestClient
+
+    _, _, _, training = alice_run
+    alice, bob = RestClient(server.url, ALICE), RestClient(server.url, BOB)
+    path = training.save_state("revoked").result().path
+    alice.publish_checkpoint_from_tinker_path(path).result()
+    shared = bob.get_checkpoint_archive_url_from_tinker_path(path).result().url
+    assert httpx.get(shared).status_code == 200
+    alice.unpublish_checkpoint_from_tinker_path(path).result()
+    assert httpx.get(shared).status_code == 404  # Bob's link went with the publication
+    own = alice.get_checkpoint_archive_url_from_tinker_path(path).result().url
+    assert httpx.get(own).status_code == 200
+    alice.delete_checkpoint_from_tinker_path(path).result()
+    assert training.save_state("revoked").result().path == path  # another checkpoint
+    revoked = httpx.get(own)
+    assert revoked.status_code == 404 and "revoked" in revoked.json()["detail"]
+    fresh = alice.get_checkpoint_archive_url_from_tinker_path(path).result().url
+    assert httpx.get(fresh).status_code == 200
+    alice.close()
+    bob.close()
+
+
 def test_own_rest_client_on_both_transports(service, tmp_path):
     client = service.create_lora_training_client(TINY, rank=4, seed=2)
     state = client.save_state("own-state").result().path

@@ -185,3 +185,33 @@ def test_kill_during_save_loses_nothing(tmp_path):
         service.close()
     finally:
         server.stop()
+
+
+def test_a_save_complete_at_a_crash_is_reported_done_after_restart(tmp_path):
+    """kill -9 after checkpoint "b" is complete on disk but before its answer was recorded:
+    after the restart the official SDK's save future resolves to b's path (not "server
+    restarted"), so nobody retries into "already exists"; b is listed and loads."""
+    data_dir = tmp_path / "data"
+    stall_b = [sys.executable, str(Path(__file__).parent / "stalled_save_server.py"), "b", "60"]
+    after = {"TINKERD_TEST_STALL_AFTER": "1"}
+    server = ServerProcess(data_dir, launcher=stall_b, env=after)
+    try:
+        sdk = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
+        client = sdk.create_lora_training_client(base_model=TINY, rank=2).result()
+        future = client.save_state("b")
+        final = data_dir / "checkpoints" / client.model_id / "weights" / "b"
+        deadline = time.time() + 60
+        while not (final / "tinkerd.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert (final / "tinkerd.json").exists(), "the save of b never finished"
+        server.stop(kill=True)
+        server.start(env=after)
+        path = f"tinker://{client.model_id}/weights/b"
+        assert future.result(timeout=120).path == path
+        fresh = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
+        rest = tinker.RestClient(base_url=server.url, api_key=KEYS[0])
+        listed = rest.list_checkpoints(client.model_id).result()
+        assert [c.tinker_path for c in listed.checkpoints] == [path]
+        fresh.create_training_client_from_state(path).result()
+    finally:
+        server.stop()

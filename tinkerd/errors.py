@@ -50,6 +50,15 @@ class QueueFullError(TinkerdError):
     retry_after = 1.0
 
 
+class QuotaExceededError(TinkerdError):
+    """The API key holds as many of something (runs, sessions, uploaded losses) as the
+    server allows it (`tinkerd serve --max-...-per-key`): free some first (HTTP 403; not
+    retried, since waiting alone does not free anything)."""
+
+    status_code = 403
+    category = "user"
+
+
 class RequestFailedError(TinkerdError):
     """A queued request failed on the server for a reason of the server's own."""
 
@@ -62,7 +71,7 @@ def error_for_status(status: int, message: str) -> TinkerdError:
     by_status = {
         400: InvalidRequestError,
         401: AuthenticationError,
-        403: AuthenticationError,
+        403: QuotaExceededError,
         404: NotFoundError,
         409: ModelUnloadedError,
         422: InvalidRequestError,

@@ -51,6 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
             poll_timeout=args.poll_timeout,
             max_pending=args.max_queue,
             session_timeout=args.session_timeout,
+            **{name: getattr(args, name) for name in QUOTAS if hasattr(args, name)},
         )
         server = Server(engine, data_dir, keys, models, config=config)
         print(
@@ -85,6 +86,21 @@ def engine_config(args: argparse.Namespace):
         config.max_batch_tokens = args.max_batch_tokens
     config.dtype = args.dtype
     return config
+
+
+QUOTAS = {  # ServiceConfig field: what its --flag says (`none`: no limit)
+    "max_runs_per_key": "active training runs one API key may hold (403 beyond)",
+    "max_sessions_per_key": "open sessions one API key may hold (403 beyond)",
+    "max_sampling_sessions_per_key": "sampling sessions one API key holds; beyond it, "
+    "its least recently used one is dropped",
+    "max_queued_per_key": "requests of one API key queued at once (429 beyond)",
+    "max_losses_per_key": "uploaded custom losses one API key holds (403 beyond)",
+    "max_loss_bytes_per_key": "bytes of uploaded custom losses one API key holds (403 beyond)",
+}
+
+
+def _limit(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -156,5 +172,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="frozen base weights' dtype (LoRA, Adam state and logprobs stay float32); "
         "auto: bfloat16 on CUDA, else float32",
     )
+    for name, what in QUOTAS.items():  # unset: ServiceConfig's default (multi-tenant.md)
+        serve.add_argument(
+            "--" + name.replace("_", "-"),
+            type=_limit,
+            default=argparse.SUPPRESS,
+            metavar="N",
+            help=f"{what}; none: no limit (default: docs/multi-tenant.md)",
+        )
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=_serve)

@@ -91,9 +91,11 @@ class Server:
         future: Future,
         encode: Callable[[Any], Encoded] = encode_json,
         model_id: str | None = None,
+        saves: tuple[str, Encoded] | None = None,
     ) -> dict:
-        """The answer to a mutating request: the request_id of the service's future."""
-        request_id = self.requests.track(owner, kind, future, encode, model_id)
+        """The answer to a mutating request: the request_id of the service's future.
+        `saves`: see RequestTable.track."""
+        request_id = self.requests.track(owner, kind, future, encode, model_id, saves)
         return {"request_id": request_id, "model_id": model_id}
 
     def release_rejected(self, owner: str, model_id: Any, seq_id: Any) -> None:

@@ -71,14 +71,19 @@ class RequestTable:
         future: Future,
         encode: Callable[[Any], Encoded] = encode_json,
         model_id: str | None = None,
+        saves: tuple[str, Encoded] | None = None,
     ) -> str:
-        """The request_id of `future` (a new one, unless this future was tracked already)."""
+        """The request_id of `future` (a new one, unless this future was tracked already).
+        `saves`: (tinker path, encoded answer) of a save: its answer if the server dies
+        after the checkpoint is complete, before the answer is recorded
+        (Store.fail_unfinished)."""
         with self._lock:
             request_id = self._ids.get(future)
             if request_id is not None:
                 return request_id
             request_id = self._ids[future] = f"req-{uuid.uuid4().hex}"
-            self.store.add_future(request_id, owner, model_id, kind)
+            answer = None if saves is None else (saves[0], *saves[1])
+            self.store.add_future(request_id, owner, model_id, kind, answer)
             self._pending[request_id] = _Pending(owner, kind, Future())
         future.add_done_callback(lambda f: self._record(request_id, f, encode))
         return request_id
@@ -109,12 +114,15 @@ class RequestTable:
             stored = self.store.future(request_id)
             if stored is None or stored.owner != owner:
                 raise KeyError(request_id)
+            self.store.mark_retrieved(request_id)  # kept `retrieved_grace` s from now
             return stored
         if pending.owner != owner:
             raise KeyError(request_id)
         try:
-            return await asyncio.wait_for(
+            stored = await asyncio.wait_for(
                 asyncio.shield(asyncio.wrap_future(pending.done)), timeout
             )
         except asyncio.TimeoutError:
             return None
+        self.store.mark_retrieved(request_id)
+        return stored

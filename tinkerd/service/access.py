@@ -32,7 +32,7 @@ from tinkerd.service.store import Store
 from tinkerd.types import Checkpoint, CheckpointsListResponse, Cursor, TrainingRun
 
 ARCHIVE_URL_SECONDS = 15 * 60
-"""How long a signed archive URL stays valid."""
+"""How long a signed archive URL stays valid (unless revoked sooner: `Catalog.signature`)."""
 EXTERNAL_FILES = (WEIGHTS_FILE, CONFIG_FILE)
 """What an external weights checkpoint offers for download: the PEFT adapter, as
 `PeftModel.from_pretrained` reads it (tinkerd's own metadata stays behind)."""
@@ -227,7 +227,16 @@ class Catalog:
     # ---------------------------------------------------------------- archives
 
     def signature(self, path: str, expires: int) -> str:
-        return hmac.new(self._secret, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
+        """Signs the path, the expiry and what the link was granted on: the checkpoint's
+        identity (its creation time: a deleted and re-created checkpoint is another) and
+        whether it is published. A change to either revokes every link at once."""
+        try:
+            created = repr(self.checkpoints.resolve(path).created_at)
+        except NotFoundError:
+            created = "absent"
+        public = path in self.store.published()
+        message = f"{path}\n{expires}\n{created}\n{public}".encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
 
     def sign(self, path: str) -> tuple[int, str]:
         """(expires as unix seconds, signature) of a short-lived download of `path`."""
@@ -235,10 +244,14 @@ class Catalog:
         return expires, self.signature(path, expires)
 
     def check_signature(self, path: str, expires: int, signature: str) -> CheckpointInfo:
+        self.expire()  # a checkpoint past its TTL is gone, and so is its link
         # As bytes: compare_digest refuses a str that is not ASCII (a forged signature).
         good = hmac.compare_digest(self.signature(path, expires).encode(), signature.encode())
         if not good or expires < time.time():
-            raise NotFoundError("the download link is invalid or has expired; ask for a new one")
+            raise NotFoundError(
+                "the download link is invalid, has expired, or was revoked (the checkpoint "
+                "was unpublished, published, deleted or re-created); ask for a new one"
+            )
         return self.checkpoints.resolve(path)
 
     def _external_files(self, path: str) -> list[str]:

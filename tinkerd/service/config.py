@@ -24,5 +24,31 @@ class ServiceConfig:
     """Padded tokens one packed forward_backward pass may hold."""
     gap_timeout: float = 60.0
     """Seconds a missing seq_id holds back a run's later requests."""
+    # Per-API-key quotas (the local, embedded caller has none): what one key may hold at
+    # once, so one key cannot take the server's memory. None: no limit.
+    max_runs_per_key: int | None = 32
+    """Active training runs (an unloaded, finished or expired run no longer counts): more
+    are refused with 403 naming the limit."""
+    max_sessions_per_key: int | None = 64
+    """Open sessions (finished or expired ones no longer count): more are refused (403)."""
+    max_sampling_sessions_per_key: int | None = 64
+    """Sampling sessions held: beyond it the key's least recently used one is dropped (a
+    later sample on it answers 404 saying so), so an RL loop that makes a sampling client
+    per step keeps working in bounded memory."""
+    max_queued_per_key: int | None = 256
+    """Requests of one key queued or running at once (samples included): more are refused
+    with 429 and Retry-After, like `max_pending`."""
+    max_losses_per_key: int | None = 32
+    """Uploaded custom losses held (freed with their session): more are refused (403)."""
+    max_loss_bytes_per_key: int | None = 32 << 20
+    """Bytes of uploaded custom-loss graphs held (their JSON size): more are refused (403)."""
+    future_retention: float = 3600.0
+    """Seconds a finished request's result stays retrievable (it is usually fetched within
+    a second); after it has been retrieved, `retrieved_grace` seconds."""
+    retrieved_grace: float = 300.0
+    """Seconds a retrieved result stays retrievable again (re-polls after a reconnect)."""
+    max_metric_steps: int = 10_000
+    """Steps of metrics kept per run; beyond it, the older half is thinned to every other
+    step (repeatedly: old history gets coarser, recent steps stay exact)."""
     clock: Callable[[], float] = field(default=time.time)
     """Wall-clock seconds (heartbeats, expiry): injectable so tests need not wait."""

@@ -59,12 +59,15 @@ class RequestQueue:
         gap_timeout: float = 60.0,
         max_pending: int = 4096,
         clock: Callable[[], float] = time.monotonic,
+        max_pending_per_tenant: int | None = None,
     ):
         self.scheduler = scheduler
         self.gap_timeout = gap_timeout
         self.max_pending = max_pending
+        self.max_pending_per_tenant = max_pending_per_tenant
         self.clock = clock
         self._pending = 0
+        self._tenant_pending: dict[Any, int] = {}
         self._gates: dict[str, _SeqGate] = {}
         # Reentrant: work that finishes at once calls back into the queue from `submit`.
         self._lock = threading.RLock()
@@ -75,10 +78,13 @@ class RequestQueue:
         work: Callable[[], Any] | Batchable,
         model_id: str | None = None,
         seq_id: int | None = None,
+        tenant: Any = None,
     ) -> Future:
         """Queue `work` in `lane` behind the earlier work of `model_id` (it may share a pass
-        with other runs' work if Batchable). `lane` None: `work()` starts elsewhere and
-        returns its own Future. A re-sent seq_id returns the first request's future."""
+        with other runs' work if Batchable), taking turns as `tenant`'s (an API key's
+        fingerprint; None: local). `lane` None: `work()` starts elsewhere and returns its
+        own Future. A re-sent seq_id returns the first request's future. More than
+        `max_pending` requests in all, or `max_pending_per_tenant` of one tenant: 429."""
         with self._lock:
             gate = (
                 self._gates.setdefault(model_id, _SeqGate(self.clock))
@@ -94,12 +100,22 @@ class RequestQueue:
                 raise QueueFullError(
                     f"the server has {self._pending} requests queued; retry shortly"
                 )
+            mine = self._tenant_pending.get(tenant, 0)
+            limit = self.max_pending_per_tenant
+            if tenant is not None and limit is not None and mine >= limit and not unblocks:
+                raise QueueFullError(
+                    f"this API key has {mine} requests queued (limit --max-queued-per-key "
+                    f"{limit}); retry after some finish"
+                )
             self._pending += 1
+            self._tenant_pending[tenant] = mine + 1
             result: Future = Future()
 
             def start() -> None:
-                future = self.scheduler.submit_keyed(lane, model_id, work) if lane else work()
-                future.add_done_callback(lambda f: self._finish(f, result))
+                future = (
+                    self.scheduler.submit_keyed(lane, model_id, work, tenant) if lane else work()
+                )
+                future.add_done_callback(lambda f: self._finish(f, result, tenant))
 
             if gate is None or seq_id < gate.next_seq:
                 start()
@@ -109,9 +125,23 @@ class RequestQueue:
                 gate.advance()
             return result
 
-    def _finish(self, source: Future, result: Future) -> None:
+    def check_room(self, tenant: Any) -> None:
+        """Raise the 429 `submit` would, for work that must start before it is submitted."""
+        limit = self.max_pending_per_tenant
+        with self._lock:
+            mine = self._tenant_pending.get(tenant, 0)
+        if tenant is not None and limit is not None and mine >= limit:
+            raise QueueFullError(
+                f"this API key has {mine} requests queued (limit --max-queued-per-key "
+                f"{limit}); retry after some finish"
+            )
+
+    def _finish(self, source: Future, result: Future, tenant: Any = None) -> None:
         with self._lock:
             self._pending -= 1
+            left = self._tenant_pending.pop(tenant, 1) - 1
+            if left:
+                self._tenant_pending[tenant] = left
         try:
             result.set_result(source.result())
         except BaseException as e:  # noqa: BLE001 -- a failure (or cancel) goes to the caller

@@ -54,8 +54,11 @@ class Sampling:
         prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
         topk_sample_logprobs: int = 0,
+        owner: str | None = None,
     ) -> Future[SampleResponse]:
-        """Validates now (bad input raises, never a failed future), then samples."""
+        """Validates now (bad input raises, never a failed future), then samples; counts
+        against `owner`'s queued requests (429 over its limit)."""
+        self.service.queue.check_room(owner)
         future = self.engine.sample(
             weights,
             prompt,
@@ -65,4 +68,4 @@ class Sampling:
             topk_prompt_logprobs,
             topk_sample_logprobs,
         )
-        return self.service.queue.submit(None, lambda: future)
+        return self.service.queue.submit(None, lambda: future, tenant=owner)

@@ -3,13 +3,18 @@
 A lane is a base model: one worker thread runs its work, since every run on a base
 shares one module tree. Different base models run side by side.
 
-Within a lane, work is queued per key (a run's model_id; None for work of no run).
-Each key's work runs in submission order, so one run's operations never reorder. Keys
-take turns, round-robin: the worker runs the head of the next key in turn, so a run
-that queued a huge batch (or many requests) delays another run by at most one pass.
+Within a lane, work is queued per key (a run's model_id; None for work of no run), and
+keys are grouped by tenant (the API key that owns the run; None for the local caller).
+Each key's work runs in submission order, so one run's operations never reorder. Turns
+go by tenant first, then by key within the tenant, both round-robin: the worker serves
+the next tenant in turn, and of that tenant the next key in turn. So a tenant with 30
+runs gets one pass per round, like a tenant with one run (fairness per API key, not per
+run), and a run that queued a huge batch (or many requests) delays another by at most
+one pass per round.
 
 `Batchable` work (a forward_backward) can share its pass: when its key's turn comes, the
-heads of the other keys that are Batchable of the same `group` join it, in turn order,
+heads of the other keys (of every tenant) that are Batchable of the same `group` join
+it, in turn order (tenants, then their keys),
 while the pass stays within `MAX_PASS_TOKENS` (the first always runs, however large).
 Their `run_many` then runs them all in one call: one batched pass over the base model.
 The caller gets a `concurrent.futures.Future` at once and never waits on the engine.
@@ -63,11 +68,20 @@ def loss_work(engine: Any, request: Any, backward: bool) -> Batchable:
 
 
 _Item = tuple[Callable[[], Any] | Batchable, Future]
+_Queues = OrderedDict[Hashable, deque[_Item]]
 
 
 class _Lane:
-    def __init__(self, name: str, max_pass_tokens: int, log: deque):
-        self.queues: OrderedDict[Hashable, deque[_Item]] = OrderedDict()  # in turn order
+    def __init__(
+        self,
+        name: str,
+        max_pass_tokens: int,
+        log: deque,
+        on_idle: Callable[[], Any] | None = None,
+    ):
+        self.on_idle = on_idle
+        # tenant: {key: queue}, both in turn order; neither holds an empty queue.
+        self.tenants: OrderedDict[Hashable, _Queues] = OrderedDict()
         self.cond = threading.Condition()
         self.closed = False
         self.max_pass_tokens = max_pass_tokens
@@ -75,57 +89,76 @@ class _Lane:
         self.thread = threading.Thread(target=self._loop, name=f"tinkerd-lane-{name}", daemon=True)
         self.thread.start()
 
-    def put(self, key: Hashable, work: Callable[[], Any] | Batchable) -> Future:
+    def put(
+        self, key: Hashable, work: Callable[[], Any] | Batchable, tenant: Hashable = None
+    ) -> Future:
         future: Future = Future()
         with self.cond:
             if self.closed:
                 raise RuntimeError("cannot schedule new work after shutdown")
-            self.queues.setdefault(key, deque()).append((work, future))
+            queues = self.tenants.setdefault(tenant, OrderedDict())
+            queues.setdefault(key, deque()).append((work, future))
             self.cond.notify()
         return future
 
     def _take(self) -> list[tuple[Hashable, _Item]]:
-        """The next pass: the head of the key whose turn it is, and packable heads of
-        other keys. Every key served goes to the back of the turn order."""
-        key, queue = next(iter(self.queues.items()))
-        taken = [(key, queue.popleft())]
-        first = taken[0][1][0]
+        """The next pass: the head of the next key of the tenant whose turn it is, and
+        packable heads of other keys. Every key served goes to the back of its tenant's
+        turn order, every tenant served to the back of the tenants'."""
+        tenant, queues = next(iter(self.tenants.items()))
+        key, queue = next(iter(queues.items()))
+        taken = [(tenant, key, queue.popleft())]
+        first = taken[0][2][0]
         if isinstance(first, Batchable):
             tokens = first.tokens
-            for other, q in list(self.queues.items())[1:]:
-                work = q[0][0]
-                if (
-                    isinstance(work, Batchable)
-                    and work.group == first.group
-                    and tokens + work.tokens <= self.max_pass_tokens
-                ):
-                    taken.append((other, q.popleft()))
-                    tokens += work.tokens
-        for k, _ in taken:
-            q = self.queues.pop(k)
+            for t, qs in self.tenants.items():
+                for other, q in qs.items():
+                    if not q or (t, other) == (tenant, key):
+                        continue
+                    work = q[0][0]
+                    if (
+                        isinstance(work, Batchable)
+                        and work.group == first.group
+                        and tokens + work.tokens <= self.max_pass_tokens
+                    ):
+                        taken.append((t, other, q.popleft()))
+                        tokens += work.tokens
+        for t, k, _ in taken:
+            qs = self.tenants[t]
+            q = qs.pop(k)
             if q:
-                self.queues[k] = q  # to the back of the turn order
-        return taken
+                qs[k] = q  # to the back of its tenant's turn order
+        for t in dict.fromkeys(t for t, _, _ in taken):
+            qs = self.tenants.pop(t)
+            if qs:
+                self.tenants[t] = qs  # to the back of the tenants' turn order
+        return [(k, item) for _, k, item in taken]
 
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while not self.queues and not self.closed:
+                while not self.tenants and not self.closed:
                     self.cond.wait()
-                if not self.queues:
+                if not self.tenants:
                     return  # closed and drained
                 taken = self._take()
             self.log.append(tuple(k for k, _ in taken))
             _run(taken)
+            if self.on_idle is not None and not self.tenants:  # unlocked peek: a hint
+                try:
+                    self.on_idle()
+                except Exception:  # noqa: BLE001 -- housekeeping never stops a lane
+                    log.exception("idle hook of a lane failed")
 
     def close(self, cancel: bool) -> None:
         with self.cond:
             self.closed = True
             if cancel:
-                for queue in self.queues.values():
-                    for _, future in queue:
-                        future.cancel()
-                self.queues.clear()
+                for queues in self.tenants.values():
+                    for queue in queues.values():
+                        for _, future in queue:
+                            future.cancel()
+                self.tenants.clear()
             self.cond.notify()
 
 
@@ -157,10 +190,15 @@ def _run(taken: list[tuple[Hashable, _Item]]) -> None:
 
 
 class Scheduler:
-    def __init__(self, max_pass_tokens: int = MAX_PASS_TOKENS) -> None:
+    def __init__(
+        self, max_pass_tokens: int = MAX_PASS_TOKENS, on_idle: Callable[[], Any] | None = None
+    ) -> None:
+        """`on_idle`: called in a lane's thread when it has run out of work (e.g. to give
+        freed memory back: service/memory.py)."""
         self._lanes: dict[str, _Lane] = {}
         self._lock = threading.Lock()
         self.max_pass_tokens = max_pass_tokens
+        self.on_idle = on_idle
         self.passes: deque[tuple[Hashable, ...]] = deque(maxlen=4096)
         """Keys served by each recent pass, all lanes together: how much was packed."""
         # A daemon worker still inside a torch op at interpreter teardown aborts the
@@ -168,14 +206,21 @@ class Scheduler:
         atexit.register(self.shutdown)
 
     def submit_keyed(
-        self, lane: str, key: Hashable, work: Callable[[], T] | Batchable
+        self,
+        lane: str,
+        key: Hashable,
+        work: Callable[[], T] | Batchable,
+        tenant: Hashable = None,
     ) -> Future[T]:
-        """Queue `work` (a no-argument callable, or a Batchable) behind `key`'s earlier work."""
+        """Queue `work` (a no-argument callable, or a Batchable) behind `key`'s earlier
+        work; `key` takes its turns among the other keys of `tenant` (see above)."""
         with self._lock:
             worker = self._lanes.get(lane)
             if worker is None:
-                worker = self._lanes[lane] = _Lane(lane, self.max_pass_tokens, self.passes)
-        return worker.put(key, work)
+                worker = self._lanes[lane] = _Lane(
+                    lane, self.max_pass_tokens, self.passes, self.on_idle
+                )
+        return worker.put(key, work, tenant)
 
     def submit(self, lane: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Queue `fn(*args, **kwargs)` as work of no run (key None)."""

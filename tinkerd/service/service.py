@@ -34,10 +34,11 @@ from tinkerd.engine import Engine, SamplerWeights
 from tinkerd.engine.adapters import validate_lora_config
 from tinkerd.engine.checkpoints import CheckpointInfo, tinker_path
 from tinkerd.engine.engine import optimizer_for_state
-from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
+from tinkerd.errors import InvalidRequestError, NotFoundError, QuotaExceededError, TinkerdError
 from tinkerd.service.access import Catalog, check_age_recipients, check_ttl
 from tinkerd.service.config import ServiceConfig
 from tinkerd.service.futures import RequestQueue
+from tinkerd.service.memory import trim_heap
 from tinkerd.service.metrics import record, timed
 from tinkerd.service.sampling import Sampling
 from tinkerd.service.scheduler import Scheduler, loss_work
@@ -58,6 +59,24 @@ from tinkerd.types import (
 )
 
 Owner = str | None
+
+
+def _gone(model_id: str, status: str | None) -> str:
+    """What a 404 says about a run of the caller that is listed but not loaded."""
+    why = {
+        "lost": "the server restarted since it was created, and a run's weights and "
+        "optimizer state live in memory only",
+        "expired": "its session missed heartbeats and expired",
+        "finished": "its session was closed",
+        "unloaded": "it was unloaded",
+        "failed": "it failed to be created",
+    }.get(status or "", f"it is {status}")
+    return (
+        f"no training run {model_id!r} is loaded: {why}. Its checkpoints are kept: make a "
+        "new training client from its last one (ServiceClient."
+        "create_training_client_from_state_with_optimizer(path), paths from "
+        "RestClient.list_checkpoints) and carry on from there"
+    )
 
 
 _services: weakref.WeakKeyDictionary[Engine, Service] = weakref.WeakKeyDictionary()
@@ -81,18 +100,27 @@ class Service:
         self.served_models = served_models
         self.checkpoints = engine.checkpoints  # opening it finishes what a crash cut off
         self.data_dir = Path(data_dir or engine.data_dir)
-        self.scheduler = Scheduler(self.config.max_pass_tokens)
-        self.queue = RequestQueue(self.scheduler, self.config.gap_timeout, self.config.max_pending)
-        self.losses = UploadedLosses()
+        self.scheduler = Scheduler(self.config.max_pass_tokens, on_idle=trim_heap)
+        self.queue = RequestQueue(
+            self.scheduler,
+            self.config.gap_timeout,
+            self.config.max_pending,
+            max_pending_per_tenant=self.config.max_queued_per_key,
+        )
+        self.losses = UploadedLosses(
+            self.config.max_losses_per_key, self.config.max_loss_bytes_per_key
+        )
         self.local_runs: dict[str, str] = {}  # model_id: base model, of owner None
         if recover:
-            self.store.fail_unfinished("the server restarted before this request finished")
+            self.store.fail_unfinished(
+                "the server restarted before this request finished", self._saved_since
+            )
             self.sessions.start_expiry()
 
     @functools.cached_property
     def store(self) -> Store:
         """Opened on first use: an embedded service that never needs it writes nothing."""
-        return Store(self.data_dir, clock=self.config.clock)
+        return Store(self.data_dir, self.config.clock, self.config.max_metric_steps)
 
     @functools.cached_property
     def catalog(self) -> Catalog:
@@ -100,7 +128,7 @@ class Service:
 
     @functools.cached_property
     def sessions(self) -> Sessions:
-        return Sessions(self.store, self.engine, self.queue, self.config)
+        return Sessions(self.store, self.engine, self.queue, self.config, self.losses)
 
     @functools.cached_property
     def sampling(self) -> Sampling:
@@ -133,9 +161,25 @@ class Service:
                 runs[model_id] = (base_model, self.engine.run(model_id).lora.rank)
         return runs
 
+    def _saved_since(self, path: str, since: float) -> bool:
+        """Whether the checkpoint at `path` is complete and was written at or after
+        `since` (unix seconds): a save that finished before a crash could report it."""
+        try:
+            return self.checkpoints.resolve(path).created_at >= since
+        except (TinkerdError, ValueError, OSError):
+            return False
+
     def check_run(self, model_id: str, owner: Owner) -> None:
-        if owner is not None and self.store.run_owner(model_id) != owner:
+        if owner is None:
+            return
+        found_owner, status = self.store.run_owner_status(model_id)
+        if found_owner != owner:
             raise NotFoundError(f"no training run {model_id!r}")  # another key's looks absent
+        if status not in ("active", "unloaded"):  # unloaded: the engine's 409 says so
+            try:
+                self.engine.run(model_id)
+            except NotFoundError:
+                raise NotFoundError(_gone(model_id, status)) from None
 
     def check_base(self, base_model: str) -> None:
         if self.served_models is not None and base_model not in self.served_models:
@@ -153,10 +197,11 @@ class Service:
             self.queue.release(model_id, seq_id)
             raise
 
-    def _run_work(self, model_id: str, work: Any, seq_id: int | None) -> Future:
-        """Queue `work` behind the run's earlier requests, in its base model's lane."""
+    def _run_work(self, owner: Owner, model_id: str, work: Any, seq_id: int | None) -> Future:
+        """Queue `work` behind the run's earlier requests, in its base model's lane; it
+        takes turns as its owner's (fairness per key, then per run: scheduler.py)."""
         lane = self.engine.run(model_id).base.name
-        return self.queue.submit(lane, work, model_id, seq_id)
+        return self.queue.submit(lane, work, model_id, seq_id, tenant=owner)
 
     def _recorded(self, owner: Owner, model_id: str, kind: str, work: Any, tokens: int = 0):
         """`work` recording its metrics for the dashboard when it succeeds (runs of a key)."""
@@ -180,6 +225,12 @@ class Service:
         if session_id is None or model_seq_id is None:
             raise InvalidRequestError("give session_id and model_seq_id")
         self.sessions.check_owner(session_id, owner)
+        limit = self.config.max_runs_per_key
+        if limit is not None and self.store.count_active_runs(owner) >= limit:
+            raise QuotaExceededError(
+                f"this API key has {limit} active training runs (limit --max-runs-per-key): "
+                "unload one (or end its session) first"
+            )
         model_id = f"{session_id}:train:{model_seq_id}"
         if self.store.run_owner(model_id) is not None:
             raise InvalidRequestError(f"model {model_id!r} already exists")
@@ -202,7 +253,7 @@ class Service:
                 self.sessions.check_alive(session_id, created)
             return describe(created)
 
-        return self.queue.submit(base_model, work)
+        return self.queue.submit(base_model, work, tenant=owner)
 
     def create_model(
         self,
@@ -287,7 +338,7 @@ class Service:
             self.queue.forget_model(model_id)
             return result
 
-        return self._run_work(model_id, work, None)
+        return self._run_work(owner, model_id, work, None)
 
     # ---------------------------------------------------------------- training
 
@@ -324,7 +375,7 @@ class Service:
             work.after = lambda result, seconds: record(
                 self.store, self.engine, model_id, "forward_backward", result, seconds, tokens
             )
-        return self._run_work(model_id, work, seq_id)
+        return self._run_work(owner, model_id, work, seq_id)
 
     def forward_backward_custom(
         self,
@@ -351,7 +402,7 @@ class Service:
 
         tokens = sum(d.model_input.length for d in data)
         recorded = self._recorded(owner, model_id, "forward_backward", work, tokens)
-        return self._run_work(model_id, recorded, seq_id)
+        return self._run_work(owner, model_id, recorded, seq_id)
 
     def create_custom_loss(self, owner: str, session_id: str, graph: dict) -> str:
         """Compile an uploaded loss graph for the owner's session; its loss_id."""
@@ -377,7 +428,9 @@ class Service:
             params = optim_params_from(params)
             self.engine.check_optim_params(model_id, params)
         work = lambda: self.engine.optim_step(model_id, params)  # noqa: E731
-        return self._run_work(model_id, self._recorded(owner, model_id, "optim_step", work), seq_id)
+        return self._run_work(
+            owner, model_id, self._recorded(owner, model_id, "optim_step", work), seq_id
+        )
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -403,7 +456,7 @@ class Service:
             self._expire_after(owner, info.tinker_path, ttl_seconds)
             return info.tinker_path
 
-        return self._run_work(model_id, work, seq_id)
+        return self._run_work(owner, model_id, work, seq_id)
 
     def save_weights_external(
         self,
@@ -428,11 +481,10 @@ class Service:
             info = self.checkpoints.save(run, "external_weights", name, with_optimizer=False)
             if owner is not None or age_recipients:  # (an embedded caller's store stays unopened)
                 self.store.set_age_recipients(path, age_recipients or [])
-            if ttl_seconds is not None:
-                self.catalog.set_ttl(path, owner, ttl_seconds)
+            self._expire_after(owner, path, ttl_seconds)
             return info
 
-        return self._run_work(model_id, work, seq_id)
+        return self._run_work(owner, model_id, work, seq_id)
 
     def _expire_after(self, owner: Owner, path: str, ttl_seconds: int | None) -> None:
         """The TTL of a checkpoint just saved (an overwrite drops the old one's)."""
@@ -451,7 +503,7 @@ class Service:
             if owner is not None:  # the local caller may load any checkpoint
                 self.catalog.readable(path, owner)
         work = lambda: self.engine.load_state(model_id, path, with_optimizer)  # noqa: E731
-        return self._run_work(model_id, work, seq_id)
+        return self._run_work(owner, model_id, work, seq_id)
 
     # ---------------------------------------------------------------- sampling
 
@@ -489,4 +541,4 @@ class Service:
             self.sessions.add_sampler(sampling_id, owner, weights)
             return weights, sampling_id
 
-        return self._run_work(model_id, work, seq_id)
+        return self._run_work(owner, model_id, work, seq_id)

@@ -2,8 +2,12 @@
 
 A session groups the runs, sampling sessions and uploaded losses of one SDK client. One
 that misses heartbeats for `session_timeout` seconds ends; its runs' adapters and
-optimizer state and its samplers are freed (checkpoints stay), so memory stays bounded
-however many sessions come and go.
+optimizer state, its samplers and its uploaded losses are freed (checkpoints stay), so
+memory stays bounded however many sessions come and go. The expiry sweep also forgets
+old results of finished requests (`ServiceConfig.future_retention`).
+
+Per-key quotas (ServiceConfig): open sessions (403 beyond), sampling sessions (the
+least recently used one is dropped beyond).
 """
 
 from __future__ import annotations
@@ -11,21 +15,33 @@ from __future__ import annotations
 import contextlib
 import threading
 import uuid
+from collections import OrderedDict
 from typing import Any
 
-from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
+from tinkerd.errors import InvalidRequestError, NotFoundError, QuotaExceededError, TinkerdError
 from tinkerd.service.config import ServiceConfig
 from tinkerd.service.futures import RequestQueue
 from tinkerd.service.store import Store
 
 
 class Sessions:
-    def __init__(self, store: Store, engine: Any, queue: RequestQueue, config: ServiceConfig):
+    def __init__(
+        self,
+        store: Store,
+        engine: Any,
+        queue: RequestQueue,
+        config: ServiceConfig,
+        losses: Any = None,
+    ):
         self.store = store
         self.engine = engine
         self.queue = queue
         self.config = config
-        self.sampling: dict[str, tuple[str | None, Any]] = {}  # id: (owner, SamplerWeights)
+        self.losses = losses  # UploadedLosses, freed per session
+        # id: (owner, SamplerWeights), least recently used first
+        self.sampling: OrderedDict[str, tuple[str | None, Any]] = OrderedDict()
+        self.dropped: OrderedDict[str, None] = OrderedDict()  # ids dropped over the quota
+        self._sampling_lock = threading.Lock()
         self._closed = threading.Event()
 
     def start_expiry(self) -> None:
@@ -50,6 +66,7 @@ class Sessions:
         expired = self.store.expire_sessions(self.config.clock() - self.config.session_timeout)
         for session_id in expired:
             self.release(session_id, "expired")
+        self.store.prune_futures(self.config.future_retention, self.config.retrieved_grace)
         return expired
 
     def release(self, session_id: str, status: str) -> None:
@@ -60,12 +77,21 @@ class Sessions:
             self.store.touch_run(model_id, status=status)
             self.queue.forget_model(model_id)
         prefix = f"{session_id}:"  # its own sampling sessions and its runs' ones
-        for sampling_id in [s for s in self.sampling if s.startswith(prefix)]:
-            self.sampling.pop(sampling_id, None)
+        with self._sampling_lock:
+            for sampling_id in [s for s in self.sampling if s.startswith(prefix)]:
+                self.sampling.pop(sampling_id, None)
+        if self.losses is not None:
+            self.losses.drop_session(session_id)
 
     def create(
         self, owner: str, tags: list[str], metadata: dict, display_name: str | None = None
     ) -> str:
+        limit = self.config.max_sessions_per_key
+        if limit is not None and self.store.open_sessions(owner) >= limit:
+            raise QuotaExceededError(
+                f"this API key has {limit} open sessions (limit --max-sessions-per-key): "
+                "close one (or let it expire) first"
+            )
         session_id = f"session-{uuid.uuid4().hex[:16]}"
         self.store.add_session(session_id, owner, tags, metadata, display_name)
         return session_id
@@ -120,11 +146,33 @@ class Sessions:
             raise InvalidRequestError(f"session {session_id} ended while {model_id} was created")
 
     def add_sampler(self, sampling_id: str, owner: str | None, weights: Any) -> None:
-        self.sampling[sampling_id] = (owner, weights)
+        """Hold a sampling session; over the owner's quota, drop its least recently used."""
+        limit = self.config.max_sampling_sessions_per_key
+        with self._sampling_lock:
+            self.sampling[sampling_id] = (owner, weights)
+            self.sampling.move_to_end(sampling_id)
+            if owner is None or limit is None:
+                return
+            mine = [s for s, (o, _) in self.sampling.items() if o == owner]
+            for old in mine[: max(0, len(mine) - limit)]:
+                del self.sampling[old]
+                self.dropped[old] = None
+            while len(self.dropped) > 4096:  # only to explain a 404; bounded
+                self.dropped.popitem(last=False)
 
     def sampler(self, sampling_id: str, owner: str | None) -> Any:
         """The SamplerWeights of the caller's sampling session."""
-        owner_and_weights = self.sampling.get(sampling_id)
-        if owner_and_weights is None or owner_and_weights[0] != owner:
-            raise NotFoundError(f"no sampling session {sampling_id!r}")
-        return owner_and_weights[1]
+        with self._sampling_lock:
+            owner_and_weights = self.sampling.get(sampling_id)
+            if owner_and_weights is not None and owner_and_weights[0] == owner:
+                self.sampling.move_to_end(sampling_id)
+                return owner_and_weights[1]
+            if sampling_id in self.dropped and sampling_id.startswith("session-"):
+                sid = sampling_id.split(":", 1)[0]
+                if self.store.session_owner(sid) == owner:
+                    raise NotFoundError(
+                        f"sampling session {sampling_id!r} was dropped: this API key held "
+                        f"more than {self.config.max_sampling_sessions_per_key} (limit "
+                        "--max-sampling-sessions-per-key); create a new sampling client"
+                    )
+        raise NotFoundError(f"no sampling session {sampling_id!r}")

@@ -35,6 +35,10 @@ CREATE TABLE IF NOT EXISTS published (
     tinker_path TEXT PRIMARY KEY, owner TEXT NOT NULL, published REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS age_recipients (tinker_path TEXT PRIMARY KEY, recipients TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_saves (
+    request_id TEXT PRIMARY KEY, tinker_path TEXT NOT NULL, content_type TEXT NOT NULL,
+    body BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS checkpoint_ttl (tinker_path TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS metrics (
     model_id TEXT NOT NULL, step INTEGER NOT NULL, kind TEXT NOT NULL, time REAL NOT NULL,
@@ -56,8 +60,11 @@ class StoredFuture:
 
 
 class Store:
-    def __init__(self, data_dir: Path, clock: Callable[[], float] = time.time):
+    def __init__(
+        self, data_dir: Path, clock: Callable[[], float] = time.time, max_metric_steps: int = 10_000
+    ):
         self.clock = clock  # seconds since the epoch; injectable so tests need not wait
+        self.max_metric_steps = max_metric_steps
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "tinkerd.sqlite3"
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -68,6 +75,9 @@ class Store:
         for column in ("display_name", "finish_reason"):  # added later: older files lack them
             if column not in columns:
                 self._db.execute(f"ALTER TABLE sessions ADD COLUMN {column} TEXT")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(futures)")}
+        if "retrieved" not in columns:  # a data directory from before retention
+            self._db.execute("ALTER TABLE futures ADD COLUMN retrieved REAL")
         self._lock = threading.Lock()
 
     def _exec(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -78,10 +88,28 @@ class Store:
         with self._lock:
             self._db.close()
 
-    def fail_unfinished(self, reason: str) -> int:
-        """At start-up: requests in flight when the server stopped can never finish."""
+    def fail_unfinished(
+        self, reason: str, saved: Callable[[str, float], bool] = lambda path, since: False
+    ) -> int:
+        """At start-up: requests in flight when the server stopped can never finish. A
+        save whose checkpoint is complete on disk (`saved(tinker_path, request created)`:
+        written after the request came) did finish, only its answer was not recorded:
+        it is answered as done, so a retry never meets "already exists"."""
         body = json.dumps({"error": reason, "category": "server"}).encode()
         with self._lock:
+            saves = self._db.execute(
+                "SELECT f.request_id, s.tinker_path, s.content_type, s.body, f.created "
+                "FROM futures f JOIN pending_saves s ON f.request_id=s.request_id "
+                "WHERE f.status='pending'"
+            ).fetchall()
+            for request_id, path, content_type, done, created in saves:
+                if saved(path, created):
+                    self._db.execute(
+                        "UPDATE futures SET status='done', content_type=?, body=?, finished=? "
+                        "WHERE request_id=?",
+                        (content_type, done, self.clock(), request_id),
+                    )
+            self._db.execute("DELETE FROM pending_saves")
             cursor = self._db.execute(
                 "UPDATE futures SET status='failed', content_type='application/json', body=?, "
                 "finished=? WHERE status='pending'",
@@ -133,6 +161,12 @@ class Store:
                     "UPDATE sessions SET finished=? WHERE session_id=?", (now, session_id)
                 )
         return [r[0] for r in rows]
+
+    def open_sessions(self, owner: str) -> int:
+        rows = self._exec(
+            "SELECT COUNT(*) FROM sessions WHERE owner=? AND finished IS NULL", (owner,)
+        )
+        return rows[0][0]
 
     def active_runs(self, session_id: str) -> list[str]:
         rows = self._exec(
@@ -203,6 +237,14 @@ class Store:
     def run_owner(self, model_id: str) -> str | None:
         rows = self._exec("SELECT owner FROM runs WHERE model_id=?", (model_id,))
         return rows[0][0] if rows else None
+
+    def run_owner_status(self, model_id: str) -> tuple[str | None, str | None]:
+        rows = self._exec("SELECT owner, status FROM runs WHERE model_id=?", (model_id,))
+        return rows[0] if rows else (None, None)
+
+    def count_active_runs(self, owner: str) -> int:
+        rows = self._exec("SELECT COUNT(*) FROM runs WHERE owner=? AND status='active'", (owner,))
+        return rows[0][0]
 
     def touch_run(self, model_id: str, status: str | None = None) -> None:
         if status:
@@ -279,17 +321,37 @@ class Store:
 
     # ---------------------------------------------------------------- futures
 
-    def add_future(self, request_id: str, owner: str, model_id: str | None, kind: str) -> None:
-        self._exec(
-            "INSERT INTO futures VALUES (?, ?, ?, ?, 'pending', NULL, NULL, ?, NULL)",
-            (request_id, owner, model_id, kind, self.clock()),
-        )
+    def add_future(
+        self,
+        request_id: str,
+        owner: str,
+        model_id: str | None,
+        kind: str,
+        saves: tuple[str, str, bytes] | None = None,
+    ) -> None:
+        """A request in flight. `saves`: (tinker path, content type, body) of a save
+        request's answer, recorded as its result at start-up if the server died after the
+        checkpoint was complete but before the answer was (`fail_unfinished`)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO futures (request_id, owner, model_id, kind, status, created) "
+                "VALUES (?, ?, ?, ?, 'pending', ?)",
+                (request_id, owner, model_id, kind, self.clock()),
+            )
+            if saves is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO pending_saves VALUES (?, ?, ?, ?)",
+                    (request_id, *saves),
+                )
 
     def finish_future(self, request_id: str, status: str, content_type: str, body: bytes) -> None:
-        self._exec(
-            "UPDATE futures SET status=?, content_type=?, body=?, finished=? WHERE request_id=?",
-            (status, content_type, body, self.clock(), request_id),
-        )
+        with self._lock:
+            self._db.execute(
+                "UPDATE futures SET status=?, content_type=?, body=?, finished=? "
+                "WHERE request_id=?",
+                (status, content_type, body, self.clock(), request_id),
+            )
+            self._db.execute("DELETE FROM pending_saves WHERE request_id=?", (request_id,))
 
     def future(self, request_id: str) -> StoredFuture | None:
         rows = self._exec(
@@ -298,6 +360,24 @@ class Store:
             (request_id,),
         )
         return StoredFuture(*rows[0]) if rows else None
+
+    def mark_retrieved(self, request_id: str) -> None:
+        self._exec(
+            "UPDATE futures SET retrieved=? WHERE request_id=? AND retrieved IS NULL",
+            (self.clock(), request_id),
+        )
+
+    def prune_futures(self, retention: float, grace: float) -> int:
+        """Forget finished results: `retention` seconds after they finished, or `grace`
+        seconds after they were first retrieved; how many."""
+        now = self.clock()
+        with self._lock:
+            cursor = self._db.execute(
+                "DELETE FROM futures WHERE status!='pending' AND "
+                "(finished < ? OR (retrieved IS NOT NULL AND retrieved < ?))",
+                (now - retention, now - grace),
+            )
+            return cursor.rowcount
 
     # ---------------------------------------------------------------- metrics
 
@@ -315,6 +395,30 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+        if kind == "optim_step" and step % 64 == 0:
+            self.thin_metrics(model_id, self.max_metric_steps)
+
+    def thin_metrics(self, model_id: str, max_steps: int) -> int:
+        """While the run has metrics at more than `max_steps` steps, drop every other step
+        of the older half; rows deleted. The newest `max_steps // 2` steps stay exact, old
+        history gets coarser, and the run keeps at most `max_steps` steps."""
+        deleted = 0
+        with self._lock:
+            while True:
+                steps = [
+                    r[0]
+                    for r in self._db.execute(
+                        "SELECT DISTINCT step FROM metrics WHERE model_id=? ORDER BY step",
+                        (model_id,),
+                    )
+                ]
+                if len(steps) <= max(max_steps, 2):
+                    return deleted
+                drop = [(model_id, s) for s in steps[: len(steps) // 2][1::2]]
+                cursor = self._db.executemany(
+                    "DELETE FROM metrics WHERE model_id=? AND step=?", drop
+                )
+                deleted += cursor.rowcount
 
     def metric_rows(self, model_id: str, since_step: int = 0) -> list[tuple]:
         """`(step, kind, time, name, value)` of the run's operations at steps >= since_step,

@@ -4,6 +4,8 @@ An SDK client uploads a traced per-datum loss once (`create_custom_loss`); its
 forward_backward then names it by loss_id, with optional regularizers (tinkerd's client
 sends `loss_fn_config["regularizers"]`: JSON [{name, weight, loss_id}]). Each graph is
 compiled against an allowlist (fx_loss.py) and visible only to the key that uploaded it.
+A session's losses are freed when it ends; a key holds at most `max_count` losses and
+`max_bytes` bytes of graphs (their JSON size) at once (403 beyond).
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ import json
 from typing import Any
 
 from tinkerd.custom_loss import LossFn, RegularizerSpec, check_graph_inputs, graph_loss_fn
-from tinkerd.errors import InvalidRequestError
+from tinkerd.errors import InvalidRequestError, QuotaExceededError
 from tinkerd.fx_loss import CompiledLoss, compile_loss
 from tinkerd.types import Datum
 
 
 class UploadedLosses:
-    def __init__(self) -> None:
+    def __init__(self, max_count: int | None = None, max_bytes: int | None = None) -> None:
         self._compiled: dict[tuple[str | None, str], CompiledLoss] = {}  # (owner, loss_id)
+        self._sizes: dict[tuple[str | None, str], int] = {}
+        self.max_count = max_count
+        self.max_bytes = max_bytes
 
     def add(self, owner: str | None, session_id: str, graph: dict) -> str:
         """Compile `graph` (refused outside the allowlist); its loss_id."""
@@ -28,10 +33,31 @@ class UploadedLosses:
             raise InvalidRequestError(
                 f"custom_loss_seq_id must be an integer >= 0, got {str(seq_id)[:40]!r}"
             )
-        compiled = compile_loss(graph)
         loss_id = f"{session_id}:loss:{seq_id}"
+        size = len(json.dumps(graph, default=str))
+        mine = [k for k in self._sizes if k[0] == owner and k != (owner, loss_id)]
+        if owner is not None and self.max_count is not None and len(mine) >= self.max_count:
+            raise QuotaExceededError(
+                f"this API key holds {len(mine)} uploaded losses (limit --max-losses-per-key "
+                f"{self.max_count}); end a session that holds some first"
+            )
+        held = sum(self._sizes[k] for k in mine)
+        if owner is not None and self.max_bytes is not None and held + size > self.max_bytes:
+            raise QuotaExceededError(
+                f"this API key's uploaded losses would hold {held + size} bytes (limit "
+                f"--max-loss-bytes-per-key {self.max_bytes}); end a session that holds some"
+            )
+        compiled = compile_loss(graph)
         self._compiled[(owner, loss_id)] = compiled
+        self._sizes[(owner, loss_id)] = size
         return loss_id
+
+    def drop_session(self, session_id: str) -> None:
+        """Free the losses uploaded in a session (it ended)."""
+        prefix = f"{session_id}:loss:"
+        for key in [k for k in self._compiled if k[1].startswith(prefix)]:
+            self._compiled.pop(key, None)
+            self._sizes.pop(key, None)
 
     def _get(self, loss_id: Any, owner: str | None) -> CompiledLoss:
         compiled = self._compiled.get((owner, str(loss_id)))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends
 
 from tinkerd import wire_proto
+from tinkerd.engine.checkpoints import tinker_path
 from tinkerd.errors import InvalidRequestError
 from tinkerd.server.requests import PROTOBUF, encode_json
 from tinkerd.server.routes import API
@@ -45,7 +47,11 @@ def router(server: Server) -> APIRouter:
             answer = {"sampling_session_id": sampling_id, "type": "save_weights_for_sampler"}
             return encode_json(answer)
 
-        return server.track(who, "save_weights_for_sampler", future, encode, body.model_id)
+        saves = None
+        with contextlib.suppress(InvalidRequestError):  # a bad name: the future says so
+            path = tinker_path(body.model_id, "sampler_weights", body.path or "")
+            saves = (path, encode_json({"path": path, "type": "save_weights_for_sampler"}))
+        return server.track(who, "save_weights_for_sampler", future, encode, body.model_id, saves)
 
     @routes.post("/create_sampling_session")
     def create_sampling_session(body: CreateSamplingSessionRequest, who: str = Owner) -> dict:
@@ -88,6 +94,7 @@ def router(server: Server) -> APIRouter:
             body.prompt_logprobs,
             body.topk_prompt_logprobs,
             body.topk_sample_logprobs,
+            owner=who,
         )
         encode = lambda r: (PROTOBUF, wire_proto.encode_sample_response(only_last(r, last_n)))  # noqa: E731
         request_id = server.requests.track(who, "sample", future, encode)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, Request
 
 from tinkerd import wire_proto
+from tinkerd.engine.checkpoints import tinker_path
 from tinkerd.errors import InvalidRequestError
 from tinkerd.server.encodings import decode_loss_request, decompress, run_and_seq
 from tinkerd.server.requests import PROTOBUF, done, encode_json
@@ -135,7 +136,10 @@ def router(server: Server) -> APIRouter:
             body.user_metadata,
         )
         encode = lambda path: encode_json({"path": path, "type": "save_weights"})  # noqa: E731
-        return server.track(who, "save_weights", future, encode, body.model_id)
+        path = tinker_path(body.model_id, "weights", body.path)
+        return server.track(
+            who, "save_weights", future, encode, body.model_id, (path, encode(path))
+        )
 
     @routes.post("/save_weights_external")
     def save_weights_external(body: SaveWeightsExternalRequest, who: str = Owner) -> dict:

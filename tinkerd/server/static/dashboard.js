@@ -1,7 +1,8 @@
 // tinkerd dashboard: polls the JSON API (/api/v1/dashboard/...) and draws plain SVG charts.
 // The API key lives in this tab's sessionStorage and goes out as X-API-Key; it can be handed
 // over once in the URL fragment (#key=...), which never reaches the server and is removed
-// from the address bar at once.
+// from the address bar at once. A link's key is taken only by a tab that has none: a tab
+// that already uses a key asks before a link may switch it (docs/dashboard.md).
 "use strict";
 
 const API = "/api/v1/dashboard";
@@ -19,14 +20,38 @@ function fragment() {
   return new URLSearchParams(location.hash.slice(1));
 }
 
+// A key offered by a link to a tab that already uses another one, until the user answers.
+let offeredKey = null;
+
+// Takes the fragment's key out of the address bar; true if the tab now uses it.
 function takeKeyFromFragment() {
   const params = fragment();
-  if (params.has("key")) {
-    sessionStorage.setItem(KEY_ITEM, params.get("key"));
-    params.delete("key");
-    const rest = params.toString();
-    history.replaceState(null, "", location.pathname + (rest ? "#" + rest : ""));
+  if (!params.has("key")) return false;
+  const key = params.get("key");
+  params.delete("key");
+  const rest = params.toString();
+  history.replaceState(null, "", location.pathname + (rest ? "#" + rest : ""));
+  const current = sessionStorage.getItem(KEY_ITEM);
+  if (current && current !== key) {
+    offeredKey = key; // never switched silently: a link could come from anyone
+    $("key-offer").hidden = false;
+    return false;
   }
+  sessionStorage.setItem(KEY_ITEM, key);
+  return true;
+}
+
+function answerOffer(use) {
+  $("key-offer").hidden = true;
+  const key = offeredKey;
+  offeredKey = null;
+  if (!use || key === null) return;
+  sessionStorage.setItem(KEY_ITEM, key);
+  clearTimeout(state.timer);
+  state.generation++;
+  Object.assign(state, { run: null, points: new Map(), lastStep: 0 });
+  $("charts").replaceChildren();
+  start();
 }
 
 async function api(path) {
@@ -216,11 +241,15 @@ $("login").addEventListener("submit", (event) => {
   start();
 });
 $("forget").addEventListener("click", () => askForKey());
+$("use-link-key").addEventListener("click", () => answerOffer(true));
+$("keep-key").addEventListener("click", () => answerOffer(false));
 // A link followed in an open tab changes only the fragment: no reload, so look again.
 window.addEventListener("hashchange", () => {
   const params = fragment();
   if (params.has("key")) {
-    takeKeyFromFragment();
+    if (!takeKeyFromFragment()) return; // asked first, or the same key
+    clearTimeout(state.timer);
+    state.generation++;
     Object.assign(state, { run: null, points: new Map(), lastStep: 0 });
     $("charts").replaceChildren();
     start(); // its poll opens the run the fragment names
