@@ -89,3 +89,15 @@ def gspo_case(logprobs: list[list[float]]) -> tuple[list[dict], float, list[list
         unclipped = ratio * adv <= clipped * adv
         weights.append([ratio * adv if unclipped else 0.0] * len(lps))
     return inputs, total, weights
+
+
+def sdk_loss_request(fn, ranks: dict[str, int]) -> dict:
+    """The create_custom_loss body exactly as the official SDK builds it."""
+    from tinker.lib.public_interfaces.custom_loss import encode_graph, trace_loss
+
+    handle = trace_loss(fn, ranks, session_id="s")
+    return {
+        "name": handle.name,
+        "inputs": [{"name": i.name, "rank": i.rank} for i in handle.inputs],
+        "graph": encode_graph(handle).model_dump(mode="json"),
+    }

@@ -9,14 +9,14 @@ import httpx
 import pytest
 import tinker
 from conftest import KEYS, TINY
-from starlette.testclient import TestClient
-from test_official_sdk import (
+from helpers import (
     fwd_bwd_body,
     post,
     raw_model,
     raw_session,
     sdk_datum,
 )
+from starlette.testclient import TestClient
 from tinker import types
 
 from tinkerd import wire_proto

@@ -8,8 +8,7 @@ import pytest
 import tinker
 import torch
 from conftest import KEYS, TINY
-from helpers import weighted_nll
-from tinker.lib.public_interfaces.custom_loss import encode_graph, trace_loss
+from helpers import sdk_loss_request, weighted_nll
 
 from tinkerd import RegularizerSpec
 from tinkerd.client.traced_loss import trace
@@ -37,12 +36,7 @@ RANKS = {
 
 def sdk_request(fn):
     """The create_custom_loss body exactly as the official SDK builds it."""
-    handle = trace_loss(fn, RANKS[fn], session_id="s")
-    return {
-        "name": handle.name,
-        "inputs": [{"name": i.name, "rank": i.rank} for i in handle.inputs],
-        "graph": encode_graph(handle).model_dump(mode="json"),
-    }
+    return sdk_loss_request(fn, RANKS[fn])
 
 
 @pytest.mark.parametrize("fn", list(RANKS))
