@@ -50,25 +50,31 @@ def test_a_body_refused_before_its_handler_does_not_stall_the_run(server):
     """A 422 (body validation) or a protobuf that does not decode used to keep its seq_id:
     the run's next request then waited for the 60 s gap timeout."""
     model_id = raw_model(server)
-    bad = post(server, "optim_step", json=optim_body(model_id, 1, learning_rate="fast"))
-    assert bad.status_code == 422 and "learning_rate" in bad.json()["detail"]
+    body = optim_body(model_id, 1) | {"adam_params": "fast"}  # not an object: a 422
+    bad = post(server, "optim_step", json=body)
+    assert bad.status_code == 422 and "adam_params" in bad.json()["detail"]
     ok = post(server, "optim_step", json=optim_body(model_id, 2)).json()["request_id"]
+    assert answered_within(server, ok, 25)
+    # Params the service refuses (a 400 naming the field) use up their seq_id too.
+    bad = post(server, "optim_step", json=optim_body(model_id, 3, learning_rate="fast"))
+    assert bad.status_code == 400 and "learning_rate" in bad.json()["detail"]
+    ok = post(server, "optim_step", json=optim_body(model_id, 4)).json()["request_id"]
     assert answered_within(server, ok, 25)
 
     # A protobuf that parses, but whose data does not decode (odd token bytes).
     msg = wire_proto.MESSAGES["ForwardBackwardRequest"]()
-    msg.ParseFromString(fwd_bwd_body(model_id, 3))
+    msg.ParseFromString(fwd_bwd_body(model_id, 5))
     msg.data[0].model_input[0].encoded_text.tokens = b"\x01\x02\x03"
     bad = post(server, "forward_backward", content=msg.SerializeToString())
     assert bad.status_code == 400 and "whole number" in bad.json()["detail"]
-    ok = post(server, "forward_backward", content=fwd_bwd_body(model_id, 4)).json()
+    ok = post(server, "forward_backward", content=fwd_bwd_body(model_id, 6)).json()
     assert answered_within(server, ok["request_id"], 25)
 
-    # Another key's bad body naming this run changes nothing: seq 6 still waits for 5.
-    assert post(server, "optim_step", key=BOB, json=optim_body(model_id, 5, "x")).status_code
-    waiting = post(server, "optim_step", json=optim_body(model_id, 6)).json()["request_id"]
+    # Another key's bad body naming this run changes nothing: seq 8 still waits for 7.
+    assert post(server, "optim_step", key=BOB, json=optim_body(model_id, 7, "x")).status_code
+    waiting = post(server, "optim_step", json=optim_body(model_id, 8)).json()["request_id"]
     assert not answered_within(server, waiting, 1)
-    first = post(server, "optim_step", json=optim_body(model_id, 5)).json()["request_id"]
+    first = post(server, "optim_step", json=optim_body(model_id, 7)).json()["request_id"]
     assert answered_within(server, first, 10) and answered_within(server, waiting, 10)
 
 
