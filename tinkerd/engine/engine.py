@@ -31,6 +31,7 @@ from tinkerd.engine.checkpoints import (
     load_optimizer_state,
 )
 from tinkerd.engine.compute import Limits, LossRequest, Member, loss_pass
+from tinkerd.engine.memory import default_budget, parse_bytes
 from tinkerd.engine.models import BaseModel, BaseModelRegistry, parse_model_specs
 from tinkerd.engine.parallel import SingleProcess
 from tinkerd.engine.sampler import Sampler
@@ -74,9 +75,18 @@ class EngineConfig:
     """Frozen base weights' dtype: `float32`, `bfloat16` or `auto` (bf16 on CUDA, else
     fp32); None: $TINKERD_DTYPE, else auto. LoRA weights, Adam state and logprobs stay fp32."""
 
+    memory_budget_bytes: int | str | None = "auto"
+    """Activation memory a pass may use (`--memory-budget`): passes are cut into
+    micro-batches, logits chunked and layers checkpointed to fit (`engine.memory`); the
+    sizes above, where set, take precedence. `auto`: `memory.default_budget()` (a
+    quarter of the memory available at start); None: no budget."""
+
     @property
     def limits(self) -> Limits:
-        return Limits(self.micro_batch_tokens, self.logits_chunk_tokens)
+        budget = self.memory_budget_bytes
+        if isinstance(budget, str):
+            budget = default_budget() if budget == "auto" else parse_bytes(budget)
+        return Limits(self.micro_batch_tokens, self.logits_chunk_tokens, budget)
 
 
 class Engine:
@@ -96,6 +106,8 @@ class Engine:
         self.data_dir = Path(data_dir or os.environ.get("TINKERD_DATA_DIR") or "~/.tinkerd")
         self.data_dir = self.data_dir.expanduser()
         self.config = config or EngineConfig()
+        self.limits = self.config.limits
+        """What a pass may compute at once (the memory budget resolved once, at start)."""
         self.parallel = parallel or SingleProcess()
         self._checkpoints: CheckpointStore | None = None
         self._recover_checkpoints = recover_checkpoints
@@ -283,9 +295,8 @@ class Engine:
             extra.append(more)
             return grads
 
-        outputs = loss_pass(
-            [request], self._members([request], [run]), True, self.parallel, gradient
-        )
+        members = self._members([request], [run])
+        outputs = loss_pass([request], members, True, self.parallel, gradient, self.limits)
         if outputs is None:
             return None  # type: ignore[return-value] -- a rank other than 0
         if isinstance(outputs[0], Exception):
@@ -354,7 +365,7 @@ class Engine:
         for group in by_base.values():  # in the same order on every rank
             mine = [requests[i] for i, _ in group]
             members = self._members(mine, [run for _, run in group])
-            outputs = loss_pass(mine, members, backward, self.parallel, None, self.config.limits)
+            outputs = loss_pass(mine, members, backward, self.parallel, None, self.limits)
             for (i, _), out in zip(group, outputs or [None] * len(group)):
                 results[i] = out
         return results
