@@ -65,7 +65,7 @@ def test_sdk_async_api_pipelines(sdk):
             futures.append(await client.forward_backward_async(data, "cross_entropy"))
             futures.append(await client.optim_step_async(ADAM))
         results = [await f for f in futures]
-        return [r.metrics["loss:sum"] for r in results[::2]], results[-1].metrics["step"]
+        return [r.metrics["loss:sum"] for r in results[::2]], results[-1].metrics["optim/step"]
 
     losses, steps = asyncio.run(main())
     assert steps == 3.0

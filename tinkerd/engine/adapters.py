@@ -110,11 +110,16 @@ def validate_adam_params(adam: AdamParams) -> None:
             raise InvalidRequestError(f"AdamParams.{name} out of range: {value}")
 
 
+STEP_METRIC = "optim/step"
+"""optim_step's metric of the run's step count: not `step`, which trainers (e.g.
+tinker-cookbook's loops) put in the same log row as these metrics, so it must not collide."""
+
+
 def adam_step(run: Run, adam: AdamParams) -> dict[str, float]:
     """One AdamW step on the run's accumulated gradients, then clear them.
 
     Returns the metrics `grad_norm` (global L2 norm before clipping), `learning_rate`
-    and `step` (steps taken so far, this one included).
+    and `STEP_METRIC` (steps taken so far, this one included).
     """
     validate_adam_params(adam)
     grads = [p.grad for p in run.params if p.grad is not None]
@@ -138,7 +143,7 @@ def adam_step(run: Run, adam: AdamParams) -> dict[str, float]:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    return {"grad_norm": grad_norm, "learning_rate": adam.learning_rate, "step": float(run.step)}
+    return {"grad_norm": grad_norm, "learning_rate": adam.learning_rate, STEP_METRIC: float(run.step)}
 
 
 def add_frozen_adapter(

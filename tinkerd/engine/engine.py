@@ -398,8 +398,17 @@ class Engine:
     def sampler_for(
         self, base_model: str | None = None, model_path: str | None = None
     ) -> SamplerWeights:
-        """The weights to sample from: a base model as it is, or saved weights."""
-        return self.samplers.find(base_model, model_path)
+        """The weights to sample from: a base model as it is, or saved weights. Given
+        both (as the official SDK allows), the saved weights win, and `base_model` must
+        be theirs (its served name or hub id)."""
+        if base_model is None or model_path is None:
+            return self.samplers.find(base_model, model_path)
+        weights = self.samplers.find(model_path=model_path)
+        if base_model not in (weights.base_model, self._load_base(weights.base_model).hub_id):
+            raise InvalidRequestError(
+                f"{model_path} was trained on {weights.base_model!r}, not {base_model!r}"
+            )
+        return weights
 
     def get_sampler(self, sampler_id: str) -> SamplerWeights:
         return self.samplers.get(sampler_id)
