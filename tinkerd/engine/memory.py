@@ -19,8 +19,11 @@ L layers; V vocabulary):
   models with MLP 2.7-3 x H, all modules adapted: see benchmarks/memory.py);
 - with checkpointing, each layer keeps only its input (`H * e`) and one layer at a time
   recomputes its `LAYER_ACTIVATIONS * H * e` in the backward;
-- the logits and their gradient, `2 * V * e` (the float32 log-softmax of a chunk is on
-  top, bounded by the chunk);
+- the unembedding: `LOGITS_COPIES * V * e` with a gradient (the logits, a LoRA'd
+  unembedding's low-rank delta, its scaled copy and the sum, then their gradients:
+  measured on SmolLM2-135M, float32, 1.39 MB a token with checkpointing where the layer
+  terms are 0.15 MB), `FORWARD_LOGITS_COPIES * V * e` without (the float32 log-softmax
+  of a chunk is on top, bounded by the chunk);
 - a forward without gradient keeps nothing: one layer's transients and the logits.
 """
 
@@ -39,6 +42,10 @@ from torch.utils.checkpoint import checkpoint
 LAYER_ACTIVATIONS = 34
 """Elements kept per token per decoder layer for the backward, in units of the hidden
 size (measured; see the module docstring)."""
+LOGITS_COPIES = 6
+"""`[tokens, vocab]` tensors alive at once at the peak of a backward (measured)."""
+FORWARD_LOGITS_COPIES = 4
+"""The same in a forward without gradient (logits, LoRA delta, scaled delta, sum)."""
 MIN_MICRO_BATCH_TOKENS = 512
 """Checkpointing turns on rather than run micro-batches smaller than this (or than the
 pass's longest row): tiny micro-batches waste more time than recomputation costs."""
@@ -82,10 +89,11 @@ class ModelShape:
         layer = LAYER_ACTIVATIONS * self.hidden * self.element_bytes
         logits = self.vocab * self.element_bytes
         if not backward:
-            return layer + logits
+            return layer + FORWARD_LOGITS_COPIES * logits
         if checkpoint:
-            return self.layers * self.hidden * self.element_bytes + layer + 2 * logits
-        return self.layers * layer + 2 * logits
+            inputs = self.layers * self.hidden * self.element_bytes
+            return inputs + layer + LOGITS_COPIES * logits
+        return self.layers * layer + LOGITS_COPIES * logits
 
 
 def plan(shape: ModelShape, budget: int, longest_row: int, backward: bool) -> Plan:
