@@ -163,3 +163,19 @@ def test_micro_batches_hold_one_row_when_rows_are_long(engine):
     for g, h in zip(grads(small, model_id), grads(engine, alone), strict=True):
         assert torch.allclose(g, h, atol=1e-5)
     engine.unload_model(alone)
+
+
+def test_serve_memory_budget_flag():
+    import argparse
+
+    from tinkerd.cli.serve import engine_config, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    budget = lambda *argv: engine_config(parser.parse_args(["serve", *argv])).memory_budget_bytes  # noqa: E731
+    assert budget() == "auto"
+    assert budget("--memory-budget", "2GiB") == 2 << 30
+    assert budget("--memory-budget", "none") is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--memory-budget", "lots"])
+    assert EngineConfig(memory_budget_bytes="auto").limits.memory_budget_bytes >= 256 << 20
