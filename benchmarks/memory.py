@@ -151,7 +151,11 @@ def main() -> None:
     for batch, seq in sizes:
         ours = run_child("tinkerd", args.model, batch, seq, args.budget)
         print(f"tinkerd {batch}x{seq}: {ours}", flush=True)
-        bare = run_child("bare", args.model, batch, seq, None) if f"{batch}x{seq}" in bare_sizes else {}
+        bare = (
+            run_child("bare", args.model, batch, seq, None)
+            if f"{batch}x{seq}" in bare_sizes
+            else {}
+        )
         print(f"bare    {batch}x{seq}: {bare or 'not run'}", flush=True)
         rows.append((batch, seq, ours, bare))
     lines = [
@@ -167,7 +171,9 @@ def main() -> None:
                 cells += [gb(r["peak_rss"]), f"{n / r['seconds']:.0f}"]
             else:
                 cells += [r.get("error", "not run"), "-"]
-        ratio = ours["seconds"] / bare["seconds"] if "seconds" in ours and "seconds" in bare else None
+        ratio = (
+            ours["seconds"] / bare["seconds"] if "seconds" in ours and "seconds" in bare else None
+        )
         cells.append(f"{ratio:.2f}" if ratio else "-")
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)

@@ -149,12 +149,20 @@ def test_export_of_a_renamed_base_uses_the_serve_mapping(capsys, tmp_path, monke
     code, _, err = cli(capsys, "export", path, "--merged", str(tmp_path / "a"), *common)
     assert code == 1 and f"--model {name}=SOURCE" in err
     code, out, _ = cli(
-        capsys, "export", path, "--merged", str(tmp_path / "b"), "--model", f"{name}={TINY}",
+        capsys,
+        "export",
+        path,
+        "--merged",
+        str(tmp_path / "b"),
+        "--model",
+        f"{name}={TINY}",
         *common,
     )
     assert code == 0 and TINY in out
     dl = tmp_path / "dl"
     assert cli(capsys, "checkpoints", "download", path, "-o", str(dl), *common)[0] == 0
     check_merged(dl, tmp_path / "b")
-    code, _, _ = cli(capsys, "export", path, "--merged", str(tmp_path / "c"), "--base", TINY, *common)
+    code, _, _ = cli(
+        capsys, "export", path, "--merged", str(tmp_path / "c"), "--base", TINY, *common
+    )
     assert code == 0 and (tmp_path / "c" / "config.json").exists()

@@ -143,7 +143,11 @@ def adam_step(run: Run, adam: AdamParams) -> dict[str, float]:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    return {"grad_norm": grad_norm, "learning_rate": adam.learning_rate, STEP_METRIC: float(run.step)}
+    return {
+        "grad_norm": grad_norm,
+        "learning_rate": adam.learning_rate,
+        STEP_METRIC: float(run.step),
+    }
 
 
 def add_frozen_adapter(

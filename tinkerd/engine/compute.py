@@ -33,8 +33,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from tinkerd import losses
-from tinkerd.engine.adapters import Run
 from tinkerd.engine import memory
+from tinkerd.engine.adapters import Run
 from tinkerd.engine.batch import Batch
 from tinkerd.engine.models import BaseModel
 from tinkerd.engine.multi_lora import Segment, pad_cat, route_rows, trainable

@@ -182,7 +182,11 @@ class Dimuon:
                 rate = h.learning_rate * rank_correction(rank, h.rank_lr_correction_exponent)
                 p.sub_((rate * dimuon_direction(m, rank, h.damping)).to(p.dtype))
         self.steps += 1
-        return {"grad_norm": grad_norm, "learning_rate": h.learning_rate, "optim/step": float(self.steps)}
+        return {
+            "grad_norm": grad_norm,
+            "learning_rate": h.learning_rate,
+            "optim/step": float(self.steps),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
