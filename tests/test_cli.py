@@ -10,6 +10,7 @@ from tinkerd import AdamParams, ServiceClient
 from tinkerd.cli import main
 from tinkerd.client.transport import InProcessTransport
 from tinkerd.engine.models import resolve_model_path
+from tinkerd.types import LoraConfig
 
 ALICE, BOB = KEYS
 
@@ -128,3 +129,40 @@ def test_cli_on_a_local_data_dir(engine, capsys, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # a subcommand is required
         main(["checkpoints"])
     service.close()
+
+
+def test_export_of_a_renamed_base_uses_the_serve_mapping(capsys, tmp_path, monkeypatch):
+    """A run on `serve --model NAME=SOURCE`'s NAME exports through that mapping (or
+    --base); NAME alone is looked up as a hub id, and offline that fails clearly."""
+    from tinkerd.engine import Engine
+
+    monkeypatch.delenv("TINKERD_BASE_URL", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = "my-org/renamed-tiny"
+    engine = Engine(extra_models=[f"{name}={TINY}"], data_dir=tmp_path / "data")
+    model_id = engine.create_model(name, LoraConfig(rank=4, seed=3))
+    engine.forward_backward(model_id, [make_datum([256, *b"merge me"])])
+    engine.optim_step(model_id, AdamParams(learning_rate=2e-2))
+    path = engine.save_state(model_id, "renamed").tinker_path
+    data_dir = str(engine.data_dir)
+    common = ["--data-dir", data_dir]
+    code, _, err = cli(capsys, "export", path, "--merged", str(tmp_path / "a"), *common)
+    assert code == 1 and f"--model {name}=SOURCE" in err
+    code, out, _ = cli(
+        capsys,
+        "export",
+        path,
+        "--merged",
+        str(tmp_path / "b"),
+        "--model",
+        f"{name}={TINY}",
+        *common,
+    )
+    assert code == 0 and TINY in out
+    dl = tmp_path / "dl"
+    assert cli(capsys, "checkpoints", "download", path, "-o", str(dl), *common)[0] == 0
+    check_merged(dl, tmp_path / "b")
+    code, _, _ = cli(
+        capsys, "export", path, "--merged", str(tmp_path / "c"), "--base", TINY, *common
+    )
+    assert code == 0 and (tmp_path / "c" / "config.json").exists()

@@ -164,6 +164,8 @@ def test_sl_loop_loss_falls_and_saves_checkpoints(runs):
     log_path = finish(runs, "sl_loop")
     metrics = read_jsonl(log_path / "metrics.jsonl")
     assert len(metrics) == 8  # 64 conversations, batches of 8, one epoch
+    # The recipe's own step numbers: optim_step's metrics have no `step` to clobber them.
+    assert [m["step"] for m in metrics] == list(range(8))
     nll = [m["train_mean_nll"] for m in metrics]
     assert sum(nll[-3:]) / 3 < 0.7 * sum(nll[:3]) / 3, nll
     assert all(m["num_sequences"] == 8 for m in metrics)

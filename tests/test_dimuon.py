@@ -56,7 +56,9 @@ def test_a_step_moves_each_matrix_by_the_rate_along_a_direction_of_norm_sqrt_ran
         learning_rate=1e-3, rank_lr_correction_exponent=0.5, beta1=0.7, damping=1e-3
     )
     metrics = engine.optim_step(model_id, params).metrics
-    assert metrics["step"] == 1 and metrics["learning_rate"] == 1e-3 and metrics["grad_norm"] > 0
+    assert (
+        metrics["optim/step"] == 1 and metrics["learning_rate"] == 1e-3 and metrics["grad_norm"] > 0
+    )
     # B starts at 0, so every lora_A has a zero gradient, zero momentum and stays put
     assert any(moved) and not all(moved)
     rate = 1e-3 * (32 / RANK) ** 0.5  # the rank correction relative to rank 32

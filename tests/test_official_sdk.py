@@ -80,7 +80,7 @@ def test_sdk_async_api_pipelines(sdk):
             futures.append(await client.forward_backward_async(data, "cross_entropy"))
             futures.append(await client.optim_step_async(ADAM))
         results = [await f for f in futures]
-        return [r.metrics["loss:sum"] for r in results[::2]], results[-1].metrics["step"]
+        return [r.metrics["loss:sum"] for r in results[::2]], results[-1].metrics["optim/step"]
 
     losses, steps = asyncio.run(main())
     assert steps == 3.0
@@ -300,6 +300,32 @@ def test_sdk_named_sampler_weights_and_base_sampling(sdk):
     # a fresh LoRA (B = 0) is the base model exactly: greedy decoding agrees
     assert from_path.sequences[0].tokens == from_base.sequences[0].tokens
     assert sdk.create_sampling_client(model_path=path).result().get_base_model() == TINY
+    # Both (as tinker-cookbook's on-policy distillation passes them): the path is sampled,
+    # and a base model that is not the weights' own is refused.
+    both = sdk.create_sampling_client(base_model=TINY, model_path=path).result()
+    assert both.sample(prompt, 1, params).result().sequences[0].tokens == (
+        from_path.sequences[0].tokens
+    )
+    with pytest.raises(tinker.BadRequestError, match="was trained on"):
+        sdk.create_sampling_client(base_model="tinkerd/tiny-chat", model_path=path).result()
+
+
+def test_tinkerd_client_takes_base_model_and_model_path_together(server):
+    from tinkerd import ServiceClient
+    from tinkerd.errors import InvalidRequestError
+
+    service = ServiceClient(base_url=server.url, api_key=KEYS[0])
+    client = service.create_lora_training_client(TINY, rank=4, seed=2)
+    path = client.save_weights_for_sampler("both").result().path
+    sampler = service.create_sampling_client(base_model=TINY, model_path=path)
+    from tinkerd.types import ModelInput, SamplingParams
+
+    prompt = ModelInput.from_ints([256, *b"hi"])
+    out = sampler.sample(prompt, 1, SamplingParams(max_tokens=3, temperature=0.0, stop=[]))
+    assert len(out.result().sequences[0].tokens) == 3
+    with pytest.raises(InvalidRequestError, match="give model_path or base_model"):
+        service.create_sampling_client()
+    service.close()
 
 
 def test_sdk_bad_sample_requests_are_400(sdk):

@@ -59,7 +59,7 @@ def test_a_full_queue_answers_429_and_the_sdk_retries_through_it(limited):
         futures.append(client.forward_backward(data, "cross_entropy"))
         futures.append(client.optim_step(types.AdamParams(learning_rate=1e-2)))
     losses = [f.result().metrics["loss:sum"] for f in futures[::2]]
-    assert all(f.result().metrics["step"] > 0 for f in futures[1::2])
+    assert all(f.result().metrics["optim/step"] > 0 for f in futures[1::2])
     assert losses[-1] < losses[0]
     # The configured batch limit: 3 data x 120 tokens > 256 is refused, clearly.
     with pytest.raises(tinker.BadRequestError, match="server's limit of 256"):

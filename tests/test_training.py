@@ -130,7 +130,7 @@ def test_async_api_pipelines(service, batch):
 
     fb_out, step_out, info = asyncio.run(main())
     assert fb_out.metrics["loss:sum"] > 0
-    assert step_out.metrics["step"] == 1.0
+    assert step_out.metrics["optim/step"] == 1.0
     assert info.lora_rank == 8 and info.model_data.model_name == TINY
 
 

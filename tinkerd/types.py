@@ -301,7 +301,8 @@ def optim_params_from(value: Any) -> OptimParams:
 
 class OptimStepResponse(ResponseBase):
     metrics: dict[str, float] | None = None
-    """`grad_norm` (global L2 norm before clipping), `learning_rate`, `step`."""
+    """`grad_norm` (global L2 norm before clipping), `learning_rate`, `optim/step` (steps
+    taken; not `step`, which trainers log themselves)."""
 
 
 class ModelData(ResponseBase):

@@ -158,20 +158,34 @@ def _checkpoints_publish(args: argparse.Namespace, client: Any) -> int:
 
 
 def _export(args: argparse.Namespace, client: Any) -> int:
-    """Download the checkpoint (checked), then fold its LoRA into the base model."""
+    """Download the checkpoint (checked), then fold its LoRA into the base model: the one
+    `--base` names, else the source its base's served name maps to under `--model` (as
+    `serve --model NAME=SOURCE` mapped it), else that name itself."""
     from tinkerd.engine.checkpoints import CheckpointStore, export_merged, parse_tinker_path
-    from tinkerd.engine.models import resolve_model_path
+    from tinkerd.engine.models import parse_model_specs, resolve_model_path
     from tinkerd.errors import InvalidRequestError
 
     out = Path(args.merged)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidRequestError(f"{out} exists and is not an empty directory")
+    try:
+        mapping = parse_model_specs(args.model)
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from None
     model_id, kind, name = parse_tinker_path(args.path)
     with tempfile.TemporaryDirectory(prefix="tinkerd-export-") as tmp:
         client.download_checkpoint(args.path, Path(tmp) / model_id / kind / name).result()
         info = CheckpointStore(Path(tmp), recover=False).get(model_id, kind, name)
-        export_merged(resolve_model_path(info.base_model), info, out)
-    print(f"{args.path} merged into {info.base_model} -> {out} (Hugging Face format)")
+        source = args.base or mapping.get(info.base_model, info.base_model)
+        try:
+            export_merged(resolve_model_path(source), info, out)
+        except (OSError, ValueError) as e:
+            raise InvalidRequestError(
+                f"cannot load base model {source!r} ({e}); if the server served it under "
+                f"another name, pass --model {info.base_model}=SOURCE as serve had, or "
+                "--base SOURCE"
+            ) from None
+    print(f"{args.path} merged into {source} -> {out} (Hugging Face format)")
     return 0
 
 
@@ -218,4 +232,17 @@ def register(sub: argparse._SubParsersAction) -> dict[str, argparse._SubParsersA
     )
     export.add_argument("path", metavar="TINKER_PATH")
     export.add_argument("--merged", required=True, metavar="OUT", help="directory to create")
+    export.add_argument(
+        "--base",
+        metavar="SOURCE",
+        help="base model to merge into (local dir, hub id, smollm2, tinkerd/tiny-chat); "
+        "default: the checkpoint's base model, through --model",
+    )
+    export.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME=SOURCE",
+        help="the server's `serve --model NAME=SOURCE` mapping (repeatable): a checkpoint "
+        "on base NAME is merged into SOURCE",
+    )
     return {"runs": runs, "checkpoints": checkpoints}

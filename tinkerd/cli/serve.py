@@ -85,6 +85,7 @@ def engine_config(args: argparse.Namespace):
     if args.max_batch_tokens:
         config.max_batch_tokens = args.max_batch_tokens
     config.dtype = args.dtype
+    config.memory_budget_bytes = getattr(args, "memory_budget", "auto")
     return config
 
 
@@ -101,6 +102,18 @@ QUOTAS = {  # ServiceConfig field: what its --flag says (`none`: no limit)
 
 def _limit(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
+
+
+def _budget(text: str) -> int | str | None:
+    """`--memory-budget`: `auto`, `none` or a size (`2GiB`)."""
+    from tinkerd.engine.memory import parse_bytes
+
+    if text.lower() in ("auto", "none"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -143,6 +156,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-batch-tokens",
         type=int,
         help="most padded tokens (data x longest datum) in one request (default 1048576)",
+    )
+    serve.add_argument(
+        "--memory-budget",
+        type=_budget,
+        default="auto",
+        metavar="BYTES",
+        help="activation memory a training pass may use, e.g. 2GiB: bigger passes run in "
+        "micro-batches (gradients accumulated), logits in chunks, decoder layers "
+        "checkpointed when needed; results are the same (default auto: a quarter of the "
+        "memory available at start, GPU memory on CUDA; none: no budget)",
     )
     serve.add_argument(
         "--session-timeout",

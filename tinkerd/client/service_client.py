@@ -130,9 +130,10 @@ class ServiceClient:
     def create_sampling_client(
         self, model_path: str | None = None, base_model: str | None = None, **_: Any
     ) -> SamplingClient:
-        """Sample from saved sampler weights (`tinker://...`) or from a base model as is."""
-        if (model_path is None) == (base_model is None):
-            raise InvalidRequestError("give exactly one of model_path and base_model")
+        """Sample from saved sampler weights (`tinker://...`) or from a base model as is.
+        Given both, the weights are sampled and `base_model` must be theirs."""
+        if model_path is None and base_model is None:
+            raise InvalidRequestError("give model_path or base_model")
         future = APIFuture(self._transport.create_sampler(base_model, model_path))
         return SamplingClient(self._transport, future)
 

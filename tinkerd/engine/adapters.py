@@ -164,11 +164,16 @@ def step_hyper(run: Run, params: OptimParams) -> AdamParams | DimuonHyper:
     return params
 
 
+STEP_METRIC = "optim/step"
+"""optim_step's metric of the run's step count: not `step`, which trainers (e.g.
+tinker-cookbook's loops) put in the same log row as these metrics, so it must not collide."""
+
+
 def optimizer_step(run: Run, params: OptimParams) -> dict[str, float]:
     """One step of the run's optimizer on its accumulated gradients, then clear them.
 
     Returns the metrics `grad_norm` (global L2 norm before clipping), `learning_rate`
-    and `step` (steps taken so far, this one included). Bad `params` are refused with
+    and `STEP_METRIC` (steps taken so far, this one included). Bad `params` are refused with
     the gradients kept; a non-finite gradient norm skips the step and clears them."""
     hyper = step_hyper(run, params)
     try:
@@ -178,7 +183,7 @@ def optimizer_step(run: Run, params: OptimParams) -> dict[str, float]:
         raise InvalidRequestError(f"{e}; gradients cleared") from None
     run.clear_grads()
     run.step += 1
-    return {**metrics, "step": float(run.step)}
+    return {**metrics, STEP_METRIC: float(run.step)}
 
 
 def add_frozen_adapter(

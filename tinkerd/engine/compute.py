@@ -13,7 +13,12 @@ backpropagates the surrogate `sum(logprobs * g)`, whose gradient in the logprobs
 
 Memory (`Limits`): a pass is a loop over micro-batches of rows (`micro_batches`: one, or
 as many as a token budget needs, the gradient accumulating over them), and
-`target_logprobs` upcasts the logits of a bounded number of positions at a time.
+`target_logprobs` upcasts the logits of a bounded number of positions at a time. With a
+byte budget (`Limits.memory_budget_bytes`) each pass derives both sizes, and whether its
+decoder layers recompute their activations in the backward, from it (`memory.plan`).
+A micro-batched pass of built-in losses runs one forward and backward per micro-batch and
+checks the losses after; should one not be finite, the runs' gradients are put back as
+they were and only the finite requests' micro-batches are run again.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from tinkerd import losses
+from tinkerd.engine import memory
 from tinkerd.engine.adapters import Run
 from tinkerd.engine.batch import Batch
-from tinkerd.engine.lora import Segment, packed_logits, pad_cat, trainable
+from tinkerd.engine.lora import Segment, pad_cat, route_rows, trainable
 from tinkerd.engine.models import BaseModel
 from tinkerd.engine.parallel import SingleProcess
 from tinkerd.errors import InvalidRequestError
@@ -84,11 +90,29 @@ class Limits:
     """How much of a pass is computed at once (`EngineConfig`); None: no limit."""
 
     micro_batch_tokens: int | None = None
-    """Most padded tokens (rows x longest row) per micro-batch. Over it, a pass with a
-    backward runs twice: a forward without gradient for the losses and outputs, then a
-    forward and backward per micro-batch, accumulating the gradient."""
+    """Most padded tokens (rows x longest row) per micro-batch. Over it, a pass runs a
+    forward (and backward) per micro-batch, accumulating the gradient."""
     logits_chunk_tokens: int | None = None
     """Most positions whose logits are upcast to float32 at once (`target_logprobs`)."""
+    memory_budget_bytes: int | None = None
+    """Activation bytes a pass may use: each pass derives the two sizes above (where not
+    set) and whether to checkpoint its decoder layers from it (`memory.plan`)."""
+    checkpoint: bool = False
+    """Recompute each decoder layer's activations in the backward (`memory`)."""
+
+    def for_pass(self, base: BaseModel | None, members: list[Member], backward: bool) -> Limits:
+        """These limits with the budget turned into sizes for this pass's rows."""
+        if self.memory_budget_bytes is None or base is None:
+            return self
+        longest = max((n for m in members for n in m.request.batch.lengths), default=1)
+        shape = memory.ModelShape.of(base.model)
+        p = memory.plan(shape, self.memory_budget_bytes, longest, backward)
+        return Limits(
+            self.micro_batch_tokens or p.micro_batch_tokens,
+            self.logits_chunk_tokens or p.logits_chunk_tokens,
+            None,
+            p.checkpoint and backward,
+        )
 
 
 @dataclass
@@ -124,20 +148,34 @@ def loss_pass(
     finite = [True] * len(requests)
     computed: list[tuple[Member, Tensor, Tensor | None, Tensor]] = []
     base = members[0].run.base if members else None
-    budget = None if parallel.fsdp else limits.micro_batch_tokens  # FSDP: same forwards
-    groups = micro_batches(members, budget)  # on every rank
+    limits = limits.for_pass(base, members, backward)
+    if parallel.fsdp:  # every rank joins the same forwards (and recomputations)
+        limits = Limits(None, limits.logits_chunk_tokens)
+    groups = micro_batches(members, limits.micro_batch_tokens)  # on every rank
     one_pass = len(groups) <= 1  # then the forward's graph serves the backward
+    # Micro-batches of a built-in loss: forward and backward each at once, the losses
+    # checked after (the gradients from before are kept aside, and put back if some
+    # loss was not finite). A custom loss needs every logprob before any backward.
+    fused = backward and not one_pass and gradient_fn is None
+    saved = _save_gradients(members) if fused else []
     with (
         base.lock if base else contextlib.nullcontext(),
-        torch.set_grad_enabled(backward and one_pass),
+        torch.set_grad_enabled(backward and (one_pass or fused)),
+        contextlib.ExitStack() as stack,
     ):
-        logprobs = _logprobs(base, members, groups, limits, backward and one_pass)
+        if limits.checkpoint:
+            stack.enter_context(memory.checkpointed_layers(base.model))
+        if fused:
+            logprobs = _fused_passes(base, members, groups, limits)
+        else:
+            logprobs = _logprobs(base, members, groups, limits, backward and one_pass, stack)
         error, weights = None, []
         if gradient_fn is not None:
             error, weights = _custom_gradients(members, logprobs, parallel, gradient_fn)
         for k, (member, lp) in enumerate(zip(members, logprobs)):
             if gradient_fn is None:
-                elementwise = _elementwise(member, lp, member.request.batch)
+                with torch.no_grad() if fused else contextlib.nullcontext():
+                    elementwise = _elementwise(member, lp, member.request.batch)
                 loss = elementwise.sum()
                 finite[member.index] &= bool(torch.isfinite(loss))
                 computed.append((member, lp, elementwise, loss))
@@ -145,9 +183,11 @@ def loss_pass(
                 computed.append((member, lp, None, (lp * weights[k]).sum()))
         agreed = parallel.all_finite(finite)
         done = [c for c in computed if agreed[c[0].index]]
+        if fused and len(done) < len(computed):
+            _restore_gradients(saved)
         if backward and done and one_pass:
             _backward([m for m, *_ in done], [loss for *_, loss in done])
-        elif backward and done:
+        elif backward and done and not (fused and len(done) == len(computed)):
             keep = {id(m) for m, *_ in done}
             with torch.enable_grad():
                 for group in groups:
@@ -192,18 +232,44 @@ def _backward_pieces(
     pieces: list[_Piece],
     limits: Limits,
     weights: list[Tensor] | None,
-) -> None:
+) -> list[Tensor]:
     """Forward and backward of one micro-batch: the gradient of its pieces' losses (or,
-    with `weights`, of the custom surrogate) accumulates into their runs'."""
+    with `weights`, of the custom surrogate) accumulates into their runs'. Returns the
+    pieces' logprobs (detached)."""
     losses = []
-    for piece, lp in zip(pieces, _forward(base, members, pieces, limits, True)):
-        member = members[piece.member]
-        if weights is None:
-            losses.append(_elementwise(member, lp, piece.batch).sum())
-        else:
-            w = weights[piece.member][piece.first_token : piece.first_token + lp.shape[0]]
-            losses.append((lp * w).sum())
-    _backward([members[p.member] for p in pieces], losses)
+    with contextlib.ExitStack() as stack:  # row routing stays on for recomputed layers
+        logprobs = _forward(base, members, pieces, limits, True, stack)
+        for piece, lp in zip(pieces, logprobs):
+            member = members[piece.member]
+            if weights is None:
+                losses.append(_elementwise(member, lp, piece.batch).sum())
+            else:
+                w = weights[piece.member][piece.first_token : piece.first_token + lp.shape[0]]
+                losses.append((lp * w).sum())
+        _backward([members[p.member] for p in pieces], losses)
+    return [lp.detach() for lp in logprobs]
+
+
+def _fused_passes(
+    base: BaseModel, members: list[Member], groups: list[list[_Piece]], limits: Limits
+) -> list[Tensor]:
+    """Forward and backward of each micro-batch in turn; each member's logprobs."""
+    parts: list[list[Tensor]] = [[] for _ in members]
+    for group in groups:
+        for piece, lp in zip(group, _backward_pieces(base, members, group, limits, None)):
+            parts[piece.member].append(lp)
+    return [p[0] if len(p) == 1 else torch.cat(p) for p in parts]
+
+
+def _save_gradients(members: list[Member]) -> list[tuple[Tensor, Tensor | None]]:
+    """The pass's runs' gradients as they are (LoRA-sized copies)."""
+    params = {id(p): p for m in members for p in m.run.params}.values()
+    return [(p, None if p.grad is None else p.grad.clone()) for p in params]
+
+
+def _restore_gradients(saved: list[tuple[Tensor, Tensor | None]]) -> None:
+    for p, grad in saved:
+        p.grad = grad
 
 
 def micro_batches(members: list[Member], max_tokens: int | None) -> list[list[_Piece]]:
@@ -243,24 +309,35 @@ def _logprobs(
     groups: list[list[_Piece]],
     limits: Limits,
     train: bool,
+    stack: contextlib.ExitStack,
 ) -> list[Tensor]:
     """Each member's target logprobs, `[n_tokens]` (or `[n_tokens, k]`), float32: the
     micro-batches one after another."""
     parts: list[list[Tensor]] = [[] for _ in members]
     for group in groups:
-        for piece, lp in zip(group, _forward(base, members, group, limits, train)):
-            parts[piece.member].append(lp)
+        # Only a pass with its backward still to come (one group) keeps rows routed.
+        with contextlib.nullcontext(stack) if train else contextlib.ExitStack() as routing:
+            for piece, lp in zip(group, _forward(base, members, group, limits, train, routing)):
+                parts[piece.member].append(lp)
     return [p[0] if len(p) == 1 else torch.cat(p) for p in parts]
 
 
 def _forward(
-    base: BaseModel, members: list[Member], pieces: list[_Piece], limits: Limits, train: bool
+    base: BaseModel,
+    members: list[Member],
+    pieces: list[_Piece],
+    limits: Limits,
+    train: bool,
+    stack: contextlib.ExitStack,
 ) -> list[Tensor]:
-    """Target logprobs of each piece of one micro-batch (one forward of the base)."""
+    """Target logprobs of each piece of one micro-batch (one forward of the base). Rows of
+    several runs are routed through their adapters until `stack` closes (a checkpointed
+    layer recomputes in the backward, and must route them the same way)."""
     batches = [p.batch for p in pieces]
     if len(pieces) == 1:  # the run's own adapter, as PEFT routes it
         members[pieces[0].member].run.activate()
-        logits = base.peft_model(input_ids=batches[0].input_ids.to(base.device)).logits
+        input_ids = batches[0].input_ids.to(base.device)
+        logits = base.peft_model(input_ids=input_ids, use_cache=False).logits
     else:
         width = max(b.input_ids.shape[1] for b in batches)
         segments, start = [], 0
@@ -271,7 +348,9 @@ def _forward(
             if train:
                 trainable(run.params)
         input_ids = pad_cat([b.input_ids for b in batches], width).to(base.device)
-        logits = packed_logits(base.peft_model, input_ids, segments)
+        stack.enter_context(route_rows(base.peft_model, segments))
+        model = base.peft_model.base_model.model  # the injected tree, routed by rows
+        logits = model(input_ids=input_ids, use_cache=False).logits
     out, row = [], 0
     for b in batches:
         rows = logits[row : row + b.input_ids.shape[0], : b.mask.shape[1]]

@@ -31,6 +31,7 @@ from tinkerd.engine.checkpoints import (
     load_optimizer_state,
 )
 from tinkerd.engine.compute import Limits, LossRequest, Member, loss_pass
+from tinkerd.engine.memory import default_budget, parse_bytes
 from tinkerd.engine.models import BaseModel, BaseModelRegistry, parse_model_specs
 from tinkerd.engine.parallel import SingleProcess
 from tinkerd.engine.sampler_weights import MAX_SNAPSHOTS, SamplerVersions, SamplerWeights
@@ -76,9 +77,18 @@ class EngineConfig:
     """Frozen base weights' dtype: `float32`, `bfloat16` or `auto` (bf16 on CUDA, else
     fp32); None: $TINKERD_DTYPE, else auto. LoRA weights, Adam state and logprobs stay fp32."""
 
+    memory_budget_bytes: int | str | None = "auto"
+    """Activation memory a pass may use (`--memory-budget`): passes are cut into
+    micro-batches, logits chunked and layers checkpointed to fit (`engine.memory`); the
+    sizes above, where set, take precedence. `auto`: `memory.default_budget()` (a
+    quarter of the memory available at start); None: no budget."""
+
     @property
     def limits(self) -> Limits:
-        return Limits(self.micro_batch_tokens, self.logits_chunk_tokens)
+        budget = self.memory_budget_bytes
+        if isinstance(budget, str):
+            budget = default_budget() if budget == "auto" else parse_bytes(budget)
+        return Limits(self.micro_batch_tokens, self.logits_chunk_tokens, budget)
 
 
 def optimizer_for_state(
@@ -115,6 +125,8 @@ class Engine:
         self.data_dir = Path(data_dir or os.environ.get("TINKERD_DATA_DIR") or "~/.tinkerd")
         self.data_dir = self.data_dir.expanduser()
         self.config = config or EngineConfig()
+        self.limits = self.config.limits
+        """What a pass may compute at once (the memory budget resolved once, at start)."""
         self.parallel = parallel or SingleProcess()
         self._checkpoints: CheckpointStore | None = None
         self._recover_checkpoints = recover_checkpoints
@@ -344,9 +356,8 @@ class Engine:
             extra.append(more)
             return grads
 
-        outputs = loss_pass(
-            [request], self._members([request], [run]), True, self.parallel, gradient
-        )
+        members = self._members([request], [run])
+        outputs = loss_pass([request], members, True, self.parallel, gradient, self.limits)
         if outputs is None:
             return None  # type: ignore[return-value] -- a rank other than 0
         if isinstance(outputs[0], Exception):
@@ -415,7 +426,7 @@ class Engine:
         for group in by_base.values():  # in the same order on every rank
             mine = [requests[i] for i, _ in group]
             members = self._members(mine, [run for _, run in group])
-            outputs = loss_pass(mine, members, backward, self.parallel, None, self.config.limits)
+            outputs = loss_pass(mine, members, backward, self.parallel, None, self.limits)
             for (i, _), out in zip(group, outputs or [None] * len(group)):
                 results[i] = out
         return results
@@ -450,8 +461,17 @@ class Engine:
     def sampler_for(
         self, base_model: str | None = None, model_path: str | None = None
     ) -> SamplerWeights:
-        """The weights to sample from: a base model as it is, or saved weights."""
-        return self.samplers.find(base_model, model_path)
+        """The weights to sample from: a base model as it is, or saved weights. Given
+        both (as the official SDK allows), the saved weights win, and `base_model` must
+        be theirs (its served name or hub id)."""
+        if base_model is None or model_path is None:
+            return self.samplers.find(base_model, model_path)
+        weights = self.samplers.find(model_path=model_path)
+        if base_model not in (weights.base_model, self._load_base(weights.base_model).hub_id):
+            raise InvalidRequestError(
+                f"{model_path} was trained on {weights.base_model!r}, not {base_model!r}"
+            )
+        return weights
 
     def get_sampler(self, sampler_id: str) -> SamplerWeights:
         return self.samplers.get(sampler_id)

@@ -5,7 +5,7 @@
 
 `step` reads `p.grad` and never clears it (the caller zeroes gradients after a step, or
 after a refused one). Both return the metrics `grad_norm` (global L2 norm before
-clipping), `learning_rate` and `step` (steps taken, this one included).
+clipping), `learning_rate` and `optim/step` (steps taken, this one included).
 
 Dimuon, for a 2-D parameter W of LoRA rank r (the rank of the pair it belongs to; by
 default min(W.shape), which is r for both LoRA A `[r, in]` and B `[out, r]`), with every
@@ -182,7 +182,11 @@ class Dimuon:
                 rate = h.learning_rate * rank_correction(rank, h.rank_lr_correction_exponent)
                 p.sub_((rate * dimuon_direction(m, rank, h.damping)).to(p.dtype))
         self.steps += 1
-        return {"grad_norm": grad_norm, "learning_rate": h.learning_rate, "step": float(self.steps)}
+        return {
+            "grad_norm": grad_norm,
+            "learning_rate": h.learning_rate,
+            "optim/step": float(self.steps),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -255,7 +259,7 @@ class AdamW:
         return {
             "grad_norm": grad_norm,
             "learning_rate": hyper.learning_rate,
-            "step": float(self.steps),
+            "optim/step": float(self.steps),
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def record(
         if kind == "optim_step":
             metrics = result.metrics or {}
             values = {k: metrics.get(k) for k in ("grad_norm", "learning_rate")}
-            step = int(metrics["step"])
+            step = int(metrics["optim/step"])
         else:
             values = {k: v for k, v in result.metrics.items() if k != "loss:sum"}
             values |= {"loss": result.metrics.get("loss:sum"), "tokens": tokens}
