@@ -85,7 +85,7 @@ def engine_config(args: argparse.Namespace):
     if args.max_batch_tokens:
         config.max_batch_tokens = args.max_batch_tokens
     config.dtype = args.dtype
-    config.memory_budget_bytes = getattr(args, "memory_budget", "auto")
+    config.memory_budget_bytes = args.memory_budget
     return config
 
 
