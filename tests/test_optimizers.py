@@ -46,7 +46,7 @@ def test_one_step_matches_numpy_on_a_small_matrix():
     assert metrics == {
         "grad_norm": pytest.approx(float(np.linalg.norm(g0)), rel=1e-6),
         "learning_rate": 0.1,
-        "step": 1.0,
+        "optim/step": 1.0,
     }
 
 
@@ -212,7 +212,11 @@ def adam_step(run, adam: AdamParams) -> dict[str, float]:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    return {"grad_norm": grad_norm, "learning_rate": adam.learning_rate, "step": float(run.step)}
+    return {
+        "grad_norm": grad_norm,
+        "learning_rate": adam.learning_rate,
+        "optim/step": float(run.step),
+    }
 
 
 def test_adamw_equals_adam_step_and_round_trips():

@@ -295,7 +295,7 @@ def optim_params_from(value: Any) -> OptimParams:
     if kind == "dimuon":
         return _validated(DimuonParams, data)
     raise InvalidRequestError(
-        f"unknown optimizer params type {kind!r}: give AdamParams or DimuonParams"
+        f"optimizer_params: unknown optimizer params type {kind!r}: give AdamParams or DimuonParams"
     )
 
 
@@ -339,7 +339,8 @@ def optimizer_config_from(value: Any) -> AdamOptimizerConfig | DimuonOptimizerCo
     cls = known.get(data.get("type"))  # type: ignore[arg-type]
     if cls is None:
         raise InvalidRequestError(
-            f"unknown optimizer type {data.get('type')!r}; known: 'adamw', 'dimuon'"
+            f"optimizer_config: unknown optimizer type {data.get('type')!r}; known: 'adamw', "
+            "'dimuon'"
         )
     unknown = set(data) - set(cls.model_fields)
     if unknown:  # a newer optimizer version's fields: refused, never silently dropped

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
+from tinkerd.server.routes import Limit, Offset
 from tinkerd.service.access import checkpoint_path, tar_stream
 
 API = "/api/v1"
@@ -38,7 +39,7 @@ def rest_router(server) -> APIRouter:
 
     @router.get(f"{API}/training_runs")
     def list_training_runs(
-        limit: int = 20, offset: int = 0, access_scope: Scope = "owned", who: str = Owner
+        limit: Limit = 20, offset: Offset = 0, access_scope: Scope = "owned", who: str = Owner
     ) -> dict:
         runs, cursor = catalog.list_runs(who, limit, offset, access_scope == "accessible")
         return {
@@ -57,7 +58,7 @@ def rest_router(server) -> APIRouter:
         return catalog.list_checkpoints(model_id, who).model_dump(mode="json")
 
     @router.get(f"{API}/checkpoints")
-    def list_user_checkpoints(limit: int = 100, offset: int = 0, who: str = Owner) -> dict:
+    def list_user_checkpoints(limit: Limit = 100, offset: Offset = 0, who: str = Owner) -> dict:
         return catalog.list_user_checkpoints(who, limit, offset).model_dump(mode="json")
 
     @router.delete(CHECKPOINT)

@@ -15,8 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tinkerd.service.session_search import SessionSearch  # noqa: F401  sessions/search body
 from tinkerd.types import Datum, LoraConfig, ModelInput, SamplingParams
 
-OPTIMIZERS = ("adamw", "dimuon")
-"""The optimizer families (`optimizer_config.type`) runs here can be created with."""
 TtlSeconds = int | None
 UserMetadata = dict[str, str] | None
 
@@ -32,15 +30,6 @@ def refuse_unless(value: Any, allowed: Any, why: str) -> Any:
     if value != allowed:
         raise ValueError(f"{why} (got {str(value)[:80]})")
     return value
-
-
-def check_optimizer_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
-    if config is not None and config.get("type") not in OPTIMIZERS:
-        raise ValueError(
-            f"optimizer {str(config.get('type'))[:40]!r} is not supported by this server "
-            f"(supported: {', '.join(OPTIMIZERS)})"
-        )
-    return config
 
 
 class CreateSessionRequest(Body):
@@ -77,8 +66,6 @@ class CreateModelRequest(Body):
     optimizer_config: dict[str, Any] | None = None
     """{"type": "adamw"} (the default) or {"type": "dimuon", "version": 1}; parsed by the
     service (`types.optimizer_config_from`), so an unknown type is a 400 naming it."""
-
-    _optimizer = field_validator("optimizer_config")(check_optimizer_config)
 
 
 class ModelRequest(Body):
@@ -138,8 +125,6 @@ class LoadWeightsRequest(Body):
     """The optimizer of a run created weights-only (default AdamW); with `optimizer` the
     run takes the checkpoint's, which this may only repeat."""
     weights_access_token: str | None = None
-
-    _optimizer = field_validator("optimizer_config")(check_optimizer_config)
 
     @field_validator("weights_access_token")
     @classmethod

@@ -226,16 +226,17 @@ class Catalog:
 
     # ---------------------------------------------------------------- archives
 
-    def signature(self, path: str, expires: int) -> str:
-        """Signs the path, the expiry and what the link was granted on: the checkpoint's
-        identity (its creation time: a deleted and re-created checkpoint is another) and
-        whether it is published. A change to either revokes every link at once."""
+    def signature(self, path: str, expires: int, part: str = "") -> str:
+        """Signs the checkpoint's path, `part` (one of its files, for external weights), the
+        expiry and what the link was granted on: the checkpoint's identity (its creation
+        time: a deleted and re-created checkpoint is another) and whether it is published.
+        A change to either revokes every link at once."""
         try:
             created = repr(self.checkpoints.resolve(path).created_at)
         except NotFoundError:
             created = "absent"
         public = path in self.store.published()
-        message = f"{path}\n{expires}\n{created}\n{public}".encode()
+        message = f"{path}\n{part}\n{expires}\n{created}\n{public}".encode()
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
 
     def sign(self, path: str) -> tuple[int, str]:
@@ -267,13 +268,16 @@ class Catalog:
             raise InvalidRequestError(f"{path} is not an external_weights checkpoint")
         expires = int(time.time()) + ARCHIVE_URL_SECONDS
         files = self._external_files(path)
-        return expires, {f: self.signature(f"{path}/{f}", expires) for f in files}
+        return expires, {f: self.signature(path, expires, f) for f in files}
 
     def external_file(self, path: str, filename: str, expires: int, signature: str) -> bytes:
         """One file of an external weights checkpoint, if the signature is good (checked
         against the sha256 recorded when it was saved; age-encrypted as it goes out if the
         export asked for it)."""
-        good = hmac.compare_digest(self.signature(f"{path}/{filename}", expires), signature)
+        # As bytes: compare_digest refuses a str that is not ASCII (a forged signature).
+        good = hmac.compare_digest(
+            self.signature(path, expires, filename).encode(), signature.encode()
+        )
         if not good or expires < time.time() or filename not in self._external_files(path):
             raise NotFoundError("the download link is invalid or has expired; ask for a new one")
         self.expire()

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from tinkerd.errors import NotFoundError
 from tinkerd.server.encodings import for_caller
-from tinkerd.server.routes import API
+from tinkerd.server.routes import API, Limit, Offset
 from tinkerd.server.schemas import (
     CreateSessionRequest,
     FinishSessionRequest,
@@ -77,7 +77,7 @@ def router(server: Server) -> APIRouter:
 
     @routes.get("/sessions")
     def list_sessions(
-        limit: int = 20, offset: int = 0, access_scope: str = "owned", who: str = Owner
+        limit: Limit = 20, offset: Offset = 0, access_scope: str = "owned", who: str = Owner
     ) -> dict:
         # "accessible" adds nothing: a key shares no sessions, only published checkpoints.
         return {"sessions": service.sessions.list(who, limit, offset)}
