@@ -279,7 +279,7 @@ def test_unknown_optimizer_types_and_bad_params_are_a_400_naming_them(server):
     answer = post("retrieve_future", {"request_id": step.json()["request_id"]})
     while answer.status_code == 408:
         answer = post("retrieve_future", {"request_id": step.json()["request_id"]})
-    assert answer.status_code == 200 and answer.json()["metrics"]["step"] == 1
+    assert answer.status_code == 200 and answer.json()["metrics"]["optim/step"] == 1
     assert time.monotonic() - started < 30
     for bad, message in (
         ({"type": "lion", "learning_rate": 1.0}, "unknown optimizer params type 'lion'"),
