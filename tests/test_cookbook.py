@@ -72,7 +72,7 @@ def make_workdir(root: Path) -> Path:
     return root
 
 
-SL_CONFIG = dict(batch_size=8, learning_rate=5e-3, save_every=4)  # 64 conversations: 8 steps
+SL_CONFIG = dict(batch_size=8, learning_rate=3e-3, save_every=4)  # 64 conversations: 8 steps
 # stable_reinforce, rl_loop's default loss, is not public (docs/compatibility.md);
 # importance_sampling is one of the recipe's own choices.
 RL_CONFIG = dict(
