@@ -30,7 +30,7 @@ import torch.distributed as dist
 from tinkerd.engine.adapters import Run
 from tinkerd.engine.checkpoints import CheckpointInfo, CheckpointStore
 from tinkerd.engine.compute import LossRequest
-from tinkerd.engine.engine import Engine
+from tinkerd.engine.engine import Engine, LossCalls
 from tinkerd.engine.models import BaseModel, BaseModelRegistry
 from tinkerd.engine.parallel import TorchDistributed
 from tinkerd.engine.sampler_weights import SamplerWeights
@@ -80,7 +80,7 @@ def _prepare(engine: Engine, *key: Any) -> LossRequest | Exception:
         return e
 
 
-class DistributedEngine:
+class DistributedEngine(LossCalls):
     """Rank 0's engine: the `Engine` API, with the operations that change runs applied on
     every rank and the read-only ones on rank 0's own engine (`local`)."""
 
@@ -154,30 +154,6 @@ class DistributedEngine:
     def optim_step(self, model_id: str, params: OptimParams) -> OptimStepResponse:
         self.local.check_optim_params(model_id, params)  # refused on rank 0 alone
         return self._everywhere("optim_step", model_id, params)
-
-    def run_loss(self, request: LossRequest, backward: bool) -> ForwardBackwardOutput:
-        (out,) = self.run_losses([request], backward)
-        if isinstance(out, Exception):
-            raise out
-        return out
-
-    def forward(
-        self,
-        model_id: str,
-        data: list[Datum],
-        loss_fn: str = "cross_entropy",
-        loss_fn_config: Mapping[str, float] | None = None,
-    ) -> ForwardBackwardOutput:
-        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), False)
-
-    def forward_backward(
-        self,
-        model_id: str,
-        data: list[Datum],
-        loss_fn: str = "cross_entropy",
-        loss_fn_config: Mapping[str, float] | None = None,
-    ) -> ForwardBackwardOutput:
-        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), True)
 
     def stop_workers(self) -> None:
         with self._lock:

@@ -60,6 +60,38 @@ from tinkerd.types import (
 __all__ = ["Engine", "EngineConfig", "LossRequest", "SamplerWeights"]
 
 
+class LossCalls:
+    """forward / forward_backward / run_loss in terms of `prepare` and `run_losses`: the
+    same for one process (`Engine`) and for ranks (`DistributedEngine`)."""
+
+    def forward(
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, float] | None = None,
+    ) -> ForwardBackwardOutput:
+        """Loss and per-token logprobs, with no gradient."""
+        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), False)
+
+    def forward_backward(
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, float] | None = None,
+    ) -> ForwardBackwardOutput:
+        """Loss, logprobs, and the loss's gradient added to the run's accumulated one."""
+        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), True)
+
+    def run_loss(self, request: LossRequest, backward: bool) -> ForwardBackwardOutput:
+        """One request's pass; raises what it failed with."""
+        (out,) = self.run_losses([request], backward)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+
 @dataclass
 class EngineConfig:
     """Limits and sizes of an engine (`tinkerd serve` flags)."""
@@ -108,7 +140,7 @@ def optimizer_for_state(
     return info.optimizer_config
 
 
-class Engine:
+class Engine(LossCalls):
     def __init__(
         self,
         cache_dir: Path | None = None,
@@ -301,26 +333,6 @@ class Engine:
 
     # ------------------------------------------------------------ compute
 
-    def forward(
-        self,
-        model_id: str,
-        data: list[Datum],
-        loss_fn: str = "cross_entropy",
-        loss_fn_config: Mapping[str, float] | None = None,
-    ) -> ForwardBackwardOutput:
-        """Loss and per-token logprobs, with no gradient."""
-        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), False)
-
-    def forward_backward(
-        self,
-        model_id: str,
-        data: list[Datum],
-        loss_fn: str = "cross_entropy",
-        loss_fn_config: Mapping[str, float] | None = None,
-    ) -> ForwardBackwardOutput:
-        """Loss, logprobs, and the loss's gradient added to the run's accumulated one."""
-        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), True)
-
     def check_optim_params(self, model_id: str, params: OptimParams) -> None:
         """Refuse (400) `params` of another optimizer than the run's, or out of range."""
         step_hyper(self.run(model_id), params)
@@ -394,13 +406,6 @@ class Engine:
             base.max_context_length,
             self.config.max_batch_tokens,
         )
-
-    def run_loss(self, request: LossRequest, backward: bool) -> ForwardBackwardOutput:
-        """One request's pass; raises what it failed with."""
-        (out,) = self.run_losses([request], backward)
-        if isinstance(out, Exception):
-            raise out
-        return out
 
     def run_losses(
         self, requests: list[LossRequest | Exception], backward: bool
