@@ -49,8 +49,17 @@ def reply(result: api.Reply) -> Response:
     return StreamingResponse(result.events, media_type="text/event-stream")
 
 
-async def answer(request: Request, backend: SamplingBackend, handle: Callable[..., Awaitable]):
-    """`handle(owner, json body)`'s answer; every failure as an OpenAI error body."""
+ErrorBody = Callable[[int, str], JSONResponse]
+
+
+async def answer(
+    request: Request,
+    backend: SamplingBackend,
+    handle: Callable[..., Awaitable],
+    error: ErrorBody = error,
+):
+    """`handle(owner, json body)`'s answer; every failure as an error body of the API's
+    shape (`error`: OpenAI's by default)."""
     try:
         owner = backend.authenticate(api_key(request))
         body: Any = await request.json() if request.method == "POST" else None
