@@ -97,6 +97,7 @@ QUOTAS = {  # ServiceConfig field: what its --flag says (`none`: no limit)
     "max_queued_per_key": "requests of one API key queued at once (429 beyond)",
     "max_losses_per_key": "uploaded custom losses one API key holds (403 beyond)",
     "max_loss_bytes_per_key": "bytes of uploaded custom losses one API key holds (403 beyond)",
+    "max_body_bytes": "bytes one HTTP request body may hold (413 beyond; default 64 MiB)",
 }
 
 

@@ -174,12 +174,19 @@ class DistributedEngine(LossCalls):
         self.local.check_custom_data(model_id, data)
 
     def sample(self, weights: SamplerWeights, *args: Any, **kwargs: Any) -> Future[SampleResponse]:
+        self._check_sampling()
+        return self.local.sample(weights, *args, **kwargs)
+
+    def prepare_sample(self, weights: SamplerWeights, *args: Any, **kwargs: Any) -> Any:
+        self._check_sampling()
+        return self.local.prepare_sample(weights, *args, **kwargs)
+
+    def _check_sampling(self) -> None:
         if self.fsdp:  # rank 0's forward would wait for the other ranks' all-gathers
             raise InvalidRequestError(
                 "sampling is not available on a server started with --fsdp (each rank holds "
                 "only part of the base model); serve sampling without --fsdp"
             )
-        return self.local.sample(weights, *args, **kwargs)
 
     def save_weights_for_sampler(
         self, model_id: str, name: str | None = None, user_metadata: dict[str, str] | None = None

@@ -502,6 +502,19 @@ class Engine(LossCalls):
             topk_sample_logprobs,
         )
 
+    def prepare_sample(
+        self,
+        weights: SamplerWeights,
+        prompt: list[int],
+        num_samples: int,
+        sampling_params: SamplingParams,
+        **options: Any,
+    ) -> Callable[[], Future[SampleResponse]]:
+        """Validate now (raises InvalidRequestError); the returned call queues it in the
+        base's sampler. `options`: `make_spec`'s keywords (prompt_logprobs, topk_*,
+        `tenant`, `listener`)."""
+        return self.samplers.prepare(weights, prompt, num_samples, sampling_params, **options)
+
     def sampler_stats(self, base_model: str) -> list[tuple[int, int]]:
         """(rows, distinct requests) of the base's recent decode steps."""
         return self.samplers.stats(base_model)

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from tinkerd.engine.adapters import Run, add_frozen_adapter, remove_adapter, snapshot_weights
 from tinkerd.engine.checkpoints import (
@@ -158,6 +159,27 @@ class SamplerVersions:
         topk_sample_logprobs: int = 0,
     ) -> Future[SampleResponse]:
         """Validate now (raises InvalidRequestError), decode in the base's batched sampler."""
+        return self.prepare(
+            weights,
+            prompt,
+            num_samples,
+            sampling_params,
+            prompt_logprobs=include_prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+            topk_sample_logprobs=topk_sample_logprobs,
+        )()
+
+    def prepare(
+        self,
+        weights: SamplerWeights,
+        prompt: list[int],
+        num_samples: int,
+        sampling_params: SamplingParams,
+        **options: Any,
+    ) -> Callable[[], Future[SampleResponse]]:
+        """Validate now (raises InvalidRequestError); the returned call queues the request
+        in the base's sampler (so a caller may admit it, or refuse it, in between).
+        `options`: `make_spec`'s keywords (logprobs, `tenant`, `listener`)."""
         base = self._load_base(weights.base_model)
         self._ensure_loaded(weights)
         with self._lock:
@@ -165,16 +187,9 @@ class SamplerVersions:
             if sampler is None:
                 sampler = self.samplers[base.name] = self.sampler_factory(base)
         spec = make_spec(
-            base,
-            prompt,
-            num_samples,
-            sampling_params,
-            adapter=weights.adapter,
-            prompt_logprobs=include_prompt_logprobs,
-            topk_prompt_logprobs=topk_prompt_logprobs,
-            topk_sample_logprobs=topk_sample_logprobs,
+            base, prompt, num_samples, sampling_params, adapter=weights.adapter, **options
         )
-        return sampler.submit(spec)
+        return lambda: sampler.submit(spec)
 
     def _ensure_loaded(self, weights: SamplerWeights) -> None:
         """Mark the weights recently used; reload them from disk if they were evicted."""

@@ -136,6 +136,46 @@ class CatchAll:
             await JSONResponse(body, status_code=500)(scope, receive, send)
 
 
+class BodyLimit:
+    """Request bodies larger than `max_bytes` get a 413 before they are read (by their
+    Content-Length) or as soon as they pass it (chunked): none is buffered whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int | None) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.max_bytes
+        if scope["type"] != "http" or limit is None:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        with contextlib.suppress(ValueError):
+            if int(headers.get(b"content-length", b"0")) > limit:
+                return await self._refuse(scope, receive, send)
+        seen, refused = 0, False
+
+        async def counted() -> Message:
+            nonlocal seen, refused
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if message["type"] == "http.request" and seen > limit and not refused:
+                refused = True
+                await self._refuse(scope, receive, send)
+            return {"type": "http.disconnect"} if refused else message
+
+        async def guarded(message: Message) -> None:
+            if not refused:  # after the 413, whatever the app answers is dropped
+                await send(message)
+
+        await self.app(scope, counted, guarded)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = (
+            f"the request body is larger than {self.max_bytes} bytes, this server's limit "
+            "(tinkerd serve --max-body-bytes)"
+        )
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+
+
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="tinkerd", version="0.1.0", docs_url="/docs")
     app.state.server = server
@@ -167,6 +207,7 @@ def create_app(server: Server) -> FastAPI:
         app.include_router(routes.router(server))
     app.include_router(rest_router(server))
     app.include_router(inference_router(server))  # OpenAI- and Anthropic-compatible
+    app.add_middleware(BodyLimit, max_bytes=server.service.config.max_body_bytes)
     app.add_middleware(CatchAll)
     return app
 

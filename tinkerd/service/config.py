@@ -20,6 +20,8 @@ class ServiceConfig:
     expiry_interval: float | None = None
     """Seconds between expiry sweeps (default: min(session_timeout / 4, 5)); 0: no sweep
     thread (call `Sessions.expire` yourself, e.g. in a test with a fake `clock`)."""
+    max_body_bytes: int | None = 64 << 20
+    """Bytes one HTTP request body may hold (413 beyond); None: no limit."""
     max_pass_tokens: int = MAX_PASS_TOKENS
     """Padded tokens one packed forward_backward pass may hold."""
     gap_timeout: float = 60.0

@@ -11,14 +11,23 @@ Face forward; the same rows' stacked adapters in `FastDecoder` steps).
 
 A step costs little besides its forward pass: per-row settings are tensors rebuilt only
 when rows join or leave (`choose.Plan`), and the KV cache grows in place (`kv_cache`).
+
+Waiting requests join by turns of tenant (`SampleSpec.tenant`, the API key): one request
+of each tenant in turn, round after round, while rows are free. A tenant with no row in
+the batch may also take the `newcomer_rows` held back beyond `max_batch_rows`, so one key
+that fills the batch delays another key's first request by one step, not by its own
+requests' length. A request whose future is cancelled (a client that went away) leaves
+the batch before the next step.
 """
 
 from __future__ import annotations
 
 import atexit
 import inspect
+import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -34,6 +43,7 @@ from tinkerd.engine.sampling.spec import SampleSpec
 from tinkerd.types import SampledSequence, SampleResponse
 
 MAX_BATCH_ROWS = 256  # sequences decoded together; more requests wait for a free row
+log = logging.getLogger("tinkerd.sampler")
 
 
 @dataclass(eq=False)
@@ -68,7 +78,11 @@ class Sampler:
         self.max_batch_rows = max_batch_rows
         # decode steps straight from the weights where the architecture allows (Llama)
         self._fast = FastDecoder.build(base.model) if fast_decode else None
-        self._pending: deque[Job] = deque()
+        self.newcomer_rows = max(1, max_batch_rows // 4)
+        """Rows beyond `max_batch_rows` that only a tenant with no row running may take."""
+        # tenant: its waiting jobs, tenants in turn order; never an empty deque
+        self._pending: OrderedDict[Hashable, deque[Job]] = OrderedDict()
+        self._cancelled = False  # a job's future was cancelled: drop its rows
         self._cond = threading.Condition()
         self._reset()
         self._rng = torch.Generator(device=base.device)
@@ -110,16 +124,26 @@ class Sampler:
             gen = torch.Generator(device=self.base.device)
             gen.manual_seed(spec.seed)
         job = Job(spec, Future(), gen, [None] * spec.num_samples, remaining=spec.num_samples)
+        job.future.add_done_callback(self._on_done)
         with self._cond:
-            self._pending.append(job)
+            self._pending.setdefault(spec.tenant, deque()).append(job)
             self._cond.notify()
         return job.future
+
+    def _on_done(self, future: Future) -> None:
+        if future.cancelled():
+            with self._cond:
+                self._cancelled = True
+                self._cond.notify()
 
     def adapters_in_use(self) -> set[str]:
         """Adapters that queued or running requests read (they must not be unloaded)."""
         with self._cond:
-            jobs = [*self._pending, *(r.job for r in self._rows)]
+            jobs = [*self._waiting(), *(r.job for r in self._rows)]
         return {j.spec.adapter for j in jobs}
+
+    def _waiting(self) -> list[Job]:
+        return [job for queue in self._pending.values() for job in queue]
 
     def recent_steps(self) -> list[tuple[int, int]]:
         """(rows, distinct requests) of each recent decode step, oldest first."""
@@ -136,6 +160,9 @@ class Sampler:
                     if self._closed:
                         self._fail_all(RuntimeError("the sampler was closed"))
                         return
+                    if self._cancelled:
+                        self._cancelled = False
+                        self._drop_cancelled()
                     new = self._take_pending()
                 jobs = new + list(dict.fromkeys(r.job for r in self._rows))
                 try:
@@ -150,7 +177,7 @@ class Sampler:
                             job.future.set_exception(e)
 
     def _fail_all(self, error: Exception) -> None:
-        jobs = [*self._pending, *(r.job for r in self._rows)]
+        jobs = [*self._waiting(), *(r.job for r in self._rows)]
         self._pending.clear()
         self._reset()
         for job in jobs:
@@ -158,16 +185,53 @@ class Sampler:
                 job.future.set_exception(error)
 
     def _take_pending(self) -> list[Job]:
+        """Waiting jobs to admit now: one per tenant in turn, round after round, while
+        their rows fit (a tenant with no row running may use `newcomer_rows` more)."""
         if self._rows and not kv_cache.mergeable(self._cache):
             return []  # this cache type cannot take new rows mid-flight: wait for a drain
         taken, rows = [], len(self._rows)
-        while self._pending and rows + self._pending[0].spec.num_samples <= self.max_batch_rows:
-            job = self._pending.popleft()
-            taken.append(job)
-            rows += job.spec.num_samples
-        if not taken and not self._rows and self._pending:
-            taken.append(self._pending.popleft())  # larger than a batch: run it alone
+        running = {r.job.spec.tenant for r in self._rows}
+        progressed = True
+        while self._pending and progressed:
+            progressed = False
+            for tenant in list(self._pending):  # a round: each tenant's next job
+                queue = self._pending[tenant]
+                job = queue[0]
+                room = self.max_batch_rows + (0 if tenant in running else self.newcomer_rows)
+                if rows + job.spec.num_samples > room:
+                    continue
+                queue.popleft()
+                del self._pending[tenant]
+                if queue:
+                    self._pending[tenant] = queue  # to the back of the turn order
+                taken.append(job)
+                rows += job.spec.num_samples
+                running.add(tenant)
+                progressed = True
+        if not taken and not self._rows and self._pending:  # larger than a batch: alone
+            tenant, queue = next(iter(self._pending.items()))
+            taken.append(queue.popleft())
+            del self._pending[tenant]
+            if queue:
+                self._pending[tenant] = queue
         return taken
+
+    def _drop_cancelled(self) -> None:
+        """Forget waiting and running jobs whose future was cancelled."""
+        for tenant, queue in list(self._pending.items()):
+            live = deque(j for j in queue if not j.future.cancelled())
+            if live:
+                self._pending[tenant] = live
+            else:
+                del self._pending[tenant]
+        alive = [i for i, r in enumerate(self._rows) if not r.job.future.cancelled()]
+        if len(alive) == len(self._rows):
+            return
+        if not alive:
+            self._reset()
+            return
+        self._next_logits = self._next_logits[torch.tensor(alive, device=self._mask.device)]
+        self._retire(alive)
 
     def _forward(
         self,
@@ -249,6 +313,11 @@ class Sampler:
         for i, row in enumerate(rows):
             row.tokens.append(tokens_list[i])
             row.logprobs.append(logprobs_list[i])
+            if row.job.spec.listener is not None:
+                try:
+                    row.job.spec.listener(row.index, tokens_list[i])
+                except Exception:  # a listener's bug never fails the batch
+                    log.exception("a sample listener failed")
             if topk is not None and row.job.spec.topk_sample_logprobs:
                 k = row.job.spec.topk_sample_logprobs
                 row.topk.append(list(zip(topk[1][i, :k].tolist(), topk[0][i, :k].tolist())))
