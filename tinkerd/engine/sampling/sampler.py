@@ -168,6 +168,9 @@ class Sampler:
                 try:
                     if new:
                         self._admit(new)
+                        if any(j.future.cancelled() for j in new):  # while prefilling
+                            with self._cond:
+                                self._cancelled = True
                     if self._rows:
                         self._step()
                 except Exception as e:  # a failed step fails its requests, not the sampler
