@@ -294,3 +294,38 @@ def test_a_request_larger_than_any_bound_is_refused_by_name(engine):
     for future in held:
         future.cancel()
     service.close()
+
+
+# ---------------------------------------------------------------- inflight sampling clients
+
+
+def test_inflight_sampling_clients_share_the_newest_weights(server):
+    """Audit: kind="inflight" was refused (422). SDK 0.38's contract: every inflight
+    client of a run samples its newest inflight save; a snapshot client keeps its own."""
+    import tinker
+    from helpers import sdk_datum
+    from tinker import types
+
+    sdk = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
+    try:
+        run = sdk.create_lora_training_client(base_model=TINY, rank=8, seed=0).result()
+        prompt = types.ModelInput.from_ints([BOS, *b"inflight"])
+
+        def logprobs(client) -> list[float]:
+            return client.compute_logprobs(prompt).result()[1:]
+
+        early = run.save_weights_and_get_sampling_client(kind="inflight").result()
+        snapshot = run.save_weights_and_get_sampling_client().result()
+        before = logprobs(early)
+        assert logprobs(snapshot) == pytest.approx(before, abs=1e-5)
+        for _ in range(3):
+            run.forward_backward([sdk_datum(b"inflight")], "cross_entropy")
+            run.optim_step(types.AdamParams(learning_rate=2e-3))
+        late = run.save_weights_and_get_sampling_client(kind="inflight").result()
+        after = logprobs(late)
+        assert sum(after) > sum(before) + 1  # trained on the prompt: it became likelier
+        assert logprobs(late) == pytest.approx(after, abs=1e-5)
+        assert logprobs(early) == pytest.approx(after, abs=1e-5)  # the made-before client
+        assert logprobs(snapshot) == pytest.approx(before, abs=1e-5)  # a snapshot stays
+    finally:
+        sdk.close("success").result()

@@ -193,6 +193,9 @@ class DistributedEngine(LossCalls):
     ) -> SamplerWeights:
         return self.local.save_weights_for_sampler(model_id, name, user_metadata)
 
+    def save_weights_inflight(self, model_id: str) -> SamplerWeights:
+        return self.local.save_weights_inflight(model_id)
+
     def sampler_for(
         self, base_model: str | None = None, model_path: str | None = None
     ) -> SamplerWeights:

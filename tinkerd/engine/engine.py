@@ -463,6 +463,11 @@ class Engine(LossCalls):
         """Freeze the run's current weights as a sampler version (`SamplerVersions.save`)."""
         return self.samplers.save(self.run(model_id), name, user_metadata)
 
+    def save_weights_inflight(self, model_id: str) -> SamplerWeights:
+        """Publish the run's current weights to its inflight target
+        (`SamplerVersions.save_inflight`)."""
+        return self.samplers.save_inflight(self.run(model_id))
+
     def sampler_for(
         self, base_model: str | None = None, model_path: str | None = None
     ) -> SamplerWeights:

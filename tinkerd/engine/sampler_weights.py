@@ -15,6 +15,7 @@ now holds others, sampling from it is refused rather than served with other weig
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 from collections import OrderedDict
@@ -71,6 +72,7 @@ class SamplerVersions:
         self.samplers: dict[str, SamplerBackend] = {}  # by base model name
         self._by_id: dict[str, SamplerWeights] = {}
         self._loaded: OrderedDict[str, SamplerWeights] = OrderedDict()  # by adapter, LRU
+        self._inflight: dict[str, SamplerWeights] = {}  # by run: its inflight target
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()
 
@@ -98,6 +100,31 @@ class SamplerVersions:
         return self._register(
             SamplerWeights(_new_sampler_id(), run.base.name, adapter, path, run.model_id, identity)
         )
+
+    def save_inflight(self, run: Run) -> SamplerWeights:
+        """Publish the run's current weights to its one mutable inflight target (SDK 0.38's
+        `kind="inflight"`): the first save makes it, each later one points it at a new
+        frozen adapter, so every sampling client holding it samples the newest weights
+        from its next request on. The adapter it replaces is kept while requests read it,
+        then evicted like any version."""
+        config, weights = snapshot_weights(run)  # under the base lock: after queued steps
+        adapter = f"s{uuid.uuid4().hex[:12]}"
+        add_frozen_adapter(run.base, adapter, config, weights)
+        with self._lock:
+            target = self._inflight.get(run.model_id)
+            if target is None:
+                target = SamplerWeights(
+                    _new_sampler_id(), run.base.name, adapter, None, run.model_id
+                )
+                self._inflight[run.model_id] = self._by_id[target.sampler_id] = target
+            else:
+                old = target.adapter
+                target.adapter = adapter
+                # the old adapter stays in the LRU under a stand-in until evicted
+                self._loaded[old] = dataclasses.replace(target, adapter=old)
+            self._loaded[adapter] = target
+        self._evict()
+        return target
 
     def _register(self, sw: SamplerWeights) -> SamplerWeights:
         with self._lock:

@@ -92,8 +92,9 @@ class SaveWeightsForSamplerRequest(Body):
     """Delete the saved weights this long after the save (None: keep them)."""
     user_metadata: UserMetadata = None
     """Listed with the checkpoint."""
-    kind: Literal["snapshot"] = "snapshot"
-    """Sampler weights here are always a fixed snapshot ("inflight" is refused)."""
+    kind: Literal["snapshot", "inflight"] = "snapshot"
+    """snapshot: fixed weights; inflight (unnamed only): the run's one mutable target,
+    which each later inflight save updates (docs/sampling.md)."""
 
 
 class SaveWeightsRequest(Body):

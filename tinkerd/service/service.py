@@ -542,3 +542,29 @@ class Service:
             return weights, sampling_id
 
         return self._run_work(owner, model_id, work, seq_id)
+
+    def save_weights_inflight(
+        self,
+        owner: Owner,
+        model_id: str,
+        name: str | None,
+        sampling_session_seq_id: int | None,
+        seq_id: int | None = None,
+    ) -> Future[tuple[SamplerWeights, str | None]]:
+        """`kind="inflight"` (the SDK's SamplingClientKind): publish the run's weights
+        (after its earlier requests) to its one mutable inflight target, in a new sampling
+        session; every inflight session of the run samples the newest (sampler_weights)."""
+        with self._door(model_id, owner, seq_id):
+            if name is not None or sampling_session_seq_id is None:
+                raise InvalidRequestError(
+                    "kind: inflight weights are unnamed: give a sampling_session_seq_id and "
+                    "no path (a path is always a snapshot)"
+                )
+
+        def work() -> tuple[SamplerWeights, str | None]:
+            weights = self.engine.save_weights_inflight(model_id)
+            sampling_id = f"{model_id}:sample:{sampling_session_seq_id}"
+            self.sessions.add_sampler(sampling_id, owner, weights)
+            return weights, sampling_id
+
+        return self._run_work(owner, model_id, work, seq_id)

@@ -30,15 +30,20 @@ def router(server: Server) -> APIRouter:
 
     @routes.post("/save_weights_for_sampler")
     def save_weights_for_sampler(body: SaveWeightsForSamplerRequest, who: str = Owner) -> dict:
-        future = service.save_weights_for_sampler(
-            who,
-            body.model_id,
-            body.path,
-            body.sampling_session_seq_id,
-            body.seq_id,
-            body.ttl_seconds,
-            body.user_metadata,
-        )
+        if body.kind == "inflight":
+            future = service.save_weights_inflight(
+                who, body.model_id, body.path, body.sampling_session_seq_id, body.seq_id
+            )
+        else:
+            future = service.save_weights_for_sampler(
+                who,
+                body.model_id,
+                body.path,
+                body.sampling_session_seq_id,
+                body.seq_id,
+                body.ttl_seconds,
+                body.user_metadata,
+            )
 
         def encode(saved: tuple) -> tuple[str, bytes]:
             weights, sampling_id = saved
