@@ -329,3 +329,36 @@ def test_inflight_sampling_clients_share_the_newest_weights(server):
         assert logprobs(snapshot) == pytest.approx(before, abs=1e-5)  # a snapshot stays
     finally:
         sdk.close("success").result()
+
+
+def test_the_sdks_get_tokenizer_works_offline_for_a_model_served_from_a_file(tmp_path):
+    """Audit: get_tokenizer() for SmolLM2 served from its GGUF asked the hub for
+    HuggingFaceTB/SmolLM2-135M-Instruct (OSError offline, even with HF_HUB_OFFLINE=1).
+    Loading such a model offers its tokenizer in the hub cache under the hub id; the SDK's
+    own loader then finds it offline. (tiny-chat's files stand in for the GGUF's here.)"""
+    import os
+    import subprocess
+    import sys
+
+    from tinkerd.engine.tiny_chat import tiny_chat_model_dir
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    hub_id = "example-org/served-from-a-file"
+    script = f"""
+from pathlib import Path
+from tinkerd.engine.models import offer_tokenizer_offline, _hub_usable
+from tinker.lib.public_interfaces.sampling_client import _load_tokenizer_from_model_info
+from transformers import AutoTokenizer
+snapshot = offer_tokenizer_offline({hub_id!r}, Path({str(tiny_chat_model_dir())!r}))
+assert snapshot is not None and not _hub_usable({hub_id!r})  # no model there, only its tokenizer
+sdk = _load_tokenizer_from_model_info("x", {hub_id!r})
+ours = AutoTokenizer.from_pretrained({str(tiny_chat_model_dir())!r})
+text = "<|start_header_id|>user<|end_header_id|> hi"
+assert sdk.encode(text) == ours.encode(text) and sdk.chat_template == ours.chat_template
+assert offer_tokenizer_offline({hub_id!r}, Path(".")) is None  # there already
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
