@@ -362,3 +362,28 @@ print("ok")
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- the sampling memory budget
+
+
+def test_the_batch_kv_cache_stays_within_the_sampling_budget(engine):
+    """Audit: no memory bound for sampling (each concurrent ~2,000-token prompt added
+    ~40 MiB). Rows join while the cache bound fits; a request that never could is a 400."""
+    sampler = Sampler(engine.base_model(TINY))
+    base = engine.base_model(TINY)
+    params = SamplingParams(max_tokens=40, stop=[], seed=0)
+    prompt = [BOS, *b"budget"]
+    one_row = sampler.kv_bytes(1, len(prompt) + 40)
+    sampler.kv_budget = int(3 * one_row / 0.8)  # 3 rows of one tenant fill it
+    try:
+        with pytest.raises(InvalidRequestError, match="--sampling-memory-budget"):
+            sampler.submit(make_spec(base, prompt, 5, params))
+        futures = [sampler.submit(make_spec(base, prompt, 1, params)) for _ in range(8)]
+        assert all(len(f.result(60).sequences[0].tokens) == 40 for f in futures)
+        assert max(rows for rows, _ in sampler.recent_steps()) == 3
+        assert sampler.kv_bytes(3, len(prompt) + 40) <= sampler.kv_budget
+    finally:
+        sampler.close()
+    # keys and values x 4 layers x 4 key/value heads x 32 dims x float32
+    assert sampler.kv_per_token == 2 * 4 * 4 * 32 * 4

@@ -86,6 +86,7 @@ def engine_config(args: argparse.Namespace):
         config.max_batch_tokens = args.max_batch_tokens
     config.dtype = args.dtype
     config.memory_budget_bytes = args.memory_budget
+    config.sampling_budget_bytes = args.sampling_memory_budget
     return config
 
 
@@ -167,6 +168,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "micro-batches (gradients accumulated), logits in chunks, decoder layers "
         "checkpointed when needed; results are the same (default auto: a quarter of the "
         "memory available at start, GPU memory on CUDA; none: no budget)",
+    )
+    serve.add_argument(
+        "--sampling-memory-budget",
+        type=_budget,
+        default="auto",
+        metavar="BYTES",
+        help="KV cache each base model's sampler batch may hold, e.g. 2GiB: requests join "
+        "the batch while it fits, one that never could is a 400 (default auto: a quarter "
+        "of the memory available at start; none: no budget)",
     )
     serve.add_argument(
         "--session-timeout",

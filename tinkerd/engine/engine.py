@@ -115,6 +115,18 @@ class EngineConfig:
     sizes above, where set, take precedence. `auto`: `memory.default_budget()` (a
     quarter of the memory available at start); None: no budget."""
 
+    sampling_budget_bytes: int | str | None = "auto"
+    """KV cache each base model's sampler batch may hold (`--sampling-memory-budget`):
+    requests join the batch while it fits, and one that never could is a 400. `auto`: a
+    quarter of the memory available at start; None: no budget."""
+
+    @property
+    def kv_budget(self) -> int | None:
+        budget = self.sampling_budget_bytes
+        if isinstance(budget, str):
+            budget = default_budget() if budget == "auto" else parse_bytes(budget)
+        return budget
+
     @property
     def limits(self) -> Limits:
         budget = self.memory_budget_bytes
@@ -174,6 +186,7 @@ class Engine(LossCalls):
             self._load_base, lambda: self.checkpoints, sampler_factory, self.config.max_snapshots
         )
         """Sampler versions and the sampler backend of each base model."""
+        self.samplers.kv_budget = self.config.kv_budget
 
     # ------------------------------------------------------------ runs
 

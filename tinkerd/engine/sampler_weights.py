@@ -70,6 +70,8 @@ class SamplerVersions:
         self.sampler_factory = sampler_factory
         self.max_snapshots = max_snapshots
         self.samplers: dict[str, SamplerBackend] = {}  # by base model name
+        self.kv_budget: int | None = None
+        """Bytes each base's sampler batch may hold in KV cache (EngineConfig)."""
         self._by_id: dict[str, SamplerWeights] = {}
         self._loaded: OrderedDict[str, SamplerWeights] = OrderedDict()  # by adapter, LRU
         self._inflight: dict[str, SamplerWeights] = {}  # by run: its inflight target
@@ -213,9 +215,14 @@ class SamplerVersions:
             sampler = self.samplers.get(base.name)
             if sampler is None:
                 sampler = self.samplers[base.name] = self.sampler_factory(base)
+                if hasattr(sampler, "kv_budget"):  # the built-in sampler's KV cache bound
+                    sampler.kv_budget = self.kv_budget
         spec = make_spec(
             base, prompt, num_samples, sampling_params, adapter=weights.adapter, **options
         )
+        check = getattr(sampler, "check", None)
+        if check is not None:
+            check(spec)  # a request that could never fit: refused before it is admitted
         return lambda: sampler.submit(spec)
 
     def _ensure_loaded(self, weights: SamplerWeights) -> None:

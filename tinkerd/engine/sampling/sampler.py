@@ -18,6 +18,12 @@ the batch may also take the `newcomer_rows` held back beyond `max_batch_rows`, s
 that fills the batch delays another key's first request by one step, not by its own
 requests' length. A request whose future is cancelled (a client that went away) leaves
 the batch before the next step.
+
+With a `kv_budget` (bytes), the batch's KV cache stays within it: the cache is at most
+rows x the longest row's prompt + max_tokens columns (columns that are padding in every
+row are cropped), plus the growing buffer's quarter of spare room (`kv_cache`); requests
+join while that bound fits in `FILL` of the budget (a newcomer tenant: the whole budget),
+and a request that could never fit is refused when it is submitted (`check`).
 """
 
 from __future__ import annotations
@@ -40,9 +46,11 @@ from tinkerd.engine.models import BaseModel
 from tinkerd.engine.sampling import kv_cache
 from tinkerd.engine.sampling.choose import Plan, choose, make_plan, prompt_logprobs
 from tinkerd.engine.sampling.spec import SampleSpec
+from tinkerd.errors import InvalidRequestError
 from tinkerd.types import SampledSequence, SampleResponse
 
 MAX_BATCH_ROWS = 256  # sequences decoded together; more requests wait for a free row
+FILL = 0.8  # of the KV budget that requests fill; the rest is for newcomer tenants
 log = logging.getLogger("tinkerd.sampler")
 
 
@@ -78,6 +86,9 @@ class Sampler:
         self.max_batch_rows = max_batch_rows
         # decode steps straight from the weights where the architecture allows (Llama)
         self._fast = FastDecoder.build(base.model) if fast_decode else None
+        self.kv_budget: int | None = None
+        """Bytes the batch's KV cache may take (None: no bound but the rows)."""
+        self.kv_per_token = kv_bytes_per_token(base.model)
         self.newcomer_rows = max(1, max_batch_rows // 4)
         """Rows beyond `max_batch_rows` that only a tenant with no row running may take."""
         # tenant: its waiting jobs, tenants in turn order; never an empty deque
@@ -117,8 +128,24 @@ class Sampler:
         self._plan: Plan | None = None
         self._fast_lora: tuple[Plan | None, list | None, bool] = (None, None, False)
 
+    def kv_bytes(self, rows: int, length: int) -> int:
+        """Bound on the KV cache of `rows` rows whose longest is `length` tokens."""
+        return rows * (length + length // 4 + 16) * self.kv_per_token
+
+    def check(self, spec: SampleSpec) -> None:
+        """Refuse (InvalidRequestError, 400) a request that could never fit the budget."""
+        need = self.kv_bytes(spec.num_samples, len(spec.prompt) + spec.max_tokens)
+        if self.kv_budget is not None and need > self.kv_budget:
+            raise InvalidRequestError(
+                f"{spec.num_samples} samples of {len(spec.prompt)} prompt + {spec.max_tokens} "
+                f"new tokens need {need} bytes of KV cache, more than the sampling memory "
+                f"budget of {self.kv_budget} bytes (tinkerd serve --sampling-memory-budget): "
+                "ask for fewer samples or tokens"
+            )
+
     def submit(self, spec: SampleSpec) -> Future:
         """Queue a validated request; the future resolves to a SampleResponse."""
+        self.check(spec)
         gen = None
         if spec.seed is not None:
             gen = torch.Generator(device=self.base.device)
@@ -193,6 +220,7 @@ class Sampler:
         if self._rows and not kv_cache.mergeable(self._cache):
             return []  # this cache type cannot take new rows mid-flight: wait for a drain
         taken, rows = [], len(self._rows)
+        length = max((_length(r.job) for r in self._rows), default=0)
         running = {r.job.spec.tenant for r in self._rows}
         progressed = True
         while self._pending and progressed:
@@ -200,15 +228,21 @@ class Sampler:
             for tenant in list(self._pending):  # a round: each tenant's next job
                 queue = self._pending[tenant]
                 job = queue[0]
-                room = self.max_batch_rows + (0 if tenant in running else self.newcomer_rows)
-                if rows + job.spec.num_samples > room:
+                new = tenant not in running
+                more, longest = rows + job.spec.num_samples, max(length, _length(job))
+                if more > self.max_batch_rows + (self.newcomer_rows if new else 0):
+                    continue
+                budget = self.kv_budget
+                if budget is not None and self.kv_bytes(more, longest) > budget * (
+                    1 if new else FILL
+                ):
                     continue
                 queue.popleft()
                 del self._pending[tenant]
                 if queue:
                     self._pending[tenant] = queue  # to the back of the turn order
                 taken.append(job)
-                rows += job.spec.num_samples
+                rows, length = more, longest
                 running.add(tenant)
                 progressed = True
         if not taken and not self._rows and self._pending:  # larger than a batch: alone
@@ -409,3 +443,21 @@ class Sampler:
                     type="sample",
                 )
             )
+
+
+def _length(job: Job) -> int:
+    """Columns a job's rows may reach: its prompt and every new token."""
+    return len(job.spec.prompt) + job.spec.max_tokens
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of keys and values one token of one row adds to the cache: 2 x layers x
+    key/value heads x head size x the weights' element size."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    layers = getattr(text, "num_hidden_layers", 0) or 0
+    heads = getattr(text, "num_attention_heads", 1) or 1
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or getattr(text, "hidden_size", 0) // heads
+    element = next(model.parameters()).element_size()
+    return 2 * layers * kv_heads * head_dim * element
