@@ -387,3 +387,23 @@ def test_the_batch_kv_cache_stays_within_the_sampling_budget(engine):
         sampler.close()
     # keys and values x 4 layers x 4 key/value heads x 32 dims x float32
     assert sampler.kv_per_token == 2 * 4 * 4 * 32 * 4
+
+
+def test_a_sample_of_an_ended_session_stops_decoding(engine, tmp_path):
+    """A request whose future will never be read (its session ended) stops decoding."""
+    from tinkerd.service import Service
+
+    service = Service(engine, tmp_path, [TINY], recover=False)
+    sampler = sampler_of(engine)
+    session = service.sessions.create("k", [], {})
+    sampling_id = service.sampling.open_session("k", session, 0, TINY, None)
+    weights = service.sessions.sampler(sampling_id, "k")
+    future = service.sampling.sample(weights, [BOS, 97], 16, LONG, owner="k")
+    service.sessions.track_sample(sampling_id, future)
+    assert wait_for(lambda: len(sampler._rows) == 16)
+    service.sessions.finish(session, "k")
+    at_end = len(sampler.steps)
+    assert future.cancelled()
+    assert wait_for(lambda: not sampler._rows, 5) and len(sampler.steps) - at_end <= 2
+    assert service.queue._pending == 0
+    service.close()

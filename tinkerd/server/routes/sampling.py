@@ -101,6 +101,8 @@ def router(server: Server) -> APIRouter:
             body.topk_sample_logprobs,
             owner=who,
         )
+        if body.sampling_session_id is not None:  # cancelled if its session ends first
+            service.sessions.track_sample(body.sampling_session_id, future)
         encode = lambda r: (PROTOBUF, wire_proto.encode_sample_response(only_last(r, last_n)))  # noqa: E731
         request_id = server.requests.track(who, "sample", future, encode)
         return {
