@@ -60,10 +60,7 @@ class Server:
             poll_timeout=poll_timeout, max_pending=max_pending, session_timeout=session_timeout
         )
         self.service = Service(engine, data_dir, served_models, config)
-        self.store = self.service.store
-        self.catalog = self.service.catalog
-        self.checkpoints = self.service.checkpoints
-        self.requests = RequestTable(self.store)
+        self.requests = RequestTable(self.service.store)
         labelled = [split_key_label(k) for k in api_keys]  # `KEY=LABEL` names a key's owner
         self.api_keys = [k.encode() for k, _ in labelled]
         self.key_labels = {fingerprint(k): label for k, label in labelled if label}
