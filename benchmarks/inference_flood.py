@@ -60,6 +60,8 @@ def flood(url: str, args: argparse.Namespace, stop: threading.Event, counts: dic
             except openai.RateLimitError:
                 counts["refused"] += 1
                 time.sleep(0.01)
+            except openai.APIConnectionError:  # a keep-alive connection closed as reused
+                counts["reconnects"] += 1
 
     threads = [threading.Thread(target=one) for _ in range(args.flood_requests)]
     for t in threads:
@@ -86,7 +88,7 @@ def main() -> None:
         sampler = sdk.create_sampling_client(base_model=TINY).result()
         victim(sampler, 3, args.tokens)  # warm up
         alone = victim(sampler, args.samples, args.tokens)
-        stop, counts = threading.Event(), {"tokens": 0, "refused": 0}
+        stop, counts = threading.Event(), {"tokens": 0, "refused": 0, "reconnects": 0}
         flooder = threading.Thread(target=flood, args=(url, args, stop, counts))
         flooder.start()
         time.sleep(2.0)  # the flood fills the batch and the key's queue first

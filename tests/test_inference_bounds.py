@@ -214,26 +214,31 @@ def test_a_waiting_client_that_goes_away_stops_decoding(live, engine):
 # ---------------------------------------------------------------- the event loop, bodies
 
 
-def test_a_huge_prompt_neither_blocks_the_server_nor_is_read_past_the_limit(live):
+def test_a_huge_prompt_does_not_block_the_server(live):
     """Audit: a 20 MB prompt was tokenized on the event loop (every route, health checks
-    included, froze for ~22 s), and there was no body limit."""
-    headers = {"Authorization": f"Bearer {KEYS[0]}"}
-    body = {"model": TINY, "prompt": "ab" * 100_000, "max_tokens": 1}
+    included, froze for ~22 s). A health check sent while a 500 KB prompt is decoded and
+    tokenized (count_tokens: nothing but that) answers in a fraction of that request's time
+    (on today's main, one waits for it whole)."""
+    headers = {"x-api-key": KEYS[0], "anthropic-version": "2023-06-01"}
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "ab" * 250_000}]}
 
-    async def race() -> tuple[httpx.Response, float]:
+    async def race() -> tuple[httpx.Response, float, float]:
         async with httpx.AsyncClient(base_url=live.url, timeout=120) as http:
-            big = asyncio.ensure_future(
-                http.post("/oai/api/v1/completions", json=body, headers=headers)
-            )
-            await asyncio.sleep(0.3)  # the prompt is being decoded and tokenized now
-            start = time.monotonic()
-            health = await http.get("/api/v1/healthz")
-            assert health.status_code == 200
-            return await big, time.monotonic() - start
+            small = {"model": CHAT, "messages": [{"role": "user", "content": "ab"}]}
+            url = "/anthropic/api/v1/messages/count_tokens"
+            assert (await http.post(url, json=small, headers=headers)).status_code == 200
+            start = time.monotonic()  # the model is loaded: the request is its tokenizing
+            big = asyncio.ensure_future(http.post(url, json=body, headers=headers))
+            slowest = 0.0  # health checks one after another while the big request runs
+            while not big.done():
+                asked = time.monotonic()
+                assert (await http.get("/api/v1/healthz")).status_code == 200
+                slowest = max(slowest, time.monotonic() - asked)
+            return big.result(), slowest, time.monotonic() - start
 
-    answer, health_seconds = asyncio.run(race())
-    assert answer.status_code == 400 and "context" in answer.text
-    assert health_seconds < 1.0
+    answer, health_seconds, big_seconds = asyncio.run(race())
+    assert answer.status_code == 200 and answer.json()["input_tokens"] > 500_000
+    assert health_seconds < 0.5 * big_seconds, (health_seconds, big_seconds)
 
 
 def test_bodies_over_the_limit_are_a_413(engine, tmp_path):
