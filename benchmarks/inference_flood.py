@@ -4,7 +4,7 @@ another samples with the official SDK; how much slower are the victim's samples?
 The victim (`SamplingClient.sample` on the base model, one request at a time, `--tokens`
 new tokens) is timed alone, then while the flooder (another key) keeps `--flood-requests`
 Completions requests of `--flood-prompts` prompts x `--flood-tokens` tokens in flight
-(each refused request, 429 over its key's quota, is retried at once), then alone again.
+(a request refused with 429, over its key's quota, is retried after 0.25 s), then alone again.
 The sampler admits waiting requests by turns of key, with rows held back for a key that
 has none running (engine/sampling/sampler.py), and the flood is admitted whole or not at
 all per request (service/sampling.py), so the victim's request joins the batch at the
@@ -57,9 +57,9 @@ def flood(url: str, args: argparse.Namespace, stop: threading.Event, counts: dic
                     model=TINY, prompt=prompts, max_tokens=args.flood_tokens, temperature=1.0
                 )
                 counts["tokens"] += out.usage.completion_tokens
-            except openai.RateLimitError:
+            except openai.RateLimitError:  # back off a little, as clients do on a 429
                 counts["refused"] += 1
-                time.sleep(0.01)
+                time.sleep(0.25)
             except openai.APIConnectionError:  # a keep-alive connection closed as reused
                 counts["reconnects"] += 1
 

@@ -126,12 +126,10 @@ class RequestQueue:
                 gate.advance()
             return result
 
-    def submit_all(self, starts: list[Callable[[], Future]], tenant: Any = None) -> list[Future]:
-        """Admit every one of `starts` (each queues its own work elsewhere, e.g. in a
-        sampler, and returns its Future) or none: the server's and `tenant`'s bounds are
-        checked for the whole list before any starts (429; a list larger than a bound
-        could ever admit is a 400). Cancelling a returned future cancels the work's."""
-        n = len(starts)
+    def check_room(self, tenant: Any, n: int = 1) -> None:
+        """Raise unless `n` more requests of `tenant` fit now: a QueueFullError (429) over
+        the server's or the tenant's bound, an InvalidRequestError (400) if `n` is more than
+        a bound could ever admit."""
         limit = self.max_pending_per_tenant if tenant is not None else None
         for bound, name in [(self.max_pending, "--max-queue"), (limit, "--max-queued-per-key")]:
             if bound is not None and n > bound:
@@ -151,8 +149,17 @@ class RequestQueue:
                     f"this API key has {mine} requests queued (limit --max-queued-per-key "
                     f"{limit}) and this one adds {n}; retry after some finish"
                 )
+
+    def submit_all(self, starts: list[Callable[[], Future]], tenant: Any = None) -> list[Future]:
+        """Admit every one of `starts` (each queues its own work elsewhere, e.g. in a
+        sampler, and returns its Future) or none: the server's and `tenant`'s bounds are
+        checked for the whole list before any starts (429; a list larger than a bound
+        could ever admit is a 400). Cancelling a returned future cancels the work's."""
+        n = len(starts)
+        with self._lock:
+            self.check_room(tenant, n)
             self._pending += n
-            self._tenant_pending[tenant] = mine + n
+            self._tenant_pending[tenant] = self._tenant_pending.get(tenant, 0) + n
         results: list[Future] = []
         for i, start in enumerate(starts):
             try:

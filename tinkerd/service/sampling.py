@@ -71,6 +71,7 @@ class Sampling:
         sampled (`SampleSpec.listener`); `options`: prompt/top-k logprobs. Cancelling a
         future stops its decoding."""
         listeners = listeners or [None] * len(prompts)
+        self.service.queue.check_room(owner, len(prompts))  # refuse before validating
         starts = [
             self.engine.prepare_sample(
                 weights, prompt, num_samples, params, tenant=owner, listener=listener, **options

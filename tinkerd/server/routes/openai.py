@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -75,7 +76,10 @@ async def answer(
             )
         return await until_disconnected(request, handle(owner, body))
     except TinkerdError as e:
-        return error(e.status_code, str(e))
+        answer = error(e.status_code, str(e))
+        if e.status_code == 429:  # the clients wait this long before they retry
+            answer.headers["Retry-After"] = str(math.ceil(e.retry_after))
+        return answer
     except ValueError as e:  # a body that is not JSON
         return error(400, f"the body is not valid JSON: {e}")
     except Exception as e:  # a failure inside the sampler: say what, as a 500
