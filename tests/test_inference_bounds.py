@@ -412,3 +412,21 @@ def test_a_sample_of_an_ended_session_stops_decoding(engine, tmp_path):
     assert wait_for(lambda: not sampler._rows, 5) and len(sampler.steps) - at_end <= 2
     assert service.queue._pending == 0
     service.close()
+
+
+def test_a_stream_sends_whole_characters_and_nothing_of_a_stop_string():
+    """The streamed pieces: never half a UTF-8 character, never text that turns out to
+    start a stop string, nothing after one (or after EOS)."""
+    from tinkerd.engine.tiny import build_tokenizer
+    from tinkerd.service.inference.generate import Detokenizer, Stops
+
+    plain = Detokenizer(build_tokenizer(), Stops({257}, []))
+    pieces = [plain.add(t) for t in "hé!".encode()]
+    assert pieces == ["h", "", "é", "!"]  # the first byte of é waits for the second
+    text = Detokenizer(build_tokenizer(), Stops({257}, [", w"]))
+    pieces = [text.add(t) for t in "héllo, world".encode()]
+    assert pieces[:4] == ["", "", "", "h"]  # 2 characters held: ", w" minus one
+    assert "".join(pieces) == "héllo" and text.ended
+    assert text.rest("héllo") == ""
+    eos = Detokenizer(build_tokenizer(), Stops({257}, []))
+    assert [eos.add(t) for t in [*b"ok", 257, *b"no"]] == ["o", "k", "", "", ""]
