@@ -396,21 +396,36 @@ def test_the_batch_kv_cache_stays_within_the_sampling_budget(engine):
 
 def test_a_sample_of_an_ended_session_stops_decoding(engine, tmp_path):
     """A request whose future will never be read (its session ended) stops decoding."""
+    from tinkerd.requests import CreateSamplingSessionRequest, SampleRequest
     from tinkerd.service import Service
+    from tinkerd.service.caller import KeyCaller
+    from tinkerd.types import ModelInput
 
     service = Service(engine, tmp_path, [TINY], recover=False)
-    sampler = sampler_of(engine)
+    caller, sampler = KeyCaller("k"), sampler_of(engine)
     session = service.sessions.create("k", [], {})
-    sampling_id = service.sampling.open_session("k", session, 0, TINY, None)
-    weights = service.sessions.sampler(sampling_id, "k")
-    future = service.sampling.sample(weights, [BOS, 97], 16, LONG, owner="k")
-    service.sessions.track_sample(sampling_id, future)
+    opened = service.submit(
+        caller,
+        CreateSamplingSessionRequest(
+            session_id=session, sampling_session_seq_id=0, base_model=TINY
+        ),
+    )
+    sampling_id = (opened.result() if hasattr(opened, "result") else opened).sampling_session_id
+    body = dict(max_tokens=1500, stop=[], temperature=1.0, seed=0)
+    future = service.submit(
+        caller,
+        SampleRequest(
+            sampling_session_id=sampling_id,
+            num_samples=16,
+            prompt=ModelInput.from_ints([BOS, 97]),
+            sampling_params=body,
+        ),
+    )
     assert wait_for(lambda: len(sampler._rows) == 16)
     service.sessions.finish(session, "k")
     at_end = len(sampler.steps)
-    assert future.cancelled()
     assert wait_for(lambda: not sampler._rows, 5) and len(sampler.steps) - at_end <= 2
-    assert service.queue._pending == 0
+    assert future.cancelled() and service.queue._pending == 0
     service.close()
 
 
