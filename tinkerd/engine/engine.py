@@ -405,6 +405,8 @@ class Engine(LossCalls):
             base.vocab_size,
             base.max_context_length,
             self.config.max_batch_tokens,
+            base.vision,
+            base.name,
         )
 
     def run_losses(

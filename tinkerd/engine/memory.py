@@ -76,7 +76,7 @@ class ModelShape:
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelShape:
-        config = model.config
+        config = model.config.get_text_config()  # a vision-language model's language model
         return cls(
             hidden=int(config.hidden_size),
             layers=int(config.num_hidden_layers),
