@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tinkerd.engine.vision import Image, Vision, expand
 from tinkerd.errors import InvalidRequestError
 from tinkerd.losses import LossSpec, datum_index
-from tinkerd.engine.vision import Image, Vision, expand
 from tinkerd.types import Datum
 
 DEFAULT_MAX_BATCH_TOKENS = 1 << 20
