@@ -28,6 +28,7 @@ from tinkerd.types import (
     SampleResponse,
     SamplingParams,
     UnloadModelResponse,
+    prompt_tokens,
 )
 
 if TYPE_CHECKING:
@@ -281,7 +282,7 @@ class InProcessTransport:
         def start() -> Future[SampleResponse]:
             return self.service.sampling.sample(
                 self.engine.get_sampler(sampler.sampler_id),
-                prompt.to_ints(),
+                prompt_tokens(prompt),
                 num_samples,
                 sampling_params,
                 options.include_prompt_logprobs,

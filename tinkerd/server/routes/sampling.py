@@ -17,7 +17,7 @@ from tinkerd.server.schemas import (
     SampleRequest,
     SaveWeightsForSamplerRequest,
 )
-from tinkerd.types import SampleResponse, SamplingParams
+from tinkerd.types import SampleResponse, SamplingParams, prompt_tokens
 
 if TYPE_CHECKING:
     from tinkerd.server.app import Server
@@ -81,7 +81,7 @@ def router(server: Server) -> APIRouter:
             )
         params = SamplingParams.model_validate(body.sampling_params.model_dump())
         last_n = body.prompt_logprobs_last_n
-        prompt = body.prompt.to_ints()
+        prompt = prompt_tokens(body.prompt)
         if last_n is not None and not 1 <= last_n < len(prompt):
             raise InvalidRequestError(
                 f"prompt_logprobs_last_n must be in [1, {len(prompt) - 1}], got {last_n}"
