@@ -39,7 +39,13 @@ from tinkerd.engine.gguf import (
 from tinkerd.engine.tiny import TINY_MODEL_NAME, tiny_model_dir
 from tinkerd.engine.tiny_chat import TINY_CHAT_MODEL_NAME, tiny_chat_model_dir
 from tinkerd.engine.tiny_vl import TINY_VL_MODEL_NAME, tiny_vl_model_dir
-from tinkerd.engine.vision import Vision, is_vision_config, language_linears, load_vision
+from tinkerd.engine.vision import (
+    Vision,
+    auto_model_class,
+    is_vision_config,
+    language_linears,
+    load_vision,
+)
 
 BUILT_IN = {
     TINY_MODEL_NAME: tiny_model_dir,
@@ -350,12 +356,7 @@ def load_base_model(
     """Load `source` (default: `name` itself) and call it `name`; frozen weights in
     `dtype` (`float32`, `bfloat16`, `auto`; default $TINKERD_DTYPE, else `auto`)."""
     from huggingface_hub.utils import disable_progress_bars
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoTokenizer,
-    )
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     disable_progress_bars()
@@ -364,14 +365,12 @@ def load_base_model(
     path = resolve_model_path(source, cache_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = parse_dtype(dtype or os.environ.get("TINKERD_DTYPE"), device)
-    # a vision-language model (Qwen2.5-VL, Qwen3-VL) is an image-text-to-text class
-    vlm = is_vision_config(AutoConfig.from_pretrained(path))
-    auto = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=torch_dtype).to(device)
+    model = auto_model_class(path).from_pretrained(path, dtype=torch_dtype).to(device)
     model.eval()  # no dropout: forward and forward_backward see the same function
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     roles = classify_linears(model)
+    vlm = is_vision_config(model.config)
     return BaseModel(
         name=name,
         path=Path(path),

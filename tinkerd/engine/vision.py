@@ -66,6 +66,15 @@ def is_vision_config(config: object) -> bool:
     return getattr(config, "vision_config", None) is not None and hasattr(config, "image_token_id")
 
 
+def auto_model_class(path: Path | str) -> type:
+    """The transformers Auto class that loads the model at `path`: image-text-to-text for
+    a vision-language model (Qwen2.5-VL, Qwen3-VL are no causal-LM classes), else causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    vlm = is_vision_config(AutoConfig.from_pretrained(path))
+    return AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+
+
 def load_vision(model: torch.nn.Module, path: Path | str) -> Vision | None:
     """The Vision of a loaded model (None for a text-only model)."""
     config = model.config
