@@ -137,12 +137,6 @@ def read_image(chunk: ImageChunk | ImageAssetPointerChunk, vision: Vision, where
 
 def _asset_bytes(chunk: ImageAssetPointerChunk, where: str) -> bytes:
     """The file an asset pointer names, if it is inside $TINKERD_IMAGE_DIR."""
-    root = os.environ.get(IMAGE_DIR_ENV)
-    if not root:
-        raise InvalidRequestError(
-            f"{where}: location: images by location need the server's image directory "
-            "(tinkerd serve --image-dir); send the image's bytes in an ImageChunk instead"
-        )
     location = chunk.location
     if location.startswith("file://"):
         location = location[len("file://") :]
@@ -150,6 +144,12 @@ def _asset_bytes(chunk: ImageAssetPointerChunk, where: str) -> bytes:
         raise InvalidRequestError(
             f"{where}: location {chunk.location!r}: only file:// locations under the server's "
             "image directory are read (no network fetches)"
+        )
+    root = os.environ.get(IMAGE_DIR_ENV)
+    if not root:
+        raise InvalidRequestError(
+            f"{where}: location: images by location need the server's image directory "
+            "(tinkerd serve --image-dir); send the image's bytes in an ImageChunk instead"
         )
     base = Path(root).resolve()
     path = (base / location).resolve()  # an absolute location stays itself

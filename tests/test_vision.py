@@ -1,0 +1,433 @@
+"""Images in: ImageChunk / ImageAssetPointerChunk on the built-in vision-language model
+`tinkerd/tiny-vl` (a tiny random Qwen3-VL), embedded and over HTTP with the official SDK."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import KEYS, TINY, ServerProcess, make_datum
+
+from tinkerd.engine.tiny_vl import TINY_VL_MODEL_NAME as VL
+from tinkerd.errors import InvalidRequestError
+from tinkerd.types import (
+    AdamParams,
+    Datum,
+    EncodedTextChunk,
+    ImageAssetPointerChunk,
+    ImageChunk,
+    LoraConfig,
+    ModelInput,
+    SamplingParams,
+)
+
+RED, BLUE = (220, 30, 30), (30, 40, 220)
+VISION_START, VISION_END, IMAGE_PAD = 259, 260, 261  # the tiny VLM's special token ids
+
+
+def png(rgb=RED, size=(32, 32), fmt="PNG") -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, rgb).save(out, format=fmt)
+    return out.getvalue()
+
+
+def with_image(image, text: bytes = b" is red", before: bytes = b"") -> ModelInput:
+    """`before` <|vision_start|> image <|vision_end|> `text`."""
+    return ModelInput(
+        chunks=[
+            EncodedTextChunk(tokens=[*before, VISION_START]),
+            image,
+            EncodedTextChunk(tokens=[VISION_END, *text]),
+        ]
+    )
+
+
+def image_datum(image=None, text: bytes = b" is red", image_tokens: int = 4) -> Datum:
+    """Next-token targets over the text after the image (weights 0 on and before it);
+    `image_tokens`: the image's positions, where its expected_tokens is unset."""
+    image = image or ImageChunk(data=png(), format="png", expected_tokens=4)
+    model_input = with_image(image, text)
+    n = 2 + len(text) + (image.expected_tokens or image_tokens)
+    tail = [VISION_END, *text]
+    targets = [0] * (n - len(tail)) + tail[1:] + [258]
+    weights = [0.0] * (n - len(tail)) + [1.0] * len(tail)
+    return Datum(
+        model_input=model_input, loss_fn_inputs={"target_tokens": targets, "weights": weights}
+    )
+
+
+@pytest.fixture
+def vl_run(engine):
+    model_id = engine.create_model(VL, LoraConfig(rank=8, seed=0))
+    yield model_id
+    engine.unload_model(model_id)
+
+
+def logprobs_of(engine, model_id, datum) -> torch.Tensor:
+    return engine.forward(model_id, [datum]).loss_fn_outputs[0]["logprobs"].to_torch()
+
+
+# ---------------------------------------------------------------- the model and its LoRA
+
+
+def test_tiny_vl_is_a_tiny_qwen3_vl_with_lora_on_the_language_model_only(engine, vl_run):
+    base = engine.run(vl_run).base
+    assert type(base.model).__name__ == "Qwen3VLForConditionalGeneration"
+    assert sum(p.numel() for p in base.model.parameters()) < 500_000
+    assert base.vision is not None and base.vision.image_token_id == IMAGE_PAD
+    adapted = list(engine.run(vl_run).adapter_state())
+    assert adapted and all(".visual." not in name for name in adapted)
+    assert any("language_model" in name for name in adapted)
+    assert any("lm_head" in name for name in adapted)
+
+
+def test_rope_positions_match_the_models_own(engine, vl_run):
+    """tinkerd's position ids (text + 3-D RoPE) equal Qwen3-VL's get_rope_index."""
+    from tinkerd.engine.vision import expand, rope_positions
+
+    base = engine.run(vl_run).base
+    model_input = with_image(ImageChunk(data=png(size=(64, 40)), format="png"), b" hi", b"ab")
+    model_input = model_input.append(ImageChunk(data=png(size=(20, 50)), format="png"))
+    model_input = model_input.append(EncodedTextChunk(tokens=[*b"end"]))
+    tokens, images = expand(model_input, base.vision, VL, "")
+    ids = torch.tensor([tokens])
+    ours, delta = rope_positions(ids, [images], None, base.vision)
+    theirs, their_delta = base.model.model.get_rope_index(
+        ids,
+        mm_token_type_ids=(ids == IMAGE_PAD).int(),
+        image_grid_thw=torch.stack([image.grid_thw for image in images]),
+    )
+    assert torch.equal(ours[1:], theirs) and int(delta[0]) == int(their_delta[0, 0])
+    assert torch.equal(ours[0, 0], torch.arange(len(tokens)))
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_a_datum_with_an_image_trains_and_its_loss_falls(engine, vl_run):
+    data = [image_datum()]
+    losses = []
+    for _ in range(6):
+        losses.append(engine.forward_backward(vl_run, data, "cross_entropy").metrics["loss:sum"])
+        engine.optim_step(vl_run, AdamParams(learning_rate=1e-2))
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_two_images_give_different_logprobs_for_the_same_text(engine, vl_run):
+    red = logprobs_of(engine, vl_run, image_datum(ImageChunk(data=png(RED), format="png")))
+    blue = logprobs_of(engine, vl_run, image_datum(ImageChunk(data=png(BLUE), format="png")))
+    again = logprobs_of(engine, vl_run, image_datum(ImageChunk(data=png(RED), format="png")))
+    assert torch.equal(red, again)
+    after_image = slice(6, None)  # the text after <|vision_end|> reads the image
+    assert (red[after_image] - blue[after_image]).abs().max() > 1e-3
+
+
+def test_custom_loss_with_an_image(engine, vl_run):
+    """forward_backward_custom with the gradient of -sum(logprobs * weights) (cross
+    entropy's) leaves the same gradient as forward_backward with cross_entropy."""
+    twin = engine.create_model(VL, LoraConfig(rank=8, seed=0))
+    try:
+        datum = image_datum()
+        weights = datum.loss_fn_inputs["weights"].to_torch()
+        out, _ = engine.forward_backward_custom(vl_run, [datum], lambda lps: ([-weights], None))
+        reference = engine.forward_backward(twin, [datum], "cross_entropy")
+        got = -(out.loss_fn_outputs[0]["logprobs"].to_torch() * weights).sum().item()
+        assert got == pytest.approx(reference.metrics["loss:sum"], rel=1e-5)
+        grads = [p.grad for p in engine.run(vl_run).params]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads)
+        for a, b in zip(grads, [p.grad for p in engine.run(twin).params]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    finally:
+        engine.unload_model(twin)
+
+
+def test_a_vl_run_and_a_text_run_on_different_bases_in_one_batch_of_requests(engine, vl_run):
+    text_run = engine.create_model(TINY, LoraConfig(rank=4, seed=1))
+    try:
+        text = [make_datum([256, *b"plain text"])]
+        alone = [
+            engine.forward_backward(vl_run, [image_datum()], "cross_entropy"),
+            engine.forward_backward(text_run, text, "cross_entropy"),
+        ]
+        requests = [
+            engine.prepare(vl_run, [image_datum()], "cross_entropy", None),
+            engine.prepare(text_run, text, "cross_entropy", None),
+        ]
+        together = engine.run_losses(requests, backward=True)
+        for a, b in zip(alone, together):
+            assert b.metrics["loss:sum"] == pytest.approx(a.metrics["loss:sum"], rel=1e-5)
+    finally:
+        engine.unload_model(text_run)
+
+
+def test_two_vl_runs_packed_in_one_pass_end_as_alone(engine):
+    """Rows of two runs (different images, lengths, a text-only row) in one forward, each
+    through its own adapter, give each run the loss it gets alone."""
+    runs = [engine.create_model(VL, LoraConfig(rank=r, seed=r)) for r in (4, 8)]
+    try:
+        data = [
+            [image_datum(), make_datum([*b"no image here"])],
+            [image_datum(ImageChunk(data=png(BLUE, (48, 32)), format="png"), b" is blue!", 6)],
+        ]
+        alone = [engine.forward(m, d, "cross_entropy") for m, d in zip(runs, data)]
+        requests = [engine.prepare(m, d, "cross_entropy", None) for m, d in zip(runs, data)]
+        together = engine.run_losses(requests, backward=False)
+        for a, b in zip(alone, together):
+            for x, y in zip(a.loss_fn_outputs, b.loss_fn_outputs):
+                torch.testing.assert_close(
+                    y["logprobs"].to_torch(), x["logprobs"].to_torch(), atol=1e-5, rtol=0
+                )
+    finally:
+        for m in runs:
+            engine.unload_model(m)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    "chunk, message",
+    [
+        (ImageChunk(data=png(), format="png", expected_tokens=9), "expected_tokens is 9, but"),
+        (ImageChunk(data=png(fmt="JPEG"), format="png"), "format is 'png' but the data is jpeg"),
+        (ImageChunk(data=b"not an image", format="png"), "not a readable png image"),
+        (ImageAssetPointerChunk(format="png", location="https://example.com/a.png"), "no network"),
+    ],
+)
+def test_bad_images_are_refused_by_name(engine, vl_run, chunk, message):
+    with pytest.raises(InvalidRequestError, match=message) as e:
+        engine.forward(vl_run, [make_datum([1, 2]), image_datum(chunk)])
+    assert "data[1].model_input.chunks[1]" in str(e.value)
+
+
+def test_image_token_in_text_and_images_on_a_text_model_are_refused(engine, vl_run):
+    forged = make_datum([VISION_START, IMAGE_PAD, IMAGE_PAD, VISION_END])
+    with pytest.raises(
+        InvalidRequestError, match=r"chunks\[0\]: token id 261 is this model's image"
+    ):
+        engine.forward(vl_run, [forged])
+    text_run = engine.create_model(TINY, LoraConfig(rank=4, seed=0))
+    try:
+        with pytest.raises(InvalidRequestError, match="tinkerd/tiny does not take images"):
+            engine.forward(text_run, [image_datum()])
+    finally:
+        engine.unload_model(text_run)
+
+
+def test_asset_pointers_read_only_the_image_directory(engine, vl_run, tmp_path, monkeypatch):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "red.png").write_bytes(png())
+    (tmp_path / "outside.png").write_bytes(png())
+    pointer = ImageAssetPointerChunk(format="png", location="file://red.png", expected_tokens=4)
+    with pytest.raises(InvalidRequestError, match="need the server's image directory"):
+        engine.forward(vl_run, [image_datum(pointer)])
+    monkeypatch.setenv("TINKERD_IMAGE_DIR", str(tmp_path / "images"))
+    by_bytes = logprobs_of(engine, vl_run, image_datum())
+    for location in ("file://red.png", f"file://{tmp_path}/images/red.png", "red.png"):
+        chunk = ImageAssetPointerChunk(format="png", location=location, expected_tokens=4)
+        assert torch.equal(logprobs_of(engine, vl_run, image_datum(chunk)), by_bytes)
+    for location in (f"file://{tmp_path}/outside.png", "file://../outside.png", "/etc/hostname"):
+        chunk = ImageAssetPointerChunk(format="png", location=location)
+        with pytest.raises(InvalidRequestError, match="not a file in the server's image directory"):
+            engine.forward(vl_run, [image_datum(chunk)])
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_sampler_logprobs_equal_trainer_logprobs_with_an_image(engine, vl_run):
+    engine.forward_backward(vl_run, [image_datum()], "cross_entropy")
+    engine.optim_step(vl_run, AdamParams(learning_rate=1e-2))
+    weights = engine.save_weights_for_sampler(vl_run, "s")
+    prompt = with_image(ImageChunk(data=png(), format="png", expected_tokens=4), b" is")
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=3, stop=[])
+    sampled = engine.sample(weights, _prompt(prompt), 1, params, True).result()
+    tokens = sampled.sequences[0].tokens
+    full = prompt
+    for t in tokens[:-1]:
+        full = full.append_int(t)
+    n_prompt = prompt.length
+    datum = Datum(
+        model_input=full,
+        loss_fn_inputs={
+            "target_tokens": [0] * (n_prompt - 1) + tokens,
+            "weights": [1.0] * full.length,
+        },
+    )
+    trained = logprobs_of(engine, vl_run, datum)
+    torch.testing.assert_close(
+        trained[n_prompt - 1 :], torch.tensor(sampled.sequences[0].logprobs), atol=1e-4, rtol=0
+    )
+    # compute_logprobs' numbers (prompt logprobs) match the trainer's on the prompt's text
+    prompt_lps = sampled.prompt_logprobs
+    assert prompt_lps[0] is None and len(prompt_lps) == n_prompt
+    text_datum = image_datum(ImageChunk(data=png(), format="png"), b" is")
+    trained_prompt = logprobs_of(engine, vl_run, text_datum)
+    torch.testing.assert_close(
+        torch.tensor(prompt_lps[-2:]), trained_prompt[-3:-1], atol=1e-4, rtol=0
+    )
+
+
+def _prompt(model_input: ModelInput):
+    from tinkerd.types import prompt_tokens
+
+    return prompt_tokens(model_input)
+
+
+def test_different_images_in_one_sampler_batch_keep_their_own_positions(engine, vl_run):
+    """Prompts of different image sizes and lengths, and a text-only prompt, decoded in one
+    batch, each give the tokens and logprobs they give alone."""
+    weights = engine.sampler_for(base_model=VL)
+    prompts = [
+        with_image(ImageChunk(data=png(RED, (64, 64)), format="png"), b" a"),
+        with_image(ImageChunk(data=png(BLUE, (16, 48)), format="png"), b" longer text", b"xy"),
+        ModelInput.from_ints([*b"text only"]),
+    ]
+    params = SamplingParams(max_tokens=5, temperature=0, stop=[])
+    alone = [engine.sample(weights, _prompt(p), 1, params).result() for p in prompts]
+    futures = [engine.sample(weights, _prompt(p), 1, params) for p in prompts]
+    for a, f in zip(alone, futures):
+        b = f.result()
+        assert a.sequences[0].tokens == b.sequences[0].tokens
+        torch.testing.assert_close(
+            torch.tensor(b.sequences[0].logprobs),
+            torch.tensor(a.sequences[0].logprobs),
+            atol=1e-4,
+            rtol=0,
+        )
+
+
+# ---------------------------------------------------------------- checkpoints and export
+
+
+def test_state_round_trip_and_merged_export_with_an_image(engine, vl_run, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from tinkerd.engine.checkpoints import export_merged
+    from tinkerd.engine.vision import forward_inputs
+
+    engine.forward_backward(vl_run, [image_datum()], "cross_entropy")
+    engine.optim_step(vl_run, AdamParams(learning_rate=1e-2))
+    want = logprobs_of(engine, vl_run, image_datum())
+    saved = engine.save_state(vl_run, "state")
+    other = engine.create_model(VL, LoraConfig(rank=8, seed=5))
+    try:
+        engine.load_state(other, saved.tinker_path, with_optimizer=True)
+        torch.testing.assert_close(
+            logprobs_of(engine, other, image_datum()), want, atol=1e-6, rtol=0
+        )
+    finally:
+        engine.unload_model(other)
+
+    run = engine.run(vl_run)
+    info = engine.checkpoints.save(run, "sampler_weights", "export", with_optimizer=False)
+    export_merged(run.base.path, info, tmp_path / "merged")
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
+    batch = engine.prepare(vl_run, [image_datum()], "cross_entropy", None).batch
+    extra, _ = forward_inputs(run.base.vision, batch.input_ids, batch.images)
+    with torch.no_grad():
+        logits = merged(input_ids=batch.input_ids, **extra).logits[0].float()
+    got = logits.log_softmax(-1).gather(-1, batch.targets[:, None])[:, 0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- wire formats
+
+
+def test_sdk_image_chunks_decode_from_protobuf_and_json():
+    import tinker
+    from tinker.proto import request_conv
+
+    from tinkerd.wire_proto import decode_forward_backward_request
+
+    image = tinker.types.ImageChunk(data=png(), format="png", expected_tokens=4)
+    sdk_input = tinker.ModelInput(
+        chunks=[tinker.EncodedTextChunk(tokens=[1, 2]), image, tinker.EncodedTextChunk(tokens=[3])]
+    )
+    datum = tinker.Datum(model_input=sdk_input, loss_fn_inputs={"target_tokens": [0] * 7})
+    request = tinker.types.ForwardBackwardRequest(
+        forward_backward_input=tinker.types.ForwardBackwardInput(
+            data=[datum], loss_fn="cross_entropy"
+        ),
+        model_id="m",
+        seq_id=1,
+    )
+    body = request_conv.forward_backward_request_to_proto(request).SerializeToString()
+    ours = decode_forward_backward_request(body)["data"][0].model_input
+    assert ours.chunks[1] == ImageChunk(data=png(), format="png", expected_tokens=4)
+    assert ours.length == 7 and ours.chunks[2].tokens == [3]
+    from_json = ModelInput.model_validate_json(sdk_input.model_dump_json())
+    assert from_json == ours
+    assert ModelInput.model_validate_json(ours.model_dump_json()) == ours
+    pointer = tinker.types.ImageAssetPointerChunk(format="jpeg", location="file://a.jpg")
+    parsed = ModelInput.model_validate({"chunks": [pointer.model_dump()]})
+    assert parsed.chunks[0] == ImageAssetPointerChunk(format="jpeg", location="file://a.jpg")
+
+
+# ---------------------------------------------------------------- the official SDK over HTTP
+
+
+@pytest.fixture(scope="module")
+def vl_server(tmp_path_factory):
+    images = tmp_path_factory.mktemp("images")
+    (images / "red.png").write_bytes(png())
+    proc = ServerProcess(
+        tmp_path_factory.mktemp("vl-data"), "--model", VL, "--image-dir", str(images)
+    )
+    yield proc
+    proc.stop()
+
+
+def test_official_sdk_trains_and_samples_with_images(vl_server):
+    import tinker
+
+    service = tinker.ServiceClient(base_url=vl_server.url, api_key=KEYS[0])
+    client = service.create_lora_training_client(base_model=VL, rank=8, seed=0).result()
+    sdk_image = tinker.types.ImageChunk(data=png(), format="png", expected_tokens=4)
+    ours = image_datum()
+    datum = tinker.Datum(
+        model_input=tinker.ModelInput(
+            chunks=[
+                tinker.EncodedTextChunk(tokens=ours.model_input.chunks[0].tokens),
+                sdk_image,
+                tinker.EncodedTextChunk(tokens=ours.model_input.chunks[2].tokens),
+            ]
+        ),
+        loss_fn_inputs={k: v.tolist() for k, v in ours.loss_fn_inputs.items()},
+    )
+    losses = []
+    for _ in range(4):  # forward_backward travels as protobuf
+        fwd = client.forward_backward([datum], "cross_entropy")
+        client.optim_step(tinker.AdamParams(learning_rate=1e-2)).result()
+        losses.append(fwd.result().metrics["loss:sum"])
+    assert losses[-1] < losses[0]
+
+    forward = client.forward([datum], "cross_entropy").result()
+    trained = forward.loss_fn_outputs[0]["logprobs"].tolist()
+    sampler = client.save_weights_and_get_sampling_client(name="vl").result()
+    prompt = datum.model_input
+    logprobs = sampler.compute_logprobs(prompt).result()  # JSON, image as base64
+    assert logprobs[0] is None
+    # the text after <|vision_end|> (position 6 on): the trainer's targets there are it
+    assert len(logprobs) == 13 and logprobs[6:] == pytest.approx(trained[5:-1], abs=1e-4)
+
+    pointer = tinker.types.ImageAssetPointerChunk(
+        format="png", location="file://red.png", expected_tokens=4
+    )
+    by_pointer = tinker.ModelInput(chunks=[prompt.chunks[0], pointer, prompt.chunks[2]])
+    assert sampler.compute_logprobs(by_pointer).result() == pytest.approx(logprobs, abs=1e-6)
+
+    out = sampler.sample(prompt, 1, tinker.SamplingParams(max_tokens=4, temperature=0)).result()
+    assert 1 <= len(out.sequences[0].tokens) <= 4
+
+    bad = tinker.types.ImageChunk(data=png(), format="png", expected_tokens=7)
+    with pytest.raises(tinker.BadRequestError, match="expected_tokens is 7"):
+        sampler.sample(
+            tinker.ModelInput(chunks=[prompt.chunks[0], bad, prompt.chunks[2]]),
+            1,
+            tinker.SamplingParams(max_tokens=1),
+        ).result()
