@@ -431,3 +431,106 @@ def test_official_sdk_trains_and_samples_with_images(vl_server):
             1,
             tinker.SamplingParams(max_tokens=1),
         ).result()
+
+
+def test_openai_and_anthropic_routes_take_images(vl_server):
+    """An image_url data: URL (OpenAI) and a base64 image block (Anthropic) reach the model
+    as the same image chunk: greedy answers equal the SDK sampler's on the prompt the
+    chat template makes; other image sources are refused by field."""
+    import base64
+
+    import anthropic
+    import openai
+    import tinker
+
+    from tinkerd.engine.tiny_vl import build_vl_tokenizer
+
+    data = base64.b64encode(png(BLUE)).decode()
+    oai = openai.OpenAI(base_url=f"{vl_server.url}/oai/api/v1", api_key=KEYS[0], max_retries=0)
+    ant = anthropic.Anthropic(
+        base_url=f"{vl_server.url}/anthropic/api", api_key=KEYS[0], max_retries=0
+    )
+    chat = oai.chat.completions.create(
+        model=VL,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what colour? "},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+                ],
+            }
+        ],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+    )
+    message = ant.messages.create(
+        model=VL,
+        max_tokens=4,
+        extra_body={"temperature": 0},
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what colour? "},
+                    {
+                        "type": "image",
+                        "source": {"type": "base64", "media_type": "image/png", "data": data},
+                    },
+                ],
+            }
+        ],
+    )
+    # the same prompt by hand: the template's text around the image's chunk
+    tokenizer = build_vl_tokenizer()
+    before = tokenizer.encode(
+        "<|im_start|>user\nwhat colour? <|vision_start|>", add_special_tokens=False
+    )
+    after = tokenizer.encode(
+        "<|vision_end|><|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
+    )
+    prompt = tinker.ModelInput(
+        chunks=[
+            tinker.EncodedTextChunk(tokens=before),
+            tinker.types.ImageChunk(data=png(BLUE), format="png"),
+            tinker.EncodedTextChunk(tokens=after),
+        ]
+    )
+    sampler = tinker.ServiceClient(base_url=vl_server.url, api_key=KEYS[0]).create_sampling_client(
+        base_model=VL
+    )
+    want = (
+        sampler.sample(prompt, 1, tinker.SamplingParams(max_tokens=4, temperature=0))
+        .result()
+        .sequences[0]
+    )
+    got = [lp.logprob for lp in chat.choices[0].logprobs.content]
+    assert got == pytest.approx(want.logprobs[: len(got)], abs=1e-4)
+    text = tokenizer.decode(want.tokens, skip_special_tokens=True)
+    assert chat.choices[0].message.content == text
+    assert message.content[0].text == text if message.content else text == ""
+
+    with pytest.raises(
+        openai.BadRequestError, match=r"messages\[0\].content\[0\].image_url.url: only data"
+    ):
+        oai.chat.completions.create(
+            model=VL,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}],
+                }
+            ],
+        )
+    with pytest.raises(anthropic.BadRequestError, match=r"messages\[0\].content\[0\].source.type"):
+        ant.messages.create(
+            model=VL,
+            max_tokens=2,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "source": {"type": "url", "url": "http://x"}}],
+                }
+            ],
+        )
