@@ -534,3 +534,57 @@ def test_openai_and_anthropic_routes_take_images(vl_server):
                 }
             ],
         )
+
+
+def test_cookbook_vlm_classifier_core_loop(vl_server):
+    """tinker-cookbook's vlm_classifier loop, minus its dataset download: the Qwen3-VL
+    renderer (with the model's own tokenizer and image processor, found from get_info's
+    tokenizer id) builds supervised examples with images, the official SDK trains them
+    and samples the renderer's generation prompt."""
+    import tinker
+    from PIL import Image
+    from tinker_cookbook import renderers
+    from tinker_cookbook.image_processing_utils import get_image_processor
+    from tinker_cookbook.supervised.common import datum_from_model_input_weights
+    from tinker_cookbook.tokenizer_utils import get_tokenizer
+
+    service = tinker.ServiceClient(base_url=vl_server.url, api_key=KEYS[0])
+    client = service.create_lora_training_client(base_model=VL, rank=8, seed=0).result()
+    tokenizer_id = client.get_info().model_data.tokenizer_id
+    renderer = renderers.get_renderer(
+        name="qwen3_vl_instruct",
+        tokenizer=get_tokenizer(tokenizer_id),
+        image_processor=get_image_processor(tokenizer_id),
+    )
+
+    def conversation(rgb, answer=None):
+        image = renderers.ImagePart(type="image", image=Image.new("RGB", (32, 32), rgb))
+        question = renderers.TextPart(type="text", text="What colour is this?")
+        messages = [renderers.Message(role="user", content=[image, question])]
+        if answer:
+            messages.append(renderers.Message(role="assistant", content=answer))
+        return messages
+
+    data = [
+        datum_from_model_input_weights(
+            *renderer.build_supervised_example(
+                messages=conversation(rgb, name),
+                train_on_what=renderers.TrainOnWhat.LAST_ASSISTANT_MESSAGE,
+            ),
+            max_length=512,
+        )
+        for rgb, name in ((RED, "red"), (BLUE, "blue"))
+    ]
+    assert any(c.type == "image" for c in data[0].model_input.chunks)
+    losses = []
+    for _ in range(5):
+        fwd = client.forward_backward(data, "cross_entropy")
+        client.optim_step(tinker.AdamParams(learning_rate=5e-3)).result()
+        losses.append(fwd.result().metrics["loss:sum"])
+    assert losses[-1] < losses[0]
+    sampler = client.save_weights_and_get_sampling_client(name="classifier").result()
+    prompt = renderer.build_generation_prompt(conversation(RED))
+    params = tinker.SamplingParams(max_tokens=8, temperature=0, stop=renderer.get_stop_sequences())
+    result = sampler.sample(prompt, 1, params).result()
+    message, _ = renderer.parse_response(result.sequences[0].tokens)
+    assert message["role"] == "assistant"
