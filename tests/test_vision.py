@@ -625,3 +625,16 @@ def test_cookbook_vlm_classifier_core_loop(vl_server):
     result = sampler.sample(prompt, 1, params).result()
     message, _ = renderer.parse_response(result.sequences[0].tokens)
     assert message["role"] == "assistant"
+
+
+def test_learning_check_example_teaches_four_colours(monkeypatch):
+    """examples/vlm_colors.py: greedy answers 0/4 right before training, 4/4 after."""
+    import runpy
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parent.parent / "examples" / "vlm_colors.py")
+    monkeypatch.setattr("sys.argv", [script])
+    with torch.random.fork_rng():
+        answers = runpy.run_path(script, run_name="vlm_colors")["main"]()
+    assert [before == name for name, (before, _) in answers.items()] == [False] * 4
+    assert [after == name for name, (_, after) in answers.items()] == [True] * 4
