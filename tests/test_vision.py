@@ -638,3 +638,35 @@ def test_learning_check_example_teaches_four_colours(monkeypatch):
         answers = runpy.run_path(script, run_name="vlm_colors")["main"]()
     assert [before == name for name, (before, _) in answers.items()] == [False] * 4
     assert [after == name for name, (_, after) in answers.items()] == [True] * 4
+
+
+def test_micro_batches_with_images_equal_one_pass(engine):
+    """Rows with images cut into micro-batches (and logits in chunks) give one pass's
+    loss, logprobs and gradient; layer checkpointing picks the language model's layers."""
+    from tinkerd.engine import Engine, EngineConfig
+    from tinkerd.engine.memory import decoder_layers
+
+    small = Engine(
+        config=EngineConfig(micro_batch_tokens=20, logits_chunk_tokens=5, memory_budget_bytes=None)
+    )
+    data = [
+        image_datum(),
+        make_datum([*b"text row"]),
+        image_datum(ImageChunk(data=png(BLUE, (48, 32)), format="png"), b" is blue!", 6),
+    ]
+    runs = [e.create_model(VL, LoraConfig(rank=4, seed=3)) for e in (small, engine)]
+    try:
+        a, b = (e.forward_backward(m, data, "cross_entropy") for e, m in zip((small, engine), runs))
+        assert a.metrics["loss:sum"] == pytest.approx(b.metrics["loss:sum"], rel=1e-5)
+        for x, y in zip(a.loss_fn_outputs, b.loss_fn_outputs):
+            torch.testing.assert_close(
+                x["logprobs"].to_torch(), y["logprobs"].to_torch(), atol=1e-5, rtol=0
+            )
+        for p, q in zip(small.run(runs[0]).params, engine.run(runs[1]).params, strict=True):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4)
+        layers = decoder_layers(engine.run(runs[1]).base.model)
+        language = engine.run(runs[1]).base.model.model.language_model.layers
+        assert len(layers) == len(language) and all(x is y for x, y in zip(layers, language))
+    finally:
+        small.unload_model(runs[0])
+        engine.unload_model(runs[1])
