@@ -670,3 +670,22 @@ def test_micro_batches_with_images_equal_one_pass(engine):
     finally:
         small.unload_model(runs[0])
         engine.unload_model(runs[1])
+
+
+def test_tinkerd_http_client_trains_and_samples_with_images(vl_server):
+    from tinkerd import ServiceClient
+
+    service = ServiceClient(base_url=vl_server.url, api_key=KEYS[0])
+    try:
+        client = service.create_lora_training_client(VL, rank=8, seed=0)
+        datum = image_datum()
+        first = client.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"]
+        client.optim_step(AdamParams(learning_rate=1e-2)).result()
+        trained = client.forward([datum], "cross_entropy").result()
+        assert trained.metrics["loss:sum"] < first
+        sampler = client.save_weights_and_get_sampling_client("http")
+        logprobs = sampler.compute_logprobs(datum.model_input).result()
+        want = trained.loss_fn_outputs[0]["logprobs"].tolist()
+        assert logprobs[6:] == pytest.approx(want[5:-1], abs=1e-4)
+    finally:
+        service.close()
