@@ -689,3 +689,28 @@ def test_tinkerd_http_client_trains_and_samples_with_images(vl_server):
         assert logprobs[6:] == pytest.approx(want[5:-1], abs=1e-4)
     finally:
         service.close()
+
+
+def test_images_without_expected_tokens_through_the_client(engine):
+    """Unset expected_tokens: the engine counts the image's positions itself (and writes
+    them into the chunk); forward_backward and forward_backward_custom both run."""
+    from tinkerd import ServiceClient
+    from tinkerd.client.transport import InProcessTransport
+
+    client = ServiceClient(transport=InProcessTransport(engine=engine))
+    training = client.create_lora_training_client(VL, rank=4, seed=0)
+    try:
+        datum = image_datum(ImageChunk(data=png(size=(64, 64)), format="png"), b" is red", 16)
+        out = training.forward_backward([datum], "cross_entropy").result()
+        assert len(out.loss_fn_outputs[0]["logprobs"].tolist()) == 2 + 7 + 16
+        assert datum.model_input.length == 25
+
+        def loss_fn(data, logprobs):
+            return -logprobs[0][-3:].sum(), {}
+
+        custom = training.forward_backward_custom(
+            [image_datum(ImageChunk(data=png(), format="png"))], loss_fn
+        )
+        assert len(custom.result().loss_fn_outputs[0]["logprobs"].tolist()) == 2 + 7 + 4
+    finally:
+        training.unload_model().result()

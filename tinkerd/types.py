@@ -257,6 +257,15 @@ class ModelInput(StrictBase):
         return [t for chunk in self.chunks for t in chunk.tokens]
 
     @property
+    def positions(self) -> int:
+        """Its length as far as it is known: images count `expected_tokens`, 0 where unset
+        (the engine sets it on reading the image). For metrics; `length` raises instead."""
+        return sum(
+            len(c.tokens) if c.type == "encoded_text" else c.expected_tokens or 0
+            for c in self.chunks
+        )
+
+    @property
     def has_images(self) -> bool:
         return any(chunk.type != "encoded_text" for chunk in self.chunks)
 

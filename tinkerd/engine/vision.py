@@ -184,6 +184,7 @@ def expand(
                 f"{at}: {base_name} does not take images (not a vision-language model)"
             )
         image = read_image(chunk, vision, at)
+        chunk.expected_tokens = image.tokens  # now known: later counts (metrics) see it
         images.append(image)
         tokens.extend([vision.image_token_id] * image.tokens)
     return tokens, images

@@ -371,7 +371,7 @@ class Service:
             prepared = self.engine.prepare(model_id, data, loss_fn, loss_fn_config)
         work = loss_work(self.engine, prepared, backward)
         if backward and owner is not None:
-            tokens = sum(d.model_input.length for d in data)
+            tokens = sum(d.model_input.positions for d in data)
             work.after = lambda result, seconds: record(
                 self.store, self.engine, model_id, "forward_backward", result, seconds, tokens
             )
@@ -400,7 +400,7 @@ class Service:
             out, evaluation = self.engine.forward_backward_custom(model_id, data, grads)
             return evaluation.output(out)
 
-        tokens = sum(d.model_input.length for d in data)
+        tokens = sum(d.model_input.positions for d in data)
         recorded = self._recorded(owner, model_id, "forward_backward", work, tokens)
         return self._run_work(owner, model_id, recorded, seq_id)
 
