@@ -201,24 +201,30 @@ def test_a_vl_run_and_a_text_run_on_different_bases_in_one_batch_of_requests(eng
 
 
 def test_two_vl_runs_packed_in_one_pass_end_as_alone(engine):
-    """Rows of two runs (different images, lengths, a text-only row) in one forward, each
-    through its own adapter, give each run the loss it gets alone."""
-    runs = [engine.create_model(VL, LoraConfig(rank=r, seed=r)) for r in (4, 8)]
+    """Rows of two runs (different images, lengths, a text-only row) in one forward and
+    backward, each through its own adapter, give each run the loss and gradient it gets
+    alone."""
+    alone = [engine.create_model(VL, LoraConfig(rank=r, seed=r)) for r in (4, 8)]
+    together = [engine.create_model(VL, LoraConfig(rank=r, seed=r)) for r in (4, 8)]
     try:
         data = [
             [image_datum(), make_datum([*b"no image here"])],
             [image_datum(ImageChunk(data=png(BLUE, (48, 32)), format="png"), b" is blue!", 6)],
         ]
-        alone = [engine.forward(m, d, "cross_entropy") for m, d in zip(runs, data)]
-        requests = [engine.prepare(m, d, "cross_entropy", None) for m, d in zip(runs, data)]
-        together = engine.run_losses(requests, backward=False)
-        for a, b in zip(alone, together):
+        outs = [engine.forward_backward(m, d, "cross_entropy") for m, d in zip(alone, data)]
+        requests = [engine.prepare(m, d, "cross_entropy", None) for m, d in zip(together, data)]
+        packed = engine.run_losses(requests, backward=True)
+        for a, b in zip(outs, packed):
+            assert b.metrics["loss:sum"] == pytest.approx(a.metrics["loss:sum"], rel=1e-5)
             for x, y in zip(a.loss_fn_outputs, b.loss_fn_outputs):
                 torch.testing.assert_close(
                     y["logprobs"].to_torch(), x["logprobs"].to_torch(), atol=1e-5, rtol=0
                 )
+        for m, n in zip(alone, together):
+            for p, q in zip(engine.run(m).params, engine.run(n).params, strict=True):
+                torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4)
     finally:
-        for m in runs:
+        for m in alone + together:
             engine.unload_model(m)
 
 
@@ -316,17 +322,22 @@ def _prompt(model_input: ModelInput):
 
 
 def test_different_images_in_one_sampler_batch_keep_their_own_positions(engine, vl_run):
-    """Prompts of different image sizes and lengths, and a text-only prompt, decoded in one
-    batch, each give the tokens and logprobs they give alone."""
-    weights = engine.sampler_for(base_model=VL)
+    """Prompts of different image sizes and lengths, and a text-only prompt, on the base
+    and on a trained adapter, decoded in one batch, each give the tokens and logprobs they
+    give alone."""
+    engine.forward_backward(vl_run, [image_datum()], "cross_entropy")
+    engine.optim_step(vl_run, AdamParams(learning_rate=1e-2))
+    base, trained = engine.sampler_for(base_model=VL), engine.save_weights_for_sampler(vl_run)
     prompts = [
-        with_image(ImageChunk(data=png(RED, (64, 64)), format="png"), b" a"),
-        with_image(ImageChunk(data=png(BLUE, (16, 48)), format="png"), b" longer text", b"xy"),
-        ModelInput.from_ints([*b"text only"]),
+        (base, with_image(ImageChunk(data=png(RED, (64, 64)), format="png"), b" a")),
+        (trained, with_image(ImageChunk(data=png(BLUE, (16, 48)), format="png"), b" text", b"xy")),
+        (trained, with_image(ImageChunk(data=png(RED), format="png"), b" a")),
+        (base, ModelInput.from_ints([*b"text only"])),
     ]
     params = SamplingParams(max_tokens=5, temperature=0, stop=[])
-    alone = [engine.sample(weights, _prompt(p), 1, params).result() for p in prompts]
-    futures = [engine.sample(weights, _prompt(p), 1, params) for p in prompts]
+    alone = [engine.sample(w, _prompt(p), 1, params).result() for w, p in prompts]
+    with engine.run(vl_run).base.lock:  # the sampler waits: the requests join one batch
+        futures = [engine.sample(w, _prompt(p), 1, params) for w, p in prompts]
     for a, f in zip(alone, futures):
         b = f.result()
         assert a.sequences[0].tokens == b.sequences[0].tokens
@@ -336,6 +347,7 @@ def test_different_images_in_one_sampler_batch_keep_their_own_positions(engine, 
             atol=1e-4,
             rtol=0,
         )
+    assert max(requests for _, requests in engine.sampler_stats(VL)[-6:]) >= 3
 
 
 # ---------------------------------------------------------------- checkpoints and export
