@@ -237,6 +237,8 @@ def test_two_vl_runs_packed_in_one_pass_end_as_alone(engine):
         (ImageChunk(data=png(), format="png", expected_tokens=9), "expected_tokens is 9, but"),
         (ImageChunk(data=png(fmt="JPEG"), format="png"), "format is 'png' but the data is jpeg"),
         (ImageChunk(data=b"not an image", format="png"), "not a readable png image"),
+        (ImageChunk(data=png()[:70], format="png"), "cannot be read or processed"),
+        (ImageChunk(data=png(size=(2000, 4)), format="png"), "cannot be read or processed"),
         (ImageAssetPointerChunk(format="png", location="https://example.com/a.png"), "no network"),
     ],
 )

@@ -108,23 +108,23 @@ def read_image(chunk: ImageChunk | ImageAssetPointerChunk, vision: Vision, where
 
     data = chunk.data if isinstance(chunk, ImageChunk) else _asset_bytes(chunk, where)
     try:
-        image = PILImage.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise InvalidRequestError(
-                f"{where}: image is {width}x{height}, over {MAX_IMAGE_PIXELS} pixels"
-            )
-        found = (image.format or "").lower()
-        if found != chunk.format:
-            raise InvalidRequestError(
-                f"{where}: format is {chunk.format!r} but the data is {found or 'unknown'}"
-            )
-        image = image.convert("RGB")
-    except (OSError, ValueError, PILImage.DecompressionBombError) as e:
+        image = PILImage.open(io.BytesIO(data))  # reads the header only
+    except (OSError, ValueError) as e:
         raise InvalidRequestError(
             f"{where}: data is not a readable {chunk.format} image: {e}"
         ) from None
-    out = vision.processor(images=[image], return_tensors="pt")
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InvalidRequestError(
+            f"{where}: image is {width}x{height}, over {MAX_IMAGE_PIXELS} pixels"
+        )
+    found = (image.format or "").lower()
+    if found != chunk.format:
+        raise InvalidRequestError(f"{where}: format is {chunk.format!r} but the data is {found}")
+    try:
+        out = vision.processor(images=[image.convert("RGB")], return_tensors="pt")
+    except (OSError, ValueError, PILImage.DecompressionBombError) as e:  # truncated, odd shape
+        raise InvalidRequestError(f"{where}: image cannot be read or processed: {e}") from None
     grid = out["image_grid_thw"][0]
     tokens = int(grid.prod()) // vision.merge_size**2
     if chunk.expected_tokens is not None and chunk.expected_tokens != tokens:
