@@ -728,3 +728,37 @@ def test_images_without_expected_tokens_through_the_client(engine):
         assert len(custom.result().loss_fn_outputs[0]["logprobs"].tolist()) == 2 + 7 + 4
     finally:
         training.unload_model().result()
+
+
+def test_two_ranks_train_with_images_like_one_process(engine, tmp_path):
+    """`serve --nproc 2`: data with images split over two gloo ranks (each decodes its
+    own share's images) train like one process."""
+    from tinkerd import ServiceClient
+
+    data = [
+        image_datum(),
+        image_datum(ImageChunk(data=png(BLUE, (48, 32)), format="png"), b" is blue!", 6),
+        make_datum([*b"text"]),
+    ]
+    one = engine.create_model(VL, LoraConfig(rank=8, seed=2))
+    server = ServerProcess(tmp_path, "--nproc", "2", "--model", VL)
+    service = ServiceClient(base_url=server.url, api_key=KEYS[0])
+    try:
+        run = service.create_lora_training_client(VL, rank=8, seed=2)
+        for _ in range(2):
+            got = run.forward_backward(data, "cross_entropy")
+            run.optim_step(AdamParams(learning_rate=1e-2))
+            want = engine.forward_backward(one, data, "cross_entropy")
+            engine.optim_step(one, AdamParams(learning_rate=1e-2))
+            assert got.result().metrics["loss:sum"] == pytest.approx(
+                want.metrics["loss:sum"], rel=1e-5
+            )
+        after = run.forward(data, "cross_entropy").result()
+        for x, y in zip(after.loss_fn_outputs, engine.forward(one, data).loss_fn_outputs):
+            torch.testing.assert_close(
+                x["logprobs"].to_torch(), y["logprobs"].to_torch(), atol=1e-5, rtol=0
+            )
+    finally:
+        service.close()
+        server.stop()
+        engine.unload_model(one)
