@@ -20,6 +20,7 @@ from tinkerd.types import (
     LoraConfig,
     ModelInput,
     SamplingParams,
+    chunk_from,
 )
 
 RED, BLUE = (220, 30, 30), (30, 40, 220)
@@ -417,6 +418,9 @@ def test_sdk_image_chunks_decode_from_protobuf_and_json():
     pointer = tinker.types.ImageAssetPointerChunk(format="jpeg", location="file://a.jpg")
     parsed = ModelInput.model_validate({"chunks": [pointer.model_dump()]})
     assert parsed.chunks[0] == ImageAssetPointerChunk(format="jpeg", location="file://a.jpg")
+    # the embedded clients take the SDK's objects as they are
+    assert [chunk_from(c) for c in sdk_input.chunks] == ours.chunks
+    assert chunk_from(pointer) == parsed.chunks[0]
 
 
 # ---------------------------------------------------------------- the official SDK over HTTP
