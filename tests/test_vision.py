@@ -1,5 +1,7 @@
 """Images in: ImageChunk / ImageAssetPointerChunk on the built-in vision-language model
-`tinkerd/tiny-vl` (a tiny random Qwen3-VL), embedded and over HTTP with the official SDK."""
+`tinkerd/tiny-vl` (a tiny random Qwen3-VL) and a tiny random Qwen2.5-VL: embedded, over
+HTTP with tinkerd's client, the official SDK, the OpenAI and Anthropic clients and
+tinker-cookbook's Qwen3-VL renderer."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tinkerd.types import (
     ModelInput,
     SamplingParams,
     chunk_from,
+    prompt_tokens,
 )
 
 RED, BLUE = (220, 30, 30), (30, 40, 220)
@@ -291,7 +294,7 @@ def test_sampler_logprobs_equal_trainer_logprobs_with_an_image(engine, any_vl_ru
     weights = engine.save_weights_for_sampler(vl_run, "s")
     prompt = with_image(ImageChunk(data=png(), format="png", expected_tokens=4), b" is")
     params = SamplingParams(max_tokens=6, temperature=1.0, seed=3, stop=[])
-    sampled = engine.sample(weights, _prompt(prompt), 1, params, True).result()
+    sampled = engine.sample(weights, prompt_tokens(prompt), 1, params, True).result()
     tokens = sampled.sequences[0].tokens
     full = prompt
     for t in tokens[:-1]:
@@ -318,12 +321,6 @@ def test_sampler_logprobs_equal_trainer_logprobs_with_an_image(engine, any_vl_ru
     )
 
 
-def _prompt(model_input: ModelInput):
-    from tinkerd.types import prompt_tokens
-
-    return prompt_tokens(model_input)
-
-
 def test_different_images_in_one_sampler_batch_keep_their_own_positions(engine, vl_run):
     """Prompts of different image sizes and lengths, and a text-only prompt, on the base
     and on a trained adapter, decoded in one batch, each give the tokens and logprobs they
@@ -338,9 +335,9 @@ def test_different_images_in_one_sampler_batch_keep_their_own_positions(engine, 
         (base, ModelInput.from_ints([*b"text only"])),
     ]
     params = SamplingParams(max_tokens=5, temperature=0, stop=[])
-    alone = [engine.sample(w, _prompt(p), 1, params).result() for w, p in prompts]
+    alone = [engine.sample(w, prompt_tokens(p), 1, params).result() for w, p in prompts]
     with engine.run(vl_run).base.lock:  # the sampler waits: the requests join one batch
-        futures = [engine.sample(w, _prompt(p), 1, params) for w, p in prompts]
+        futures = [engine.sample(w, prompt_tokens(p), 1, params) for w, p in prompts]
     for a, f in zip(alone, futures):
         b = f.result()
         assert a.sequences[0].tokens == b.sequences[0].tokens
@@ -638,7 +635,7 @@ def test_cookbook_vlm_classifier_core_loop(vl_server):
         losses.append(fwd.result().metrics["loss:sum"])
     assert losses[-1] < losses[0]
     sampler = client.save_weights_and_get_sampling_client(name="classifier").result()
-    prompt = renderer.build_generation_prompt(conversation(RED))
+    prompt = renderer.build_generationprompt_tokens(conversation(RED))
     params = tinker.SamplingParams(max_tokens=8, temperature=0, stop=renderer.get_stop_sequences())
     result = sampler.sample(prompt, 1, params).result()
     message, _ = renderer.parse_response(result.sequences[0].tokens)
