@@ -635,7 +635,7 @@ def test_cookbook_vlm_classifier_core_loop(vl_server):
         losses.append(fwd.result().metrics["loss:sum"])
     assert losses[-1] < losses[0]
     sampler = client.save_weights_and_get_sampling_client(name="classifier").result()
-    prompt = renderer.build_generationprompt_tokens(conversation(RED))
+    prompt = renderer.build_generation_prompt(conversation(RED))
     params = tinker.SamplingParams(max_tokens=8, temperature=0, stop=renderer.get_stop_sequences())
     result = sampler.sample(prompt, 1, params).result()
     message, _ = renderer.parse_response(result.sequences[0].tokens)
