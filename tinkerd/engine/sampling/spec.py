@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 from tinkerd.engine.lora import BASE_ADAPTER
 from tinkerd.engine.models import BaseModel
+from tinkerd.engine.vision import Image, expand
 from tinkerd.errors import InvalidRequestError
-from tinkerd.types import SamplingParams
+from tinkerd.types import PromptWithImages, SamplingParams
 
 __all__ = ["BASE_ADAPTER", "SampleSpec", "eos_token_ids", "make_spec"]
 
@@ -40,6 +41,8 @@ class SampleSpec:
     listener: Callable[[int, int], None] | None = field(default=None, compare=False)
     """Called on the sampler's thread with (sample index, token) for every token as it
     is sampled (streaming). Must be quick and must not raise."""
+    images: tuple[Image, ...] = ()
+    """The prompt's images, in order; `prompt` holds the image token at their positions."""
 
 
 def make_spec(
@@ -57,6 +60,9 @@ def make_spec(
 ) -> SampleSpec:
     """Check a request completely; raises InvalidRequestError with what is wrong."""
     vocab, context = base.vocab_size, base.max_context_length
+    images: list[Image] = []
+    if isinstance(prompt, PromptWithImages):
+        prompt, images = expand(prompt.model_input, base.vision, base.name, "prompt.")
     if not prompt:
         raise InvalidRequestError("prompt is empty: give at least one token")
     bad = [t for t in prompt if not 0 <= t < vocab]
@@ -103,6 +109,7 @@ def make_spec(
         adapter=adapter,
         tenant=tenant,
         listener=listener,
+        images=tuple(images),
     )
 
 

@@ -34,6 +34,7 @@ from tinkerd.service.inference.generate import (
     run,
     token_offsets,
 )
+from tinkerd.service.inference.images import content_parts
 from tinkerd.service.inference.logprobs import chat_logprobs, completion_logprobs
 from tinkerd.types import Seed
 
@@ -91,7 +92,11 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
     # OpenAI's "developer" role is its newer name for "system" (chat templates know "system")
     roles = {"developer": "system"}
     return [
-        {"role": roles.get(m.role, m.role), "content": text_of(m.content)} for m in req.messages
+        {
+            "role": roles.get(m.role, m.role),
+            "content": content_parts(m.content, text_of, f"messages[{i}]"),
+        }
+        for i, m in enumerate(req.messages)
     ]
 
 
