@@ -51,9 +51,11 @@ def _serve(args: argparse.Namespace) -> int:
             poll_timeout=args.poll_timeout,
             max_pending=args.max_queue,
             session_timeout=args.session_timeout,
+            json_log=args.log_requests,
             **{name: getattr(args, name) for name in QUOTAS if hasattr(args, name)},
         )
-        server = Server(engine, data_dir, keys, models, config=config)
+        metrics_keys = args.metrics_key or None
+        server = Server(engine, data_dir, keys, models, config=config, metrics_keys=metrics_keys)
         print(
             f"tinkerd serving {models} on http://{args.host}:{args.port} "
             f"({len(keys)} API key(s); data in {server.store.path})",
@@ -203,5 +205,18 @@ def register(sub: argparse._SubParsersAction) -> None:
             metavar="N",
             help=f"{what}; none: no limit (default: docs/multi-tenant.md)",
         )
+    serve.add_argument(
+        "--log-requests",
+        action="store_true",
+        help="one JSON line per request on stderr (request id, key label, session, run, verb, "
+        "tokens, queue and run seconds, outcome: docs/operations.md)",
+    )
+    serve.add_argument(
+        "--metrics-key",
+        action="append",
+        default=[k for k in [os.environ.get("TINKERD_METRICS_KEY")] if k],
+        help="the only key /metrics accepts, as `Authorization: Bearer KEY` (repeatable; "
+        "also TINKERD_METRICS_KEY); default: any API key",
+    )
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=_serve)

@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tinkerd.engine import Engine
 from tinkerd.errors import AuthenticationError, TinkerdError
 from tinkerd.server.dashboard import add_dashboard, split_key_label
+from tinkerd.server.operations import RequestIds, add_operations, post_verbs
 from tinkerd.server.requests import Encoded, RequestTable, encode_json
 from tinkerd.server.rest import rest_router
 from tinkerd.server.routes import sampling, sessions, training
@@ -56,7 +57,9 @@ class Server:
         max_pending: int = 4096,
         session_timeout: float = 300.0,
         config: ServiceConfig | None = None,
+        metrics_keys: list[str] | None = None,
     ):
+        """`metrics_keys`: the only keys `/metrics` takes (None: any of `api_keys`)."""
         config = config or ServiceConfig(
             poll_timeout=poll_timeout, max_pending=max_pending, session_timeout=session_timeout
         )
@@ -65,19 +68,30 @@ class Server:
         self.store = self.service.store
         self.catalog = self.service.catalog
         self.checkpoints = self.service.checkpoints
-        self.requests = RequestTable(self.store)
+        self.telemetry = self.service.telemetry
+        self.requests = RequestTable(self.store, self.telemetry)
         labelled = [split_key_label(k) for k in api_keys]  # `KEY=LABEL` names a key's owner
         self.api_keys = [k.encode() for k, _ in labelled]
         self.key_labels = {fingerprint(k): label for k, label in labelled if label}
+        self.metrics_keys = metrics_keys
+        self.telemetry.label = self.owner_label
+        self.telemetry.start_history()
+        self.verbs: set[str] = set()  # POST routes under /api/v1 (create_app fills it)
 
     def owner(self, request: Request) -> str:
         """The caller's identity: a fingerprint of its API key (keys are never stored)."""
-        key = request.headers.get("x-api-key") or ""
+        owner = self.owner_of_key(request.headers.get("x-api-key") or "")
+        if owner is None:
+            raise AuthenticationError("missing or unknown API key (send it as X-API-Key)")
+        return owner
+
+    def owner_of_key(self, key: str) -> str | None:
+        """The owner a key stands for, None if it is not one of the server's keys."""
         if self.api_keys:
             # Compare against every key in constant time: no early exit that leaks which.
             matches = [hmac.compare_digest(key.encode(), k) for k in self.api_keys]
             if not key or not any(matches):
-                raise AuthenticationError("missing or unknown API key (send it as X-API-Key)")
+                return None
         return fingerprint(key) if key else "anonymous"
 
     def owner_label(self, owner: str) -> str:
@@ -167,7 +181,10 @@ def create_app(server: Server) -> FastAPI:
         app.include_router(routes.router(server))
     app.include_router(rest_router(server))
     app.include_router(inference_router(server))  # OpenAI- and Anthropic-compatible
+    add_operations(app, server, server.metrics_keys)  # /metrics, session traces
+    server.verbs = post_verbs(app)
     app.add_middleware(CatchAll)
+    app.add_middleware(RequestIds, server=server)  # outermost: a 500 carries its id too
     return app
 
 

@@ -97,7 +97,9 @@ def router(server: Server) -> APIRouter:
             owner=who,
         )
         encode = lambda r: (PROTOBUF, wire_proto.encode_sample_response(only_last(r, last_n)))  # noqa: E731
-        request_id = server.requests.track(who, "sample", future, encode)
+        request_id = server.requests.track(
+            who, "sample", future, encode, sampler=body.sampling_session_id
+        )
         return {
             "request_id": request_id,
             "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)],
