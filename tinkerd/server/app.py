@@ -182,7 +182,7 @@ def create_app(server: Server) -> FastAPI:
     app.include_router(rest_router(server))
     app.include_router(inference_router(server))  # OpenAI- and Anthropic-compatible
     add_operations(app, server, server.metrics_keys)  # /metrics, session traces
-    server.verbs = post_verbs(app)
+    server.verbs = post_verbs(app.routes)
     app.add_middleware(CatchAll)
     app.add_middleware(RequestIds, server=server)  # outermost: a 500 carries its id too
     return app

@@ -28,8 +28,8 @@ API = "/api/v1"
 
 
 def add_operations(app: FastAPI, server: Server, metrics_keys: list[str] | None = None) -> None:
-    """`metrics_keys`: the only keys `/metrics` accepts (`--metrics-key`); None: any API
-    key of the server (none on a keyless loopback server)."""
+    """`metrics_keys`: the only keys `/metrics` accepts (`--metrics-key`), which also see
+    the per-key series; None: any API key of the server, without per-key series."""
     telemetry = server.service.telemetry
     links = TraceLinks()
     Owner = Depends(server.owner)
@@ -42,12 +42,15 @@ def add_operations(app: FastAPI, server: Server, metrics_keys: list[str] | None 
         auth = request.headers.get("authorization", "")
         key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
         key = key or request.headers.get("x-api-key", "")
-        if allowed:
-            if not any([hmac.compare_digest(key.encode(), k) for k in allowed]):
-                raise AuthenticationError("/metrics needs the metrics key (--metrics-key)")
-        elif server.owner_of_key(key) is None:
+        operator = any([hmac.compare_digest(key.encode(), k) for k in allowed])
+        if allowed and not operator:
+            raise AuthenticationError("/metrics needs the metrics key (--metrics-key)")
+        if server.owner_of_key(key) is None and not operator:
             raise AuthenticationError("/metrics needs an API key (Authorization: Bearer KEY)")
-        return Response(telemetry.exposition(), media_type=CONTENT_TYPE_LATEST)
+        # Per-key series only for the operator (or a keyless loopback server): one
+        # tenant's key must not see who else uses the server, nor how much.
+        per_key = operator or not server.api_keys
+        return Response(telemetry.exposition(per_key), media_type=CONTENT_TYPE_LATEST)
 
     @app.get(f"{API}/sessions/{{session_id}}/trace_export")
     def trace_export(session_id: str, request: Request, who: str = Owner) -> dict:
@@ -132,17 +135,16 @@ class RequestIds:
             request_log.info(json.dumps(line))
 
 
-def post_verbs(app: FastAPI) -> set[str]:
-    """Names of the app's POST routes directly under /api/v1 (the verbs a refusal may be
-    counted under)."""
+def post_verbs(routes: list) -> set[str]:
+    """Names of the POST routes directly under /api/v1 (the verbs a refusal may be counted
+    under), those of included routers too."""
     verbs = set()
-    for route in app.routes:
+    for route in routes:
+        if hasattr(route, "original_router"):  # FastAPI's wrapper of an included router
+            verbs |= post_verbs(route.original_router.routes)
+            continue
         path = getattr(route, "path", "")
         name = path.removeprefix(f"{API}/")
-        if (
-            path.startswith(f"{API}/")
-            and "/" not in name
-            and "POST" in getattr(route, "methods", ())
-        ):
+        if path != name and "/" not in name and "POST" in getattr(route, "methods", ()):
             verbs.add(name)
     return verbs

@@ -12,8 +12,9 @@ on the `tinkerd.requests` logger. Passes of the scheduler's lanes come in throug
 
 Each Telemetry has its own `CollectorRegistry`, so several servers in one process (tests)
 never share a metric. Label values are bounded: verbs and outcomes are fixed sets, lanes
-are served base models, and `key` (on `tinkerd_key_requests_total` only) is the label or
-fingerprint of a configured API key, so its cardinality is the number of keys.
+are served base models, and `key` (on `tinkerd_key_requests_total` only, which only the
+operator's metrics key sees) is the label or fingerprint of a configured API key, so its
+cardinality is the number of keys.
 """
 
 from __future__ import annotations
@@ -163,11 +164,12 @@ class Telemetry:
             ["verb", "outcome"],
             registry=r,
         )
+        self.per_key = CollectorRegistry(auto_describe=True)  # the operator's eyes only
         self.key_requests = Counter(
             "tinkerd_key_requests",
             "Requests answered, by API key label and verb",
             ["key", "verb"],
-            registry=r,
+            registry=self.per_key,
         )
         self.queue_seconds = Histogram(
             "tinkerd_request_queue_seconds",
@@ -335,9 +337,10 @@ class Telemetry:
 
     # ---------------------------------------------------------------- scraping
 
-    def exposition(self) -> bytes:
-        """Every metric in Prometheus' text format."""
-        return generate_latest(self.registry)
+    def exposition(self, per_key: bool = True) -> bytes:
+        """Every metric in Prometheus' text format; `per_key`: with the per-key series."""
+        text = generate_latest(self.registry)
+        return text + generate_latest(self.per_key) if per_key else text
 
     def live(self) -> dict[str, Any]:
         """What a scrape reads now: queue depths, sampler totals, memory."""
