@@ -52,6 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_pending=args.max_queue,
             session_timeout=args.session_timeout,
             json_log=args.log_requests,
+            telemetry=not args.no_telemetry,
             **{name: getattr(args, name) for name in QUOTAS if hasattr(args, name)},
         )
         metrics_keys = args.metrics_key or None
@@ -210,6 +211,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="one JSON line per request on stderr (request id, key label, session, run, verb, "
         "tokens, queue and run seconds, outcome: docs/operations.md)",
+    )
+    serve.add_argument(
+        "--no-telemetry",
+        action="store_true",
+        help="record no per-request spans: no request metrics, session traces or request "
+        "log (to measure their cost; docs/operations.md)",
     )
     serve.add_argument(
         "--metrics-key",

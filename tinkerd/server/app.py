@@ -69,13 +69,15 @@ class Server:
         self.catalog = self.service.catalog
         self.checkpoints = self.service.checkpoints
         self.telemetry = self.service.telemetry
-        self.requests = RequestTable(self.store, self.telemetry)
+        recording = self.service.config.telemetry
+        self.requests = RequestTable(self.store, self.telemetry if recording else None)
         labelled = [split_key_label(k) for k in api_keys]  # `KEY=LABEL` names a key's owner
         self.api_keys = [k.encode() for k, _ in labelled]
         self.key_labels = {fingerprint(k): label for k, label in labelled if label}
         self.metrics_keys = metrics_keys
         self.telemetry.label = self.owner_label
-        self.telemetry.start_history()
+        if recording:
+            self.telemetry.start_history()
         self.verbs: set[str] = set()  # POST routes under /api/v1 (create_app fills it)
 
     def owner(self, request: Request) -> str:

@@ -117,6 +117,8 @@ class RequestIds:
         verb = path.removeprefix(f"{API}/")
         if scope.get("method") != "POST" or "/" in verb or verb not in self.server.verbs:
             return  # not a verb (bounded labels: only the app's own routes count)
+        if self.server.requests.telemetry is None:
+            return  # --no-telemetry
         telemetry = self.server.service.telemetry
         telemetry.requests.labels(verb, "rejected").inc()
         if telemetry.json_log:

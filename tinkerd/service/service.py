@@ -103,7 +103,9 @@ class Service:
         self.data_dir = Path(data_dir or engine.data_dir)
         self.telemetry = Telemetry(engine, json_log=self.config.json_log)
         self.scheduler = Scheduler(
-            self.config.max_pass_tokens, on_idle=trim_heap, on_pass=self.telemetry.passed
+            self.config.max_pass_tokens,
+            on_idle=trim_heap,
+            on_pass=self.telemetry.passed if self.config.telemetry else None,
         )
         self.queue = RequestQueue(
             self.scheduler,
