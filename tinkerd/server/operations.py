@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from tinkerd.server.app import Server
 
 API = "/api/v1"
+NOT_VERBS = {"retrieve_future", "session_heartbeat", "telemetry"}
+"""POST routes that submit nothing (polls, heartbeats): their 4xx are not refused work."""
+VERB_OF = {"asample": "sample"}
+"""Routes whose requests the metrics and logs name otherwise."""
 
 
 def add_operations(app: FastAPI, server: Server, metrics_keys: list[str] | None = None) -> None:
@@ -114,9 +118,10 @@ class RequestIds:
     def _refused(self, scope: Scope, request_id: str, status: int, start: float) -> None:
         """Count (and log) a POST under /api/v1 refused before it was queued."""
         path = scope.get("path", "")
-        verb = path.removeprefix(f"{API}/")
-        if scope.get("method") != "POST" or "/" in verb or verb not in self.server.verbs:
+        route = path.removeprefix(f"{API}/")
+        if scope.get("method") != "POST" or route not in self.server.verbs:
             return  # not a verb (bounded labels: only the app's own routes count)
+        verb = VERB_OF.get(route, route)
         if self.server.requests.telemetry is None:
             return  # --no-telemetry
         telemetry = self.server.service.telemetry
@@ -149,4 +154,4 @@ def post_verbs(routes: list) -> set[str]:
         name = path.removeprefix(f"{API}/")
         if path != name and "/" not in name and "POST" in getattr(route, "methods", ()):
             verbs.add(name)
-    return verbs
+    return verbs - NOT_VERBS

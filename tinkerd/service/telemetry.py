@@ -154,62 +154,49 @@ class Telemetry:
         self.scheduler: Any = None
         self.queue: Any = None
         self.spans: deque[Span] = deque(maxlen=max_spans)
-        self.passes: deque[Ran] = deque(maxlen=max_spans)
         self._lock = threading.Lock()
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.per_key = CollectorRegistry(auto_describe=True)  # the operator's eyes only
+
+        def counter(name: str, what: str, label: str) -> Counter:
+            return Counter(name, what, [label], registry=r)
+
+        def seconds(name: str, what: str, label: str) -> Histogram:
+            return Histogram(name, what, [label], buckets=SECONDS, registry=r)
+
         self.requests = Counter(
             "tinkerd_requests",
             "Requests answered, by verb and outcome",
             ["verb", "outcome"],
             registry=r,
         )
-        self.per_key = CollectorRegistry(auto_describe=True)  # the operator's eyes only
         self.key_requests = Counter(
             "tinkerd_key_requests",
             "Requests answered, by API key label and verb",
             ["key", "verb"],
             registry=self.per_key,
         )
-        self.queue_seconds = Histogram(
+        self.queue_seconds = seconds(
             "tinkerd_request_queue_seconds",
             "Seconds from submission to the start of the request's pass",
-            ["verb"],
-            buckets=SECONDS,
-            registry=r,
+            "verb",
         )
-        self.run_seconds = Histogram(
-            "tinkerd_request_run_seconds",
-            "Seconds the request's pass (or sampling) ran",
-            ["verb"],
-            buckets=SECONDS,
-            registry=r,
+        self.run_seconds = seconds(
+            "tinkerd_request_run_seconds", "Seconds the request's pass (or sampling) ran", "verb"
         )
-        self.latency = Histogram(
-            "tinkerd_request_latency_seconds",
-            "Seconds from submission to the answer",
-            ["verb"],
-            buckets=SECONDS,
-            registry=r,
+        self.latency = seconds(
+            "tinkerd_request_latency_seconds", "Seconds from submission to the answer", "verb"
         )
-        self.request_tokens = Counter(
+        self.request_tokens = counter(
             "tinkerd_request_tokens",
             "Tokens of answered requests (inputs; prompt + sampled for samples)",
-            ["verb"],
-            registry=r,
+            "verb",
         )
-        self.pass_seconds = Histogram(
-            "tinkerd_pass_seconds",
-            "Seconds of each scheduler pass",
-            ["lane"],
-            buckets=SECONDS,
-            registry=r,
+        self.pass_seconds = seconds(
+            "tinkerd_pass_seconds", "Seconds of each scheduler pass", "lane"
         )
-        self.pass_tokens = Counter(
-            "tinkerd_pass_tokens",
-            "Padded tokens through forward/forward_backward passes",
-            ["lane"],
-            registry=r,
+        self.pass_tokens = counter(
+            "tinkerd_pass_tokens", "Padded tokens through forward/forward_backward passes", "lane"
         )
         self.pass_runs = Histogram(
             "tinkerd_pass_runs",
@@ -218,18 +205,15 @@ class Telemetry:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
-        self.busy_seconds = Counter(
+        self.busy_seconds = counter(
             "tinkerd_lane_busy_seconds",
             "Seconds a lane spent running passes (rate: utilisation)",
-            ["lane"],
-            registry=r,
+            "lane",
         )
-        self.ttft = Histogram(
+        self.ttft = seconds(
             "tinkerd_time_to_first_token_seconds",
             "Seconds from a sample request's submission to its first token",
-            ["lane"],
-            buckets=SECONDS,
-            registry=r,
+            "lane",
         )
         ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, fds
         r.register(_LiveCollector(self))
@@ -322,18 +306,12 @@ class Telemetry:
         self.pass_runs.labels(ran.lane).observe(len(ran.packed))
         if ran.tokens:
             self.pass_tokens.labels(ran.lane).inc(ran.tokens)
-        with self._lock:
-            self.passes.append(ran)
 
     def session_spans(self, session: str, owner: str) -> list[Span]:
         """The kept spans of `owner`'s session, in submission order."""
         with self._lock:
             spans = [s for s in self.spans if s.session == session and s.owner == owner]
         return sorted(spans, key=lambda s: s.submitted)
-
-    def passes_between(self, start: float, end: float) -> list[Ran]:
-        with self._lock:
-            return [p for p in self.passes if p.end >= start and p.start <= end]
 
     # ---------------------------------------------------------------- scraping
 
