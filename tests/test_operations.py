@@ -18,9 +18,10 @@ import pytest
 import tinker
 from conftest import KEYS, TINY, ServerProcess, free_port
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
 from tinker import types
 
-from tinkerd.server.app import fingerprint
+from tinkerd.server.app import Server, create_app, fingerprint
 from tinkerd.service.telemetry import Span, Telemetry
 from tinkerd.service.traces import TraceLinks
 
@@ -36,12 +37,17 @@ def server(tmp_path_factory):
 
 
 def scrape(server, key: str = KEYS[0]) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} of the server's /metrics."""
+    """The server's /metrics, parsed."""
     answer = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {key}"})
     assert answer.status_code == 200, answer.text
+    return parse(answer.text)
+
+
+def parse(text: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of Prometheus' text format."""
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(answer.text)
+        for family in text_string_to_metric_families(text)
         for s in family.samples
     }
 
@@ -125,38 +131,26 @@ def test_metrics_need_a_key_and_registries_are_per_server(server, session):
     assert b"tinkerd_requests_total{" not in b.exposition()
 
 
-def test_a_metrics_key_replaces_the_api_keys(tmp_path):
-    proc = ServerProcess(tmp_path, "--metrics-key", "scrape-secret")
-    try:
-        assert httpx.get(f"{proc.url}/metrics", headers={"X-API-Key": KEYS[0]}).status_code == 401
-        headers = {"X-API-Key": KEYS[1]}
-        session = httpx.post(f"{proc.url}/api/v1/create_session", json={}, headers=headers)
-        body = {
-            "session_id": session.json()["session_id"],
-            "model_seq_id": 0,
-            "base_model": TINY,
-            "lora_config": {"rank": 4},
-        }
-        created = httpx.post(f"{proc.url}/api/v1/create_model", json=body, headers=headers)
-        assert created.status_code == 200
-        metrics = {}
-        deadline = time.time() + 60
-        while (
-            not value(
-                metrics, "tinkerd_key_requests_total", key=fingerprint(KEYS[1]), verb="create_model"
-            )
-            and time.time() < deadline
-        ):
-            time.sleep(0.2)
-            metrics = scrape(proc, "scrape-secret")  # the operator sees each key's requests
-        assert (
-            value(
-                metrics, "tinkerd_key_requests_total", key=fingerprint(KEYS[1]), verb="create_model"
-            )
-            == 1
-        )
-    finally:
-        proc.stop()
+def test_a_metrics_key_replaces_the_api_keys(engine, tmp_path):
+    app = create_app(Server(engine, tmp_path, list(KEYS), [TINY], metrics_keys=["scrape-it"]))
+    client = TestClient(app, headers={"X-API-Key": KEYS[1]})
+    assert client.get("/metrics").status_code == 401  # a tenant's key no longer scrapes
+    session = client.post("/api/v1/create_session", json={}).json()["session_id"]
+    body = {
+        "session_id": session,
+        "model_seq_id": 0,
+        "base_model": TINY,
+        "lora_config": {"rank": 4},
+    }
+    assert client.post("/api/v1/create_model", json=body).status_code == 200
+    operator = {"Authorization": "Bearer scrape-it"}
+    key = fingerprint(KEYS[1])
+    deadline, seen = time.time() + 60, 0.0
+    while not seen and time.time() < deadline:  # counted once the run exists
+        metrics = parse(client.get("/metrics", headers=operator).text)
+        seen = value(metrics, "tinkerd_key_requests_total", key=key, verb="create_model")
+    assert seen == 1  # the operator sees each key's requests
+    client.post(f"/api/v1/sessions/{session}/finish", json={})
 
 
 def check_trace_event_format(trace: dict) -> list[dict]:
@@ -352,11 +346,10 @@ def find_prometheus() -> str | None:
     return done.stdout.strip().splitlines()[-1] if done.returncode == 0 else None
 
 
-def test_a_real_prometheus_scrapes_training(tmp_path):
+def test_a_real_prometheus_scrapes_training(server, tmp_path):
     binary = find_prometheus()
     if binary is None:
         pytest.skip("Debian's prometheus package could not be installed (needs root and apt)")
-    server = ServerProcess(tmp_path / "data")
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
@@ -405,4 +398,3 @@ def test_a_real_prometheus_scrapes_training(tmp_path):
         trainer.join(timeout=60)
         prometheus.terminate()
         prometheus.wait(timeout=30)
-        server.stop()
