@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -35,7 +36,7 @@ def sample_fn(url: str, n: int, max_tokens: int) -> Callable[[], int]:
     import tinker
 
     service = tinker.ServiceClient(base_url=url, api_key=BENCH_KEY)
-    sampler = service.create_sampling_client(base_model="tinkerd/tiny")
+    sampler = service.create_sampling_client(base_model="tinkerd/tiny").result()
     prompt = tinker.ModelInput.from_ints([256, *b"the quick brown fox"])
     params = tinker.SamplingParams(max_tokens=max_tokens, temperature=1.0)
 
@@ -100,7 +101,11 @@ def main() -> None:
     for what, unit in (("train", "tokens/s"), ("sample", "sampled tokens/s")):
         off, on = median[f"{what} off"], median[f"{what} on"]
         rows.append(f"| {what} ({unit}) | {off:,.0f} | {on:,.0f} | {on / off:.3f} |")
-    print(f"machine: {machine()}")
+    one, five, fifteen = os.getloadavg()
+    load = f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1/5/15 min) at the end"
+    print(f"machine: {machine()}; {load}")
+    for name, values in rates.items():
+        print(f"{name}: " + " ".join(f"{v:,.0f}" for v in values))
     print("\n".join(rows))
     if not args.no_record:
         record(
@@ -110,7 +115,7 @@ def main() -> None:
             f"(`--no-telemetry` vs `--log-requests`), alternating rounds, medians; training "
             f"{args.steps} steps of {args.batch}x{args.seq} tokens per round, sampling "
             f"{args.sample_repeats}x{args.samples} concurrent requests of {args.max_tokens} "
-            "tokens per round.\n\n" + "\n".join(rows),
+            f"tokens per round; {load}.\n\n" + "\n".join(rows),
         )
 
 
