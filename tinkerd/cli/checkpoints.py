@@ -161,9 +161,10 @@ def _export(args: argparse.Namespace, client: Any) -> int:
     """Download the checkpoint (checked), then fold its LoRA into the base model: the one
     `--base` names, else the source its base's served name maps to under `--model` (as
     `serve --model NAME=SOURCE` mapped it), else that name itself."""
-    from tinkerd.engine.checkpoints import CheckpointStore, export_merged, parse_tinker_path
+    from tinkerd.engine.checkpoints import CheckpointStore, export_merged
     from tinkerd.engine.models import parse_model_specs, resolve_model_path
     from tinkerd.errors import InvalidRequestError
+    from tinkerd.paths import parse_tinker_path
 
     out = Path(args.merged)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

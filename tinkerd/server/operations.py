@@ -49,8 +49,8 @@ def add_operations(app: FastAPI, server: Server, metrics_keys: list[str] | None 
         operator = any([hmac.compare_digest(key.encode(), k) for k in allowed])
         if allowed and not operator:
             raise AuthenticationError("/metrics needs the metrics key (--metrics-key)")
-        if server.owner_of_key(key) is None and not operator:
-            raise AuthenticationError("/metrics needs an API key (Authorization: Bearer KEY)")
+        if not operator:
+            server.caller_for_key(key)  # any API key: a 401 otherwise
         # Per-key series only for the operator (or a keyless loopback server): one
         # tenant's key must not see who else uses the server, nor how much.
         per_key = operator or not server.api_keys
@@ -129,11 +129,14 @@ class RequestIds:
         if telemetry.json_log:
             headers = dict(scope.get("headers") or [])
             key = headers.get(b"x-api-key", b"").decode(errors="replace")
-            owner = self.server.owner_of_key(key)
+            try:
+                owner = self.server.owner_label(self.server.caller_for_key(key).owner)
+            except AuthenticationError:
+                owner = None  # refused for its key
             line = {
                 "ts": round(time.time(), 6),
                 "request_id": request_id,
-                "key": self.server.owner_label(owner) if owner else None,
+                "key": owner,
                 "verb": verb,
                 "outcome": "rejected",
                 "status": status,
