@@ -43,7 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tinkerd.errors import TinkerdError
-from tinkerd.timing import Ran
+from tinkerd.timing import Ran, current
 
 request_log = logging.getLogger("tinkerd.requests")
 disable_created_metrics()  # no `_created` twin of every counter: half the scrape, no use here
@@ -256,9 +256,11 @@ class Telemetry:
         try:
             now = time.time()
             outcome, result, error = _outcome(future)
-            ran = self.queue.ran(future) if self.queue is not None else None
-            if run is None and verb in ("create_model", "load_weights") and result:
-                run = result if isinstance(result, str) else str(result[0])  # the new run
+            # In the thread that ran it (this callback chains on its future), else as the
+            # queue noted it (the future was done before it was tracked).
+            ran = current() or (self.queue.ran(future) if self.queue is not None else None)
+            if run is None and verb in ("create_model", "load_weights"):
+                run = getattr(result, "model_id", None)  # the new run
             span = Span(
                 request_id,
                 verb,
