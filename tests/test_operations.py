@@ -22,8 +22,11 @@ from starlette.testclient import TestClient
 from tinker import types
 
 from tinkerd.server.app import Server, create_app, fingerprint
+from tinkerd.service.futures import RequestQueue
+from tinkerd.service.scheduler import Batchable, Scheduler
 from tinkerd.service.telemetry import Span, Telemetry
 from tinkerd.service.traces import TraceLinks
+from tinkerd.timing import current
 
 STEPS, SAMPLES, SAMPLED = 3, 2, 4  # training steps, sample requests, tokens per sample
 INSTALLER = Path(__file__).resolve().parent.parent / "scripts" / "install-prometheus.sh"
@@ -398,3 +401,30 @@ def test_a_real_prometheus_scrapes_training(server, tmp_path):
         trainer.join(timeout=60)
         prometheus.terminate()
         prometheus.wait(timeout=30)
+
+
+def test_futures_of_a_packed_pass_learn_how_it_ran():
+    """The scheduler tells each future's callbacks (and `on_pass`) which pass ran it: its
+    lane, times, every key packed into it and its padded tokens; the queue keeps it."""
+    passes = []
+    scheduler = Scheduler(on_pass=passes.append)
+    queue = RequestQueue(scheduler)
+    gate = threading.Event()
+    queue.submit("lane-a", gate.wait, "blocker")  # holds the lane while three queue up
+
+    def work(key: str) -> Batchable:
+        return Batchable(("loss",), 10, key, lambda keys: [k.upper() for k in keys])
+
+    seen = {}
+    futures = {key: queue.submit("lane-a", work(key), key, tenant=key) for key in "xyz"}
+    for key, future in futures.items():
+        future.add_done_callback(lambda f, key=key: seen.setdefault(key, current()))
+    gate.set()
+    assert [f.result() for f in futures.values()] == ["X", "Y", "Z"]
+    ran = passes[-1]
+    assert (ran.lane, ran.packed, ran.tokens) == ("lane-a", ("x", "y", "z"), 30)
+    assert ran.start <= ran.end and passes[0].packed == ("blocker",)
+    assert seen == {"x": ran, "y": ran, "z": ran}  # the callbacks saw the pass
+    assert all(queue.ran(f) == ran for f in futures.values())
+    assert current() is None  # only while a pass resolves
+    scheduler.shutdown()
