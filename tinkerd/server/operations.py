@@ -39,7 +39,7 @@ def add_operations(app: FastAPI, server: Server, metrics_keys: list[str] | None 
     Owner = Depends(server.owner)
     allowed = [k.encode() for k in metrics_keys or []]
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics")
     def metrics(request: Request) -> Response:
         """Prometheus' text format. The key goes as `Authorization: Bearer KEY` (what a
         scrape config's `authorization` sends) or `X-API-Key`."""
