@@ -1,7 +1,10 @@
 """What telemetry costs: training steps and sample requests through the official SDK against
 two `tinkerd serve` subprocesses, one with `--no-telemetry` and one with telemetry and the
 JSON request log on (`--log-requests`, written to /dev/null), back to back in alternating
-rounds; the median of the rounds is reported as on/off ratios (docs/operations.md).
+rounds; the medians of the rounds are reported as on/off ratios (docs/operations.md): the
+throughput, and the CPU time the server process spent per token, which other load on the
+machine disturbs far less than wall time. First, the telemetry path's cost per request,
+measured in-process.
 
 The training step is train_overhead.py's official-SDK loop (forward_backward + optim_step
 of a fixed batch); the sampling loop sends `--samples` concurrent sample requests of
@@ -47,13 +50,48 @@ def sample_fn(url: str, n: int, max_tokens: int) -> Callable[[], int]:
     return run
 
 
-def rate(fn: Callable[[], int | float], repeats: int, units: float | None) -> float:
-    """Units per second over `repeats` calls (`units` each; None: what `fn` returns)."""
-    start, done = time.perf_counter(), 0.0
+def per_request_cost(n: int = 20_000) -> float:
+    """Microseconds the telemetry path adds to one request, in-process: the done callback
+    (`Telemetry.request` -> `_finished`: outcome, tokens, span, counters, histograms, the
+    ring) plus its JSON log line, written to /dev/null."""
+    from concurrent.futures import Future
+
+    from tinkerd.service.telemetry import Telemetry, request_log
+    from tinkerd.types import ForwardBackwardOutput, TensorData
+
+    telemetry = Telemetry(engine=None, json_log=True)
+    request_log.handlers[0].setStream(open(os.devnull, "w"))  # noqa: SIM115
+    logprobs = TensorData(data=[0.0] * 256, dtype="float32")
+    result = ForwardBackwardOutput(
+        loss_fn_output_type="x", loss_fn_outputs=[{"logprobs": logprobs}] * 8
+    )
+    futures = [Future() for _ in range(n)]
+    start = time.perf_counter()
+    for i, future in enumerate(futures):
+        telemetry.request(f"req-{i}", "key-a", "forward_backward", future, "s:train:0")
+        future.set_result(result)
+    seconds = time.perf_counter() - start
+    request_log.handlers.clear()
+
+    return seconds / n * 1e6
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(fn: Callable[[], int | float], repeats: int, units: float | None, pid: int):
+    """(units per second, server CPU milliseconds per 1,000 units) over `repeats` calls
+    (`units` each; None: what `fn` returns). The CPU figure is what the server process
+    spent, so it moves far less than wall time when other work shares the machine."""
+    start, cpu, done = time.perf_counter(), cpu_seconds(pid), 0.0
     for _ in range(repeats):
         got = fn()
         done += units if units is not None else got
-    return done / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, cpu_seconds(pid) - cpu
+    return done / wall, cpu * 1e6 / done
 
 
 def main() -> None:
@@ -68,44 +106,63 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-record", action="store_true", help="do not write docs/benchmarks.md")
     args = parser.parse_args()
+    micro = per_request_cost()
+    print(f"telemetry + JSON log line: {micro:.1f} us per request (in-process)")
     tokens = make_batch(256, args.batch, args.seq)
     n_tokens = args.batch * args.seq
     with contextlib.ExitStack() as stack:
         devnull = stack.enter_context(open("/dev/null", "w"))
+        pids = {"off": {}, "on": {}}
         urls = {
-            "off": stack.enter_context(tinkerd_server("tinkerd/tiny", extra=("--no-telemetry",))),
+            "off": stack.enter_context(
+                tinkerd_server("tinkerd/tiny", pids["off"], extra=("--no-telemetry",))
+            ),
             "on": stack.enter_context(
-                tinkerd_server("tinkerd/tiny", extra=("--log-requests",), stderr=devnull)
+                tinkerd_server("tinkerd/tiny", pids["on"], ("--log-requests",), stderr=devnull)
             ),
         }
         loops = {}
         for mode, url in urls.items():
+            pid = pids[mode]["pid"]
             train = official_sdk_step_fn("tinkerd/tiny", tokens, args.rank, 1e-4, url)
             sample = sample_fn(url, args.samples, args.max_tokens)
-            loops[f"train {mode}"] = lambda t=train: rate(t, args.steps, n_tokens)
-            loops[f"sample {mode}"] = lambda s=sample: rate(s, args.sample_repeats, None)
+            loops[f"train {mode}"] = lambda t=train, p=pid: measure(t, args.steps, n_tokens, p)
+            loops[f"sample {mode}"] = lambda s=sample, p=pid: measure(
+                s, args.sample_repeats, None, p
+            )
         for loop in loops.values():  # warm up both servers
             loop()
-        rates: dict[str, list[float]] = {name: [] for name in loops}
+        rates: dict[str, list[tuple[float, float]]] = {name: [] for name in loops}
         for i in range(args.rounds):
             order = list(loops.items())
             if i % 2:  # alternate which server goes first
                 order = [order[j] for j in (2, 3, 0, 1)]
             for name, loop in order:
                 rates[name].append(loop())
-    median = {name: statistics.median(r) for name, r in rates.items()}
+    median = {
+        (name, i): statistics.median(r[i] for r in runs)
+        for name, runs in rates.items()
+        for i in (0, 1)
+    }
     rows = [
         "| loop | telemetry off | telemetry + JSON log on | on / off |",
         "|---|---|---|---|",
     ]
-    for what, unit in (("train", "tokens/s"), ("sample", "sampled tokens/s")):
-        off, on = median[f"{what} off"], median[f"{what} on"]
-        rows.append(f"| {what} ({unit}) | {off:,.0f} | {on:,.0f} | {on / off:.3f} |")
+    for what, unit in (("train", "tokens"), ("sample", "sampled tokens")):
+        for i, (figure, fmt) in enumerate(
+            ((f"{unit}/s", ",.0f"), (f"server CPU ms per 1,000 {unit}", ",.1f"))
+        ):
+            off, on = median[f"{what} off", i], median[f"{what} on", i]
+            rows.append(f"| {what}: {figure} | {off:{fmt}} | {on:{fmt}} | {on / off:.3f} |")
+    rows.append(
+        f"\nIn-process, the telemetry path (span, metrics, ring, JSON log line) costs {micro:.1f}"
+        " us per request."
+    )
     one, five, fifteen = os.getloadavg()
     load = f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1/5/15 min) at the end"
     print(f"machine: {machine()}; {load}")
     for name, values in rates.items():
-        print(f"{name}: " + " ".join(f"{v:,.0f}" for v in values))
+        print(f"{name}: " + " ".join(f"{v:,.0f}/s {c:,.1f}ms" for v, c in values))
     print("\n".join(rows))
     if not args.no_record:
         record(
