@@ -20,7 +20,9 @@ from starlette.testclient import TestClient
 from tinker import types
 
 from tinkerd import wire_proto
+from tinkerd.requests import GetServerCapabilitiesRequest
 from tinkerd.server.app import Server, create_app
+from tinkerd.service.handlers import HANDLERS
 
 BOB = KEYS[1]
 
@@ -160,7 +162,7 @@ def test_an_unexpected_error_is_a_json_500_and_the_server_keeps_serving(
     def broken(*_):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(server.service, "get_server_capabilities", broken)
+    monkeypatch.setitem(HANDLERS, GetServerCapabilitiesRequest, broken)
     client = TestClient(create_app(server), headers={"X-API-Key": KEYS[0]})
     with caplog.at_level(logging.ERROR, "tinkerd.server"):
         response = client.get("/api/v1/get_server_capabilities")

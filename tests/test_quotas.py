@@ -113,7 +113,9 @@ def test_queued_requests_per_key_answer_429_and_leave_other_keys_alone(engine, t
     mine = create_run(service, "alice", TINY, LORA, alice, 0)
     theirs = create_run(service, "bob", TINY, LORA, bob, 0)
     with lane_held(service.scheduler):
-        queued = [loss(service, "alice", mine, FB, "cross_entropy", forward_only=True) for _ in range(2)]
+        queued = [
+            loss(service, "alice", mine, FB, "cross_entropy", forward_only=True) for _ in range(2)
+        ]
         with pytest.raises(QueueFullError, match="max-queued-per-key") as refused:
             loss(service, "alice", mine, FB, "cross_entropy", forward_only=True)
         assert refused.value.status_code == 429 and refused.value.retry_after > 0

@@ -48,7 +48,6 @@ from tinkerd.types import (
     WeightsInfoResponse,
 )
 
-
 Settings = dict[str, Any] | SerializeAsAny[BaseModel] | None
 """An optimizer's config or params: ours, the official SDK's, or their JSON object (a
 non-object is a 422 naming the field); parsed by the handler, so an unknown `type` is a

@@ -62,7 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
         server = Server(engine, data_dir, keys, models, config=config, metrics_keys=metrics_keys)
         print(
             f"tinkerd serving {models} on http://{args.host}:{args.port} "
-            f"({len(keys)} API key(s); data in {server.store.path})",
+            f"({len(keys)} API key(s); data in {server.service.store.path})",
             flush=True,
         )
         uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)

@@ -52,7 +52,6 @@ from tinkerd.types import (
     OptimParams,
     OptimStepResponse,
     SampleResponse,
-    SamplingParams,
     SupportedModel,
     UnloadModelResponse,
     WeightsInfoResponse,
@@ -363,25 +362,21 @@ class Engine:
 
     # ------------------------------------------------------------ compute
 
-    def forward(
-        self,
-        model_id: str,
-        data: list[Datum],
-        loss_fn: str = "cross_entropy",
-        loss_fn_config: Mapping[str, float] | None = None,
-    ) -> ForwardBackwardOutput:
-        """Loss and per-token logprobs, with no gradient."""
-        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), False)
-
     def forward_backward(
         self,
         model_id: str,
         data: list[Datum],
         loss_fn: str = "cross_entropy",
         loss_fn_config: Mapping[str, float] | None = None,
+        backward: bool = True,
     ) -> ForwardBackwardOutput:
-        """Loss, logprobs, and the loss's gradient added to the run's accumulated one."""
-        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), True)
+        """Loss and per-token logprobs, and (`backward`) the loss's gradient added to the
+        run's accumulated one."""
+        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), backward)
+
+    def forward(self, *args: Any, **kwargs: Any) -> ForwardBackwardOutput:
+        """`forward_backward` with no gradient."""
+        return self.forward_backward(*args, **kwargs, backward=False)
 
     def run_loss(self, request: LossRequest, backward: bool) -> ForwardBackwardOutput:
         """One request's pass; raises what it failed with."""
@@ -559,31 +554,15 @@ class Engine:
     def get_sampler(self, sampler_id: str) -> SamplerWeights:
         return self.samplers.get(sampler_id)
 
-    def sample(
-        self,
-        weights: SamplerWeights,
-        prompt: list[int],
-        num_samples: int,
-        sampling_params: SamplingParams,
-        include_prompt_logprobs: bool = False,
-        topk_prompt_logprobs: int = 0,
-        topk_sample_logprobs: int = 0,
-    ) -> Future[SampleResponse]:
-        """Validate now (raises InvalidRequestError), decode in the base's batched sampler."""
+    def sample(self, weights: SamplerWeights, *args: Any, **kwargs: Any) -> Future[SampleResponse]:
+        """`SamplerVersions.sample`: validate now (raises InvalidRequestError), decode in the
+        base's batched sampler."""
         if self.parallel.fsdp:  # rank 0's forward would wait for the other ranks' all-gathers
             raise InvalidRequestError(
                 "sampling is not available on a server started with --fsdp (each rank holds "
                 "only part of the base model); serve sampling without --fsdp"
             )
-        return self.samplers.sample(
-            weights,
-            prompt,
-            num_samples,
-            sampling_params,
-            include_prompt_logprobs,
-            topk_prompt_logprobs,
-            topk_sample_logprobs,
-        )
+        return self.samplers.sample(weights, *args, **kwargs)
 
     def sampler_stats(self, base_model: str) -> list[tuple[int, int]]:
         """(rows, distinct requests) of the base's recent decode steps."""

@@ -63,19 +63,15 @@ class Server:
             poll_timeout=poll_timeout, max_pending=max_pending, session_timeout=session_timeout
         )
         self.service = Service(engine, data_dir, served_models, config)
-        self.store = self.service.store
-        self.catalog = self.service.catalog
-        self.checkpoints = self.service.checkpoints
-        self.telemetry = self.service.telemetry
-        recording = self.service.config.telemetry
-        self.requests = RequestTable(self.store, self.telemetry if recording else None)
+        telemetry = self.service.telemetry if config.telemetry else None
+        self.requests = RequestTable(self.service.store, telemetry)
         labelled = [split_key_label(k) for k in api_keys]  # `KEY=LABEL` names a key's owner
         self.api_keys = [k.encode() for k, _ in labelled]
         self.key_labels = {fingerprint(k): label for k, label in labelled if label}
         self.metrics_keys = metrics_keys
-        self.telemetry.label = self.owner_label
-        if recording:
-            self.telemetry.start_history()
+        self.service.telemetry.label = self.owner_label
+        if telemetry is not None:
+            telemetry.start_history()
         self.verbs: set[str] = set()  # POST routes under /api/v1 (create_app fills it)
 
     def owner(self, request: Request) -> str:

@@ -67,7 +67,7 @@ def add_operations(app: FastAPI, server: Server, metrics_keys: list[str] | None 
     @app.get(f"{API}/session_traces/{{session_id}}")
     def download_session_trace(session_id: str, expires: int = 0, signature: str = "") -> Response:
         """Signed, so it needs no API key: the link itself is the permission."""
-        owner = server.store.session_owner(session_id)
+        owner = server.service.store.session_owner(session_id)
         links.check(session_id, owner, expires, signature)
         trace = chrome_trace(session_id, telemetry.session_spans(session_id, owner))
         filename = f"{session_id}.json".replace(":", "_")

@@ -76,23 +76,13 @@ class LoadWeightsBody(Body):
 
     def request(self) -> CreateModelFromStateRequest | LoadWeightsRequest:
         """The verb the body asks for."""
+        common = self.model_dump(include={"path", "optimizer", "optimizer_config"})
         if self.session_id is not None and self.model_seq_id is not None:
-            fields = {"session_id", "model_seq_id", "base_model", "user_metadata"}
-            return CreateModelFromStateRequest(
-                path=self.path,
-                optimizer=self.optimizer,
-                optimizer_config=self.optimizer_config,
-                **self.model_dump(include=fields),
-            )
+            new_run = {"session_id", "model_seq_id", "base_model", "user_metadata"}
+            return CreateModelFromStateRequest(**common, **self.model_dump(include=new_run))
         if self.model_id is None:
             raise InvalidRequestError("give model_id (and seq_id), or session_id and model_seq_id")
-        return LoadWeightsRequest(
-            model_id=self.model_id,
-            seq_id=self.seq_id,
-            path=self.path,
-            optimizer=self.optimizer,
-            optimizer_config=self.optimizer_config,
-        )
+        return LoadWeightsRequest(**common, model_id=self.model_id, seq_id=self.seq_id)
 
 
 class RetrieveFutureRequest(Body):

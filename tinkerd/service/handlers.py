@@ -269,7 +269,6 @@ def save_weights_external(
 @handles(LoadWeightsRequest)
 def load_weights(service: Service, caller: LocalCaller, req: LoadWeightsRequest) -> Future:
     """Replace an existing run's weights (and optimizer state, with `optimizer`)."""
-    caller.readable(service, req.path)
     if req.optimizer_config is not None:  # an existing run keeps its optimizer
         has = service.engine.get_info(req.model_id).optimizer_config
         wanted = optimizer_config_from(req.optimizer_config)
@@ -278,6 +277,7 @@ def load_weights(service: Service, caller: LocalCaller, req: LoadWeightsRequest)
                 f"model {req.model_id!r} uses the {has.type!r} optimizer; optimizer_config "
                 f"{wanted.type!r} cannot change an existing model's"
             )
+    caller.readable(service, req.path)
 
     def work() -> LoadWeightsResponse:
         service.engine.load_state(req.model_id, req.path, req.optimizer)

@@ -142,6 +142,11 @@ class Service:
             raise
         return result if isinstance(result, Future) else done(result)
 
+    def unstick(self) -> None:
+        """Let requests behind a seq_id missing for longer than the gap timeout run (asked
+        on every long-poll, so a client that lost a request does not wait forever)."""
+        self.queue.unstick()
+
     def release_rejected(self, caller: LocalCaller, model_id: Any, seq_id: Any) -> None:
         """Use up the seq_id of a request whose body could not even be decoded."""
         release_quietly(self, caller, model_id, seq_id)

@@ -94,7 +94,7 @@ def router(server: Server) -> APIRouter:
     async def retrieve_future(
         body: RetrieveFutureRequest, request: Request, who: str = Owner
     ) -> Response:
-        service.queue.unstick()  # a seq_id missing for long lets later requests run
+        service.unstick()
         try:
             stored = await server.requests.wait(body.request_id, who, service.config.poll_timeout)
         except KeyError:
