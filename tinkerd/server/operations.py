@@ -18,7 +18,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinkerd.errors import AuthenticationError
 from tinkerd.server.requests import ANSWERED
-from tinkerd.service.telemetry import request_log
 from tinkerd.service.traces import TraceLinks, chrome_trace
 
 if TYPE_CHECKING:
@@ -142,7 +141,7 @@ class RequestIds:
                 "status": status,
                 "run_s": round(time.time() - start, 6),
             }
-            request_log.info(json.dumps(line))
+            telemetry.log(json.dumps(line))
 
 
 def post_verbs(routes: list) -> set[str]:

@@ -7,7 +7,8 @@ When its future resolves, the span is complete: when it was submitted, when its 
 sampling) started and ended (`tinkerd.timing`, told by the thread that ran it), what shared
 the pass, tokens, outcome. It then goes to the request counters and histograms, to a ring
 of recent spans (session traces: service/traces.py), and, with `json_log`, to one JSON line
-on the `tinkerd.requests` logger. Passes of the scheduler's lanes come in through
+on stderr (written directly: the logging module would cost a request more than the rest
+of its telemetry together). Passes of the scheduler's lanes come in through
 `passed`; queue depths, sampler totals and memory are read when scraped.
 
 Each Telemetry has its own `CollectorRegistry`, so several servers in one process (tests)
@@ -29,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 from prometheus_client import (
     CollectorRegistry,
@@ -45,7 +46,6 @@ from prometheus_client.registry import Collector
 from tinkerd.errors import TinkerdError
 from tinkerd.timing import Ran, current
 
-request_log = logging.getLogger("tinkerd.requests")
 disable_created_metrics()  # no `_created` twin of every counter: half the scrape, no use here
 
 MAX_SPANS = 50_000
@@ -143,12 +143,19 @@ def _tokens(verb: str, result: Any, ran: Ran | None) -> int:
 
 
 class Telemetry:
-    def __init__(self, engine: Any, json_log: bool = False, max_spans: int = MAX_SPANS):
-        """`engine`: read when scraped (loaded runs, samplers, memory budget)."""
+    def __init__(
+        self,
+        engine: Any,
+        json_log: bool = False,
+        max_spans: int = MAX_SPANS,
+        log_stream: TextIO | None = None,
+    ):
+        """`engine`: read when scraped (loaded runs, samplers, memory budget). `json_log`:
+        a JSON line per request on `log_stream` (default stderr)."""
         self.engine = getattr(engine, "local", engine)  # a DistributedEngine's own rank
         self.json_log = json_log
-        if json_log:
-            _log_to_stderr()
+        self.log_stream = log_stream
+        self._log_lock = threading.Lock()
         self.label: Callable[[str], str] = lambda owner: owner
         """What a key is called in labels and logs (the server sets its key labels)."""
         self.scheduler: Any = None
@@ -298,7 +305,12 @@ class Telemetry:
         with self._lock:
             self.spans.append(span)
         if self.json_log:
-            request_log.info(span.log_line())
+            self.log(span.log_line())
+
+    def log(self, line: str) -> None:
+        """One line of the JSON request log (whole, however many threads write)."""
+        with self._log_lock:
+            (self.log_stream or sys.stderr).write(line + "\n")
 
     def passed(self, ran: Ran) -> None:
         """One pass of a scheduler lane (the scheduler's `on_pass`)."""
@@ -420,16 +432,6 @@ class Telemetry:
                     point[f"{group}_latency_p{q}_s"] = _percentile(latencies, q)
             points.append(point)
         return points
-
-
-def _log_to_stderr() -> None:
-    """Request log lines go to stderr as they are (each is one JSON object)."""
-    if not request_log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        request_log.addHandler(handler)
-        request_log.setLevel(logging.INFO)
-        request_log.propagate = False
 
 
 def _percentile(values: list[float], q: int) -> float | None:
