@@ -154,9 +154,15 @@ def main() -> None:
         ):
             off, on = median[f"{what} off", i], median[f"{what} on", i]
             rows.append(f"| {what}: {figure} | {off:{fmt}} | {on:{fmt}} | {on / off:.3f} |")
+    # What the per-request cost is of the server's CPU per request (off): a bound that
+    # does not depend on how busy the machine was between rounds.
+    train_cpu_us = median["train off", 1] * n_tokens  # ms per 1,000 tokens -> us per step
+    sample_cpu_us = median["sample off", 1] * args.max_tokens  # us per request (at most)
     rows.append(
         f"\nIn-process, the telemetry path (span, metrics, ring, JSON log line) costs {micro:.1f}"
-        " us per request."
+        f" us per request: {2 * micro / train_cpu_us:.2%} of the server CPU of a training step"
+        f" (2 requests), about {micro / sample_cpu_us:.2%} of a {args.max_tokens}-token sample"
+        " request's."
     )
     one, five, fifteen = os.getloadavg()
     load = f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1/5/15 min) at the end"
