@@ -51,6 +51,7 @@ disable_created_metrics()  # no `_created` twin of every counter: half the scrap
 MAX_SPANS = 50_000
 """Recent requests kept (all sessions together) for traces and the dashboard."""
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+RUNS = (1, 2, 4, 8, 16, 32, 64, 128)
 TRAINING = {"forward", "forward_backward", "optim_step"}
 
 
@@ -165,62 +166,45 @@ class Telemetry:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.per_key = CollectorRegistry(auto_describe=True)  # the operator's eyes only
 
-        def counter(name: str, what: str, label: str) -> Counter:
-            return Counter(name, what, [label], registry=r)
+        def metric(kind: type, name: str, what: str, labels: str, **kw: Any) -> Any:
+            return kind(f"tinkerd_{name}", what, labels.split(), registry=r, **kw)
 
-        def seconds(name: str, what: str, label: str) -> Histogram:
-            return Histogram(name, what, [label], buckets=SECONDS, registry=r)
-
-        self.requests = Counter(
-            "tinkerd_requests",
-            "Requests answered, by verb and outcome",
-            ["verb", "outcome"],
-            registry=r,
-        )
+        # Times in seconds; `lane` is a base model. Meanings: docs/operations.md.
+        self.requests = metric(Counter, "requests", "Requests answered", "verb outcome")
         self.key_requests = Counter(
             "tinkerd_key_requests",
-            "Requests answered, by API key label and verb",
+            "Requests answered, per key",
             ["key", "verb"],
             registry=self.per_key,
         )
-        self.queue_seconds = seconds(
-            "tinkerd_request_queue_seconds",
-            "Seconds from submission to the start of the request's pass",
-            "verb",
+        self.queue_seconds = metric(
+            Histogram, "request_queue_seconds", "Wait for its pass", "verb", buckets=SECONDS
         )
-        self.run_seconds = seconds(
-            "tinkerd_request_run_seconds", "Seconds the request's pass (or sampling) ran", "verb"
+        self.run_seconds = metric(
+            Histogram, "request_run_seconds", "Its pass (or sampling)", "verb", buckets=SECONDS
         )
-        self.latency = seconds(
-            "tinkerd_request_latency_seconds", "Seconds from submission to the answer", "verb"
+        self.latency = metric(
+            Histogram, "request_latency_seconds", "Submission to answer", "verb", buckets=SECONDS
         )
-        self.request_tokens = counter(
-            "tinkerd_request_tokens",
-            "Tokens of answered requests (inputs; prompt + sampled for samples)",
-            "verb",
+        self.request_tokens = metric(
+            Counter, "request_tokens", "Input (or prompt + sampled) tokens", "verb"
         )
-        self.pass_seconds = seconds(
-            "tinkerd_pass_seconds", "Seconds of each scheduler pass", "lane"
+        self.pass_seconds = metric(
+            Histogram, "pass_seconds", "Scheduler passes", "lane", buckets=SECONDS
         )
-        self.pass_tokens = counter(
-            "tinkerd_pass_tokens", "Padded tokens through forward/forward_backward passes", "lane"
+        self.pass_tokens = metric(
+            Counter, "pass_tokens", "Padded tokens of training passes", "lane"
         )
-        self.pass_runs = Histogram(
-            "tinkerd_pass_runs",
-            "Runs packed into one pass",
-            ["lane"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-            registry=r,
+        self.pass_runs = metric(
+            Histogram, "pass_runs", "Runs packed into a pass", "lane", buckets=RUNS
         )
-        self.busy_seconds = counter(
-            "tinkerd_lane_busy_seconds",
-            "Seconds a lane spent running passes (rate: utilisation)",
+        self.busy_seconds = metric(Counter, "lane_busy_seconds", "Time running passes", "lane")
+        self.ttft = metric(
+            Histogram,
+            "time_to_first_token_seconds",
+            "Sample: to 1st token",
             "lane",
-        )
-        self.ttft = seconds(
-            "tinkerd_time_to_first_token_seconds",
-            "Seconds from a sample request's submission to its first token",
-            "lane",
+            buckets=SECONDS,
         )
         ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, fds
         r.register(_LiveCollector(self))
