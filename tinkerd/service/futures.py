@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from tinkerd.errors import InvalidRequestError, QueueFullError
 from tinkerd.service.scheduler import Batchable, Scheduler
+from tinkerd.timing import Ran, current
 
 DEDUP_WINDOW = 1024  # seq_ids remembered per run for re-sent requests
 
@@ -72,6 +74,7 @@ class RequestQueue:
         self._gates: dict[str, _SeqGate] = {}
         # Reentrant: work that finishes at once calls back into the queue from `submit`.
         self._lock = threading.RLock()
+        self._ran: weakref.WeakKeyDictionary[Future, Ran] = weakref.WeakKeyDictionary()
 
     def submit(
         self,
@@ -126,6 +129,17 @@ class RequestQueue:
                 gate.advance()
             return result
 
+    def ran(self, future: Future) -> Ran | None:
+        """How the work of a future `submit` returned ran (its pass, or its sampling),
+        once it is done; None for work that ran outside a lane or sampler."""
+        with self._lock:
+            return self._ran.get(future)
+
+    @property
+    def pending(self) -> int:
+        """Requests admitted and not yet finished (queued, waiting their seq_id, running)."""
+        return self._pending
+
     def check_room(self, tenant: Any, n: int = 1) -> None:
         """Raise unless `n` more requests of `tenant` fit now: a QueueFullError (429) over
         the server's or the tenant's bound, an InvalidRequestError (400) if `n` is more than
@@ -177,12 +191,15 @@ class RequestQueue:
         return results
 
     def _finish(self, source: Future | None, result: Future | None, tenant: Any = None) -> None:
+        ran = current()  # in the lane's (or sampler's) thread, as it resolves `source`
         with self._lock:
             self._pending -= 1
             left = self._tenant_pending.pop(tenant, 1) - 1
             if left:
                 self._tenant_pending[tenant] = left
-        if result is None:
+            if ran is not None and result is not None:
+                self._ran[result] = ran
+        if result is None:  # a slot given back: nothing to hand on
             return
         try:
             value, error = source.result(), None
