@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import TINY
-from test_compute import RL, SFT, assert_same, grads
+from test_compute import RL, SFT, assert_same, grads, same_grad
 
 from tinkerd.engine import Engine, EngineConfig
 from tinkerd.engine.output_layer import output_layer, target_logprobs
@@ -126,7 +126,7 @@ def test_chunked_pass_equals_whole_with_a_lora_unembedding(engines):
     for m, n in zip(ids[whole], ids[chunked]):
         for g, h in zip(grads(whole, m), grads(chunked, n), strict=True):
             assert g.abs().sum() > 0
-            torch.testing.assert_close(g, h, atol=1e-5 * g.abs().max().item(), rtol=1e-5)
+            assert same_grad(g, h)
     for e in engines:
         for m in ids[e]:
             e.unload_model(m)
@@ -146,7 +146,7 @@ def test_chunked_custom_loss_equals_whole(engines):
     for x, y in zip(a.loss_fn_outputs, b.loss_fn_outputs, strict=True):
         torch.testing.assert_close(x["logprobs"].to_torch(), y["logprobs"].to_torch())
     for g, h in zip(ga, gb, strict=True):
-        torch.testing.assert_close(g, h, atol=1e-5 * g.abs().max().item(), rtol=1e-5)
+        assert same_grad(g, h)
 
 
 SWEEP = """
