@@ -1,11 +1,14 @@
 """`tinkerd serve`: the Tinker wire protocol over HTTP, on an engine in this process
-(or on data-parallel ranks: server/ranks.py)."""
+(or on data-parallel ranks: cli/ranks.py)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from typing import Any
+
+from tinkerd.engine.sampling.backend import SAMPLER_BACKENDS
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -38,54 +41,66 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        samplers = sampler_factory(args.sampler)
+        sampler_factory(args.sampler)  # a backend that cannot load stops us now
         models = [TINY_MODEL_NAME, *parse_model_specs(args.model)]
         check_model_sources(parse_model_specs(args.model))  # a bad source stops us now
     except (InvalidRequestError, ValueError) as e:
         print(f"tinkerd serve: {e}", file=sys.stderr)
         return 2
     data_dir = Path(args.data_dir).expanduser()
+    if args.image_dir:  # read by tinkerd.engine.vision (every rank inherits it)
+        os.environ["TINKERD_IMAGE_DIR"] = str(Path(args.image_dir).expanduser().resolve())
 
     def run_server(engine: Engine) -> None:
         config = ServiceConfig(
             poll_timeout=args.poll_timeout,
             max_pending=args.max_queue,
             session_timeout=args.session_timeout,
+            json_log=args.log_requests,
+            telemetry=not args.no_telemetry,
             **{name: getattr(args, name) for name in QUOTAS if hasattr(args, name)},
         )
-        server = Server(engine, data_dir, keys, models, config=config)
+        metrics_keys = args.metrics_key or None
+        server = Server(engine, data_dir, keys, models, config=config, metrics_keys=metrics_keys)
         print(
             f"tinkerd serving {models} on http://{args.host}:{args.port} "
-            f"({len(keys)} API key(s); data in {server.store.path})",
+            f"({len(keys)} API key(s); data in {server.service.store.path})",
             flush=True,
         )
         uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
 
     world = int(os.environ.get("WORLD_SIZE", args.nproc))
     if world > 1:
-        from tinkerd.server.ranks import serve_ranks
+        from tinkerd.cli.ranks import serve_ranks
 
         return serve_ranks(world, args, data_dir, run_server)
-    run_server(
-        Engine(
-            extra_models=args.model,
-            data_dir=data_dir,
-            sampler_factory=samplers,
-            config=engine_config(args),
-        )
-    )
+    run_server(build_engine(args, data_dir))
     return 0
 
 
-def engine_config(args: argparse.Namespace):
-    """The engine's limits from `serve`'s flags (every rank builds the same)."""
+def build_engine(args: argparse.Namespace, data_dir: Any, rank: int = 0, device: str | None = None):
+    """The engine `serve`'s flags ask for: one construction for one process and for every
+    data-parallel rank (only rank 0 samples and writes checkpoints)."""
+    from tinkerd.engine import Engine
+    from tinkerd.engine.sampling.backend import sampler_factory
+
+    return Engine(
+        extra_models=args.model,
+        data_dir=data_dir,
+        device=device,
+        recover_checkpoints=rank == 0,
+        sampler_factory=sampler_factory(args.sampler),
+        config=engine_config(args),
+    )
+
+
+def engine_config(args: argparse.Namespace) -> Any:
+    """The engine's limits from `serve`'s flags."""
     from tinkerd.engine import EngineConfig
 
-    config = EngineConfig()
+    config = EngineConfig(dtype=args.dtype, memory_budget_bytes=args.memory_budget)
     if args.max_batch_tokens:
         config.max_batch_tokens = args.max_batch_tokens
-    config.dtype = args.dtype
-    config.memory_budget_bytes = args.memory_budget
     return config
 
 
@@ -135,7 +150,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model",
         action="append",
         metavar="[NAME=]SOURCE",
-        help="also serve this base model: a local dir, an HF hub id or tinkerd/tiny-chat; "
+        help="also serve this base model: a local dir, an HF hub id, tinkerd/tiny-chat or "
+        "tinkerd/tiny-vl; "
         "NAME=SOURCE serves it under NAME (e.g. "
         "meta-llama/Llama-3.1-8B-Instruct=tinkerd/tiny-chat, for clients that pick a chat "
         "format by model name)",
@@ -184,7 +200,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--sampler",
-        choices=["builtin", "vllm"],
+        choices=list(SAMPLER_BACKENDS),
         default="builtin",
         help="sampler backend: tinkerd's batched sampler, or vLLM on a GPU (tinkerd[vllm])",
     )
@@ -203,5 +219,31 @@ def register(sub: argparse._SubParsersAction) -> None:
             metavar="N",
             help=f"{what}; none: no limit (default: docs/multi-tenant.md)",
         )
+    serve.add_argument(
+        "--log-requests",
+        action="store_true",
+        help="one JSON line per request on stderr (request id, key label, session, run, verb, "
+        "tokens, queue and run seconds, outcome: docs/operations.md)",
+    )
+    serve.add_argument(
+        "--no-telemetry",
+        action="store_true",
+        help="record no per-request spans: no request metrics, session traces or request "
+        "log (to measure their cost; docs/operations.md)",
+    )
+    serve.add_argument(
+        "--metrics-key",
+        action="append",
+        default=[k for k in [os.environ.get("TINKERD_METRICS_KEY")] if k],
+        help="the only key /metrics accepts, as `Authorization: Bearer KEY` (repeatable; "
+        "also TINKERD_METRICS_KEY); default: any API key",
+    )
+    serve.add_argument(
+        "--image-dir",
+        default=os.environ.get("TINKERD_IMAGE_DIR"),
+        metavar="DIR",
+        help="the one directory ImageAssetPointerChunk locations (file://) are read from; "
+        "unset: images by location are refused (default: $TINKERD_IMAGE_DIR)",
+    )
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=_serve)

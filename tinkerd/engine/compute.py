@@ -38,6 +38,7 @@ from tinkerd.engine.lora import Segment, pad_cat, route_rows, trainable
 from tinkerd.engine.models import BaseModel
 from tinkerd.engine.output_layer import output_layer, target_logprobs
 from tinkerd.engine.parallel import SingleProcess
+from tinkerd.engine.vision import forward_inputs
 from tinkerd.errors import InvalidRequestError
 from tinkerd.types import Datum, ForwardBackwardOutput, TensorData
 
@@ -340,6 +341,7 @@ def _forward(
     several runs are routed through their adapters until `stack` closes (a checkpointed
     layer recomputes in the backward, and must route them the same way)."""
     batches = [p.batch for p in pieces]
+    images = [row for b in batches for row in b.images]
     model = base.peft_model.base_model.model  # the LoRA-injected tree
     layer = output_layer(model)  # (checked once per model, before any routing)
     if len(pieces) == 1:  # the run's own adapter, as PEFT routes it
@@ -356,8 +358,9 @@ def _forward(
                 trainable(run.params)
         input_ids = pad_cat([b.input_ids for b in batches], width).to(base.device)
         stack.enter_context(route_rows(base.peft_model, segments))  # routed by rows
+    extra, _ = forward_inputs(base.vision, input_ids, images)
     if layer is None:  # whole logits, the model's own forward
-        states, head = model(input_ids=input_ids, use_cache=False).logits, None
+        states, head = model(input_ids=input_ids, use_cache=False, **extra).logits, None
     else:  # the last hidden states; the output layer runs in chunks (`output_layer`)
         states = layer.decoder(input_ids=input_ids, use_cache=False).last_hidden_state
         head = layer.head

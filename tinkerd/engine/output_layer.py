@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from tinkerd.engine.vision import is_vision_config
+
 Head = Callable[[Tensor], Tensor]
 """Hidden states `[..., hidden]` -> logits `[..., vocab]` (the base dtype)."""
 
@@ -50,7 +52,10 @@ def output_layer(model: nn.Module) -> OutputLayer | None:
     """`model` (a Hugging Face causal LM, possibly LoRA-injected) as decoder + head, or
     None if its logits are not `head(decoder(...))`: checked once per model on a short
     input against the model's own forward, so an architecture with an unusual output
-    layer falls back to whole logits rather than compute wrong ones."""
+    layer falls back to whole logits rather than compute wrong ones. A vision-language
+    model keeps whole logits (its images go through its own forward)."""
+    if is_vision_config(model.config):
+        return None
     decoder = getattr(model, "get_decoder", lambda: None)()
     lm_head = model.get_output_embeddings() if decoder is not None else None
     if decoder is None or lm_head is None:

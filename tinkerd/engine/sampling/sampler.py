@@ -18,9 +18,9 @@ from __future__ import annotations
 import atexit
 import inspect
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -30,31 +30,13 @@ from tinkerd.engine.lora import route_rows, segments
 from tinkerd.engine.models import BaseModel
 from tinkerd.engine.sampling import kv_cache
 from tinkerd.engine.sampling.choose import Plan, choose, make_plan, prompt_logprobs
+from tinkerd.engine.sampling.jobs import Job, Row
 from tinkerd.engine.sampling.spec import SampleSpec
+from tinkerd.engine.vision import decode_positions, forward_inputs
+from tinkerd.timing import Ran, resolving
 from tinkerd.types import SampledSequence, SampleResponse
 
 MAX_BATCH_ROWS = 256  # sequences decoded together; more requests wait for a free row
-
-
-@dataclass(eq=False)
-class Job:
-    spec: SampleSpec
-    future: Future
-    generator: torch.Generator | None
-    sequences: list[SampledSequence | None]
-    prompt_logprobs: list[float | None] | None = None
-    topk_prompt_logprobs: list | None = None
-    remaining: int = 0
-
-
-@dataclass(eq=False)
-class Row:
-    job: Job
-    index: int  # which of the job's samples
-    position: int  # position id of its first sampled token (the prompt's length)
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    topk: list = field(default_factory=list)
 
 
 class Sampler:
@@ -78,6 +60,12 @@ class Sampler:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.steps: deque[tuple[int, int]] = deque(maxlen=4096)
         """(rows, distinct requests) of each recent decode step: how much was batched."""
+        # Running totals for metrics (read unlocked by a scrape; only this thread writes).
+        self.prefill_tokens = 0
+        """Prompt tokens prefilled."""
+        self.decode_tokens = 0
+        """Tokens chosen by decode steps (each step chooses one per row)."""
+        self.decode_steps = 0
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"sampler-{base.name}", daemon=True)
         self._thread.start()
@@ -99,6 +87,7 @@ class Sampler:
         self._cache = None  # transformers Cache of the rows, left-padded to a common length
         self._mask: Tensor | None = None  # [rows, cache_len] 1 where a real token is
         self._positions: Tensor | None = None  # [rows, 1] position id of the next input
+        self._deltas: Tensor | None = None  # [rows] multimodal RoPE shift (vision models)
         self._next_logits: Tensor | None = None  # [rows, vocab] float32
         self._plan: Plan | None = None
         self._fast_lora: tuple[Plan | None, list | None, bool] = (None, None, False)
@@ -177,9 +166,11 @@ class Sampler:
         adapters: list[str],
         cache,
         logits_to_keep: int,
+        extra: dict | None = None,
     ) -> tuple[Tensor, object]:
         """The Hugging Face forward of rows `input_ids` `[rows, len]`, row i through
-        adapter `adapters[i]`: (logits, the cache)."""
+        adapter `adapters[i]`: (logits, the cache). `extra`: a vision model's images and
+        position ids (`tinkerd.engine.vision`)."""
         base = self.base
         kwargs = dict(
             input_ids=input_ids.to(base.device),
@@ -188,6 +179,7 @@ class Sampler:
             use_cache=True,
             logits_to_keep=logits_to_keep,
         )
+        kwargs.update(extra or {})
         kwargs[self._cache_kw] = cache
         with base.lock:
             if base.peft_model is None:
@@ -200,6 +192,10 @@ class Sampler:
     def _admit(self, jobs: list[Job]) -> None:
         """Prefill the new prompts together, then add num_samples rows per prompt."""
         lengths = [len(j.spec.prompt) for j in jobs]
+        now = time.time()
+        for job in jobs:
+            job.admitted = now
+        self.prefill_tokens += sum(lengths)
         width = max(lengths)
         pad = 0
         ids = torch.full((len(jobs), width), pad, dtype=torch.long)
@@ -209,8 +205,12 @@ class Sampler:
             mask[i, width - lengths[i] :] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         keep_all = any(j.spec.prompt_logprobs for j in jobs)
+        images = [list(j.spec.images) for j in jobs]
+        extra, deltas = forward_inputs(self.base.vision, ids, images, mask)
+        if self.base.vision is not None and deltas is None:
+            deltas = torch.zeros(len(jobs), dtype=torch.long)
         logits, cache = self._forward(
-            ids, mask, positions, [j.spec.adapter for j in jobs], None, 0 if keep_all else 1
+            ids, mask, positions, [j.spec.adapter for j in jobs], None, 0 if keep_all else 1, extra
         )
         logits = logits.float()
         for i, job in enumerate(jobs):
@@ -228,14 +228,17 @@ class Sampler:
         new_mask = mask[rows_of].to(device)
         new_positions = torch.tensor([[r.position] for r in new_rows], device=device)
         new_logits = logits[:, -1][index]
+        new_deltas = None if deltas is None else deltas[rows_of].to(device)
         if self._cache is None:
             kv_cache.grow_in_place(cache)
             self._cache, self._mask, self._next_logits = cache, new_mask, new_logits
-            self._positions = new_positions
+            self._positions, self._deltas = new_positions, new_deltas
         else:
             self._cache, self._mask = kv_cache.merge(self._cache, self._mask, cache, new_mask)
             self._next_logits = torch.cat([self._next_logits, new_logits])
             self._positions = torch.cat([self._positions, new_positions])
+            if new_deltas is not None:
+                self._deltas = torch.cat([self._deltas, new_deltas])
         self._rows += new_rows
         self._plan = make_plan(self._rows, logits.shape[-1], logits.device)
 
@@ -243,10 +246,16 @@ class Sampler:
         """Sample one token for every row, retire finished rows, run the rest forward."""
         rows, logits = self._rows, self._next_logits
         self.steps.append((len(rows), self._plan.requests))
+        self.decode_steps += 1
+        self.decode_tokens += len(rows)
         tokens, logprobs, topk = choose(logits, self._plan, self._rng)
         tokens_list, logprobs_list = tokens.tolist(), logprobs.tolist()
+        now = time.time()
         alive = []
         for i, row in enumerate(rows):
+            row.job.sampled += 1
+            if row.job.first_token is None:
+                row.job.first_token = now
             row.tokens.append(tokens_list[i])
             row.logprobs.append(logprobs_list[i])
             if topk is not None and row.job.spec.topk_sample_logprobs:
@@ -272,10 +281,13 @@ class Sampler:
                     tokens, self._positions[:, 0], self._mask, self._cache, lora
                 )
         else:
+            positions = self._positions
+            if self._deltas is not None:  # a vision model's text and RoPE positions
+                positions = decode_positions(positions, self._deltas)
             logits, self._cache = self._forward(
                 tokens[:, None],
                 self._mask,
-                self._positions,
+                positions,
                 [r.job.spec.adapter for r in rows],
                 self._cache,
                 1,
@@ -302,6 +314,8 @@ class Sampler:
         """Keep only the rows at indices `alive` (and their cache rows)."""
         keep = torch.tensor(alive, device=self._mask.device)
         self._positions = self._positions[keep]
+        if self._deltas is not None:
+            self._deltas = self._deltas[keep]
         self._rows = [self._rows[i] for i in alive]
         self._plan = make_plan(self._rows, self._next_logits.shape[-1], self._mask.device)
         self._mask = kv_cache.keep_rows(self._cache, self._mask, keep)
@@ -329,11 +343,21 @@ class Sampler:
         )
         job.remaining -= 1
         if job.remaining == 0 and not job.future.done():
-            job.future.set_result(
-                SampleResponse(
-                    sequences=job.sequences,
-                    prompt_logprobs=job.prompt_logprobs,
-                    topk_prompt_logprobs=job.topk_prompt_logprobs,
-                    type="sample",
-                )
+            tokens = len(job.spec.prompt) + job.sampled
+            ran = Ran(
+                self.base.name,
+                job.admitted,
+                time.time(),
+                tokens=tokens,
+                first_token=job.first_token,
+                batch_rows=len(self._rows),
             )
+            with resolving(ran):
+                job.future.set_result(
+                    SampleResponse(
+                        sequences=job.sequences,
+                        prompt_logprobs=job.prompt_logprobs,
+                        topk_prompt_logprobs=job.topk_prompt_logprobs,
+                        type="sample",
+                    )
+                )
