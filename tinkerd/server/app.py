@@ -69,6 +69,9 @@ class Server:
         labelled = [split_key_label(k) for k in api_keys]  # `KEY=LABEL` names a key's owner
         self.api_keys = [k.encode() for k, _ in labelled]
         self.key_labels = {fingerprint(k): label for k, label in labelled if label}
+        local = getattr(engine, "local", engine)  # a DistributedEngine's rank-0 engine
+        self.max_batch_tokens: int = local.config.max_batch_tokens
+        """Padded tokens one request may hold: also bounds its body's bytes."""
 
     def owner(self, request: Request) -> str:
         """The caller's identity: a fingerprint of its API key (keys are never stored)."""
@@ -107,6 +110,15 @@ class Server:
         with contextlib.suppress(TinkerdError):
             self.service.check_run(model_id, owner)
             self.service.queue.release(model_id, seq_id)
+
+    def release_refused_body(self, owner: str, model_id: Any, seq_id: Any) -> None:
+        """`release_rejected` for a refused forward_backward body. One too broken to name
+        its run (garbage, a bad compressed stream) is charged to the key instead: the
+        next of its runs to wait on a missing seq_id skips it at once."""
+        if model_id is None and seq_id is None:
+            self.service.queue.release_unnamed(owner)
+        else:
+            self.release_rejected(owner, model_id, seq_id)
 
 
 class CatchAll:

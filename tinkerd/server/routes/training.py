@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from tinkerd import wire_proto
 from tinkerd.engine.checkpoints import tinker_path
 from tinkerd.errors import InvalidRequestError
-from tinkerd.server.encodings import decode_loss_request, decompress, run_and_seq
+from tinkerd.server.encodings import BodyError, decode_loss_body
 from tinkerd.server.requests import PROTOBUF, done, encode_json
 from tinkerd.server.routes import API
 from tinkerd.server.schemas import (
@@ -73,16 +73,13 @@ def router(server: Server) -> APIRouter:
             raise InvalidRequestError("/forward takes JSON; send protobuf to forward_backward")
 
         def submit() -> dict:
-            body = decompress(raw, headers.get("content-encoding"))
+            encoding = headers.get("content-encoding")
             try:
-                req = decode_loss_request(body, content_type, forward_only)
-            except wire_proto.ProtoDecodeError as e:
-                server.release_rejected(who, e.model_id, e.seq_id)
-                raise
-            except InvalidRequestError:
-                named = run_and_seq(body) if "json" in (content_type or "") else None
-                if named is not None:
-                    server.release_rejected(who, *named)
+                req = decode_loss_body(
+                    raw, encoding, content_type, forward_only, server.max_batch_tokens
+                )
+            except (BodyError, wire_proto.ProtoDecodeError) as e:
+                server.release_refused_body(who, e.model_id, e.seq_id)
                 raise
             return submit_forward_backward(req, who)
 
