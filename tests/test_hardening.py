@@ -3,17 +3,23 @@ fairness inside a packed pass, 500s. Each failed before its fix; docs/reliabilit
 lists them."""
 
 import gzip
+import json
+import logging
 import subprocess
 import sys
 import textwrap
 
 import httpx
+import pytest
 import zstandard
-from conftest import KEYS, ServerProcess
+from conftest import KEYS, TINY, ServerProcess
 from helpers import fwd_bwd_body, raw_model
+from starlette.testclient import TestClient
 from test_audit import answered_within
 
 from tinkerd import wire_proto
+from tinkerd.engine.tiny_chat import TINY_CHAT_MODEL_NAME as CHAT
+from tinkerd.server.app import Server, create_app
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 ZSTD = {**PROTOBUF, "Content-Encoding": "zstd"}
@@ -120,3 +126,159 @@ def test_a_broken_compressed_body_is_a_400_that_releases_its_seq_id(server):
     assert refused.status_code == 400 and "truncated" in refused.json()["detail"]
     ok = post(server, "forward_backward", content=fwd_bwd_body(model_id, 8), headers=PROTOBUF)
     assert answered_within(server, ok.json()["request_id"], 25)
+
+
+# ---------------------------------------------------------------- item 3: 500s
+
+DEEP = "[" * 100_000 + "]" * 100_000
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def app_client(engine, tmp_path_factory):
+    """The app in-process, serving tinkerd/tiny and tinkerd/tiny-chat."""
+    server = Server(engine, tmp_path_factory.mktemp("h23"), list(KEYS), [TINY, CHAT], 0.05)
+    client = TestClient(
+        create_app(server), headers={"X-API-Key": KEYS[0]}, raise_server_exceptions=False
+    )
+    client.server = server
+    return client
+
+
+HI = [{"role": "user", "content": "hi"}]
+SEVEN = [  # (route, body, what the 400 must name): the audit's seven 500s
+    ("/oai/api/v1/completions", DEEP, "nested too deeply"),
+    ("/anthropic/api/v1/messages", DEEP, "nested too deeply"),
+    ("/api/v1/forward_backward", DEEP, "recursion limit"),
+    ("/oai/api/v1/completions", {"model": TINY, "prompt": "\ud800", "max_tokens": 2}, "prompt"),
+    (
+        "/oai/api/v1/chat/completions",
+        {"model": CHAT, "messages": [{"role": "user", "content": "a\ud800"}], "max_tokens": 2},
+        "messages[0].content",
+    ),
+    (
+        "/anthropic/api/v1/messages",
+        {"model": CHAT, "system": "\ud800", "messages": HI, "max_tokens": 2},
+        "system",
+    ),
+    (
+        "/anthropic/api/v1/messages/count_tokens",
+        {"model": CHAT, "messages": HI, "system": [{"type": "text", "text": "\udfff"}]},
+        "system[0].text",
+    ),
+]
+
+
+@pytest.mark.parametrize("route, body, named", SEVEN)
+def test_deep_json_and_lone_surrogates_are_400s_naming_the_problem(app_client, route, body, named):
+    raw = body if isinstance(body, str) else json.dumps(body)  # "\ud800" as its escape
+    response = app_client.post(route, content=raw, headers=JSON)
+    assert response.status_code == 400, response.text
+    assert named in response.text
+
+
+def test_a_lone_surrogate_cannot_be_stored_to_break_later_listings(app_client):
+    """Found by fuzzing beside the seven: a session's metadata or a run's metadata with a
+    lone surrogate was stored, and every later listing of the key answered 500."""
+    bodies = {
+        "create_session": {"tags": ["ok"], "user_metadata": {"\udc00": "x"}, "sdk_version": "1"},
+        "create_model": {
+            "session_id": "s",
+            "model_seq_id": 0,
+            "base_model": TINY,
+            "lora_config": {"rank": 4},
+            "user_metadata": {"k": "\ud800"},
+        },
+    }
+    for route, body in bodies.items():
+        response = app_client.post(f"/api/v1/{route}", content=json.dumps(body), headers=JSON)
+        assert response.status_code == 400 and "not valid Unicode" in response.text, route
+    for listing in ("sessions", "training_runs"):
+        assert app_client.get(f"/api/v1/{listing}").status_code == 200
+
+
+def test_a_compatible_route_s_500_says_nothing_of_its_internals(app_client, monkeypatch, caplog):
+    def broken(*_, **__):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(app_client.server.service.sampling, "sample", broken)
+    body = {"model": TINY, "prompt": "ab", "max_tokens": 2}
+    with caplog.at_level(logging.ERROR):
+        for route in ("/oai/api/v1/completions", "/anthropic/api/v1/messages"):
+            sent = body if "oai" in route else {"model": CHAT, "messages": HI, "max_tokens": 2}
+            response = app_client.post(route, json=sent)
+            assert response.status_code == 500, response.text
+            assert "secret" not in response.text and "RuntimeError" not in response.text
+    assert "secret internals" in caplog.text  # the traceback went to the log
+
+
+WEIRD = [
+    "\ud800",
+    2**70,
+    10**400,
+    -1,
+    1.5,
+    True,
+    None,
+    "",
+    [],
+    {},
+    [[1]],
+    {"a": "\udfff"},
+    [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}],
+    [{"role": "bogus", "content": "x"}],
+    [{"role": "user", "content": None}],
+    [{"role": "user", "content": [{"type": "image", "source": {}}]}],
+    float("nan"),
+    100_000,
+]
+TEMPLATES = {
+    "/oai/api/v1/completions": {"model": TINY, "prompt": "ab", "max_tokens": 1, "n": 1},
+    "/oai/api/v1/chat/completions": {"model": CHAT, "messages": HI, "max_tokens": 1},
+    "/anthropic/api/v1/messages": {"model": CHAT, "messages": HI, "max_tokens": 1},
+    "/anthropic/api/v1/messages/count_tokens": {"model": CHAT, "messages": HI},
+}
+FIELDS = {
+    "/oai/api/v1/completions": [
+        "prompt",
+        "n",
+        "stop",
+        "logprobs",
+        "echo",
+        "seed",
+        "top_p",
+        "logit_bias",
+        "suffix",
+        "stream",
+    ],
+    "/oai/api/v1/chat/completions": [
+        "messages",
+        "stop",
+        "logprobs",
+        "top_logprobs",
+        "tools",
+        "response_format",
+        "max_completion_tokens",
+        "n",
+    ],
+    "/anthropic/api/v1/messages": [
+        "messages",
+        "system",
+        "top_k",
+        "stop_sequences",
+        "metadata",
+        "max_tokens",
+        "temperature",
+    ],
+    "/anthropic/api/v1/messages/count_tokens": ["messages", "system", "tools", "model"],
+}
+
+
+def test_a_quick_fuzz_of_the_compatible_routes_finds_no_500(app_client):
+    """Each field of each OpenAI/Anthropic route set to each odd value in turn."""
+    for route, template in TEMPLATES.items():
+        for field in FIELDS[route]:
+            for value in WEIRD:
+                raw = json.dumps({**template, field: value})
+                response = app_client.post(route, content=raw, headers=JSON)
+                assert response.status_code < 500, (route, field, value, response.text)

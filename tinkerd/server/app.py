@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tinkerd.engine import Engine
 from tinkerd.errors import AuthenticationError, TinkerdError
 from tinkerd.server.dashboard import add_dashboard, split_key_label
+from tinkerd.server.json_body import RefuseBadText
 from tinkerd.server.requests import Encoded, RequestTable, encode_json
 from tinkerd.server.rest import rest_router
 from tinkerd.server.routes import sampling, sessions, training
@@ -179,6 +180,15 @@ def create_app(server: Server) -> FastAPI:
         app.include_router(routes.router(server))
     app.include_router(rest_router(server))
     app.include_router(inference_router(server))  # OpenAI- and Anthropic-compatible
+
+    def refused_text(scope: Scope, body: Any) -> None:
+        if isinstance(body, dict):  # a refused body uses up the seq_id it names
+            with contextlib.suppress(AuthenticationError):
+                owner = server.owner(Request(scope))
+                server.release_rejected(owner, body.get("model_id"), body.get("seq_id"))
+
+    # The compatible APIs parse their bodies themselves (parse_json), in their own shape.
+    app.add_middleware(RefuseBadText, skip=("/oai/", "/anthropic/"), refused=refused_text)
     app.add_middleware(CatchAll)
     return app
 

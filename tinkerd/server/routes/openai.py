@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tinkerd.errors import TinkerdError
+from tinkerd.server.json_body import parse_json
 from tinkerd.service import inference as api
 from tinkerd.service.inference import SamplingBackend
 
@@ -62,15 +63,13 @@ async def answer(
     shape (`error`: OpenAI's by default)."""
     try:
         owner = backend.authenticate(api_key(request))
-        body: Any = await request.json() if request.method == "POST" else None
+        body: Any = parse_json(await request.body()) if request.method == "POST" else None
         return await handle(owner, body)
     except TinkerdError as e:
         return error(e.status_code, str(e))
-    except ValueError as e:  # a body that is not JSON
-        return error(400, f"the body is not valid JSON: {e}")
-    except Exception as e:  # a failure inside the sampler: say what, as a 500
+    except Exception:  # a bug: the traceback goes to the log, never to the caller
         log.exception("%s failed", request.url.path)
-        return error(500, f"{type(e).__name__}: {e}")
+        return error(500, "internal server error (logged on the server)")
 
 
 def openai_router(backend: SamplingBackend) -> APIRouter:
