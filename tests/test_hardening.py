@@ -282,3 +282,38 @@ def test_a_quick_fuzz_of_the_compatible_routes_finds_no_500(app_client):
                 raw = json.dumps({**template, field: value})
                 response = app_client.post(route, content=raw, headers=JSON)
                 assert response.status_code < 500, (route, field, value, response.text)
+
+
+# ---------------------------------------------------------------- item 5: revocation
+
+
+def test_a_revoked_link_stays_revoked_whatever_the_flag_does_next(server):
+    """A link revoked by publishing worked again after unpublishing (the signature
+    covered only the published flag, which was back where it was). Now each change
+    raises a per-checkpoint revision signed into every link."""
+    from tinkerd import RestClient, ServiceClient
+
+    service = ServiceClient(base_url=server.url, api_key=KEYS[0])
+    alice, bob = RestClient(server.url, KEYS[0]), RestClient(server.url, KEYS[1])
+    try:
+        training = service.create_lora_training_client(TINY, rank=4, seed=0)
+        path = training.save_state("monotonic").result().path
+        own = alice.get_checkpoint_archive_url_from_tinker_path(path).result().url
+        assert httpx.get(own).status_code == 200
+        alice.publish_checkpoint_from_tinker_path(path).result()
+        assert httpx.get(own).status_code == 404  # revoked by publishing
+        shared = bob.get_checkpoint_archive_url_from_tinker_path(path).result().url
+        assert httpx.get(shared).status_code == 200
+        alice.unpublish_checkpoint_from_tinker_path(path).result()
+        assert httpx.get(own).status_code == 404  # was 200: the flag was back to False
+        assert httpx.get(shared).status_code == 404
+        alice.publish_checkpoint_from_tinker_path(path).result()
+        assert httpx.get(shared).status_code == 404  # was 200 again
+        assert httpx.get(own).status_code == 404
+        fresh = alice.get_checkpoint_archive_url_from_tinker_path(path).result().url
+        assert httpx.get(fresh).status_code == 200  # a new link works
+        alice.unpublish_checkpoint_from_tinker_path(path).result()
+    finally:
+        alice.close()
+        bob.close()
+        service.close()
