@@ -8,12 +8,14 @@ import logging
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import httpx
 import pytest
 import zstandard
 from conftest import KEYS, TINY, ServerProcess
-from helpers import fwd_bwd_body, raw_model
+from helpers import fwd_bwd_body, raw_model, retrieve
 from starlette.testclient import TestClient
 from test_audit import answered_within
 
@@ -317,3 +319,38 @@ def test_a_revoked_link_stays_revoked_whatever_the_flag_does_next(server):
         alice.close()
         bob.close()
         service.close()
+
+
+# ---------------------------------------------------------------- item 4: external save crash
+
+
+def test_an_external_save_complete_at_a_crash_is_reported_done_after_restart(tmp_path):
+    """kill -9 after external weights "x" are complete on disk but before the answer was
+    recorded: the request was reported "server restarted" though both files existed and
+    downloaded. Now it answers done with x's path, and the files download."""
+    data_dir = tmp_path / "data"
+    stall = [sys.executable, str(Path(__file__).parent / "stalled_save_server.py"), "x", "60"]
+    after = {"TINKERD_TEST_STALL_AFTER": "1"}
+    server = ServerProcess(data_dir, launcher=stall, env=after)
+    try:
+        model_id = raw_model(server)
+        body = {"model_id": model_id, "path": "x", "seq_id": 1}
+        request_id = post(server, "save_weights_external", json=body).json()["request_id"]
+        final = data_dir / "checkpoints" / model_id / "external_weights" / "x"
+        deadline = time.time() + 60
+        while not (final / "tinkerd.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert (final / "tinkerd.json").exists(), "the save of x never finished"
+        server.stop(kill=True)
+        server.start(env=after)
+        path = f"tinker://{model_id}/external_weights/x"
+        answer = retrieve(server, request_id)
+        assert answer.status_code == 200 and answer.json()["path"] == path, answer.text
+        urls = httpx.get(
+            f"{server.url}/api/v1/training_runs/{model_id}/checkpoints/external_weights/x"
+            "/external_weights_urls",
+            headers={"X-API-Key": KEYS[0]},
+        ).json()["urls"]
+        assert len(urls) == 2 and all(httpx.get(u).status_code == 200 for u in urls.values())
+    finally:
+        server.stop()

@@ -478,9 +478,11 @@ class Service:
 
         def work() -> CheckpointInfo:
             run = self.engine.run(model_id)
-            info = self.checkpoints.save(run, "external_weights", name, with_optimizer=False)
+            # Recipients first: a crash right after the save must not leave the adapter
+            # downloadable unencrypted.
             if owner is not None or age_recipients:  # (an embedded caller's store stays unopened)
                 self.store.set_age_recipients(path, age_recipients or [])
+            info = self.checkpoints.save(run, "external_weights", name, with_optimizer=False)
             self._expire_after(owner, path, ttl_seconds)
             return info
 

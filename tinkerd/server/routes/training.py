@@ -155,7 +155,13 @@ def router(server: Server) -> APIRouter:
                 "type": "save_weights_external",
             }
         )
-        return server.track(who, "save_weights_external", future, encode, body.model_id)
+        # If the server dies once the adapter is on disk, before this answer is recorded,
+        # the restart answers it (without size_bytes, which the SDK does not need).
+        path = tinker_path(body.model_id, "external_weights", body.path)
+        saved = encode_json({"path": path, "type": "save_weights_external"})
+        return server.track(
+            who, "save_weights_external", future, encode, body.model_id, (path, saved)
+        )
 
     @routes.post("/load_weights")
     def load_weights(body: LoadWeightsRequest, who: str = Owner) -> dict:
