@@ -18,10 +18,13 @@ from conftest import KEYS, TINY, ServerProcess
 from helpers import fwd_bwd_body, raw_model, retrieve
 from starlette.testclient import TestClient
 from test_audit import answered_within
+from test_quotas import lane_held
 
 from tinkerd import wire_proto
 from tinkerd.engine.tiny_chat import TINY_CHAT_MODEL_NAME as CHAT
 from tinkerd.server.app import Server, create_app
+from tinkerd.service import scheduler as scheduler_module
+from tinkerd.service.scheduler import Batchable, Scheduler
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 ZSTD = {**PROTOBUF, "Content-Encoding": "zstd"}
@@ -354,3 +357,48 @@ def test_an_external_save_complete_at_a_crash_is_reported_done_after_restart(tmp
         assert len(urls) == 2 and all(httpx.get(u).status_code == 200 for u in urls.values())
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- item 6: fair packing
+
+
+def packed_passes(monkeypatch, active_seconds: float, victim: bool) -> list[tuple]:
+    """Passes the scheduler makes of tenant A's 6 runs (2 requests each) and, if
+    `victim`, tenant B's 1 run (2 requests), queued while the lane was held."""
+    monkeypatch.setattr(scheduler_module, "ACTIVE_SECONDS", active_seconds)
+    scheduler = Scheduler(max_pass_tokens=1000)
+    passes: list[tuple] = []
+
+    def run_many(payloads):
+        passes.append(tuple(payloads))
+        return payloads
+
+    def work(name):
+        return Batchable(group="fb", tokens=10, payload=name, run_many=run_many)
+
+    with lane_held(scheduler, "lane"):
+        for step in range(2):
+            for k in range(6):
+                scheduler.submit_keyed("lane", f"a{k}", work(f"a{k}.{step}"), tenant="A")
+            if victim:
+                scheduler.submit_keyed("lane", "b", work(f"b.{step}"), tenant="B")
+    scheduler.shutdown()
+    return passes
+
+
+def test_a_pass_holds_as_many_requests_of_a_flooding_key_as_of_a_victim(monkeypatch):
+    """Tenant A floods with 6 runs, B trains 1. Every pass used to pack every key's head
+    (B's request rode a pass of 7); now each tenant adds one head per round, and rounds
+    go on only while every recently active tenant adds one."""
+    passes = packed_passes(monkeypatch, 60.0, victim=True)
+    assert [len(p) for p in passes] == [2, 2] + [1] * 10, passes
+    assert all(sum(r.startswith("a") for r in p) <= 1 for p in passes)
+    assert passes[:2] == [("a0.0", "b.0"), ("a1.0", "b.1")]
+
+
+def test_a_key_alone_still_packs_all_its_runs(monkeypatch):
+    """Packing's throughput for one key's many runs is kept: alone (or once the other
+    tenant has been quiet for ACTIVE_SECONDS) its runs fill a pass."""
+    assert [len(p) for p in packed_passes(monkeypatch, 60.0, victim=False)] == [6, 6]
+    passes = packed_passes(monkeypatch, 0.0, victim=True)  # B no longer counts as active
+    assert [len(p) for p in passes][:1] == [7], passes
