@@ -2,6 +2,7 @@
 fairness inside a packed pass, 500s. Each failed before its fix; docs/reliability.md
 lists them."""
 
+import datetime
 import gzip
 import json
 import logging
@@ -23,8 +24,10 @@ from test_quotas import lane_held
 from tinkerd import wire_proto
 from tinkerd.engine.tiny_chat import TINY_CHAT_MODEL_NAME as CHAT
 from tinkerd.server.app import Server, create_app
+from tinkerd.service import Service, ServiceConfig
 from tinkerd.service import scheduler as scheduler_module
 from tinkerd.service.scheduler import Batchable, Scheduler
+from tinkerd.types import LoraConfig
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 ZSTD = {**PROTOBUF, "Content-Encoding": "zstd"}
@@ -402,3 +405,52 @@ def test_a_key_alone_still_packs_all_its_runs(monkeypatch):
     assert [len(p) for p in packed_passes(monkeypatch, 60.0, victim=False)] == [6, 6]
     passes = packed_passes(monkeypatch, 0.0, victim=True)  # B no longer counts as active
     assert [len(p) for p in passes][:1] == [7], passes
+
+
+# ---------------------------------------------------------------- item 8: smaller items
+
+
+def test_an_expired_run_keeps_its_last_request_time(engine, tmp_path):
+    """Session expiry set the run's last request to the expiry time (so `tinkerd runs`
+    and the dashboard showed the sweep as its last activity)."""
+    now = [1000.0]
+    config = ServiceConfig(session_timeout=10.0, expiry_interval=0, clock=lambda: now[0])
+    service = Service(engine, tmp_path, [TINY], config)
+    session = service.sessions.create("alice", [], {})
+    model_id = service.create_model("alice", TINY, LoraConfig(rank=4), session, 0).result()
+    last = service.catalog.get_run(model_id, "alice").last_request_time
+    now[0] += 60.0
+    assert service.sessions.expire() == [session]
+    run = service.catalog.get_run(model_id, "alice")
+    assert run.last_request_time == last
+    assert service.store.run_owner_status(model_id) == ("alice", "expired")
+    service.close()
+
+
+def test_the_last_checkpoint_column_counts_sampler_checkpoints(capsys):
+    """`tinkerd runs list` showed only training checkpoints under LAST CHECKPOINT."""
+    from types import SimpleNamespace
+
+    from tinkerd.cli.checkpoints import _runs_list
+    from tinkerd.types import Checkpoint, Cursor, TrainingRun
+
+    def saved(kind: str, path: str, hour: int) -> Checkpoint:
+        when = datetime.datetime(2026, 12, 1, hour, tzinfo=datetime.timezone.utc)
+        return Checkpoint(
+            checkpoint_id=path, checkpoint_type=kind, time=when, tinker_path=f"tinker://r/{path}"
+        )
+
+    run = TrainingRun(
+        training_run_id="r",
+        base_model=TINY,
+        model_owner="me",
+        is_lora=True,
+        lora_rank=4,
+        last_request_time=datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc),
+        last_checkpoint=saved("training", "weights/a", 1),
+        last_sampler_checkpoint=saved("sampler", "sampler_weights/b", 2),
+    )
+    page = SimpleNamespace(training_runs=[run], cursor=Cursor(offset=0, limit=100, total_count=1))
+    client = SimpleNamespace(list_training_runs=lambda **_: SimpleNamespace(result=lambda: page))
+    assert _runs_list(SimpleNamespace(json=False), client) == 0
+    assert "tinker://r/sampler_weights/b" in capsys.readouterr().out

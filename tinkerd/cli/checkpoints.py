@@ -99,12 +99,18 @@ def _runs_list(args: argparse.Namespace, client: Any) -> int:
             r.base_model,
             str(r.lora_rank),
             _when(r.last_request_time),
-            r.last_checkpoint.tinker_path if r.last_checkpoint else "-",
+            _newest_checkpoint(r),
         ]
         for r in runs
     ]
     _table(rows, ["RUN", "BASE MODEL", "RANK", "LAST REQUEST (UTC)", "LAST CHECKPOINT"])
     return 0
+
+
+def _newest_checkpoint(run: Any) -> str:
+    """The path of a run's newest checkpoint, training state or sampler weights."""
+    saved = [c for c in (run.last_checkpoint, run.last_sampler_checkpoint) if c is not None]
+    return max(saved, key=lambda c: c.time).tinker_path if saved else "-"
 
 
 # ---------------------------------------------------------------- checkpoints

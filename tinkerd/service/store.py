@@ -256,6 +256,11 @@ class Store:
         else:
             self._exec("UPDATE runs SET last_request=? WHERE model_id=?", (self.clock(), model_id))
 
+    def set_run_status(self, model_id: str, status: str) -> None:
+        """A run's status changed without a request of its own (its session ended):
+        its last request time stays what it was."""
+        self._exec("UPDATE runs SET status=? WHERE model_id=?", (status, model_id))
+
     def runs(self, owner: str | None) -> list[dict]:
         """Runs of one owner (None: everyone's), oldest first."""
         where, args = ("WHERE owner=?", (owner,)) if owner is not None else ("", ())
