@@ -454,3 +454,24 @@ def test_the_last_checkpoint_column_counts_sampler_checkpoints(capsys):
     client = SimpleNamespace(list_training_runs=lambda **_: SimpleNamespace(result=lambda: page))
     assert _runs_list(SimpleNamespace(json=False), client) == 0
     assert "tinker://r/sampler_weights/b" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- item 7: memory under flood
+
+
+def test_a_run_holds_a_bounded_number_of_finished_results():
+    """Every request's future (with its result: ~27 KiB for a small forward_backward) was
+    kept for re-sends until a run had 2048 of them, so a key's 30 runs could hold over a
+    GiB under a flood. Now a run keeps the last DEDUP_WINDOW (128), pruned in batches,
+    and a re-send within them still gets the first future."""
+    from tinkerd.service.futures import DEDUP_WINDOW, RequestQueue
+
+    queue = RequestQueue(Scheduler())
+    futures = [queue.submit("lane", lambda: bytes(1000), "run", seq) for seq in range(1, 601)]
+    for future in futures:
+        future.result()
+    queue.submit("lane", lambda: b"", "run", 601).result()
+    held = len(queue._gates["run"].futures)
+    assert held <= DEDUP_WINDOW * 5 // 4 + 1, held
+    assert queue.submit("lane", lambda: b"again", "run", 590) is futures[589]  # a re-send
+    queue.scheduler.shutdown()
