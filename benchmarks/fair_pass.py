@@ -23,7 +23,8 @@ from pathlib import Path
 from _report import record
 
 from tinkerd.engine import Engine
-from tinkerd.service import Service, ServiceConfig
+from tinkerd.requests import CreateModelRequest, ForwardBackwardRequest, OptimStepRequest
+from tinkerd.service import KeyCaller, Service, ServiceConfig
 from tinkerd.service import scheduler as scheduler_module
 from tinkerd.types import AdamParams, Datum, LoraConfig, ModelInput
 
@@ -44,24 +45,33 @@ class Run:
     """One run of a key, issuing its requests in seq_id order."""
 
     def __init__(self, service: Service, key: str, session: str, n: int, text: bytes):
-        self.service, self.key, self.seq = service, key, 0
-        lora = LoraConfig(rank=8, seed=n)
-        self.model_id = service.create_model(key, TINY, lora, session, n).result()
+        self.service, self.caller, self.seq = service, KeyCaller(key), 0
+        create = CreateModelRequest(
+            base_model=TINY, lora_config=LoraConfig(rank=8, seed=n), session_id=session,
+            model_seq_id=n,
+        )  # fmt: skip
+        self.model_id = service.submit(self.caller, create).result().model_id
         self.batch = [datum(text)] * 4
 
     def step(self, forward_backwards: int = 1) -> None:
-        futures = []
-        for _ in range(forward_backwards):
-            futures.append(self._next(self.service.forward_backward, self.batch, "cross_entropy"))
-        futures.append(self._next(self.service.optim_step, ADAM))
-        for future in futures:
+        requests = [
+            ForwardBackwardRequest(
+                model_id=self.model_id,
+                seq_id=self._seq(),
+                data=self.batch,
+                loss_fn="cross_entropy",
+            )  # fmt: skip
+            for _ in range(forward_backwards)
+        ]
+        requests.append(
+            OptimStepRequest(model_id=self.model_id, seq_id=self._seq(), adam_params=ADAM)
+        )
+        for future in [self.service.submit(self.caller, r) for r in requests]:
             future.result()
 
-    def _next(self, call, *args):
+    def _seq(self) -> int:
         self.seq += 1
-        if call == self.service.optim_step:
-            return call(self.key, self.model_id, args[0], self.seq)
-        return call(self.key, self.model_id, *args, None, self.seq)
+        return self.seq
 
 
 def pct(values: list[float], q: int) -> float:

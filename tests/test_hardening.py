@@ -16,7 +16,7 @@ import httpx
 import pytest
 import zstandard
 from conftest import KEYS, TINY, ServerProcess
-from helpers import fwd_bwd_body, raw_model, retrieve
+from helpers import create_run, fwd_bwd_body, raw_model, retrieve
 from starlette.testclient import TestClient
 from test_audit import answered_within
 from test_quotas import lane_held
@@ -417,7 +417,7 @@ def test_an_expired_run_keeps_its_last_request_time(engine, tmp_path):
     config = ServiceConfig(session_timeout=10.0, expiry_interval=0, clock=lambda: now[0])
     service = Service(engine, tmp_path, [TINY], config)
     session = service.sessions.create("alice", [], {})
-    model_id = service.create_model("alice", TINY, LoraConfig(rank=4), session, 0).result()
+    model_id = create_run(service, "alice", TINY, LoraConfig(rank=4), session, 0)
     last = service.catalog.get_run(model_id, "alice").last_request_time
     now[0] += 60.0
     assert service.sessions.expire() == [session]
