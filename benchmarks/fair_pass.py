@@ -91,7 +91,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3, help="blocks per mode, alternating")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
-    service = Service(Engine(), Path(tempfile.mkdtemp()), [TINY], ServiceConfig())
+    config = ServiceConfig(expiry_interval=0)  # no heartbeats here: no session expiry
+    service = Service(Engine(), Path(tempfile.mkdtemp()), [TINY], config)
     victim_session = service.sessions.create("victim", [], {})
     flood_session = service.sessions.create("flooder", [], {})
     victim = Run(service, "victim", victim_session, 0, b"the victim trains on its own text")

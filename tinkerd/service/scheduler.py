@@ -181,7 +181,9 @@ class _Lane:
                 taken = self._take()
             self.log.append(tuple(k for k, _ in taken))
             _run(taken)
-            if self.on_idle is not None and not self.tenants:  # unlocked peek: a hint
+            # After every pass, not only when idle: a lane kept busy by a flood never idles,
+            # and its heap then grew with every pass (the hook rate-limits itself).
+            if self.on_idle is not None:
                 try:
                     self.on_idle()
                 except Exception:  # noqa: BLE001 -- housekeeping never stops a lane
@@ -230,8 +232,9 @@ class Scheduler:
     def __init__(
         self, max_pass_tokens: int = MAX_PASS_TOKENS, on_idle: Callable[[], Any] | None = None
     ) -> None:
-        """`on_idle`: called in a lane's thread when it has run out of work (e.g. to give
-        freed memory back: service/memory.py)."""
+        """`on_idle`: called in a lane's thread after each pass, busy or idle (e.g. to give
+        freed memory back: service/memory.py's `trim_heap`, which runs at most every 2 s
+        and once more after the last pass)."""
         self._lanes: dict[str, _Lane] = {}
         self._lock = threading.Lock()
         self.max_pass_tokens = max_pass_tokens
