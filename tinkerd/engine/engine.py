@@ -468,6 +468,8 @@ class Engine:
             base.vocab_size,
             base.max_context_length,
             self.config.max_batch_tokens,
+            base.vision,
+            base.name,
         )
 
     def run_losses(
