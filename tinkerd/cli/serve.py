@@ -56,9 +56,12 @@ def _serve(args: argparse.Namespace) -> int:
             poll_timeout=args.poll_timeout,
             max_pending=args.max_queue,
             session_timeout=args.session_timeout,
+            json_log=args.log_requests,
+            telemetry=not args.no_telemetry,
             **{name: getattr(args, name) for name in QUOTAS if hasattr(args, name)},
         )
-        server = Server(engine, data_dir, keys, models, config=config)
+        metrics_keys = args.metrics_key or None
+        server = Server(engine, data_dir, keys, models, config=config, metrics_keys=metrics_keys)
         print(
             f"tinkerd serving {models} on http://{args.host}:{args.port} "
             f"({len(keys)} API key(s); data in {server.service.store.path})",
@@ -216,6 +219,25 @@ def register(sub: argparse._SubParsersAction) -> None:
             metavar="N",
             help=f"{what}; none: no limit (default: docs/multi-tenant.md)",
         )
+    serve.add_argument(
+        "--log-requests",
+        action="store_true",
+        help="one JSON line per request on stderr (request id, key label, session, run, verb, "
+        "tokens, queue and run seconds, outcome: docs/operations.md)",
+    )
+    serve.add_argument(
+        "--no-telemetry",
+        action="store_true",
+        help="record no per-request spans: no request metrics, session traces or request "
+        "log (to measure their cost; docs/operations.md)",
+    )
+    serve.add_argument(
+        "--metrics-key",
+        action="append",
+        default=[k for k in [os.environ.get("TINKERD_METRICS_KEY")] if k],
+        help="the only key /metrics accepts, as `Authorization: Bearer KEY` (repeatable; "
+        "also TINKERD_METRICS_KEY); default: any API key",
+    )
     serve.add_argument(
         "--image-dir",
         default=os.environ.get("TINKERD_IMAGE_DIR"),

@@ -32,7 +32,7 @@ from tinkerd.engine.checkpoints import (
     load_optimizer_state,
 )
 from tinkerd.engine.compute import Limits, LossRequest, Member, loss_pass
-from tinkerd.engine.memory import default_budget, parse_bytes
+from tinkerd.engine.memory import bounded_heap, default_budget, parse_bytes
 from tinkerd.engine.models import BaseModel, BaseModelRegistry, parse_model_specs
 from tinkerd.engine.parallel import SingleProcess
 from tinkerd.engine.sampler_weights import MAX_SNAPSHOTS, SamplerVersions, SamplerWeights
@@ -139,6 +139,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.limits = self.config.limits
         """What a pass may compute at once (the memory budget resolved once, at start)."""
+        if self.limits.memory_budget_bytes is not None:
+            bounded_heap()  # freed activations go back to the system
         self.parallel = parallel or SingleProcess()
         self._checkpoints: CheckpointStore | None = None
         self._recover_checkpoints = recover_checkpoints

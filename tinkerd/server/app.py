@@ -30,6 +30,7 @@ from tinkerd.errors import AuthenticationError, InvalidRequestError, TinkerdErro
 from tinkerd.requests import Request as VerbRequest
 from tinkerd.server.dashboard import add_dashboard, split_key_label
 from tinkerd.server.json_body import RefuseBadText
+from tinkerd.server.operations import RequestIds, add_operations, post_verbs
 from tinkerd.server.requests import RequestTable, encode_json, encode_protobuf, jsonable
 from tinkerd.server.rest import rest_router
 from tinkerd.server.routes import sessions, verbs
@@ -56,17 +57,25 @@ class Server:
         max_pending: int = 4096,
         session_timeout: float = 300.0,
         config: ServiceConfig | None = None,
+        metrics_keys: list[str] | None = None,
     ):
+        """`metrics_keys`: the only keys `/metrics` takes (None: any of `api_keys`)."""
         config = config or ServiceConfig(
             poll_timeout=poll_timeout, max_pending=max_pending, session_timeout=session_timeout
         )
         self.service = Service(engine, data_dir, served_models, config)
-        self.requests = RequestTable(self.service.store)
+        telemetry = self.service.telemetry if config.telemetry else None
+        self.requests = RequestTable(self.service.store, telemetry)
         labelled = [split_key_label(k) for k in api_keys]  # `KEY=LABEL` names a key's owner
         self.api_keys = [k.encode() for k, _ in labelled]
         self.key_labels = {fingerprint(k): label for k, label in labelled if label}
         self.max_batch_tokens: int = engine.config.max_batch_tokens
         """Padded tokens one request may hold: also bounds its body's bytes."""
+        self.metrics_keys = metrics_keys
+        self.service.telemetry.label = self.owner_label
+        if telemetry is not None:
+            telemetry.start_history()
+        self.verbs: set[str] = set()  # POST routes under /api/v1 (create_app fills it)
 
     def owner(self, request: Request) -> str:
         """The caller's identity: a fingerprint of its API key (keys are never stored)."""
@@ -104,8 +113,9 @@ class Server:
             expected = request.expected_answer()
             saves = None if expected is None else (expected[0], encode_json(expected[1]))
         model_id = request.run_id()
+        sampler = getattr(request, "sampling_session_id", None)  # what a sample reads
         request_id = self.requests.track(
-            caller.owner, request.label(), future, encode, model_id, saves
+            caller.owner, request.label(), future, encode, model_id, saves, sampler
         )
         return {"request_id": request_id, "model_id": model_id}
 
@@ -191,7 +201,10 @@ def create_app(server: Server) -> FastAPI:
 
     # The compatible APIs parse their bodies themselves (parse_json), in their own shape.
     app.add_middleware(RefuseBadText, skip=("/oai/", "/anthropic/"), refused=refused_text)
+    add_operations(app, server, server.metrics_keys)  # /metrics, session traces
+    server.verbs = post_verbs(app.routes)
     app.add_middleware(CatchAll)
+    app.add_middleware(RequestIds, server=server)  # outermost: a 500 carries its id too
     return app
 
 

@@ -50,5 +50,11 @@ class ServiceConfig:
     max_metric_steps: int = 10_000
     """Steps of metrics kept per run; beyond it, the older half is thinned to every other
     step (repeatedly: old history gets coarser, recent steps stay exact)."""
+    telemetry: bool = True
+    """Record each request's span (request metrics, traces, logs; `serve --no-telemetry`
+    turns it off, e.g. to measure its cost: /metrics keeps only the scrape-time gauges)."""
+    json_log: bool = False
+    """One JSON line per answered request on the `tinkerd.requests` logger (`serve
+    --log-requests`; docs/operations.md)."""
     clock: Callable[[], float] = field(default=time.time)
     """Wall-clock seconds (heartbeats, expiry): injectable so tests need not wait."""

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 from tinkerd.errors import QueueFullError
 from tinkerd.service.scheduler import Batchable, Scheduler
+from tinkerd.timing import Ran, current
 
 DEDUP_WINDOW = 128
 """seq_ids remembered per run for re-sent requests (a re-send comes within a few
@@ -77,6 +79,7 @@ class RequestQueue:
         self._unnamed: dict[Any, list[float]] = {}
         # Reentrant: work that finishes at once calls back into the queue from `submit`.
         self._lock = threading.RLock()
+        self._ran: weakref.WeakKeyDictionary[Future, Ran] = weakref.WeakKeyDictionary()
 
     def submit(
         self,
@@ -134,6 +137,17 @@ class RequestQueue:
                     gate.advance(skip_gap=True)
             return result
 
+    def ran(self, future: Future) -> Ran | None:
+        """How the work of a future `submit` returned ran (its pass, or its sampling),
+        once it is done; None for work that ran outside a lane or sampler."""
+        with self._lock:
+            return self._ran.get(future)
+
+    @property
+    def pending(self) -> int:
+        """Requests admitted and not yet finished (queued, waiting their seq_id, running)."""
+        return self._pending
+
     def check_room(self, tenant: Any) -> None:
         """Raise the 429 `submit` would, for work that must start before it is submitted."""
         limit = self.max_pending_per_tenant
@@ -146,11 +160,14 @@ class RequestQueue:
             )
 
     def _finish(self, source: Future, result: Future, tenant: Any = None) -> None:
+        ran = current()  # in the lane's (or sampler's) thread, as it resolves `source`
         with self._lock:
             self._pending -= 1
             left = self._tenant_pending.pop(tenant, 1) - 1
             if left:
                 self._tenant_pending[tenant] = left
+            if ran is not None:
+                self._ran[result] = ran
         try:
             result.set_result(source.result())
         except BaseException as e:  # noqa: BLE001 -- a failure (or cancel) goes to the caller

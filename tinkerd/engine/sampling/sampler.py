@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import inspect
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 
@@ -32,6 +33,7 @@ from tinkerd.engine.sampling.choose import Plan, choose, make_plan, prompt_logpr
 from tinkerd.engine.sampling.jobs import Job, Row
 from tinkerd.engine.sampling.spec import SampleSpec
 from tinkerd.engine.vision import decode_positions, forward_inputs
+from tinkerd.timing import Ran, resolving
 from tinkerd.types import SampledSequence, SampleResponse
 
 MAX_BATCH_ROWS = 256  # sequences decoded together; more requests wait for a free row
@@ -58,6 +60,12 @@ class Sampler:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.steps: deque[tuple[int, int]] = deque(maxlen=4096)
         """(rows, distinct requests) of each recent decode step: how much was batched."""
+        # Running totals for metrics (read unlocked by a scrape; only this thread writes).
+        self.prefill_tokens = 0
+        """Prompt tokens prefilled."""
+        self.decode_tokens = 0
+        """Tokens chosen by decode steps (each step chooses one per row)."""
+        self.decode_steps = 0
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"sampler-{base.name}", daemon=True)
         self._thread.start()
@@ -184,6 +192,10 @@ class Sampler:
     def _admit(self, jobs: list[Job]) -> None:
         """Prefill the new prompts together, then add num_samples rows per prompt."""
         lengths = [len(j.spec.prompt) for j in jobs]
+        now = time.time()
+        for job in jobs:
+            job.admitted = now
+        self.prefill_tokens += sum(lengths)
         width = max(lengths)
         pad = 0
         ids = torch.full((len(jobs), width), pad, dtype=torch.long)
@@ -234,10 +246,16 @@ class Sampler:
         """Sample one token for every row, retire finished rows, run the rest forward."""
         rows, logits = self._rows, self._next_logits
         self.steps.append((len(rows), self._plan.requests))
+        self.decode_steps += 1
+        self.decode_tokens += len(rows)
         tokens, logprobs, topk = choose(logits, self._plan, self._rng)
         tokens_list, logprobs_list = tokens.tolist(), logprobs.tolist()
+        now = time.time()
         alive = []
         for i, row in enumerate(rows):
+            row.job.sampled += 1
+            if row.job.first_token is None:
+                row.job.first_token = now
             row.tokens.append(tokens_list[i])
             row.logprobs.append(logprobs_list[i])
             if topk is not None and row.job.spec.topk_sample_logprobs:
@@ -325,11 +343,21 @@ class Sampler:
         )
         job.remaining -= 1
         if job.remaining == 0 and not job.future.done():
-            job.future.set_result(
-                SampleResponse(
-                    sequences=job.sequences,
-                    prompt_logprobs=job.prompt_logprobs,
-                    topk_prompt_logprobs=job.topk_prompt_logprobs,
-                    type="sample",
-                )
+            tokens = len(job.spec.prompt) + job.sampled
+            ran = Ran(
+                self.base.name,
+                job.admitted,
+                time.time(),
+                tokens=tokens,
+                first_token=job.first_token,
+                batch_rows=len(self._rows),
             )
+            with resolving(ran):
+                job.future.set_result(
+                    SampleResponse(
+                        sequences=job.sequences,
+                        prompt_logprobs=job.prompt_logprobs,
+                        topk_prompt_logprobs=job.topk_prompt_logprobs,
+                        type="sample",
+                    )
+                )
