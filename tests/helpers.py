@@ -1,7 +1,9 @@
 """Helpers shared by several test modules: raw wire-protocol calls to a `ServerProcess`
 (what the official SDK sends, without the SDK) and a custom loss."""
 
+import contextlib
 import os
+import threading
 from pathlib import Path
 
 import httpx
@@ -242,3 +244,15 @@ def loss(service, owner, model_id, data, loss_fn, forward_only=False):
         model_id=model_id, data=data, loss_fn=loss_fn, forward_only=forward_only
     )
     return service.submit(caller(owner), request)
+
+
+@contextlib.contextmanager
+def lane_held(scheduler, lane: str = TINY):
+    """Hold a scheduler's lane while the body queues work; always let go (a failing
+    assertion must not leave a lane blocked, which would hang the interpreter's exit)."""
+    gate = threading.Event()
+    scheduler.submit_keyed(lane, "gate", gate.wait)
+    try:
+        yield
+    finally:
+        gate.set()

@@ -306,6 +306,10 @@ class SaveWeightsExternalRequest(RunRequest):
     age_encryption_recipients: list[str] | None = None
     """age1... or SSH public keys: every file is encrypted to them when downloaded."""
 
+    def expected_answer(self) -> tuple[str, BaseModel] | None:
+        path = tinker_path(self.model_id, "external_weights", self.path)
+        return path, SaveWeightsExternalResponse(path=path, type="save_weights_external")
+
 
 class WeightsInfoRequest(Request):
     verb: ClassVar[str] = "weights_info"

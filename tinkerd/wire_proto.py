@@ -267,17 +267,32 @@ def _fill_tensor(out, tensor: TensorData) -> None:
     out.shape.extend(tensor.shape if tensor.shape is not None else [len(tensor.data)])
 
 
-def decode_forward_backward_request(body: bytes) -> dict:
-    """-> dict(model_id, seq_id, data: list[Datum], loss_fn, loss_fn_config, forward_only)."""
+def decode_forward_backward_request(body: bytes, max_tokens: int | None = None) -> dict:
+    """-> dict(model_id, seq_id, data: list[Datum], loss_fn, loss_fn_config, forward_only).
+    `max_tokens`: more model_input tokens than this in all (or more data) is refused
+    before any datum is built, as the engine would refuse it."""
+    return request_from_message(parse_forward_backward_request(body), max_tokens)
+
+
+def parse_forward_backward_request(body: bytes):
+    """The ForwardBackwardRequest message of `body` (the caller may drop `body` after)."""
     msg = MESSAGES["ForwardBackwardRequest"]()
     try:
         msg.ParseFromString(body)
     except Exception as e:  # protobuf raises its own DecodeError type
         raise ProtoDecodeError(f"body is not a ForwardBackwardRequest protobuf: {e}") from None
+    return msg
+
+
+def request_from_message(msg, max_tokens: int | None = None) -> dict:
+    """A parsed ForwardBackwardRequest -> the dict of `decode_forward_backward_request`.
+    Tensors become numpy arrays over the message's bytes (no Python lists of numbers)."""
     try:
         config: dict[str, float | str] = dict(msg.loss_fn_config)
         for key, value in msg.loss_fn_config_v2.items():
             config[key] = value.text if value.WhichOneof("value") == "text" else value.number
+        if max_tokens is not None:
+            _check_tokens(msg, max_tokens)
         data = []
         for i, d in enumerate(msg.data):
             chunks = [_read_chunk(chunk, i) for chunk in d.model_input]
@@ -300,10 +315,71 @@ def decode_forward_backward_request(body: bytes) -> dict:
     )
 
 
+def leading_run_and_seq(prefix: bytes) -> tuple[str | None, int | None]:
+    """model_id (field 1) and seq_id (field 2) read from the first bytes of a
+    ForwardBackwardRequest, as far as they go: a truncated or corrupted body still names
+    its run, since every encoder writes these two fields first. (None, None) if not."""
+    model_id = seq_id = None
+    pos = 0
+    try:
+        while pos < len(prefix) and (model_id is None or seq_id is None):
+            tag, pos = _varint(prefix, pos)
+            if tag & 7 == 0:  # a varint
+                value, pos = _varint(prefix, pos)
+                if tag >> 3 == 2:
+                    seq_id = value - (1 << 64) if value >= 1 << 63 else value
+            elif tag & 7 == 2:  # length-delimited
+                size, pos = _varint(prefix, pos)
+                value, pos = prefix[pos : pos + size], pos + size
+                if pos > len(prefix):
+                    break
+                if tag >> 3 == 1:
+                    model_id = value.decode()
+            else:
+                break
+    except (IndexError, UnicodeDecodeError):
+        pass
+    return model_id, seq_id
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it) of the base-128 varint at `pos` (IndexError: cut off)."""
+    value = 0
+    for shift in range(0, 70, 7):
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+    raise IndexError("varint longer than 10 bytes")
+
+
+def _check_tokens(msg, max_tokens: int) -> None:
+    """Refuse a request with more data or tokens than a pass may hold, from the byte
+    lengths alone (every datum needs a token; a token is 4 bytes)."""
+    if len(msg.data) > max_tokens:
+        raise ProtoDecodeError(
+            f"data: {len(msg.data)} data is more than this server's limit of {max_tokens} tokens"
+        )
+    tokens = sum(len(c.encoded_text.tokens) // 4 for d in msg.data for c in d.model_input)
+    if tokens > max_tokens:
+        raise ProtoDecodeError(
+            f"data: {tokens} model_input tokens in all is more than this server's limit of "
+            f"{max_tokens} tokens; split the batch"
+        )
+
+
 def _ints(raw: bytes, dtype: str, i: int) -> list[int]:
     if len(raw) % np.dtype(dtype).itemsize:
         raise ProtoDecodeError(f"data[{i}]: token bytes are not a whole number of {dtype}")
     return np.frombuffer(raw, dtype).tolist()
+
+
+def _array(raw: bytes, dtype: str, where: str) -> np.ndarray:
+    """`raw` as a read-only 1-D array of `dtype`, sharing its memory."""
+    if len(raw) % np.dtype(dtype).itemsize:
+        raise ProtoDecodeError(f"{where}: {len(raw)} bytes are not a whole number of {dtype}")
+    return np.frombuffer(raw, dtype)
 
 
 def _tensor_data(t, where: str) -> TensorData:
@@ -312,21 +388,18 @@ def _tensor_data(t, where: str) -> TensorData:
     np_dtype = _NP[t.dtype]
     name = "float32" if t.dtype == DTYPE_FLOAT32 else "int64"
     shape = list(t.shape) or None
-    try:
-        if t.WhichOneof("encoding") == "sparse_csr":
-            return TensorData(
-                data=np.frombuffer(t.sparse_csr.values, np_dtype).tolist(),
-                dtype=name,
-                shape=shape,
-                sparse_crow_indices=np.frombuffer(t.sparse_csr.crow_indices, "<i8").tolist(),
-                sparse_col_indices=np.frombuffer(t.sparse_csr.col_indices, "<i8").tolist(),
-            )
-        values = np.frombuffer(t.dense, np_dtype)
-    except ValueError as e:
-        raise ProtoDecodeError(f"{where}: {e}") from None
+    if shape is not None and min(shape) < 0:
+        raise ProtoDecodeError(f"{where}: shape {shape} has a negative size")
+    if t.WhichOneof("encoding") == "sparse_csr":
+        csr = t.sparse_csr
+        values = _array(csr.values, np_dtype, where)
+        crow = _array(csr.crow_indices, "<i8", where)
+        col = _array(csr.col_indices, "<i8", where)
+        return TensorData.from_arrays(values, name, shape, crow, col)
+    values = _array(t.dense, np_dtype, where)
     if shape is not None and int(np.prod(shape)) != values.size:
         raise ProtoDecodeError(f"{where}: shape {shape} does not match {values.size} values")
-    return TensorData(data=values.tolist(), dtype=name, shape=shape)
+    return TensorData.from_arrays(values, name, shape)
 
 
 # ---------------------------------------------------------------- forward_backward result

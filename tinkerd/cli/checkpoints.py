@@ -95,8 +95,14 @@ def _runs_list(args: argparse.Namespace, client: Any) -> int:
 
 
 def _run_row(r: Any) -> list[str]:
-    last = r.last_checkpoint.tinker_path if r.last_checkpoint else "-"
+    last = _newest_checkpoint(r)
     return [r.training_run_id, r.base_model, str(r.lora_rank), _when(r.last_request_time), last]
+
+
+def _newest_checkpoint(run: Any) -> str:
+    """The path of a run's newest checkpoint, training state or sampler weights."""
+    saved = [c for c in (run.last_checkpoint, run.last_sampler_checkpoint) if c is not None]
+    return max(saved, key=lambda c: c.time).tinker_path if saved else "-"
 
 
 def _listing(args: argparse.Namespace, items: list, header: list[str], row: Any) -> int:

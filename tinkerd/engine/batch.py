@@ -113,13 +113,15 @@ def collate(
         for key in inputs:
             if key not in datum.loss_fn_inputs:
                 continue
-            value = _tensor(datum, i, key, "float32")
-            if value.shape != target.shape:
+            given = datum.loss_fn_inputs[key]  # its shape is checked before it is converted
+            shape = list(given.shape) if given.shape is not None else [len(given.data)]
+            if shape != list(target.shape):
                 raise _fail(
                     i,
-                    f"loss_fn_inputs[{key!r}] has shape {list(value.shape)}, "
+                    f"loss_fn_inputs[{key!r}] has shape {shape}, "
                     f"target_tokens has {list(target.shape)}",
                 )
+            value = _tensor(datum, i, key, "float32")
             if not torch.isfinite(value).all():
                 raise _fail(i, f"loss_fn_inputs[{key!r}] contains NaN or inf")
             inputs[key].append(value)

@@ -29,6 +29,7 @@ from tinkerd.engine import Engine
 from tinkerd.errors import AuthenticationError, InvalidRequestError, TinkerdError
 from tinkerd.requests import Request as VerbRequest
 from tinkerd.server.dashboard import add_dashboard, split_key_label
+from tinkerd.server.json_body import RefuseBadText
 from tinkerd.server.operations import RequestIds, add_operations, post_verbs
 from tinkerd.server.requests import RequestTable, encode_json, encode_protobuf, jsonable
 from tinkerd.server.rest import rest_router
@@ -68,6 +69,8 @@ class Server:
         labelled = [split_key_label(k) for k in api_keys]  # `KEY=LABEL` names a key's owner
         self.api_keys = [k.encode() for k, _ in labelled]
         self.key_labels = {fingerprint(k): label for k, label in labelled if label}
+        self.max_batch_tokens: int = engine.config.max_batch_tokens
+        """Padded tokens one request may hold: also bounds its body's bytes."""
         self.metrics_keys = metrics_keys
         self.service.telemetry.label = self.owner_label
         if telemetry is not None:
@@ -120,6 +123,15 @@ class Server:
         """Use up the seq_id of a request refused before its handler ran (a body that
         fails validation or decoding)."""
         self.service.release_rejected(KeyCaller(owner), model_id, seq_id)
+
+    def release_refused_body(self, owner: str, model_id: Any, seq_id: Any) -> None:
+        """`release_rejected` for a refused forward_backward body. One too broken to name
+        its run (garbage, a bad compressed stream) is charged to the key instead: the
+        next of its runs to wait on a missing seq_id skips it at once."""
+        if model_id is None and seq_id is None:
+            self.service.queue.release_unnamed(owner)
+        else:
+            self.release_rejected(owner, model_id, seq_id)
 
 
 class CatchAll:
@@ -220,6 +232,15 @@ def create_app(server: Server) -> FastAPI:
         app.include_router(routes.router(server))
     app.include_router(rest_router(server))
     app.include_router(inference_router(server))  # OpenAI- and Anthropic-compatible
+
+    def refused_text(scope: Scope, body: Any) -> None:
+        if isinstance(body, dict):  # a refused body uses up the seq_id it names
+            with contextlib.suppress(AuthenticationError):
+                owner = server.owner(Request(scope))
+                server.release_rejected(owner, body.get("model_id"), body.get("seq_id"))
+
+    # The compatible APIs parse their bodies themselves (parse_json), in their own shape.
+    app.add_middleware(RefuseBadText, skip=("/oai/", "/anthropic/"), refused=refused_text)
     add_operations(app, server, server.metrics_keys)  # /metrics, session traces
     server.verbs = post_verbs(app.routes)
     app.add_middleware(BodyLimit, max_bytes=server.service.config.max_body_bytes)

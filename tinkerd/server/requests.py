@@ -62,7 +62,7 @@ def encode_error(error: BaseException) -> Encoded:
     if isinstance(error, TinkerdError):
         body = {"error": str(error), "category": error.category}
     else:
-        body = {"error": f"internal error: {type(error).__name__}: {error}", "category": "server"}
+        body = {"error": "internal error (logged on the server)", "category": "server"}
     return JSON, json.dumps(body).encode()
 
 

@@ -198,6 +198,7 @@ class Catalog:
         self.checkpoints.delete(info.model_id, info.kind, info.name)
         self.store.set_published(path, "", False)
         self.store.set_expiry(path, None)
+        self.store.revoke_links(path)
 
     def set_ttl(self, path: str, who: str | None, ttl_seconds: int | None) -> None:
         """Delete the checkpoint `ttl_seconds` from now (None: keep it)."""
@@ -216,6 +217,7 @@ class Catalog:
                 self.checkpoints.delete(model_id, kind, name)
             self.store.set_published(path, "", False)
             self.store.set_expiry(path, None)
+            self.store.revoke_links(path)
             del expiries[path]
         return expiries
 
@@ -230,14 +232,15 @@ class Catalog:
     def signature(self, path: str, expires: int, part: str = "") -> str:
         """Signs the checkpoint's path, `part` (one of its files, for external weights), the
         expiry and what the link was granted on: the checkpoint's identity (its creation
-        time: a deleted and re-created checkpoint is another) and whether it is published.
-        A change to either revokes every link at once."""
+        time: a deleted and re-created checkpoint is another) and its link revision, which
+        every publish, unpublish, delete or expiry raises for good (Store.link_revision):
+        each revokes every link at once, and no later change brings one back."""
         try:
             created = repr(self.checkpoints.resolve(path).created_at)
         except NotFoundError:
             created = "absent"
-        public = path in self.store.published()
-        message = f"{path}\n{part}\n{expires}\n{created}\n{public}".encode()
+        revision = self.store.link_revision(path)
+        message = f"{path}\n{part}\n{expires}\n{created}\n{revision}".encode()
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
 
     def sign(self, path: str) -> tuple[int, str]:

@@ -22,7 +22,10 @@ from tinkerd.errors import InvalidRequestError, QueueFullError
 from tinkerd.service.scheduler import Batchable, Scheduler
 from tinkerd.timing import Ran, current
 
-DEDUP_WINDOW = 1024  # seq_ids remembered per run for re-sent requests
+DEDUP_WINDOW = 128
+"""seq_ids remembered per run for re-sent requests (a re-send comes within a few
+requests). Each holds its result: a forward_backward of 4 rows of 37 tokens is ~27 KiB,
+so 1024 (pruned at 2048) let a key's 30 runs hold over a GiB under a flood."""
 
 
 class _SeqGate:
@@ -35,6 +38,7 @@ class _SeqGate:
         self.futures: dict[int, Future] = {}
         self.released: set[int] = set()  # seq_ids used up without work
         self.stalled_since: float | None = None
+        self.tenant: Any = None  # the API key whose run this is
 
     def advance(self, skip_gap: bool = False) -> None:
         """Start every request whose turn has come; with `skip_gap`, jump missing seq_ids."""
@@ -47,7 +51,7 @@ class _SeqGate:
                 start()
             self.next_seq += 1
         self.stalled_since = self.clock() if self.waiting else None
-        if len(self.futures) > 2 * DEDUP_WINDOW:  # re-sends come within a few requests
+        if len(self.futures) > DEDUP_WINDOW + DEDUP_WINDOW // 4:  # prune in batches
             for seq in [s for s in self.futures if s < self.next_seq - DEDUP_WINDOW]:
                 del self.futures[seq]
 
@@ -72,6 +76,8 @@ class RequestQueue:
         self._pending = 0
         self._tenant_pending: dict[Any, int] = {}
         self._gates: dict[str, _SeqGate] = {}
+        # tenant -> times of its refused requests that named no run (see release_unnamed)
+        self._unnamed: dict[Any, list[float]] = {}
         # Reentrant: work that finishes at once calls back into the queue from `submit`.
         self._lock = threading.RLock()
         self._ran: weakref.WeakKeyDictionary[Future, Ran] = weakref.WeakKeyDictionary()
@@ -126,7 +132,10 @@ class RequestQueue:
             else:
                 gate.futures[seq_id] = result
                 gate.waiting[seq_id] = start
+                gate.tenant = tenant
                 gate.advance()
+                if gate.stalled_since is not None and self._take_unnamed(tenant):
+                    gate.advance(skip_gap=True)
             return result
 
     def ran(self, future: Future) -> Ran | None:
@@ -217,6 +226,35 @@ class RequestQueue:
             if seq_id >= gate.next_seq:
                 gate.released.add(seq_id)
                 gate.advance()
+
+    def release_unnamed(self, tenant: Any) -> None:
+        """A request of `tenant` was refused before it could say its run and seq_id (a
+        body too broken to read). The seq_id it used is one of the key's own runs' next
+        missing one: the first of them stalled now, or the next to stall within
+        `gap_timeout`, skips its gap at once (a skipped request that arrives after all
+        still runs, at once) rather than waiting out the timeout."""
+        with self._lock:
+            for gate in self._gates.values():
+                if gate.tenant == tenant and gate.stalled_since is not None:
+                    gate.advance(skip_gap=True)
+                    return
+            times = self._unnamed.setdefault(tenant, [])
+            times.append(self.clock())
+            del times[:-64]  # a flood of garbage skips no more gaps than 64 at a time
+
+    def _take_unnamed(self, tenant: Any) -> bool:
+        """Use up one of `tenant`'s recent unnamed refusals, if it has one."""
+        times = self._unnamed.get(tenant)
+        if not times:
+            return False
+        now = self.clock()
+        while times and now - times[0] > self.gap_timeout:
+            times.pop(0)
+        if not times:
+            del self._unnamed[tenant]
+            return False
+        times.pop(0)
+        return True
 
     def unstick(self) -> None:
         """Let requests run past a seq_id that has been missing for `gap_timeout`."""

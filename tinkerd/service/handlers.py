@@ -256,9 +256,11 @@ def save_weights_external(
 
     def work() -> SaveWeightsExternalResponse:
         run = service.engine.run(req.model_id)
-        info = service.checkpoints.save(run, "external_weights", req.path, with_optimizer=False)
+        # Recipients first: a crash right after the save must not leave the adapter
+        # downloadable unencrypted.
         if caller.owner is not None or recipients:  # (an embedded caller's store stays unopened)
             service.store.set_age_recipients(path, recipients)
+        info = service.checkpoints.save(run, "external_weights", req.path, with_optimizer=False)
         caller.expire_after(service, path, req.ttl_seconds)
         return SaveWeightsExternalResponse(
             path=info.tinker_path, size_bytes=info.size_bytes, type="save_weights_external"

@@ -5,8 +5,9 @@ them afterwards, but glibc's malloc keeps most freed pages in its arenas (one pe
 that allocated: the HTTP server's worker threads, the lanes, the sampler), so a server's
 RSS stays at its peak: measured on tinkerd/tiny, a first training pass raised RSS by 370
 MiB, of which `malloc_trim(0)` returned 210 MiB at once. The scheduler calls `trim_heap`
-when a lane runs out of work, at most once per `MIN_INTERVAL` seconds, so an idle run
-holds only its adapter and optimizer state. (On CUDA, PyTorch's caching allocator keeps
+after every pass (a lane kept busy by a flood never idles: issue 23), and it trims at most
+once per `MIN_INTERVAL` seconds and once more after the last pass, so an idle run holds
+only its adapter and optimizer state. (On CUDA, PyTorch's caching allocator keeps
 device memory for reuse by design; this is about host RAM. Operators may also start the
 server with MALLOC_ARENA_MAX=2 to bound the number of arenas.)
 """

@@ -13,9 +13,13 @@ run), and a run that queued a huge batch (or many requests) delays another by at
 one pass per round.
 
 `Batchable` work (a forward_backward) can share its pass: when its key's turn comes, the
-heads of the other keys (of every tenant) that are Batchable of the same `group` join
-it, in turn order (tenants, then their keys),
-while the pass stays within `MAX_PASS_TOKENS` (the first always runs, however large).
+heads of the other keys that are Batchable of the same `group` join it, while the pass
+stays within `MAX_PASS_TOKENS` (the first always runs, however large). They join in
+rounds, each tenant adding one head (its next key's) per round, and a pass gets another
+round only while every tenant active in the last `ACTIVE_SECONDS` still adds one: so a
+pass holds as many requests of a tenant with 30 runs as of one with a single run, and
+another tenant's step never rides (nor waits behind) a pass 30 times its size, while a
+tenant alone, or many tenants with a run each, pack as fully as the token limit allows.
 Their `run_many` then runs them all in one call: one batched pass over the base model.
 The caller gets a `concurrent.futures.Future` at once and never waits on the engine.
 """
@@ -37,6 +41,9 @@ from tinkerd.timing import Ran, resolving
 T = TypeVar("T")
 log = logging.getLogger("tinkerd.scheduler")
 MAX_PASS_TOKENS = 8192  # padded tokens one packed pass may hold (bounds its activations)
+ACTIVE_SECONDS = 2.0
+"""A tenant that queued Batchable work this recently limits how much another packs in one
+pass (see above): between its requests (its client reading a result) it is still active."""
 
 
 @dataclass
@@ -91,6 +98,7 @@ class _Lane:
         self.closed = False
         self.max_pass_tokens = max_pass_tokens
         self.log = log
+        self.active: dict[Hashable, float] = {}  # tenant: when it last queued work
         self.thread = threading.Thread(target=self._loop, name=f"tinkerd-lane-{name}", daemon=True)
         self.thread.start()
 
@@ -103,6 +111,8 @@ class _Lane:
                 raise RuntimeError("cannot schedule new work after shutdown")
             queues = self.tenants.setdefault(tenant, OrderedDict())
             queues.setdefault(key, deque()).append((work, future))
+            if isinstance(work, Batchable):
+                self.active[tenant] = time.monotonic()
             self.cond.notify()
         return future
 
@@ -115,19 +125,7 @@ class _Lane:
         taken = [(tenant, key, queue.popleft())]
         first = taken[0][2][0]
         if isinstance(first, Batchable):
-            tokens = first.tokens
-            for t, qs in self.tenants.items():
-                for other, q in qs.items():
-                    if not q or (t, other) == (tenant, key):
-                        continue
-                    work = q[0][0]
-                    if (
-                        isinstance(work, Batchable)
-                        and work.group == first.group
-                        and tokens + work.tokens <= self.max_pass_tokens
-                    ):
-                        taken.append((t, other, q.popleft()))
-                        tokens += work.tokens
+            taken += self._pack(first, tenant, key)
         for t, k, _ in taken:
             qs = self.tenants[t]
             q = qs.pop(k)
@@ -139,6 +137,45 @@ class _Lane:
                 self.tenants[t] = qs  # to the back of the tenants' turn order
         return [(k, item) for _, k, item in taken]
 
+    def _pack(
+        self, first: Batchable, tenant: Hashable, key: Hashable
+    ) -> list[tuple[Hashable, Hashable, _Item]]:
+        """Heads of other keys that join `first`'s pass, in rounds (see above)."""
+        now = time.monotonic()
+        for t in [t for t, when in self.active.items() if now - when > ACTIVE_SECONDS]:
+            del self.active[t]
+        # Each tenant's packable heads, in its keys' turn order; the turn's key is used.
+        heads = {
+            t: deque(
+                (k, q)
+                for k, q in qs.items()
+                if q
+                and (t, k) != (tenant, key)
+                and isinstance(q[0][0], Batchable)
+                and q[0][0].group == first.group
+            )
+            for t, qs in self.tenants.items()
+        }
+        # As many rounds as the active tenant with the fewest heads can fill (one with
+        # nothing queued now, but active lately, allows just the first round: its next
+        # request must not wait behind a big pass).
+        fewest = (len(heads.get(t, ())) + (t == tenant) for t in self.active)
+        rounds = max(1, min(fewest, default=len(self.tenants) + sum(map(len, heads.values()))))
+        taken, tokens = [], first.tokens
+        for round in range(rounds):
+            for t, left in heads.items():
+                if round == 0 and t == tenant:
+                    continue  # its first head is `first`
+                while left:  # its next key whose head fits
+                    k, q = left.popleft()
+                    if tokens + q[0][0].tokens <= self.max_pass_tokens:
+                        taken.append((t, k, q.popleft()))
+                        tokens += taken[-1][2][0].tokens
+                        break
+            if not any(heads.values()):
+                break
+        return taken
+
     def _loop(self) -> None:
         while True:
             with self.cond:
@@ -149,7 +186,9 @@ class _Lane:
                 taken = self._take()
             self.log.append(tuple(k for k, _ in taken))
             _run(taken, self.name, self.on_pass)
-            if self.on_idle is not None and not self.tenants:  # unlocked peek: a hint
+            # After every pass, not only when idle: a lane kept busy by a flood never idles,
+            # and its heap then grew with every pass (the hook rate-limits itself).
+            if self.on_idle is not None:
                 try:
                     self.on_idle()
                 except Exception:  # noqa: BLE001 -- housekeeping never stops a lane
@@ -214,8 +253,9 @@ class Scheduler:
         on_idle: Callable[[], Any] | None = None,
         on_pass: Callable[[Ran], Any] | None = None,
     ) -> None:
-        """`on_idle`: called in a lane's thread when it has run out of work (e.g. to give
-        freed memory back: service/memory.py). `on_pass`: called in the lane's thread
+        """`on_idle`: called in a lane's thread after each pass, busy or idle (e.g. to give
+        freed memory back: service/memory.py's `trim_heap`, which runs at most every 2 s
+        and once more after the last pass). `on_pass`: called in the lane's thread
         after each pass, before its futures resolve (metrics: service/telemetry.py)."""
         self._lanes: dict[str, _Lane] = {}
         self._lock = threading.Lock()

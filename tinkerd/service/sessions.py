@@ -76,7 +76,7 @@ class Sessions:
         for model_id in self.store.active_runs(session_id):
             with contextlib.suppress(TinkerdError):
                 self.engine.unload_model(model_id)
-            self.store.touch_run(model_id, status=status)
+            self.store.set_run_status(model_id, status)  # not a request: its time stays
             self.queue.forget_model(model_id)
         prefix = f"{session_id}:"  # its own sampling sessions and its runs' ones
         with self._sampling_lock:

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS pending_saves (
     request_id TEXT PRIMARY KEY, tinker_path TEXT NOT NULL, content_type TEXT NOT NULL,
     body BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS link_revisions (tinker_path TEXT PRIMARY KEY, revision INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoint_ttl (tinker_path TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS metrics (
     model_id TEXT NOT NULL, step INTEGER NOT NULL, kind TEXT NOT NULL, time REAL NOT NULL,
@@ -255,6 +256,11 @@ class Store:
         else:
             self._exec("UPDATE runs SET last_request=? WHERE model_id=?", (self.clock(), model_id))
 
+    def set_run_status(self, model_id: str, status: str) -> None:
+        """A run's status changed without a request of its own (its session ended):
+        its last request time stays what it was."""
+        self._exec("UPDATE runs SET status=? WHERE model_id=?", (status, model_id))
+
     def runs(self, owner: str | None) -> list[dict]:
         """Runs of one owner (None: everyone's), oldest first."""
         where, args = ("WHERE owner=?", (owner,)) if owner is not None else ("", ())
@@ -277,7 +283,8 @@ class Store:
     # ---------------------------------------------------------------- published checkpoints
 
     def set_published(self, tinker_path: str, owner: str, public: bool) -> bool:
-        """Publish (or unpublish) a checkpoint; False if it already was (or was not)."""
+        """Publish (or unpublish) a checkpoint; False if it already was (or was not).
+        A change revokes the checkpoint's signed links (`link_revision`)."""
         with self._lock:
             if public:
                 cursor = self._db.execute(
@@ -288,7 +295,29 @@ class Store:
                 cursor = self._db.execute(
                     "DELETE FROM published WHERE tinker_path=?", (tinker_path,)
                 )
-            return cursor.rowcount == 1
+            changed = cursor.rowcount == 1
+            if changed:
+                self._revoke_links(tinker_path)
+            return changed
+
+    def _revoke_links(self, tinker_path: str) -> None:
+        self._db.execute(
+            "INSERT INTO link_revisions VALUES (?, 1) ON CONFLICT(tinker_path) "
+            "DO UPDATE SET revision = revision + 1",
+            (tinker_path,),
+        )
+
+    def revoke_links(self, tinker_path: str) -> None:
+        """Revoke every signed link to the checkpoint given so far, for good."""
+        with self._lock:
+            self._revoke_links(tinker_path)
+
+    def link_revision(self, tinker_path: str) -> int:
+        """How many times the checkpoint's signed links were revoked: signed into each
+        link, and only ever growing, so a revoked link never comes back (publish then
+        unpublish restores the published flag, not the revision)."""
+        rows = self._exec("SELECT revision FROM link_revisions WHERE tinker_path=?", (tinker_path,))
+        return rows[0][0] if rows else 0
 
     def published(self) -> set[str]:
         """Tinker paths of every published checkpoint."""

@@ -5,9 +5,6 @@ the quotas (403 / 429 through the official SDK) is at the end."""
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import pytest
 import tinker
 from helpers import (
@@ -18,6 +15,7 @@ from helpers import (
     ServerProcess,
     caller,
     create_run,
+    lane_held,
     loss,
     make_datum,
     sdk_loss_request,
@@ -52,18 +50,6 @@ def upload(session: str, graph: dict, seq: int) -> CreateCustomLossRequest:
 def service_with(engine, tmp_path, **limits) -> Service:
     config = ServiceConfig(expiry_interval=0, **limits)
     return Service(engine, tmp_path, [TINY], config)
-
-
-@contextlib.contextmanager
-def lane_held(scheduler: Scheduler, lane: str = TINY):
-    """Hold the lane while the body queues work; always let go (a failing assertion must
-    not leave a lane blocked, which would hang the interpreter's exit)."""
-    gate = threading.Event()
-    scheduler.submit_keyed(lane, "gate", gate.wait)
-    try:
-        yield
-    finally:
-        gate.set()
 
 
 def test_scheduler_turns_go_by_tenant_then_by_key():

@@ -25,7 +25,7 @@ from tinkerd.requests import (
     LoadWeightsRequest,
     SampleRequest,
 )
-from tinkerd.server.encodings import decode_loss_request, decompress, run_and_seq
+from tinkerd.server.encodings import BodyError, decode_loss_body
 from tinkerd.server.routes import API
 from tinkerd.server.schemas import LoadWeightsBody
 from tinkerd.service import KeyCaller
@@ -82,16 +82,13 @@ def router(server: Any) -> APIRouter:
             raise InvalidRequestError("/forward takes JSON; send protobuf to forward_backward")
 
         def submit() -> dict:
-            body = decompress(raw, headers.get("content-encoding"))
+            encoding = headers.get("content-encoding")
             try:
-                decoded = decode_loss_request(body, content_type, forward_only)
-            except wire_proto.ProtoDecodeError as e:
-                service.release_rejected(caller, e.model_id, e.seq_id)
-                raise
-            except InvalidRequestError:
-                named = run_and_seq(body) if "json" in (content_type or "") else None
-                if named is not None:
-                    service.release_rejected(caller, *named)
+                decoded = decode_loss_body(
+                    raw, encoding, content_type, forward_only, server.max_batch_tokens
+                )
+            except (BodyError, wire_proto.ProtoDecodeError) as e:
+                server.release_refused_body(caller.owner, e.model_id, e.seq_id)
                 raise
             return server.answer(caller, ForwardBackwardRequest(**decoded))
 
