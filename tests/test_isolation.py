@@ -158,6 +158,7 @@ OPEN = {
     ("GET", "/api/v1/get_server_capabilities"),
     ("POST", "/api/v1/create_session"),
     ("POST", "/api/v1/telemetry"),
+    ("GET", "/api/v1/dashboard/paging"),  # server-wide counts per base model, no run ids
 }
 LISTINGS = {
     ("GET", "/api/v1/sessions"),

@@ -216,6 +216,10 @@ class DistributedEngine(LossCalls):
     def get_server_capabilities(self) -> GetServerCapabilitiesResponse:
         return self.local.get_server_capabilities()
 
+    def paging_stats(self) -> dict[str, dict[str, float]]:
+        """Rank 0's resident sets (every rank's are the same: `engine.paging`)."""
+        return self.local.paging_stats()
+
     def get_info(self, model_id: str) -> GetInfoResponse:
         return self.local.get_info(model_id)
 

@@ -130,8 +130,8 @@ class _Entry:
     owner: str
     where: str = "device"
     """`device` (resident), `host` or `disk`."""
-    pieces: dict[tuple[int, str], Any] | None = None
-    """While paged: the adapter's entries of each LoRA layer, by (layer index, attribute)."""
+    pieces: dict[tuple[Any, str], Any] | None = None
+    """While paged: the adapter's entries of each LoRA layer, by (layer, attribute)."""
     path: Path | None = None
     """While on disk: the file holding its tensors' bytes, end to end."""
     layout: Any = None
@@ -395,11 +395,11 @@ class ResidentSet:
 
         name, model = entry.run.model_id, self.base.peft_model
         pieces = {}
-        for i, layer in enumerate(self._layers()):
+        for layer in self._layers():
             for attr in _adapter_attrs(layer):
                 held = getattr(layer, attr, None)
                 if held is not None and name in held:
-                    pieces[i, attr] = held.pop(name)
+                    pieces[layer, attr] = held.pop(name)
         entry.pieces, entry.config = pieces, model.peft_config.pop(name)
         self.base.adapters.discard(name)
         _repoint_active(self.base)
@@ -408,11 +408,10 @@ class ResidentSet:
         """Put the run's adapter back: its pieces into the layers they came from."""
         from tinkerd.engine.adapters import _repoint_active
 
-        layers = self._layers()
         name = entry.run.model_id
         self.base.peft_model.peft_config[name] = entry.config
-        for (i, attr), piece in entry.pieces.items():
-            getattr(layers[i], attr)[name] = piece
+        for (layer, attr), piece in entry.pieces.items():
+            getattr(layer, attr)[name] = piece
         entry.pieces = None
         self.base.adapters.add(name)
         _repoint_active(self.base)
