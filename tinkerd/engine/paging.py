@@ -49,6 +49,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -67,6 +68,8 @@ from torch import Tensor
 from tinkerd.engine.memory import _mem_available, parse_bytes
 from tinkerd.engine.optimizers import Dimuon
 
+log = logging.getLogger("tinkerd.paging")
+
 if TYPE_CHECKING:
     from tinkerd.engine.adapters import Run
     from tinkerd.engine.models import BaseModel
@@ -82,6 +85,8 @@ MAX_RESIDENT_RUNS = 32
 (measured in docs/benchmarks.md), however small they are."""
 GRANULE = 256 << 20
 """`auto` budgets are rounded down to this, so that ranks on alike machines agree."""
+MIN_FREE_DISK = 1 << 30
+"""Bytes of disk left free: a page-out that would leave less keeps the run in memory."""
 SPILL_DIR = "paged"
 """Under the data dir: one file per run paged to disk."""
 
@@ -318,10 +323,13 @@ class ResidentSet:
         model_id = entry.run.model_id
         self._detach(entry)
         del self.resident[model_id]
-        if entry.size <= self.config.host_bytes:
-            while self._host_used() + entry.size > self.config.host_bytes:
-                _, oldest = self.host.popitem(last=False)
-                self._to_disk(oldest)
+        host = entry.size <= self.config.host_bytes or not self._disk_has_room(entry.size)
+        while host and self.host and self._host_used() + entry.size > self.config.host_bytes:
+            if not self._disk_has_room(entry.size):
+                break
+            _, oldest = self.host.popitem(last=False)
+            self._to_disk(oldest)
+        if host:
             _move_state(entry.run, lambda t: t.to("cpu"))  # no copy on a CPU device
             entry.where = "host"
             self.host[model_id] = entry
@@ -347,6 +355,17 @@ class ResidentSet:
             self.stats.page_ins += 1
             self.stats.page_in_seconds += seconds
             self.stats.recent.append(time.monotonic())
+
+    def _disk_has_room(self, size: int) -> bool:
+        """Whether the data dir's disk can take `size` more bytes and keep MIN_FREE_DISK
+        free; if not, a paged run stays in host memory (over the budget, logged)."""
+        path = self.spill_dir
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        if shutil.disk_usage(path).free >= size + MIN_FREE_DISK:
+            return True
+        log.warning("disk under %s is full: paged runs stay in memory", self.spill_dir)
+        return False
 
     def _host_used(self) -> int:
         return sum(e.size for e in self.host.values())
