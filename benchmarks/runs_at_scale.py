@@ -16,7 +16,7 @@
     python benchmarks/runs_at_scale.py [--quick] [--record]
 
 5. `--sweep`: the issue's end-to-end check at full size, through the official SDK and
-   `tinkerd serve` keeping 4 runs (at most 600 MiB) per base resident: 300 tinkerd/tiny
+   `tinkerd serve` keeping 4 runs (at most 400 MiB) per base resident: 300 tinkerd/tiny
    runs (rank 8) and 40 SmolLM2 runs (rank 32), 2 steps each, interleaved, against
    never-paged controls (tests/test_paging.py's `sweep`, which CI runs at 60 + 6): the
    largest loss and weight differences, the server's peak RSS, the wall clock.
@@ -160,7 +160,7 @@ def full_sweep(n_tiny: int, n_smollm2: int, save: bool) -> None:
         f"`--sweep {n_tiny} {n_smollm2}` (load average at start {load:.1f}): one key, one "
         f"session of the official SDK; {n_tiny} tinkerd/tiny runs (rank 8) and {n_smollm2} "
         "SmolLM2-135M runs (rank 32, all linear) on `tinkerd serve --max-resident-runs 4 "
-        "--run-budget 600MiB`, 2 steps each, interleaved. Against never-paged controls: "
+        "--run-budget 400MiB`, 2 steps each, interleaved. Against never-paged controls: "
         f"largest second-step loss difference {loss_error:.1e}, largest final-weight "
         f"difference {result.weight_error:.1e}. Served in {result.seconds:.0f} s; server "
         f"peak RSS {result.peak_rss_mib:.0f} MiB. Paging per base: "
