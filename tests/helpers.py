@@ -101,3 +101,30 @@ def sdk_loss_request(fn, ranks: dict[str, int]) -> dict:
         "inputs": [{"name": i.name, "rank": i.rank} for i in handle.inputs],
         "graph": encode_graph(handle).model_dump(mode="json"),
     }
+
+
+def caller(owner):
+    """The service's caller for `owner`: a key's fingerprint, or None for the local one."""
+    from tinkerd.service import LOCAL, KeyCaller
+
+    return LOCAL if owner is None else KeyCaller(owner)
+
+
+def create_run(service, owner, base_model, lora, session_id=None, model_seq_id=None) -> str:
+    """A new run through the service's CreateModelRequest: its model_id."""
+    from tinkerd.requests import CreateModelRequest
+
+    request = CreateModelRequest(
+        base_model=base_model, lora_config=lora, session_id=session_id, model_seq_id=model_seq_id
+    )
+    return service.submit(caller(owner), request).result().model_id
+
+
+def loss(service, owner, model_id, data, loss_fn, forward_only=False):
+    """A forward (or forward_backward) request's future."""
+    from tinkerd.requests import ForwardBackwardRequest
+
+    request = ForwardBackwardRequest(
+        model_id=model_id, data=data, loss_fn=loss_fn, forward_only=forward_only
+    )
+    return service.submit(caller(owner), request)

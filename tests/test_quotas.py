@@ -11,9 +11,14 @@ import threading
 import pytest
 import tinker
 from conftest import KEYS, TINY, ServerProcess, make_datum
-from helpers import NLL_RANKS, sdk_loss_request, weighted_nll
+from helpers import NLL_RANKS, caller, create_run, loss, sdk_loss_request, weighted_nll
 
 from tinkerd.errors import NotFoundError, QueueFullError, QuotaExceededError
+from tinkerd.requests import (
+    CreateCustomLossRequest,
+    CreateSamplingSessionRequest,
+    UnloadModelRequest,
+)
 from tinkerd.service import Service, ServiceConfig
 from tinkerd.service.scheduler import Scheduler
 from tinkerd.service.store import Store
@@ -21,6 +26,16 @@ from tinkerd.types import LoraConfig
 
 LORA = LoraConfig(rank=2, seed=5)
 FB = [make_datum([256, 7, 8, 9])]
+
+
+def open_sampling(session: str, seq: int) -> CreateSamplingSessionRequest:
+    return CreateSamplingSessionRequest(
+        session_id=session, sampling_session_seq_id=seq, base_model=TINY
+    )
+
+
+def upload(session: str, graph: dict, seq: int) -> CreateCustomLossRequest:
+    return CreateCustomLossRequest(session_id=session, graph=graph | {"custom_loss_seq_id": seq})
 
 
 def service_with(engine, tmp_path, **limits) -> Service:
@@ -58,12 +73,12 @@ def test_a_key_with_many_runs_does_not_crowd_out_a_key_with_one(engine, tmp_path
     second pass, not the sixth (turns per run would serve all of Alice's first)."""
     service = service_with(engine, tmp_path, max_pass_tokens=1)  # no packing
     alice, bob = (service.sessions.create(who, [], {}) for who in ("alice", "bob"))
-    runs = [service.create_model("alice", TINY, LORA, alice, i).result() for i in range(5)]
-    victim = service.create_model("bob", TINY, LORA, bob, 0).result()
+    runs = [create_run(service, "alice", TINY, LORA, alice, i) for i in range(5)]
+    victim = create_run(service, "bob", TINY, LORA, bob, 0)
     finished: list[str] = []
     with lane_held(service.scheduler):
-        futures = [service.forward_backward("alice", m, FB, "cross_entropy") for m in runs]
-        futures.append(service.forward_backward("bob", victim, FB, "cross_entropy"))
+        futures = [loss(service, "alice", m, FB, "cross_entropy") for m in runs]
+        futures.append(loss(service, "bob", victim, FB, "cross_entropy"))
         for model_id, future in zip([*runs, victim], futures):
             future.add_done_callback(lambda _, m=model_id: finished.append(m))
     for future in futures:
@@ -79,13 +94,14 @@ def test_per_key_quotas_refuse_with_the_limit_named(engine, tmp_path):
     with pytest.raises(QuotaExceededError, match="max-sessions-per-key"):
         service.sessions.create("alice", [], {})
     other = service.sessions.create("bob", [], {})  # another key is not affected
-    runs = [service.create_model("alice", TINY, LORA, first, i).result() for i in range(2)]
+    runs = [create_run(service, "alice", TINY, LORA, first, i) for i in range(2)]
     with pytest.raises(QuotaExceededError, match="max-runs-per-key") as refused:
-        service.create_model("alice", TINY, LORA, first, 2)
+        create_run(service, "alice", TINY, LORA, first, 2)
     assert refused.value.status_code == 403
-    service.create_model("bob", TINY, LORA, other, 0).result()
-    service.unload_model("alice", runs[0]).result()  # an unloaded run no longer counts
-    service.create_model("alice", TINY, LORA, first, 3).result()
+    create_run(service, "bob", TINY, LORA, other, 0)
+    unload = UnloadModelRequest(model_id=runs[0])
+    service.submit(caller("alice"), unload).result()  # an unloaded run no longer counts
+    create_run(service, "alice", TINY, LORA, first, 3)
     service.sessions.finish(first, "alice")  # nor does a finished session
     service.sessions.create("alice", [], {})
     service.close()
@@ -94,29 +110,34 @@ def test_per_key_quotas_refuse_with_the_limit_named(engine, tmp_path):
 def test_queued_requests_per_key_answer_429_and_leave_other_keys_alone(engine, tmp_path):
     service = service_with(engine, tmp_path, max_queued_per_key=2, max_pass_tokens=1)
     alice, bob = (service.sessions.create(who, [], {}) for who in ("alice", "bob"))
-    mine = service.create_model("alice", TINY, LORA, alice, 0).result()
-    theirs = service.create_model("bob", TINY, LORA, bob, 0).result()
+    mine = create_run(service, "alice", TINY, LORA, alice, 0)
+    theirs = create_run(service, "bob", TINY, LORA, bob, 0)
     with lane_held(service.scheduler):
-        queued = [service.forward("alice", mine, FB, "cross_entropy") for _ in range(2)]
+        queued = [
+            loss(service, "alice", mine, FB, "cross_entropy", forward_only=True) for _ in range(2)
+        ]
         with pytest.raises(QueueFullError, match="max-queued-per-key") as refused:
-            service.forward("alice", mine, FB, "cross_entropy")
+            loss(service, "alice", mine, FB, "cross_entropy", forward_only=True)
         assert refused.value.status_code == 429 and refused.value.retry_after > 0
         weights = service.sampling.weights("alice", TINY, None)
         with pytest.raises(QueueFullError):  # samples count too
             service.sampling.sample(
                 weights, [256, 5], 1, tinker.SamplingParams(max_tokens=1), owner="alice"
             )
-        other = service.forward("bob", theirs, FB, "cross_entropy")
+        other = loss(service, "bob", theirs, FB, "cross_entropy", forward_only=True)
     for future in [*queued, other]:
         future.result()
-    service.forward("alice", mine, FB, "cross_entropy").result()  # room again
+    loss(service, "alice", mine, FB, "cross_entropy", forward_only=True).result()  # room again
     service.close()
 
 
 def test_sampling_sessions_over_the_quota_drop_the_least_recently_used(engine, tmp_path):
     service = service_with(engine, tmp_path, max_sampling_sessions_per_key=2)
     session = service.sessions.create("alice", [], {})
-    ids = [service.sampling.open_session("alice", session, i, TINY, None) for i in range(3)]
+    ids = [
+        service.submit(caller("alice"), open_sampling(session, i)).result().sampling_session_id
+        for i in range(3)
+    ]
     with pytest.raises(NotFoundError, match="max-sampling-sessions-per-key"):
         service.sessions.sampler(ids[0], "alice")
     assert service.sessions.sampler(ids[2], "alice").base_model == TINY
@@ -132,14 +153,14 @@ def test_uploaded_losses_go_with_their_session_and_have_a_quota(engine, tmp_path
     service = service_with(engine, tmp_path, max_losses_per_key=2, max_loss_bytes_per_key=3 * size)
     session = service.sessions.create("alice", [], {})
     for i in range(2):
-        service.create_custom_loss("alice", session, graph | {"custom_loss_seq_id": i})
+        service.submit(caller("alice"), upload(session, graph, i))
     with pytest.raises(QuotaExceededError, match="max-losses-per-key"):
-        service.create_custom_loss("alice", session, graph | {"custom_loss_seq_id": 2})
+        service.submit(caller("alice"), upload(session, graph, 2))
     service.sessions.finish(session, "alice")
     assert not service.losses._compiled  # freed with the session
     small = service_with(engine, tmp_path / "b", max_loss_bytes_per_key=size // 2)
     with pytest.raises(QuotaExceededError, match="max-loss-bytes-per-key"):
-        small.create_custom_loss("alice", small.sessions.create("alice", [], {}), graph)
+        small.submit(caller("alice"), upload(small.sessions.create("alice", [], {}), graph, 0))
     service.close()
     small.close()
 
@@ -191,8 +212,10 @@ IDLE_TRIM = """
 import ctypes, sys, time
 sys.path.insert(0, "tests")
 from conftest import TINY, make_datum
+from helpers import create_run, loss
 from tinkerd.engine import Engine
-from tinkerd.service import Service
+from tinkerd.requests import OptimStepRequest
+from tinkerd.service import LOCAL, Service
 from tinkerd.types import AdamParams, LoraConfig
 
 def rss():
@@ -201,9 +224,10 @@ def rss():
 service = Service.for_engine(Engine())
 data = [make_datum([256, *b"some text to train on " * 8])] * 8
 for seed in range(2):
-    run = service.create_model(None, TINY, LoraConfig(rank=8, seed=seed)).result()
-    service.forward_backward(None, run, data, "cross_entropy").result()
-    service.optim_step(None, run, AdamParams(learning_rate=1e-3)).result()
+    run = create_run(service, None, TINY, LoraConfig(rank=8, seed=seed))
+    loss(service, None, run, data, "cross_entropy").result()
+    step = OptimStepRequest(model_id=run, adam_params=AdamParams(learning_rate=1e-3))
+    service.submit(LOCAL, step).result()
 time.sleep(3)  # the lane is idle: its hook has trimmed (at most 2 s after the last)
 before = rss()
 ctypes.CDLL("libc.so.6").malloc_trim(0)

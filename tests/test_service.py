@@ -9,6 +9,7 @@ import threading
 
 import pytest
 from conftest import TINY, make_datum
+from helpers import create_run
 
 from tinkerd import ServiceClient
 from tinkerd.client.transport import InProcessTransport
@@ -47,8 +48,8 @@ def test_a_silent_session_expires_on_the_service_clock(engine, tmp_path):
     silent = service.sessions.create("alice", [], {})
     alive = service.sessions.create("alice", [], {})
     lora = LoraConfig(rank=4, seed=3)
-    gone = service.create_model("alice", TINY, lora, silent, 0).result()
-    kept = service.create_model("alice", TINY, lora, alive, 0).result()
+    gone = create_run(service, "alice", TINY, lora, silent, 0)
+    kept = create_run(service, "alice", TINY, lora, alive, 0)
     now[0] += 9.0
     assert service.sessions.expire() == []
     assert service.sessions.heartbeat(alive, "alice")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -283,20 +283,25 @@ def _as_mapping(value: Any, expected: str) -> Mapping[str, Any]:
 
 
 def optim_params_from(value: Any) -> OptimParams:
-    """Ours, the official SDK's, or their JSON: a `type` of "dimuon" is DimuonParams,
-    no `type` (the SDK sends none for Adam) or "adamw" is AdamParams."""
-    if isinstance(value, (AdamParams, DimuonParams)):
+    """Ours, the official SDK's, or their JSON: the params of the optimizer its `type`
+    names (`OPTIMIZERS`); no `type` (the SDK sends none for Adam) is AdamParams."""
+    if isinstance(value, tuple(k.params for k in OPTIMIZERS.values())):
         return value
     data = dict(_as_mapping(value, "AdamParams or DimuonParams"))
-    kind = data.get("type")
-    if kind in (None, "adamw"):
+    kind = OPTIMIZERS.get(data.get("type") or "adamw")
+    if kind is None:
+        names = " or ".join(k.params.__name__ for k in OPTIMIZERS.values())
+        raise InvalidRequestError(
+            f"optimizer_params: unknown optimizer params type {data['type']!r}: give {names}"
+        )
+    if "type" not in kind.params.model_fields:
         data.pop("type", None)
-        return _validated(AdamParams, data)
-    if kind == "dimuon":
-        return _validated(DimuonParams, data)
-    raise InvalidRequestError(
-        f"optimizer_params: unknown optimizer params type {kind!r}: give AdamParams or DimuonParams"
-    )
+    return _validated(kind.params, data)
+
+
+def optimizer_of_params(params: OptimParams) -> str:
+    """The `OPTIMIZERS` key whose params `params` are."""
+    return next(name for name, kind in OPTIMIZERS.items() if isinstance(params, kind.params))
 
 
 class OptimStepResponse(ResponseBase):
@@ -324,28 +329,44 @@ class DimuonOptimizerConfig(ResponseBase):
     version: Literal[1] = 1
 
 
-OptimizerConfig = Annotated[
-    AdamOptimizerConfig | DimuonOptimizerConfig, Field(discriminator="type")
-]
+AnyOptimizerConfig = AdamOptimizerConfig | DimuonOptimizerConfig
+"""Every optimizer's config type (a new optimizer adds its own here and in `OPTIMIZERS`)."""
+OptimizerConfig = Annotated[AnyOptimizerConfig, Field(discriminator="type")]
 """A run's optimizer, chosen at creation (CreateModelRequest.optimizer_config)."""
 
 
-def optimizer_config_from(value: Any) -> AdamOptimizerConfig | DimuonOptimizerConfig:
-    """Ours, the official SDK's, or their JSON (`type` "adamw" or "dimuon")."""
-    if isinstance(value, (AdamOptimizerConfig, DimuonOptimizerConfig)):
-        return value
+class OptimizerKind(NamedTuple):
+    """What travels for one optimizer: its config (at creation) and params (per step)."""
+
+    config: type[BaseModel]
+    params: type[BaseModel]
+    wire_field: str
+    """The optim_step field the SDK sends its params in."""
+
+
+OPTIMIZERS: dict[str, OptimizerKind] = {
+    "adamw": OptimizerKind(AdamOptimizerConfig, AdamParams, "adam_params"),
+    "dimuon": OptimizerKind(DimuonOptimizerConfig, DimuonParams, "optimizer_params"),
+}
+"""The optimizers by their `type`: every list of them reads this one (the engine's
+implementations: `engine.optimizers.OPTIMIZER_IMPLS`)."""
+
+
+def optimizer_config_from(value: Any) -> AnyOptimizerConfig:
+    """Ours, the official SDK's, or their JSON (`type` one of `OPTIMIZERS`)."""
+    if isinstance(value, tuple(k.config for k in OPTIMIZERS.values())):
+        return value  # type: ignore[return-value]
     data = _as_mapping(value, "AdamOptimizerConfig or DimuonOptimizerConfig")
-    known = {"adamw": AdamOptimizerConfig, "dimuon": DimuonOptimizerConfig}
-    cls = known.get(data.get("type"))  # type: ignore[arg-type]
-    if cls is None:
+    kind = OPTIMIZERS.get(data.get("type"))  # type: ignore[arg-type]
+    if kind is None:
+        known = ", ".join(repr(name) for name in OPTIMIZERS)
         raise InvalidRequestError(
-            f"optimizer_config: unknown optimizer type {data.get('type')!r}; known: 'adamw', "
-            "'dimuon'"
+            f"optimizer_config: unknown optimizer type {data.get('type')!r}; known: {known}"
         )
-    unknown = set(data) - set(cls.model_fields)
+    unknown = set(data) - set(kind.config.model_fields)
     if unknown:  # a newer optimizer version's fields: refused, never silently dropped
-        raise InvalidRequestError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
-    return _validated(cls, data)
+        raise InvalidRequestError(f"{kind.config.__name__} has no field(s) {sorted(unknown)}")
+    return _validated(kind.config, data)
 
 
 class GetInfoResponse(ResponseBase):
@@ -457,6 +478,34 @@ class SaveWeightsForSamplerResponse(ResponseBase):
     path: str
     """`tinker://<model_id>/sampler_weights/<name>`"""
     type: Literal["save_weights_for_sampler"] | None = None
+
+
+class CreateModelResponse(ResponseBase):
+    model_id: ModelID
+    type: Literal["create_model"] | None = None
+
+
+class SaveWeightsForSamplerResponseInternal(ResponseBase):
+    """What the server answers a save for sampling: the path of named weights, or the
+    sampling session opened on unnamed ones (in-process: the engine's sampler id)."""
+
+    path: str | None = None
+    sampling_session_id: str | None = None
+    type: Literal["save_weights_for_sampler"] | None = None
+
+
+class CreateSamplingSessionResponse(ResponseBase):
+    sampling_session_id: str
+    base_model: str | None = None
+    """tinkerd's addition: the base model of the weights (the SDK ignores it)."""
+    type: Literal["create_sampling_session"] | None = None
+
+
+class SaveWeightsExternalResponse(ResponseBase):
+    path: str
+    """`tinker://<model_id>/external_weights/<name>`"""
+    size_bytes: int | None = None
+    type: Literal["save_weights_external"] | None = None
 
 
 # ---------------------------------------------------------------- checkpoints and runs

@@ -90,20 +90,21 @@ def _every_page(list_page: Callable[..., Any], field: str) -> list:
 
 def _runs_list(args: argparse.Namespace, client: Any) -> int:
     runs = _every_page(client.list_training_runs, "training_runs")
+    header = ["RUN", "BASE MODEL", "RANK", "LAST REQUEST (UTC)", "LAST CHECKPOINT"]
+    return _listing(args, runs, header, _run_row)
+
+
+def _run_row(r: Any) -> list[str]:
+    last = r.last_checkpoint.tinker_path if r.last_checkpoint else "-"
+    return [r.training_run_id, r.base_model, str(r.lora_rank), _when(r.last_request_time), last]
+
+
+def _listing(args: argparse.Namespace, items: list, header: list[str], row: Any) -> int:
+    """`items` as JSON (`--json`) or as a table of `row(item)`s under `header`."""
     if args.json:
-        print(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
-        return 0
-    rows = [
-        [
-            r.training_run_id,
-            r.base_model,
-            str(r.lora_rank),
-            _when(r.last_request_time),
-            r.last_checkpoint.tinker_path if r.last_checkpoint else "-",
-        ]
-        for r in runs
-    ]
-    _table(rows, ["RUN", "BASE MODEL", "RANK", "LAST REQUEST (UTC)", "LAST CHECKPOINT"])
+        print(json.dumps([item.model_dump(mode="json") for item in items], indent=2))
+    else:
+        _table([row(item) for item in items], header)
     return 0
 
 
@@ -115,21 +116,13 @@ def _checkpoints_list(args: argparse.Namespace, client: Any) -> int:
         checkpoints = client.list_checkpoints(args.run).result().checkpoints
     else:
         checkpoints = _every_page(client.list_user_checkpoints, "checkpoints")
-    if args.json:
-        print(json.dumps([c.model_dump(mode="json") for c in checkpoints], indent=2))
-        return 0
-    rows = [
-        [
-            c.tinker_path,
-            c.checkpoint_type,
-            _when(c.time),
-            f"{(c.size_bytes or 0) / 1e6:.1f} MB",
-            "yes" if c.public else "no",
-        ]
-        for c in checkpoints
-    ]
-    _table(rows, ["TINKER PATH", "TYPE", "TIME (UTC)", "SIZE", "PUBLIC"])
-    return 0
+    header = ["TINKER PATH", "TYPE", "TIME (UTC)", "SIZE", "PUBLIC"]
+    return _listing(args, checkpoints, header, _checkpoint_row)
+
+
+def _checkpoint_row(c: Any) -> list[str]:
+    size = f"{(c.size_bytes or 0) / 1e6:.1f} MB"
+    return [c.tinker_path, c.checkpoint_type, _when(c.time), size, "yes" if c.public else "no"]
 
 
 def _checkpoints_download(args: argparse.Namespace, client: Any) -> int:
@@ -161,9 +154,10 @@ def _export(args: argparse.Namespace, client: Any) -> int:
     """Download the checkpoint (checked), then fold its LoRA into the base model: the one
     `--base` names, else the source its base's served name maps to under `--model` (as
     `serve --model NAME=SOURCE` mapped it), else that name itself."""
-    from tinkerd.engine.checkpoints import CheckpointStore, export_merged, parse_tinker_path
+    from tinkerd.engine.checkpoints import CheckpointStore, export_merged
     from tinkerd.engine.models import parse_model_specs, resolve_model_path
     from tinkerd.errors import InvalidRequestError
+    from tinkerd.paths import parse_tinker_path
 
     out = Path(args.merged)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -1,11 +1,14 @@
 """`tinkerd serve`: the Tinker wire protocol over HTTP, on an engine in this process
-(or on data-parallel ranks: server/ranks.py)."""
+(or on data-parallel ranks: cli/ranks.py)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from typing import Any
+
+from tinkerd.engine.sampling.backend import SAMPLER_BACKENDS
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -38,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        samplers = sampler_factory(args.sampler)
+        sampler_factory(args.sampler)  # a backend that cannot load stops us now
         models = [TINY_MODEL_NAME, *parse_model_specs(args.model)]
         check_model_sources(parse_model_specs(args.model))  # a bad source stops us now
     except (InvalidRequestError, ValueError) as e:
@@ -56,36 +59,43 @@ def _serve(args: argparse.Namespace) -> int:
         server = Server(engine, data_dir, keys, models, config=config)
         print(
             f"tinkerd serving {models} on http://{args.host}:{args.port} "
-            f"({len(keys)} API key(s); data in {server.store.path})",
+            f"({len(keys)} API key(s); data in {server.service.store.path})",
             flush=True,
         )
         uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
 
     world = int(os.environ.get("WORLD_SIZE", args.nproc))
     if world > 1:
-        from tinkerd.server.ranks import serve_ranks
+        from tinkerd.cli.ranks import serve_ranks
 
         return serve_ranks(world, args, data_dir, run_server)
-    run_server(
-        Engine(
-            extra_models=args.model,
-            data_dir=data_dir,
-            sampler_factory=samplers,
-            config=engine_config(args),
-        )
-    )
+    run_server(build_engine(args, data_dir))
     return 0
 
 
-def engine_config(args: argparse.Namespace):
-    """The engine's limits from `serve`'s flags (every rank builds the same)."""
+def build_engine(args: argparse.Namespace, data_dir: Any, rank: int = 0, device: str | None = None):
+    """The engine `serve`'s flags ask for: one construction for one process and for every
+    data-parallel rank (only rank 0 samples and writes checkpoints)."""
+    from tinkerd.engine import Engine
+    from tinkerd.engine.sampling.backend import sampler_factory
+
+    return Engine(
+        extra_models=args.model,
+        data_dir=data_dir,
+        device=device,
+        recover_checkpoints=rank == 0,
+        sampler_factory=sampler_factory(args.sampler),
+        config=engine_config(args),
+    )
+
+
+def engine_config(args: argparse.Namespace) -> Any:
+    """The engine's limits from `serve`'s flags."""
     from tinkerd.engine import EngineConfig
 
-    config = EngineConfig()
+    config = EngineConfig(dtype=args.dtype, memory_budget_bytes=args.memory_budget)
     if args.max_batch_tokens:
         config.max_batch_tokens = args.max_batch_tokens
-    config.dtype = args.dtype
-    config.memory_budget_bytes = args.memory_budget
     config.run_budget_bytes = args.run_budget
     config.max_resident_runs = getattr(args, "max_resident_runs", config.max_resident_runs)
     config.host_run_budget_bytes = args.host_run_budget
@@ -212,7 +222,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--sampler",
-        choices=["builtin", "vllm"],
+        choices=list(SAMPLER_BACKENDS),
         default="builtin",
         help="sampler backend: tinkerd's batched sampler, or vLLM on a GPU (tinkerd[vllm])",
     )

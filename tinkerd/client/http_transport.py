@@ -8,48 +8,36 @@ result is long-polled on a background thread and delivered through a Future.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import httpx
-import torch
-from torch import Tensor
 
 from tinkerd import wire_proto
 from tinkerd.client.rest_client import HttpRest
-from tinkerd.client.traced_loss import LossHandle
-from tinkerd.client.transport import SampleOptions, SamplerRef, chained, failed_future
-from tinkerd.custom_loss import (
-    Evaluation,
-    GradientFn,
-    RegularizerSpec,
-    gradient_fn,
-    output_from_metrics,
-)
 from tinkerd.errors import InvalidRequestError, RequestFailedError, TinkerdError, error_for_status
-from tinkerd.types import (
-    CustomLossOutput,
-    Datum,
-    DimuonParams,
-    ForwardBackwardOutput,
-    GetInfoResponse,
-    GetServerCapabilitiesResponse,
-    LoraConfig,
-    ModelInput,
-    OptimizerConfig,
-    OptimParams,
-    OptimStepResponse,
-    SampleResponse,
-    SamplingParams,
-    TensorData,
-    UnloadModelResponse,
-    WeightsInfoResponse,
+from tinkerd.futures import failed_future
+from tinkerd.requests import (
+    ForwardBackwardCustomRequest,
+    GetInfoRequest,
+    GetServerCapabilitiesRequest,
+    Request,
+    SaveWeightsForSamplerRequest,
 )
+from tinkerd.types import GetServerCapabilitiesResponse, SampleResponse
+
+
+def custom_loss_over_http(transport: HttpTransport, request: ForwardBackwardCustomRequest):
+    from tinkerd.client.two_phase import custom_loss_over_http as run  # lazy: torch
+
+    return run(transport, request)
+
 
 T = TypeVar("T")
 API = "/api/v1"
@@ -159,307 +147,61 @@ class HttpTransport:
 
     # ---------------------------------------------------------------- Transport
 
-    def get_server_capabilities(self) -> Future[GetServerCapabilitiesResponse]:
-        return self._pollers.submit(
-            lambda: GetServerCapabilitiesResponse.model_validate(
-                _raise_for_status(self._http.get(API + "/get_server_capabilities")).json()
-            )
-        )
-
-    def create_model(
-        self, base_model: str, lora_config: LoraConfig, optimizer_config: OptimizerConfig | None
-    ) -> Future[str]:
-        session_id = self._session()
-        with self._lock:
-            model_seq_id, self._model_seq = self._model_seq, self._model_seq + 1
-        payload = {
-            "session_id": session_id,
-            "model_seq_id": model_seq_id,
-            "base_model": base_model,
-            "lora_config": lora_config.model_dump(exclude_none=True),
-            "type": "create_model",
-        }
-        if optimizer_config is not None:
-            payload["optimizer_config"] = optimizer_config.model_dump()
-        return self._submit("/create_model", lambda r: r.json()["model_id"], payload)
-
-    def get_info(self, model_id: str) -> Future[GetInfoResponse]:
-        return self._pollers.submit(
-            lambda: GetInfoResponse.model_validate(
-                self._post("/get_info", {"model_id": model_id, "type": "get_info"}).json()
-            )
-        )
-
-    def _loss(self, model_id, data, loss_fn, loss_fn_config, forward_only):
-        body = wire_proto.encode_forward_backward_request(
-            model_id, self._next_seq(model_id), data, loss_fn, loss_fn_config, forward_only
-        )
-        return self._submit(
-            "/forward_backward",
-            _decode_fb,
-            content=body,
-        )
-
-    def forward(
-        self,
-        model_id: str,
-        data: list[Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, float] | None,
-    ) -> Future[ForwardBackwardOutput]:
-        return self._loss(model_id, data, loss_fn, loss_fn_config, forward_only=True)
-
-    def forward_backward(
-        self,
-        model_id: str,
-        data: list[Datum],
-        loss_fn: str,
-        loss_fn_config: Mapping[str, float] | None,
-    ) -> Future[ForwardBackwardOutput]:
-        return self._loss(model_id, data, loss_fn, loss_fn_config, forward_only=False)
-
-    def forward_backward_custom(
-        self,
-        model_id: str,
-        data: list[Datum],
-        loss_fn: Any,
-        regularizers: list[RegularizerSpec],
-        track_grad_norms: bool,
-        run_sync_in_executor: bool,
-    ) -> Future[CustomLossOutput]:
-        """Uploaded losses (every term a LossHandle) run on the server in one pass;
-        otherwise the terms run here, between Tinker's two phases."""
-        if all(isinstance(h, LossHandle) for h in [loss_fn, *(r.fn for r in regularizers)]):
-            names = [r.name for r in regularizers]
-            regs = [(r.name, r.weight, r.fn) for r in regularizers]
-            future = self._forward_backward_traced(model_id, data, loss_fn, regs, track_grad_norms)
-            return chained(future, lambda out: output_from_metrics(out, names))
-        grads = gradient_fn(data, loss_fn, regularizers, track_grad_norms, run_sync_in_executor)
-        future = self._two_phases(model_id, data, grads)
-        return chained(future, lambda out: out[1].output(out[0]))
-
-    def _two_phases(
-        self, model_id: str, data: list[Datum], gradient_fn: GradientFn
-    ) -> Future[tuple[ForwardBackwardOutput, Evaluation]]:
-        """Tinker's two phases: a forward for the logprobs, then a cross_entropy
-        forward_backward whose weights are -d(loss)/d(logprobs). Both seq_ids are taken
-        now, so requests made after this call still run after both phases."""
-        targets = [d.loss_fn_inputs.get("target_tokens") for d in data]
-        if not data or any(t is None for t in targets):
-            return failed_future(
-                InvalidRequestError("every datum needs loss_fn_inputs['target_tokens']")
-            )
-        forward_seq, backward_seq = self._next_seq(model_id), self._next_seq(model_id)
-
-        def with_weights(weights: list[Tensor]) -> list[Datum]:
-            return [
-                Datum(
-                    model_input=d.model_input,
-                    loss_fn_inputs={"target_tokens": t, "weights": TensorData.from_torch(w)},
+    def submit(self, request: Request) -> Future:
+        """Number the request (session, seq_id), encode it to its wire path, post it now
+        (so the server sees calls in order) and long-poll its answer in the background."""
+        if isinstance(request, ForwardBackwardCustomRequest):
+            return custom_loss_over_http(self, request)
+        if isinstance(request, GetServerCapabilitiesRequest):
+            return self._pollers.submit(
+                lambda: GetServerCapabilitiesResponse.model_validate(
+                    _raise_for_status(self._http.get(API + "/get_server_capabilities")).json()
                 )
-                for d, t, w in zip(data, targets, weights)
-            ]
-
-        zeros = [torch.zeros(t.shape or [len(t.data)]) for t in targets]
-        forward = self._submit(
-            "/forward_backward",
-            _decode_fb,
-            content=wire_proto.encode_forward_backward_request(
-                model_id, forward_seq, with_weights(zeros), "cross_entropy", None, True
-            ),
-        )
-
-        def backward(weights: list[Tensor], forward_only: bool = False) -> ForwardBackwardOutput:
-            body = wire_proto.encode_forward_backward_request(
-                model_id, backward_seq, with_weights(weights), "cross_entropy", None, forward_only
             )
-            return self._submit("/forward_backward", _decode_fb, content=body).result()
+        try:
+            request = self._numbered(request)
+            payload, content = _encode(request)
+        except (TinkerdError, ValueError) as e:
+            return failed_future(e if isinstance(e, TinkerdError) else InvalidRequestError(str(e)))
+        decode = functools.partial(_decode, request)
+        if not request.queued:
+            return self._pollers.submit(lambda: decode(self._post(request.route, payload)))
+        return self._submit(request.route, decode, payload, content)
 
-        def second_phase() -> tuple[ForwardBackwardOutput, Any]:
-            try:
-                first = forward.result()
-                logprobs = [o["logprobs"].to_torch() for o in first.loss_fn_outputs]
-                grads, extra = gradient_fn(logprobs)
-            except BaseException:
-                # Fill the reserved seq_id with a forward (no gradient is applied), then
-                # report the original error; if the data itself was refused, so is this.
-                with contextlib.suppress(Exception):
-                    backward(zeros, forward_only=True)
-                raise
-            return backward([-g for g in grads]), extra
+    def background(self, fn: Callable[[], Any]) -> Future:
+        """`fn()` on the transport's polling threads."""
+        return self._pollers.submit(fn)
 
-        return self._pollers.submit(second_phase)
+    def reserve_seq(self, model_id: str) -> int:
+        """The run's next seq_id, taken now (for a request that will be made later)."""
+        return self._next_seq(model_id)
 
-    def create_custom_loss(self, handle: LossHandle) -> Future[LossHandle]:
-        session_id = self._session()
+    def _numbered(self, request: Request) -> Request:
+        """The request with what the wire needs filled in: its session, the session's
+        next run / sampling session / loss number, the run's next seq_id."""
+        fields, update = type(request).model_fields, {}
+
+        def missing(name: str) -> bool:
+            return name in fields and getattr(request, name) is None
+
+        if missing("session_id"):
+            update["session_id"] = self._session()
         with self._lock:
-            seq, self._loss_seq = self._loss_seq, self._loss_seq + 1
-        body = {**handle.request(), "session_id": session_id, "custom_loss_seq_id": seq}
-
-        def with_id(response: httpx.Response) -> LossHandle:
-            handle.loss_id = response.json()["loss_id"]
-            return handle
-
-        return self._submit("/create_custom_loss", with_id, body)
-
-    def _forward_backward_traced(
-        self,
-        model_id: str,
-        data: list[Datum],
-        loss: LossHandle,
-        regularizers: list[tuple[str, float, LossHandle]],
-        track_grad_norms: bool,
-    ) -> Future[ForwardBackwardOutput]:
-        """Uploaded losses run on the server, in one forward and one backward."""
-        config = {
-            "loss_id": loss.loss_id,
-            "regularizers": json.dumps(
-                [{"name": n, "weight": w, "loss_id": h.loss_id} for n, w, h in regularizers]
-            ),
-            "track_grad_norms": float(track_grad_norms),
-        }
-        body = wire_proto.encode_forward_backward_request(
-            model_id, self._next_seq(model_id), data, "custom", config, False
-        )
-        return self._submit("/forward_backward", _decode_fb, content=body)
-
-    def optim_step(self, model_id: str, params: OptimParams) -> Future[OptimStepResponse]:
-        # As the SDK sends them: AdamParams as adam_params, others as optimizer_params
-        key = "optimizer_params" if isinstance(params, DimuonParams) else "adam_params"
-        payload = {
-            "model_id": model_id,
-            "seq_id": self._next_seq(model_id),
-            "type": "optim_step",
-            key: params.model_dump(),
-        }
-        return self._submit(
-            "/optim_step", lambda r: OptimStepResponse.model_validate(r.json()), payload
-        )
-
-    def unload_model(self, model_id: str) -> Future[UnloadModelResponse]:
-        payload = {"model_id": model_id, "type": "unload_model"}
-        return self._submit(
-            "/unload_model", lambda r: UnloadModelResponse.model_validate(r.json()), payload
-        )
-
-    def save_state(self, model_id: str, name: str) -> Future[str]:
-        payload = {
-            "model_id": model_id,
-            "path": name,
-            "seq_id": self._next_seq(model_id),
-            "type": "save_weights",
-        }
-        return self._submit("/save_weights", lambda r: r.json()["path"], payload)
-
-    def load_state(self, model_id: str, path: str, with_optimizer: bool) -> Future[None]:
-        payload = {
-            "model_id": model_id,
-            "seq_id": self._next_seq(model_id),
-            "path": path,
-            "optimizer": with_optimizer,
-            "type": "load_weights",
-        }
-        return self._submit("/load_weights", lambda r: None, payload)
-
-    def create_model_from_state(
-        self, path: str, with_optimizer: bool, optimizer_config: OptimizerConfig | None
-    ) -> Future[tuple[str, str, LoraConfig]]:
-        def create() -> tuple[str, str, LoraConfig]:
-            info = WeightsInfoResponse.model_validate(
-                self._post("/weights_info", {"tinker_path": path}).json()
-            )
-            session_id = self._session()
-            with self._lock:
-                model_seq_id, self._model_seq = self._model_seq, self._model_seq + 1
-            payload = {
-                "session_id": session_id,
-                "model_seq_id": model_seq_id,
-                "path": path,
-                "optimizer": with_optimizer,
-                "type": "load_weights",
-            }
-            if optimizer_config is not None:
-                payload["optimizer_config"] = optimizer_config.model_dump()
-            model_id = self._submit("/load_weights", lambda r: r.json()["model_id"], payload)
-            lora = LoraConfig(
-                rank=info.lora_rank,
-                train_mlp=info.train_mlp,
-                train_attn=info.train_attn,
-                train_unembed=info.train_unembed,
-            )
-            return model_id.result(), info.base_model, lora
-
-        return self._pollers.submit(create)
-
-    def _next_sampling_session_seq(self) -> int:
-        with self._lock:
-            seq = self._sampling_session_seq
-            self._sampling_session_seq += 1
-            return seq
-
-    def save_weights_for_sampler(self, model_id: str, name: str | None) -> Future[SamplerRef]:
-        """Named: the server answers with a path (a sampling session is opened when a
-        SamplingClient needs one). Unnamed: it answers with a new sampling session."""
-        payload: dict[str, Any] = {
-            "model_id": model_id,
-            "seq_id": self._next_seq(model_id),
-            "kind": "snapshot",
-            "type": "save_weights_for_sampler",
-        }
-        if name is None:
-            self._session()
-            payload["sampling_session_seq_id"] = self._next_sampling_session_seq()
-        else:
-            payload["path"] = name
-
-        def ref(response: httpx.Response) -> SamplerRef:
-            body = response.json()
-            return SamplerRef(body.get("sampling_session_id") or "", "", body.get("path"))
-
-        return self._submit("/save_weights_for_sampler", ref, payload)
-
-    def create_sampler(self, base_model: str | None, model_path: str | None) -> Future[SamplerRef]:
-        def create() -> SamplerRef:
-            payload = {
-                "session_id": self._session(),
-                "sampling_session_seq_id": self._next_sampling_session_seq(),
-                "base_model": base_model,
-                "model_path": model_path,
-                "type": "create_sampling_session",
-            }
-            session_id = self._post("/create_sampling_session", payload).json()[
-                "sampling_session_id"
-            ]
-            base = base_model
-            if base is None:
-                sampler = _raise_for_status(self._http.get(f"{API}/samplers/{session_id}"))
-                base = sampler.json()["base_model"]
-            return SamplerRef(session_id, base, model_path)
-
-        return self._pollers.submit(create)
-
-    def sample(
-        self,
-        sampler: SamplerRef,
-        prompt: ModelInput,
-        num_samples: int,
-        sampling_params: SamplingParams,
-        options: SampleOptions,
-    ) -> Future[SampleResponse]:
-        payload = {
-            "sampling_session_id": sampler.sampler_id,
-            "seq_id": self._next_seq(sampler.sampler_id),
-            "num_samples": num_samples,
-            "prompt": prompt.model_dump(),
-            "sampling_params": sampling_params.model_dump(exclude_none=True),
-            "prompt_logprobs": options.include_prompt_logprobs,
-            "topk_prompt_logprobs": options.topk_prompt_logprobs,
-            "topk_sample_logprobs": options.topk_sample_logprobs,
-            "type": "sample",
-        }
-        return self._submit(
-            "/asample", lambda r: wire_proto.decode_sample_response(r.content), payload
-        )
+            for name, counter in (
+                ("model_seq_id", "_model_seq"),
+                ("custom_loss_seq_id", "_loss_seq"),
+                ("sampling_session_seq_id", "_sampling_session_seq"),
+            ):
+                named_save = isinstance(request, SaveWeightsForSamplerRequest) and request.path
+                if missing(name) and not (name == "sampling_session_seq_id" and named_save):
+                    update[name] = getattr(self, counter)
+                    setattr(self, counter, update[name] + 1)
+        if missing("seq_id"):
+            key = request.run_id() or getattr(request, "sampling_session_id", None) or ""
+            update["seq_id"] = self._next_seq(key)
+        if isinstance(request, SaveWeightsForSamplerRequest) and request.path is None:
+            self._session()  # its sampling session belongs to this client's session
+        return request.model_copy(update=update) if update else request
 
     def get_tokenizer(self, model_id: str | None, base_model: str) -> Any:
         """The tokenizer the server names in get_info: a local directory when client and
@@ -472,7 +214,8 @@ class HttpTransport:
 
             tokenizer_id = None
             if model_id is not None:
-                tokenizer_id = self.get_info(model_id).result().model_data.tokenizer_id
+                info = self.submit(GetInfoRequest(model_id=model_id)).result()
+                tokenizer_id = info.model_data.tokenizer_id
             if tokenizer_id and os.path.isdir(tokenizer_id):
                 self._tokenizers[base_model] = AutoTokenizer.from_pretrained(tokenizer_id)
             elif base_model == TINY_MODEL_NAME:
@@ -500,8 +243,25 @@ class HttpTransport:
         self._http.close()
 
 
-def _decode_fb(response: httpx.Response) -> ForwardBackwardOutput:
-    return wire_proto.decode_forward_backward_output(response.content)
+def _encode(request: Request) -> tuple[dict | None, bytes | None]:
+    """(JSON payload, protobuf body) of a request, as the official SDK sends it."""
+    if request.body == "protobuf":
+        fb = request
+        body = wire_proto.encode_forward_backward_request(
+            fb.model_id, fb.seq_id, fb.data, fb.loss_fn, fb.loss_fn_config, fb.forward_only
+        )
+        return None, body
+    return request.wire(), None
+
+
+def _decode(request: Request, response: httpx.Response) -> Any:
+    """The request's `response` from its wire answer."""
+    if request.answer == "protobuf":
+        if request.response is SampleResponse:
+            return wire_proto.decode_sample_response(response.content)
+        return wire_proto.decode_forward_backward_output(response.content)
+    body = response.json()
+    return body if request.response is dict else request.response.model_validate(body)
 
 
 def _detail(response: httpx.Response) -> str:

@@ -33,7 +33,7 @@ Scope = Literal["owned", "accessible"]
 
 def _parse(tinker_path: str) -> tuple[str, str, str]:
     """(model_id, kind, name) of `tinker://<model_id>/<kind>/<name>`."""
-    from tinkerd.engine.checkpoints import parse_tinker_path  # lazy: no engine at import
+    from tinkerd.paths import parse_tinker_path
 
     return parse_tinker_path(tinker_path)
 

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from tinkerd.client.futures import APIFuture, failed
-from tinkerd.client.transport import SampleOptions, SamplerRef, Transport
+from tinkerd.client.transport import SamplerRef, Transport
 from tinkerd.errors import InvalidRequestError
+from tinkerd.requests import CreateSamplingSessionRequest, SampleRequest, WeightsInfoRequest
 from tinkerd.types import ModelInput, SampleResponse, SamplingParams
 
 
@@ -40,7 +41,7 @@ class SamplingClient:
                 self._sampler = self._sampler.result()
             ref = self._sampler
             if not ref.sampler_id and ref.model_path:  # saved by name over HTTP: open a session
-                opened = self._transport.create_sampler(None, ref.model_path).result()
+                opened = open_sampler(self._transport, None, ref.model_path).result()
                 self._sampler = dataclasses.replace(opened, base_model=ref.base_model)
             return self._sampler
 
@@ -73,15 +74,18 @@ class SamplingClient:
                 if isinstance(sampling_params, SamplingParams)
                 else SamplingParams.model_validate(_as_dict(sampling_params))
             )
-            options = SampleOptions(
-                include_prompt_logprobs, topk_prompt_logprobs, topk_sample_logprobs
-            )
-            future = self._transport.sample(
-                self._ref(), coerce_prompt(prompt), num_samples, params, options
+            request = SampleRequest(
+                sampling_session_id=self._ref().sampler_id,
+                prompt=coerce_prompt(prompt),
+                num_samples=num_samples,
+                sampling_params=params.model_dump(),
+                prompt_logprobs=include_prompt_logprobs,
+                topk_prompt_logprobs=topk_prompt_logprobs,
+                topk_sample_logprobs=topk_sample_logprobs,
             )
         except (InvalidRequestError, ValueError) as e:
             return failed(e if isinstance(e, InvalidRequestError) else InvalidRequestError(str(e)))
-        return APIFuture(future)
+        return APIFuture(self._transport.submit(request))
 
     async def sample_async(self, *args: Any, **kwargs: Any) -> SampleResponse:
         return await self.sample(*args, **kwargs)
@@ -110,8 +114,20 @@ class SamplingClient:
         return tokenizer
 
 
-def with_base_model(ref: SamplerRef, base_model: str) -> SamplerRef:
-    return ref if ref.base_model else dataclasses.replace(ref, base_model=base_model)
+def open_sampler(
+    transport: Transport, base_model: str | None, model_path: str | None
+) -> APIFuture[SamplerRef]:
+    """A sampling session on a base model as it is, or on saved sampler weights."""
+    request = CreateSamplingSessionRequest(base_model=base_model, model_path=model_path)
+
+    def ref(opened: Any) -> SamplerRef:
+        base = opened.base_model or base_model
+        if base is None:  # a server that does not say: the checkpoint does
+            info = WeightsInfoRequest(tinker_path=model_path)
+            base = transport.submit(info).result().base_model
+        return SamplerRef(opened.sampling_session_id, base, model_path)
+
+    return APIFuture(transport.submit(request)).then(ref)
 
 
 def _as_dict(params: Any) -> dict:

@@ -7,10 +7,17 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from tinkerd.client.futures import APIFuture, failed
-from tinkerd.client.sampling_client import SamplingClient
+from tinkerd.client.sampling_client import SamplingClient, open_sampler
 from tinkerd.client.training_client import TrainingClient
 from tinkerd.client.transport import InProcessTransport, Transport
 from tinkerd.errors import InvalidRequestError
+from tinkerd.requests import (
+    CreateCustomLossRequest,
+    CreateModelFromStateRequest,
+    CreateModelRequest,
+    GetServerCapabilitiesRequest,
+    WeightsInfoRequest,
+)
 from tinkerd.types import GetServerCapabilitiesResponse, LoraConfig, optimizer_config_from
 
 if TYPE_CHECKING:
@@ -49,10 +56,10 @@ class ServiceClient:
         return self._transport
 
     def get_server_capabilities(self) -> GetServerCapabilitiesResponse:
-        return self._transport.get_server_capabilities().result()
+        return self._transport.submit(GetServerCapabilitiesRequest()).result()
 
     async def get_server_capabilities_async(self) -> GetServerCapabilitiesResponse:
-        return await APIFuture(self._transport.get_server_capabilities())
+        return await APIFuture(self._transport.submit(GetServerCapabilitiesRequest()))
 
     def create_lora_training_client(
         self,
@@ -76,7 +83,13 @@ class ServiceClient:
             train_attn=train_attn,
             train_unembed=train_unembed,
         )
-        model_id = self._transport.create_model(base_model, lora, optimizer_config).result()
+        request = CreateModelRequest(
+            base_model=base_model,
+            lora_config=lora,
+            user_metadata=user_metadata,
+            optimizer_config=optimizer_config,
+        )
+        model_id = self._transport.submit(request).result().model_id
         return TrainingClient(self._transport, model_id, base_model, lora)
 
     async def create_lora_training_client_async(self, *args: Any, **kwargs: Any) -> TrainingClient:
@@ -107,9 +120,18 @@ class ServiceClient:
     def _from_state(
         self, path: str, with_optimizer: bool, optimizer_config: Any = None
     ) -> TrainingClient:
-        future = self._transport.create_model_from_state(path, with_optimizer, optimizer_config)
-        model_id, base_model, lora = future.result()
-        return TrainingClient(self._transport, model_id, base_model, lora)
+        info = self._transport.submit(WeightsInfoRequest(tinker_path=path)).result()
+        request = CreateModelFromStateRequest(
+            path=path, optimizer=with_optimizer, optimizer_config=optimizer_config
+        )
+        model_id = self._transport.submit(request).result().model_id
+        lora = LoraConfig(
+            rank=info.lora_rank,
+            train_mlp=info.train_mlp,
+            train_attn=info.train_attn,
+            train_unembed=info.train_unembed,
+        )
+        return TrainingClient(self._transport, model_id, info.base_model, lora)
 
     async def create_training_client_from_state_async(
         self, *args: Any, **kwargs: Any
@@ -134,8 +156,9 @@ class ServiceClient:
         Given both, the weights are sampled and `base_model` must be theirs."""
         if model_path is None and base_model is None:
             raise InvalidRequestError("give model_path or base_model")
-        future = APIFuture(self._transport.create_sampler(base_model, model_path))
-        return SamplingClient(self._transport, future)
+        return SamplingClient(
+            self._transport, open_sampler(self._transport, base_model, model_path)
+        )
 
     async def create_sampling_client_async(self, *args: Any, **kwargs: Any) -> SamplingClient:
         client = self.create_sampling_client(*args, **kwargs)
@@ -152,7 +175,13 @@ class ServiceClient:
             handle = trace(fn, input_ranks)
         except InvalidRequestError as e:
             return failed(e)
-        return APIFuture(self._transport.create_custom_loss(handle))
+        request = CreateCustomLossRequest(graph=handle.request())
+
+        def uploaded(answer: dict) -> LossHandle:
+            handle.loss_id = answer["loss_id"]
+            return handle
+
+        return APIFuture(self._transport.submit(request)).then(uploaded)
 
     def create_rest_client(self) -> RestClient:
         """Training runs and checkpoints: this server's (scoped to the API key) over

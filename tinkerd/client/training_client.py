@@ -12,11 +12,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tinkerd.client.futures import APIFuture, failed
-from tinkerd.client.sampling_client import SamplingClient, with_base_model
-from tinkerd.client.transport import Transport
+from tinkerd.client.sampling_client import SamplingClient, open_sampler
+from tinkerd.client.transport import SamplerRef, Transport
 from tinkerd.custom_loss import LossFn, RegularizerSpec, check_regularizers
 from tinkerd.errors import InvalidRequestError, ModelUnloadedError
+from tinkerd.requests import (
+    ForwardBackwardCustomRequest,
+    ForwardBackwardRequest,
+    GetInfoRequest,
+    LoadWeightsRequest,
+    OptimStepRequest,
+    Request,
+    SaveWeightsForSamplerRequest,
+    SaveWeightsRequest,
+    UnloadModelRequest,
+)
 from tinkerd.types import (
+    OPTIMIZERS,
     AdamParams,
     CustomLossOutput,
     Datum,
@@ -33,6 +45,7 @@ from tinkerd.types import (
     TensorData,
     UnloadModelResponse,
     optim_params_from,
+    optimizer_of_params,
 )
 
 
@@ -70,26 +83,36 @@ class TrainingClient:
         self._tokenizer = None
         self._tokenizer_lock = threading.Lock()
 
-    def _submit(self, method: str, *args: Any) -> APIFuture[Any]:
+    def _submit(self, request_type: type[Request], **fields: Any) -> APIFuture[Any]:
+        """Build the request on this run and hand it to the transport; bad arguments give
+        a failed future, never an exception."""
         if self._unloaded:
             return failed(ModelUnloadedError(f"model {self.model_id!r} was unloaded"))
         try:
-            return APIFuture(getattr(self._transport, method)(self.model_id, *args))
-        except InvalidRequestError as e:
-            return failed(e)
+            request = request_type(model_id=self.model_id, **fields)
+        except (ValueError, TypeError) as e:  # pydantic's ValidationError is a ValueError
+            return failed(InvalidRequestError(str(e)))
+        return APIFuture(self._transport.submit(request))
 
     def _submit_loss(
         self,
-        method: str,
         data: Sequence[Any],
         loss_fn: str,
         loss_fn_config: Mapping[str, float] | None,
+        forward_only: bool,
     ) -> APIFuture[ForwardBackwardOutput]:
         try:
             data = coerce_data(data)
         except (ValueError, TypeError) as e:  # pydantic's ValidationError is a ValueError
             return failed(InvalidRequestError(str(e)))
-        return self._submit(method, data, loss_fn, loss_fn_config)
+        config = None if loss_fn_config is None else dict(loss_fn_config)
+        return self._submit(
+            ForwardBackwardRequest,
+            data=data,
+            loss_fn=loss_fn,
+            loss_fn_config=config,
+            forward_only=forward_only,
+        )
 
     # ---------------------------------------------------------------- training
 
@@ -100,7 +123,7 @@ class TrainingClient:
         loss_fn_config: Mapping[str, float] | None = None,
     ) -> APIFuture[ForwardBackwardOutput]:
         """Per-token `logprobs` `[seq_len]` and the loss (`loss:sum`), with no gradient."""
-        return self._submit_loss("forward", data, loss_fn, loss_fn_config)
+        return self._submit_loss(data, loss_fn, loss_fn_config, forward_only=True)
 
     def forward_backward(
         self,
@@ -110,7 +133,7 @@ class TrainingClient:
     ) -> APIFuture[ForwardBackwardOutput]:
         """Like `forward`, and adds the gradient of the summed loss to the run's gradient
         (gradients accumulate across calls until `optim_step`)."""
-        return self._submit_loss("forward_backward", data, loss_fn, loss_fn_config)
+        return self._submit_loss(data, loss_fn, loss_fn_config, forward_only=False)
 
     def forward_backward_custom(
         self,
@@ -138,12 +161,12 @@ class TrainingClient:
         except (ValueError, TypeError) as e:
             return failed(e if isinstance(e, InvalidRequestError) else InvalidRequestError(str(e)))
         return self._submit(
-            "forward_backward_custom",
-            data,
-            loss_fn,
-            list(regularizers or []),
-            track_grad_norms,
-            run_sync_in_executor,
+            ForwardBackwardCustomRequest,
+            data=data,
+            loss_fn=loss_fn,
+            regularizers=list(regularizers or []),
+            track_grad_norms=track_grad_norms,
+            run_sync_in_executor=run_sync_in_executor,
         )
 
     async def forward_backward_custom_async(
@@ -164,11 +187,12 @@ class TrainingClient:
             params = optim_params_from(optim_params or adam_params or AdamParams())
         except InvalidRequestError as e:
             return failed(e)
-        return self._submit("optim_step", params)
+        wire_field = OPTIMIZERS[optimizer_of_params(params)].wire_field
+        return self._submit(OptimStepRequest, **{wire_field: params})
 
     def unload_model(self) -> APIFuture[UnloadModelResponse]:
         """Free this run's adapter and optimizer state on the engine; later calls fail."""
-        future = self._submit("unload_model")
+        future = self._submit(UnloadModelRequest)
         self._unloaded = True
         return future
 
@@ -192,26 +216,18 @@ class TrainingClient:
         self, name: str, ttl_seconds: int | None = None
     ) -> APIFuture[SaveWeightsResponse]:
         """Save weights and optimizer state, as they are after every request made so far,
-        durably at `tinker://<model_id>/weights/<name>` (a PEFT adapter directory)."""
-        if ttl_seconds is not None:
-            return failed(InvalidRequestError("ttl_seconds: set it with RestClient instead"))
-        return self._submit("save_state", name).then(
-            lambda path: SaveWeightsResponse(path=path, type="save_weights")
-        )
+        durably at `tinker://<model_id>/weights/<name>` (a PEFT adapter directory);
+        deleted `ttl_seconds` after the save if given."""
+        return self._submit(SaveWeightsRequest, path=name, ttl_seconds=ttl_seconds)
 
     def load_state(self, path: str) -> APIFuture[LoadWeightsResponse]:
         """Replace the weights with a checkpoint's; the optimizer state starts afresh."""
-        return self._load(path, with_optimizer=False)
+        return self._submit(LoadWeightsRequest, path=path, optimizer=False)
 
     def load_state_with_optimizer(self, path: str) -> APIFuture[LoadWeightsResponse]:
         """Replace weights and optimizer state with a checkpoint's (saved by a run with the
         same optimizer): training resumes exactly."""
-        return self._load(path, with_optimizer=True)
-
-    def _load(self, path: str, with_optimizer: bool) -> APIFuture[LoadWeightsResponse]:
-        return self._submit("load_state", path, with_optimizer).then(
-            lambda _: LoadWeightsResponse(path=path, model_id=self.model_id, type="load_weights")
-        )
+        return self._submit(LoadWeightsRequest, path=path, optimizer=True)
 
     async def save_state_async(self, *args: Any, **kwargs: Any) -> APIFuture[SaveWeightsResponse]:
         return self.save_state(*args, **kwargs)
@@ -227,9 +243,9 @@ class TrainingClient:
     def save_weights_for_sampler(self, name: str) -> APIFuture[SaveWeightsForSamplerResponse]:
         """Freeze the weights as they are after every request made so far, for sampling
         at `tinker://<model_id>/sampler_weights/<name>`."""
-        return self._submit("save_weights_for_sampler", name).then(
-            lambda ref: SaveWeightsForSamplerResponse(
-                path=ref.model_path, type="save_weights_for_sampler"
+        return self._submit(SaveWeightsForSamplerRequest, path=name).then(
+            lambda saved: SaveWeightsForSamplerResponse(
+                path=saved.path, type="save_weights_for_sampler"
             )
         )
 
@@ -241,10 +257,11 @@ class TrainingClient:
     def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
         """A SamplingClient on the weights as they are after every request made so far.
         Without a name the weights are ephemeral: kept while recently used, never on disk."""
-        future = self._submit("save_weights_for_sampler", name)
-        return SamplingClient(
-            self._transport, future.then(lambda ref: with_base_model(ref, self.base_model))
+        future = self._submit(SaveWeightsForSamplerRequest, path=name)
+        ref = lambda saved: SamplerRef(  # noqa: E731
+            saved.sampling_session_id or "", self.base_model, saved.path
         )
+        return SamplingClient(self._transport, future.then(ref))
 
     async def save_weights_and_get_sampling_client_async(
         self, name: str | None = None
@@ -254,8 +271,7 @@ class TrainingClient:
         return client
 
     def create_sampling_client(self, model_path: str) -> SamplingClient:
-        future = APIFuture(self._transport.create_sampler(None, model_path))
-        return SamplingClient(self._transport, future)
+        return SamplingClient(self._transport, open_sampler(self._transport, None, model_path))
 
     # ---------------------------------------------------------------- info
 
@@ -265,10 +281,10 @@ class TrainingClient:
         return self
 
     def get_info(self) -> GetInfoResponse:
-        return self._submit("get_info").result()
+        return self._submit(GetInfoRequest).result()
 
     async def get_info_async(self) -> GetInfoResponse:
-        return await self._submit("get_info")
+        return await self._submit(GetInfoRequest)
 
     def get_tokenizer(self) -> Any:
         """The base model's Hugging Face tokenizer (loaded once per client)."""

@@ -1,5 +1,17 @@
-"""The engine: LoRA training runs on shared base models (`Engine`, `tinkerd.engine.engine`)."""
+"""The engine: LoRA training runs on shared base models (`Engine`, `tinkerd.engine.engine`).
 
-from tinkerd.engine.engine import Engine, EngineConfig, LossRequest, SamplerWeights
+Its names load on first use, so a torch-free module of the package (e.g. the sampler
+backends' registry, which the CLI reads) can be imported without torch.
+"""
+
+from typing import Any
 
 __all__ = ["Engine", "EngineConfig", "LossRequest", "SamplerWeights"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from tinkerd.engine import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'tinkerd.engine' has no attribute {name!r}")

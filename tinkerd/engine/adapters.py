@@ -8,22 +8,23 @@ import copy
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from tinkerd.engine.lora import adapter_params
 from tinkerd.engine.models import BaseModel
-from tinkerd.engine.optimizers import DimuonHyper, Optimizer, make_optimizer, validate_adam
+from tinkerd.engine.optimizers import OPTIMIZER_IMPLS, Optimizer, make_optimizer, validate_adam
 from tinkerd.errors import InvalidRequestError
 from tinkerd.types import (
+    OPTIMIZERS,
     AdamOptimizerConfig,
     AdamParams,
-    DimuonOptimizerConfig,
-    DimuonParams,
+    AnyOptimizerConfig,
     LoraConfig,
     OptimParams,
+    optimizer_of_params,
 )
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ class Run:
     params: list[nn.Parameter]
     """The LoRA weights, in a fixed order (the optimizer's state is kept by position)."""
     optimizer: Optimizer
-    optimizer_config: AdamOptimizerConfig | DimuonOptimizerConfig
+    optimizer_config: AnyOptimizerConfig
     step: int = 0
     pager: ResidentSet | None = None
     """The base's resident set that pages this run in and out (`engine.paging`); while
@@ -103,7 +104,7 @@ def create_run(
     base: BaseModel,
     model_id: str,
     lora: LoraConfig,
-    optimizer: AdamOptimizerConfig | DimuonOptimizerConfig | None = None,
+    optimizer: AnyOptimizerConfig | None = None,
 ) -> Run:
     """Add an adapter named `model_id` to `base`, initialised from `lora.seed`, trained
     with `optimizer` (default AdamW)."""
@@ -158,25 +159,16 @@ def validate_adam_params(adam: AdamParams) -> None:
     validate_adam(adam)
 
 
-_PARAMS_OF = {"adamw": "AdamParams", "dimuon": "DimuonParams"}
-
-
-def step_hyper(run: Run, params: OptimParams) -> AdamParams | DimuonHyper:
+def step_hyper(run: Run, params: OptimParams) -> Any:
     """`params` checked against the run's optimizer (a 400 naming both if they are of
     another optimizer) and validated: what `optimizer_step` takes."""
-    given = "dimuon" if isinstance(params, DimuonParams) else "adamw"
-    kind = run.optimizer_config.type
+    given, kind = optimizer_of_params(params), run.optimizer_config.type
     if given != kind:
         raise InvalidRequestError(
             f"optim_step got {type(params).__name__}, but run {run.model_id!r} was created "
-            f"with the {kind!r} optimizer, which takes {_PARAMS_OF[kind]}"
+            f"with the {kind!r} optimizer, which takes {OPTIMIZERS[kind].params.__name__}"
         )
-    if isinstance(params, DimuonParams):
-        hyper = DimuonHyper.from_params(params)
-        hyper.validate()
-        return hyper
-    validate_adam(params)
-    return params
+    return OPTIMIZER_IMPLS[kind].hyper(params)
 
 
 STEP_METRIC = "optim/step"

@@ -17,22 +17,27 @@ import datetime
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinkerd.errors import InvalidRequestError, NotFoundError, TinkerdError
+from tinkerd.paths import (  # noqa: F401  re-exported for the engine's modules
+    KINDS,
+    MODEL_ID_RE,
+    SCHEME,
+    check_names,
+    check_part,
+    parse_tinker_path,
+    tinker_path,
+)
 from tinkerd.types import (
     AdamOptimizerConfig,
+    AnyOptimizerConfig,
     Checkpoint,
-    DimuonOptimizerConfig,
     WeightsInfoResponse,
     optimizer_config_from,
 )
 
-KINDS = ("weights", "sampler_weights", "external_weights")
-"""Tinker path segment: "weights" is training state, "sampler_weights" is for sampling,
-"external_weights" is an adapter exported for use outside tinkerd (save_weights_external)."""
 CHECKPOINT_TYPES = {
     "weights": "training",
     "sampler_weights": "sampler",
@@ -40,15 +45,11 @@ CHECKPOINT_TYPES = {
 }
 """The SDK's `Checkpoint.checkpoint_type` of each kind."""
 FORMAT_VERSION = 1
-SCHEME = "tinker://"
 META_FILE = "tinkerd.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 OPTIMIZER_FILE = "optimizer.pt"
 TMP_PREFIX = ".tmp-"
-MAX_NAME_LENGTH = 128
-NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
-MODEL_ID_RE = re.compile(r"[A-Za-z0-9._:-]+")  # tinker's own model ids contain ':'
 
 
 class CorruptCheckpointError(TinkerdError):
@@ -75,9 +76,7 @@ class CheckpointInfo:
     """Unix time in seconds."""
     size_bytes: int
     """All files of the checkpoint together, tinkerd.json included."""
-    optimizer_config: AdamOptimizerConfig | DimuonOptimizerConfig = field(
-        default_factory=AdamOptimizerConfig
-    )
+    optimizer_config: AnyOptimizerConfig = field(default_factory=AdamOptimizerConfig)
     """The optimizer of the run that saved it (whose state `optimizer.pt` holds)."""
     user_metadata: dict[str, str] = field(default_factory=dict)
     """Given with the save; an overwrite replaces it."""
@@ -107,47 +106,6 @@ class CheckpointInfo:
             train_attn=self.train_attn,
             optimizer_config=self.optimizer_config,
         )
-
-
-# ---------------------------------------------------------------- names and paths
-
-
-def check_part(what: str, value: str, pattern: re.Pattern) -> None:
-    if not isinstance(value, str) or not value:
-        raise InvalidRequestError(f"checkpoint {what} must be a non-empty string, got {value!r}")
-    if len(value) > MAX_NAME_LENGTH:
-        raise InvalidRequestError(f"checkpoint {what} is longer than {MAX_NAME_LENGTH} characters")
-    if value.startswith(".") or ".." in value or not pattern.fullmatch(value):
-        raise InvalidRequestError(
-            f"invalid checkpoint {what} {value!r}: use letters, digits, '.', '_' and '-', "
-            "not starting with '.' and without '..'"
-        )
-
-
-def check_names(model_id: str, kind: str, name: str) -> None:
-    check_part("model_id", model_id, MODEL_ID_RE)
-    if kind not in KINDS:
-        raise InvalidRequestError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
-    check_part("name", name, NAME_RE)
-
-
-def tinker_path(model_id: str, kind: str, name: str) -> str:
-    """`tinker://<model_id>/<kind>/<name>`."""
-    check_names(model_id, kind, name)
-    return f"{SCHEME}{model_id}/{kind}/{name}"
-
-
-def parse_tinker_path(path: str) -> tuple[str, str, str]:
-    """(model_id, kind, name) of a `tinker://<model_id>/<kind>/<name>` path."""
-    if not isinstance(path, str) or not path.startswith(SCHEME):
-        raise InvalidRequestError(f"checkpoint path must start with {SCHEME!r}, got {path!r}")
-    parts = path[len(SCHEME) :].split("/")
-    if len(parts) != 3:
-        raise InvalidRequestError(
-            f"checkpoint path must look like {SCHEME}<model_id>/<kind>/<name>, got {path!r}"
-        )
-    check_names(*parts)
-    return parts[0], parts[1], parts[2]
 
 
 # ---------------------------------------------------------------- file helpers

@@ -11,6 +11,7 @@ rank's engine computes its share of every batch (`tinkerd.engine.distributed`).
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -42,8 +43,8 @@ from tinkerd.engine.tiny import TINY_MODEL_NAME
 from tinkerd.errors import InvalidRequestError, ModelUnloadedError, NotFoundError
 from tinkerd.types import (
     AdamOptimizerConfig,
+    AnyOptimizerConfig,
     Datum,
-    DimuonOptimizerConfig,
     ForwardBackwardOutput,
     GetInfoResponse,
     GetServerCapabilitiesResponse,
@@ -52,7 +53,6 @@ from tinkerd.types import (
     OptimParams,
     OptimStepResponse,
     SampleResponse,
-    SamplingParams,
     SupportedModel,
     UnloadModelResponse,
     WeightsInfoResponse,
@@ -60,37 +60,17 @@ from tinkerd.types import (
 
 __all__ = ["Engine", "EngineConfig", "LossRequest", "SamplerWeights"]
 
-
-class LossCalls:
-    """forward / forward_backward / run_loss in terms of `prepare` and `run_losses`: the
-    same for one process (`Engine`) and for ranks (`DistributedEngine`)."""
-
-    def forward(
-        self,
-        model_id: str,
-        data: list[Datum],
-        loss_fn: str = "cross_entropy",
-        loss_fn_config: Mapping[str, float] | None = None,
-    ) -> ForwardBackwardOutput:
-        """Loss and per-token logprobs, with no gradient."""
-        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), False)
-
-    def forward_backward(
-        self,
-        model_id: str,
-        data: list[Datum],
-        loss_fn: str = "cross_entropy",
-        loss_fn_config: Mapping[str, float] | None = None,
-    ) -> ForwardBackwardOutput:
-        """Loss, logprobs, and the loss's gradient added to the run's accumulated one."""
-        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), True)
-
-    def run_loss(self, request: LossRequest, backward: bool) -> ForwardBackwardOutput:
-        """One request's pass; raises what it failed with."""
-        (out,) = self.run_losses([request], backward)
-        if isinstance(out, Exception):
-            raise out
-        return out
+RANK_OPS = (
+    "create_model",
+    "create_model_from_state",
+    "load_weights",
+    "unload_model",
+    "run_losses",
+    "forward_backward_custom",
+    "optim_step",
+)
+"""The operations that change runs: every data-parallel rank applies them, in rank 0's
+order (`Engine._everywhere`); everything else (sampling, saves, reads) is rank 0's alone."""
 
 
 @dataclass
@@ -145,8 +125,8 @@ class EngineConfig:
 def optimizer_for_state(
     info: CheckpointInfo,
     with_optimizer: bool,
-    optimizer_config: AdamOptimizerConfig | DimuonOptimizerConfig | None,
-) -> AdamOptimizerConfig | DimuonOptimizerConfig:
+    optimizer_config: AnyOptimizerConfig | None,
+) -> AnyOptimizerConfig:
     """The optimizer of a run made from checkpoint `info`: the checkpoint's when its state
     is restored (`optimizer_config` may only repeat it), else `optimizer_config` or AdamW."""
     if not with_optimizer:
@@ -159,7 +139,7 @@ def optimizer_for_state(
     return info.optimizer_config
 
 
-class Engine(LossCalls):
+class Engine:
     def __init__(
         self,
         cache_dir: Path | None = None,
@@ -213,17 +193,53 @@ class Engine(LossCalls):
         base_model: str,
         lora_config: LoraConfig,
         model_id: str | None = None,
-        optimizer_config: AdamOptimizerConfig | DimuonOptimizerConfig | None = None,
+        optimizer_config: AnyOptimizerConfig | None = None,
     ) -> str:
         """Create a LoRA training run on `base_model`, trained with `optimizer_config`
         (default AdamW) for its whole life; returns its model_id."""
+        self._load_base(base_model)  # an unknown model is refused here, on rank 0 alone
+        # The same seed and id on every rank, so every rank starts from the same weights.
+        seed = lora_config.seed if lora_config.seed is not None else secrets.randbits(63)
+        lora = lora_config.model_copy(update={"seed": seed})
         model_id = model_id or f"run-{uuid.uuid4().hex[:12]}"
+        return self._everywhere("create_model", base_model, lora, model_id, optimizer_config)
+
+    def _create_model(self, base_model, lora, model_id, optimizer_config) -> str:
         base = self._load_base(base_model)
-        run = create_run(base, model_id, lora_config, optimizer_config)
+        run = create_run(base, model_id, lora, optimizer_config)
         self.pager(base).register(run)
         with self._lock:
             self._runs[model_id] = run
         return model_id
+
+    # ------------------------------------------------------------ every rank
+
+    def _everywhere(self, op: str, *args: Any) -> Any:
+        """`self._<op>(*args)`: an operation that changes runs, which every data-parallel
+        rank applies in rank 0's order (`parallel.in_order`; one process: just this)."""
+        with self.parallel.in_order(op, args):
+            return getattr(self, f"_{op}")(*args)
+
+    def apply(self, op: str, args: tuple) -> Any:
+        """A rank other than 0: apply an operation rank 0 announced (`serve_worker`)."""
+        if op not in RANK_OPS:
+            raise InvalidRequestError(f"unknown rank operation {op!r}")
+        if op == "run_losses":  # requests travel as their arguments: each rank prepares
+            keys, backward = args
+            return self._run_losses([self._prepare_or_error(key) for key in keys], backward)
+        if op == "forward_backward_custom":  # rank 0 alone holds the gradient function
+            return self._forward_backward_custom(*args, None)
+        return getattr(self, f"_{op}")(*args)
+
+    def _prepare_or_error(self, key: tuple | None) -> LossRequest | Exception:
+        if key is None:
+            return InvalidRequestError("refused on rank 0")
+        try:
+            return self.prepare(*key)
+        except Exception as e:  # noqa: BLE001 -- fails the request, on every rank alike
+            return e
+
+    # ------------------------------------------------------------ paging
 
     def pager(self, base: BaseModel) -> ResidentSet:
         """The base's resident set (made on first use)."""
@@ -284,6 +300,10 @@ class Engine(LossCalls):
 
     def unload_model(self, model_id: str) -> UnloadModelResponse:
         """Free the run's adapter and optimizer state; the base stays loaded."""
+        self.run(model_id)
+        return self._everywhere("unload_model", model_id)
+
+    def _unload_model(self, model_id: str) -> UnloadModelResponse:
         run = self.run(model_id)
         with self._lock:
             self._runs.pop(model_id, None)
@@ -339,6 +359,11 @@ class Engine(LossCalls):
                 "optimizer (load_state loads the weights alone)"
             )
         self.checkpoints.verify(info)
+        self._everywhere("load_weights", model_id, path, with_optimizer)
+
+    def _load_weights(self, model_id: str, path: str, with_optimizer: bool) -> None:
+        """The load itself, once `load_state` checked and verified the checkpoint."""
+        run, info = self.run(model_id), self.checkpoints.resolve(path)
         with run.base.lock:
             self.resident(run)
             load_adapter_weights(run.base, model_id, info)
@@ -352,25 +377,32 @@ class Engine(LossCalls):
         path: str,
         with_optimizer: bool,
         model_id: str | None = None,
-        optimizer_config: AdamOptimizerConfig | DimuonOptimizerConfig | None = None,
+        optimizer_config: AnyOptimizerConfig | None = None,
     ) -> str:
         """A new run shaped like the checkpoint (base model, rank, train_* flags), loaded
         from it; returns its model_id. Its optimizer: with `with_optimizer` the
         checkpoint's (an `optimizer_config` naming another is refused), else
         `optimizer_config` (default AdamW)."""
-        info = self.checkpoints.resolve(path)
+        info = self.checkpoints.resolve(path)  # not found / malformed: refused on rank 0
         optimizer_config = optimizer_for_state(info, with_optimizer, optimizer_config)
+        model_id = model_id or f"run-{uuid.uuid4().hex[:12]}"
+        args = (path, with_optimizer, model_id, optimizer_config)
+        return self._everywhere("create_model_from_state", *args)
+
+    def _create_model_from_state(self, path, with_optimizer, model_id, optimizer_config) -> str:
+        info = self.checkpoints.resolve(path)
         lora = LoraConfig(
             rank=info.lora_rank,
             train_mlp=info.train_mlp,
             train_attn=info.train_attn,
             train_unembed=info.train_unembed,
+            seed=0,  # every weight is the checkpoint's
         )
-        model_id = self.create_model(info.base_model, lora, model_id, optimizer_config)
+        self._create_model(info.base_model, lora, model_id, optimizer_config)
         try:
-            self.load_state(model_id, path, with_optimizer)
+            self._load_weights(model_id, path, with_optimizer)
         except BaseException:
-            self.unload_model(model_id)
+            self._unload_model(model_id)
             raise
         return model_id
 
@@ -378,6 +410,29 @@ class Engine(LossCalls):
         return self.checkpoints.resolve(path).weights_info()
 
     # ------------------------------------------------------------ compute
+
+    def forward_backward(
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, float] | None = None,
+        backward: bool = True,
+    ) -> ForwardBackwardOutput:
+        """Loss and per-token logprobs, and (`backward`) the loss's gradient added to the
+        run's accumulated one."""
+        return self.run_loss(self.prepare(model_id, data, loss_fn, loss_fn_config), backward)
+
+    def forward(self, *args: Any, **kwargs: Any) -> ForwardBackwardOutput:
+        """`forward_backward` with no gradient."""
+        return self.forward_backward(*args, **kwargs, backward=False)
+
+    def run_loss(self, request: LossRequest, backward: bool) -> ForwardBackwardOutput:
+        """One request's pass; raises what it failed with."""
+        (out,) = self.run_losses([request], backward)
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     def check_optim_params(self, model_id: str, params: OptimParams) -> None:
         """Refuse (400) `params` of another optimizer than the run's, or out of range."""
@@ -387,6 +442,10 @@ class Engine(LossCalls):
         """One step of the run's optimizer (AdamParams for AdamW, DimuonParams for Dimuon)
         from the gradient accumulated since the last (summed over the data-parallel ranks
         first, so that every rank takes the same step)."""
+        self.check_optim_params(model_id, params)  # refused on rank 0 alone
+        return self._everywhere("optim_step", model_id, params)
+
+    def _optim_step(self, model_id: str, params: OptimParams) -> OptimStepResponse:
         run = self.run(model_id)
         with run.base.lock:
             self.resident(run)
@@ -406,6 +465,13 @@ class Engine(LossCalls):
         """One forward, then one backward from the logprobs with the gradient that
         `gradient_fn(per-datum logprobs)` returns (with anything else it returns).
         Data-parallel ranks other than 0 pass no `gradient_fn` and get None."""
+        self.check_custom_data(model_id, data)  # refused on rank 0 alone
+        with self.parallel.in_order("forward_backward_custom", (model_id, data)):  # no fn
+            return self._forward_backward_custom(model_id, data, gradient_fn)
+
+    def _forward_backward_custom(
+        self, model_id: str, data: list[Datum], gradient_fn: Callable | None
+    ) -> tuple[ForwardBackwardOutput, Any]:
         run = self.run(model_id)
         request = LossRequest(model_id, "custom", None, {}, self._collate(run.base, data), data)
         extra: list[Any] = []
@@ -466,6 +532,16 @@ class Engine(LossCalls):
         per request, or the Exception that request failed with (the others still run;
         a request given as an Exception fails with it). Data-parallel ranks other than 0
         get a list of None."""
+        keys = [
+            None if isinstance(r, Exception) else (r.model_id, r.data, r.loss_fn, r.config)
+            for r in requests
+        ]
+        with self.parallel.in_order("run_losses", (keys, backward)):
+            return self._run_losses(requests, backward)
+
+    def _run_losses(
+        self, requests: list[LossRequest | Exception], backward: bool
+    ) -> list[ForwardBackwardOutput | Exception]:
         results: list[Any] = [None] * len(requests)
         by_base: dict[str, list[tuple[int, Run]]] = {}
         for i, request in enumerate(requests):
@@ -535,26 +611,15 @@ class Engine(LossCalls):
     def get_sampler(self, sampler_id: str) -> SamplerWeights:
         return self.samplers.get(sampler_id)
 
-    def sample(
-        self,
-        weights: SamplerWeights,
-        prompt: list[int],
-        num_samples: int,
-        sampling_params: SamplingParams,
-        include_prompt_logprobs: bool = False,
-        topk_prompt_logprobs: int = 0,
-        topk_sample_logprobs: int = 0,
-    ) -> Future[SampleResponse]:
-        """Validate now (raises InvalidRequestError), decode in the base's batched sampler."""
-        return self.samplers.sample(
-            weights,
-            prompt,
-            num_samples,
-            sampling_params,
-            include_prompt_logprobs,
-            topk_prompt_logprobs,
-            topk_sample_logprobs,
-        )
+    def sample(self, weights: SamplerWeights, *args: Any, **kwargs: Any) -> Future[SampleResponse]:
+        """`SamplerVersions.sample`: validate now (raises InvalidRequestError), decode in the
+        base's batched sampler."""
+        if self.parallel.fsdp:  # rank 0's forward would wait for the other ranks' all-gathers
+            raise InvalidRequestError(
+                "sampling is not available on a server started with --fsdp (each rank holds "
+                "only part of the base model); serve sampling without --fsdp"
+            )
+        return self.samplers.sample(weights, *args, **kwargs)
 
     def sampler_stats(self, base_model: str) -> list[tuple[int, int]]:
         """(rows, distinct requests) of the base's recent decode steps."""

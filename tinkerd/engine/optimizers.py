@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -277,10 +277,38 @@ class AdamW:
         self.steps = int(state["step"])
 
 
+class OptimizerImpl(NamedTuple):
+    """How the engine runs one optimizer of `types.OPTIMIZERS`."""
+
+    make: Callable[[Sequence[Tensor], int | None], Optimizer]
+    """(the run's LoRA parameters, its rank) -> a fresh optimizer."""
+    hyper: Callable[[Any], Any]
+    """The step's params validated (a 400 naming the field) into what `step` takes."""
+
+
+def _adam_hyper(params: Any) -> Any:
+    validate_adam(params)
+    return params
+
+
+def _dimuon_hyper(params: Any) -> DimuonHyper:
+    hyper = DimuonHyper.from_params(params)
+    hyper.validate()
+    return hyper
+
+
+OPTIMIZER_IMPLS: dict[str, OptimizerImpl] = {
+    "adamw": OptimizerImpl(lambda params, rank: AdamW(params), _adam_hyper),
+    "dimuon": OptimizerImpl(lambda params, rank: Dimuon(rank), _dimuon_hyper),
+}
+"""The engine's side of `types.OPTIMIZERS` (same keys); checkpoints hold each one's
+`state_dict()`."""
+
+
 def make_optimizer(kind: str, params: Sequence[Tensor], rank: int | None = None) -> Optimizer:
-    """The optimizer a run was created with: OptimizerConfig.type "adamw" or "dimuon"."""
-    if kind == "adamw":
-        return AdamW(params)
-    if kind == "dimuon":
-        return Dimuon(rank)
-    raise InvalidRequestError(f"unknown optimizer type {kind!r}; known: 'adamw', 'dimuon'")
+    """The optimizer a run was created with (its OptimizerConfig.type)."""
+    impl = OPTIMIZER_IMPLS.get(kind)
+    if impl is None:
+        known = ", ".join(repr(k) for k in OPTIMIZER_IMPLS)
+        raise InvalidRequestError(f"unknown optimizer type {kind!r}; known: {known}")
+    return impl.make(params, rank)

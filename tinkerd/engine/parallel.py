@@ -7,6 +7,9 @@ one rank, where sharding keeps everything, and gathering or agreeing is the iden
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -41,6 +44,20 @@ class SingleProcess:
         """Replace each parameter's gradient by its sum over ranks (a parameter with no
         gradient on some rank counts zero there; with none anywhere it keeps None)."""
 
+    @contextlib.contextmanager
+    def in_order(self, op: str, args: tuple) -> Iterator[None]:
+        """Around an engine operation that every rank applies (`Engine._everywhere`): on
+        rank 0 of a group, tell the other ranks `(op, args)` first, one operation at a
+        time, so that all apply the same operations in the same order."""
+        yield
+
+    def receive(self) -> tuple[str, tuple]:
+        """A rank other than 0: the next operation rank 0 announced."""
+        raise RuntimeError("a single process receives no operations")
+
+    def stop_workers(self) -> None:
+        """Rank 0: tell the other ranks to return from their loop (`serve_worker`)."""
+
 
 class TorchDistributed(SingleProcess):
     """This process's rank of the default torch.distributed group (gloo or NCCL)."""
@@ -55,6 +72,25 @@ class TorchDistributed(SingleProcess):
         # NCCL reduces only GPU tensors (gloo, CPU ones).
         cuda = dist.get_backend() == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+        self._order = threading.Lock()
+
+    @contextlib.contextmanager
+    def in_order(self, op: str, args: tuple) -> Iterator[None]:
+        if self.rank != 0:  # a worker applies what rank 0 announced
+            yield
+            return
+        with self._order:
+            self._dist.broadcast_object_list([(op, args)], src=0)
+            yield
+
+    def receive(self) -> tuple[str, tuple]:
+        box: list = [None]
+        self._dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def stop_workers(self) -> None:
+        with self._order:
+            self._dist.broadcast_object_list([("stop", ())], src=0)
 
     def all_finite(self, finite: list[bool]) -> list[bool]:
         flags = torch.tensor([float(f) for f in finite], device=self.device)

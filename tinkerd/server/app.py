@@ -16,8 +16,6 @@ import hmac
 import json
 import logging
 import math
-from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +26,14 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinkerd.engine import Engine
-from tinkerd.errors import AuthenticationError, TinkerdError
+from tinkerd.errors import AuthenticationError, InvalidRequestError, TinkerdError
+from tinkerd.requests import Request as VerbRequest
 from tinkerd.server.dashboard import add_dashboard, split_key_label
-from tinkerd.server.requests import Encoded, RequestTable, encode_json
+from tinkerd.server.requests import RequestTable, encode_json, encode_protobuf, jsonable
 from tinkerd.server.rest import rest_router
-from tinkerd.server.routes import sampling, sessions, training
+from tinkerd.server.routes import sessions, verbs
 from tinkerd.server.routes.inference import inference_router
-from tinkerd.service import Service, ServiceConfig
+from tinkerd.service import KeyCaller, Service, ServiceConfig
 
 log = logging.getLogger("tinkerd.server")
 
@@ -61,18 +60,16 @@ class Server:
             poll_timeout=poll_timeout, max_pending=max_pending, session_timeout=session_timeout
         )
         self.service = Service(engine, data_dir, served_models, config)
-        self.engine = engine
-        self.store = self.service.store
-        self.catalog = self.service.catalog
-        self.checkpoints = self.service.checkpoints
-        self.requests = RequestTable(self.store)
+        self.requests = RequestTable(self.service.store)
         labelled = [split_key_label(k) for k in api_keys]  # `KEY=LABEL` names a key's owner
         self.api_keys = [k.encode() for k, _ in labelled]
         self.key_labels = {fingerprint(k): label for k, label in labelled if label}
 
     def owner(self, request: Request) -> str:
         """The caller's identity: a fingerprint of its API key (keys are never stored)."""
-        key = request.headers.get("x-api-key") or ""
+        return self._owner_of(request.headers.get("x-api-key") or "")
+
+    def _owner_of(self, key: str) -> str:
         if self.api_keys:
             # Compare against every key in constant time: no early exit that leaks which.
             matches = [hmac.compare_digest(key.encode(), k) for k in self.api_keys]
@@ -84,29 +81,35 @@ class Server:
         """What the dashboard shows for an owner: its key's label, else the fingerprint."""
         return self.key_labels.get(owner, owner)
 
-    def track(
-        self,
-        owner: str,
-        kind: str,
-        future: Future,
-        encode: Callable[[Any], Encoded] = encode_json,
-        model_id: str | None = None,
-        saves: tuple[str, Encoded] | None = None,
-    ) -> dict:
-        """The answer to a mutating request: the request_id of the service's future.
-        `saves`: see RequestTable.track."""
-        request_id = self.requests.track(owner, kind, future, encode, model_id, saves)
+    def caller(self, request: Request) -> KeyCaller:
+        """The caller of an HTTP request: its API key, with the key's policy."""
+        return KeyCaller(self.owner(request))
+
+    def caller_for_key(self, api_key: str) -> KeyCaller:
+        """The caller of a key sent elsewhere than X-API-Key (OpenAI/Anthropic headers)."""
+        return KeyCaller(self._owner_of(api_key))
+
+    def answer(self, caller: KeyCaller, request: VerbRequest) -> dict:
+        """The wire's answer to `request`: the result, for a verb answered at once; else
+        the request_id of its future, to long-poll with retrieve_future."""
+        future = self.service.submit(caller, request)
+        if not request.queued:
+            return jsonable(future.result())
+        encode = encode_json if request.answer == "json" else encode_protobuf
+        saves = None
+        with contextlib.suppress(InvalidRequestError):  # a bad name: the future says so
+            expected = request.expected_answer()
+            saves = None if expected is None else (expected[0], encode_json(expected[1]))
+        model_id = request.run_id()
+        request_id = self.requests.track(
+            caller.owner, request.label(), future, encode, model_id, saves
+        )
         return {"request_id": request_id, "model_id": model_id}
 
     def release_rejected(self, owner: str, model_id: Any, seq_id: Any) -> None:
         """Use up the seq_id of a request refused before its handler ran (a body that
-        fails validation or decoding), so the run's next request need not wait for the
-        gap timeout. Only the run's own key may: another key's refusals change nothing."""
-        if not isinstance(model_id, str) or type(seq_id) is not int or seq_id <= 0:
-            return
-        with contextlib.suppress(TinkerdError):
-            self.service.check_run(model_id, owner)
-            self.service.queue.release(model_id, seq_id)
+        fails validation or decoding)."""
+        self.service.release_rejected(KeyCaller(owner), model_id, seq_id)
 
 
 class CatchAll:
@@ -163,7 +166,7 @@ def create_app(server: Server) -> FastAPI:
         """A value a route validates itself (e.g. sampling_params) is bad input too."""
         return JSONResponse({"detail": _describe(e.errors())}, status_code=400)
 
-    for routes in (sessions, training, sampling):
+    for routes in (sessions, verbs):
         app.include_router(routes.router(server))
     app.include_router(rest_router(server))
     app.include_router(inference_router(server))  # OpenAI- and Anthropic-compatible

@@ -173,7 +173,7 @@ def add_dashboard(app: FastAPI, server: Server) -> None:
         }
 
     def own_run(model_id: str, who: str) -> dict:
-        for run in server.store.runs(who):
+        for run in server.service.store.runs(who):
             if run["model_id"] == model_id:
                 return run | {"owner": who}
         raise NotFoundError(f"no training run {model_id!r}")  # another key's looks absent
@@ -181,8 +181,8 @@ def add_dashboard(app: FastAPI, server: Server) -> None:
     @app.get(f"{API}/runs", response_model=RunList)
     def list_runs(who: str = Owner) -> dict:
         """The caller's training runs (another key's are never listed)."""
-        steps = server.store.run_steps(who)
-        runs = [summary(r | {"owner": who}, steps) for r in server.store.runs(who)]
+        steps = server.service.store.run_steps(who)
+        runs = [summary(r | {"owner": who}, steps) for r in server.service.store.runs(who)]
         return {"runs": sorted(runs, key=lambda r: -r["last_activity"])}
 
     @app.get(f"{API}/runs/{{model_id}}", response_model=RunDetail)
@@ -199,15 +199,15 @@ def add_dashboard(app: FastAPI, server: Server) -> None:
                 "size_bytes": c.size_bytes,
                 "has_optimizer": c.has_optimizer,
             }
-            for c in server.checkpoints.list(model_id)
+            for c in server.service.checkpoints.list(model_id)
         ]
-        return summary(run, server.store.run_steps(who)) | {"checkpoints": checkpoints}
+        return summary(run, server.service.store.run_steps(who)) | {"checkpoints": checkpoints}
 
     @app.get(f"{API}/paging", response_model=Paging)
     def paging_stats(who: str = Owner) -> dict:
         """The server's resident sets: runs resident and paged per base model, page-ins
         (total, last minute) and their seconds. Any key may read these server-wide counts."""
-        return {"bases": paging(server.engine)}
+        return {"bases": paging(server.service.engine)}
 
     @app.get(f"{API}/runs/{{model_id}}/metrics", response_model=RunMetrics)
     def run_metrics(
@@ -218,7 +218,7 @@ def add_dashboard(app: FastAPI, server: Server) -> None:
         """The run's metrics per optimizer step; poll with since_step = the last step seen
         (it may still grow) to get only what is new. 404 for another key's run."""
         own_run(model_id, who)
-        steps = per_step(server.store.metric_rows(model_id, since_step))
+        steps = per_step(server.service.store.metric_rows(model_id, since_step))
         names = sorted({k for s in steps for k in s} - {"step", "time"})
         return {
             "model_id": model_id,

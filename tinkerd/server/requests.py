@@ -29,10 +29,25 @@ PROTOBUF = "application/x-protobuf"
 Encoded = tuple[str, bytes]  # (content type, body)
 
 
-def encode_json(value: Any) -> Encoded:
+def jsonable(value: Any) -> Any:
+    """A response as the wire's JSON: a pydantic model without its unset (None) fields."""
     if hasattr(value, "model_dump"):
-        value = value.model_dump(mode="json", exclude_none=True)
-    return JSON, json.dumps(value).encode()
+        return value.model_dump(mode="json", exclude_none=True)
+    return value
+
+
+def encode_json(value: Any) -> Encoded:
+    return JSON, json.dumps(jsonable(value)).encode()
+
+
+def encode_protobuf(value: Any) -> Encoded:
+    """forward_backward's and asample's results travel as protobuf."""
+    from tinkerd import wire_proto
+    from tinkerd.types import SampleResponse
+
+    if isinstance(value, SampleResponse):
+        return PROTOBUF, wire_proto.encode_sample_response(value)
+    return PROTOBUF, wire_proto.encode_forward_backward_output(value)
 
 
 def encode_error(error: BaseException) -> Encoded:
@@ -41,13 +56,6 @@ def encode_error(error: BaseException) -> Encoded:
     else:
         body = {"error": f"internal error: {type(error).__name__}: {error}", "category": "server"}
     return JSON, json.dumps(body).encode()
-
-
-def done(value: Any) -> Future:
-    """A future already resolved to `value` (an answer that needed no queueing)."""
-    future: Future = Future()
-    future.set_result(value)
-    return future
 
 
 @dataclass

@@ -31,9 +31,9 @@ class TtlRequest(BaseModel):
 
 
 def rest_router(server) -> APIRouter:
-    """Routes over `server.catalog`, keyed by `server.owner(request)`."""
+    """Routes over `server.service.catalog`, keyed by `server.owner(request)`."""
     router = APIRouter()
-    catalog = server.catalog
+    catalog = server.service.catalog
     Owner = Depends(server.owner)
     CHECKPOINT = f"{API}/training_runs/{{model_id}}/checkpoints/{{kind}}/{{name}}"
 

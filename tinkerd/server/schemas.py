@@ -1,4 +1,7 @@
-"""Request bodies of the wire protocol's JSON routes (see docs/wire-protocol.md).
+"""Request bodies of the wire protocol's JSON routes that are not a verb's request
+(sessions, retrieve_future), and the wire's own shapes of some verbs (/load_weights's two
+jobs, the JSON forward_backward of old SDKs). The verbs' bodies are their requests
+(`tinkerd.requests`).
 
 Every field the official SDK (0.38) can send is declared here, and either honoured or,
 for a value the server cannot honour, refused with a 422 that names the field
@@ -8,28 +11,20 @@ request types to keep it so.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tinkerd.errors import InvalidRequestError
+from tinkerd.requests import CreateModelFromStateRequest, LoadWeightsRequest, refuse_unless
 from tinkerd.service.session_search import SessionSearch  # noqa: F401  sessions/search body
-from tinkerd.types import Datum, LoraConfig, ModelInput, SamplingParams
-
-TtlSeconds = int | None
-UserMetadata = dict[str, str] | None
+from tinkerd.types import Datum
 
 
 class Body(BaseModel):
     """Request bodies: unknown fields (SDKs newer than 0.38) are ignored."""
 
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
-
-
-def refuse_unless(value: Any, allowed: Any, why: str) -> Any:
-    """`value` if it is `allowed`, else a ValueError (a 422 naming the field) saying why."""
-    if value != allowed:
-        raise ValueError(f"{why} (got {str(value)[:80]})")
-    return value
 
 
 class CreateSessionRequest(Body):
@@ -57,59 +52,7 @@ class SessionRequest(Body):
     session_id: str
 
 
-class CreateModelRequest(Body):
-    session_id: str
-    model_seq_id: int = Field(ge=0)
-    base_model: str
-    lora_config: LoraConfig
-    user_metadata: dict[str, Any] | None = None
-    optimizer_config: dict[str, Any] | None = None
-    """{"type": "adamw"} (the default) or {"type": "dimuon", "version": 1}; parsed by the
-    service (`types.optimizer_config_from`), so an unknown type is a 400 naming it."""
-
-
-class ModelRequest(Body):
-    model_id: str
-
-
-class OptimStepRequest(Body):
-    model_id: str
-    seq_id: int | None = None
-    adam_params: dict[str, Any] | None = None
-    optimizer_params: dict[str, Any] | None = None
-    """The SDK sends AdamParams as `adam_params`, DimuonParams (`type` "dimuon") as
-    `optimizer_params`; parsed by the service (`types.optim_params_from`)."""
-
-
-class SaveWeightsForSamplerRequest(Body):
-    model_id: str
-    seq_id: int | None = None
-    path: str | None = None
-    """A name: the weights are kept at tinker://<model_id>/sampler_weights/<name>."""
-    sampling_session_seq_id: int | None = None
-    """Without a name: open a sampling session on the (ephemeral) weights."""
-    ttl_seconds: TtlSeconds = None
-    """Delete the saved weights this long after the save (None: keep them)."""
-    user_metadata: UserMetadata = None
-    """Listed with the checkpoint."""
-    kind: Literal["snapshot"] = "snapshot"
-    """Sampler weights here are always a fixed snapshot ("inflight" is refused)."""
-
-
-class SaveWeightsRequest(Body):
-    model_id: str
-    path: str
-    """A name: the state is saved as tinker://<model_id>/weights/<name>."""
-    seq_id: int | None = None
-    overwrite: bool = False
-    """Replace a checkpoint of this name (its TTL and user_metadata too)."""
-    ttl_seconds: TtlSeconds = None
-    """Delete the checkpoint this long after the save (None: keep it)."""
-    user_metadata: UserMetadata = None
-    """Listed with the checkpoint."""
-
-
-class LoadWeightsRequest(Body):
+class LoadWeightsBody(Body):
     """Either legacy addressing (model_id + seq_id: load into an existing run) or
     create-via-load (session_id + model_seq_id: a new run made from the checkpoint)."""
 
@@ -131,45 +74,15 @@ class LoadWeightsRequest(Body):
     def _no_token(cls, v: str | None) -> None:
         return refuse_unless(v, None, "tinkerd loads only checkpoints of its own data directory")
 
-
-class WeightsInfoRequest(Body):
-    tinker_path: str
-
-
-class CreateSamplingSessionRequest(Body):
-    session_id: str
-    sampling_session_seq_id: int = 0
-    base_model: str | None = None
-    model_path: str | None = None
-
-
-class SamplingParamsBody(SamplingParams):
-    """SamplingParams as a request carries them: keys of newer SDKs are ignored (every
-    key of SDK 0.38's SamplingParams is a field here)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-
-class SampleRequest(Body):
-    sampling_session_id: str | None = None
-    seq_id: int | None = None
-    base_model: str | None = None
-    model_path: str | None = None
-    num_samples: int = 1
-    prompt: ModelInput
-    sampling_params: SamplingParamsBody = Field(default_factory=SamplingParamsBody)
-    prompt_logprobs: bool | None = False
-    topk_prompt_logprobs: int = 0
-    topk_sample_logprobs: int = 0
-    prompt_logprobs_last_n: int | None = None
-    prompt_alt_tokens_k: int = 0
-    target_prompt_logprobs: Any = None
-    record_stability_info: bool | None = None
-
-    @field_validator("record_stability_info")
-    @classmethod
-    def _no_stability_info(cls, v: bool | None) -> bool | None:
-        return v if not v else refuse_unless(v, False, "tinkerd records no stability info")
+    def request(self) -> CreateModelFromStateRequest | LoadWeightsRequest:
+        """The verb the body asks for."""
+        common = self.model_dump(include={"path", "optimizer", "optimizer_config"})
+        if self.session_id is not None and self.model_seq_id is not None:
+            new_run = {"session_id", "model_seq_id", "base_model", "user_metadata"}
+            return CreateModelFromStateRequest(**common, **self.model_dump(include=new_run))
+        if self.model_id is None:
+            raise InvalidRequestError("give model_id (and seq_id), or session_id and model_seq_id")
+        return LoadWeightsRequest(**common, model_id=self.model_id, seq_id=self.seq_id)
 
 
 class RetrieveFutureRequest(Body):
@@ -192,12 +105,3 @@ class ForwardBackwardJson(Body):
     seq_id: int | None = None
     forward_backward_input: LossInput | None = None
     forward_input: LossInput | None = None
-
-
-class SaveWeightsExternalRequest(Body):
-    model_id: str
-    path: str
-    """A name: the adapter is saved as tinker://<model_id>/external_weights/<name>."""
-    seq_id: int | None = None
-    ttl_seconds: int | None = None
-    age_encryption_recipients: list[str] | None = None

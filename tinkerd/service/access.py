@@ -26,8 +26,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tinkerd.engine.checkpoint_format import CONFIG_FILE, WEIGHTS_FILE, read_verified
-from tinkerd.engine.checkpoints import CheckpointInfo, CheckpointStore, parse_tinker_path
+from tinkerd.engine.checkpoints import CheckpointInfo, CheckpointStore
 from tinkerd.errors import InvalidRequestError, NotFoundError
+from tinkerd.paths import parse_tinker_path
 from tinkerd.service.store import Store
 from tinkerd.types import Checkpoint, CheckpointsListResponse, Cursor, TrainingRun
 

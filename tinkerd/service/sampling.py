@@ -30,21 +30,6 @@ class Sampling:
             self.service.check_base(base_model)
         return self.engine.sampler_for(base_model=base_model, model_path=model_path)
 
-    def open_session(
-        self,
-        owner: str,
-        session_id: str,
-        seq: int,
-        base_model: str | None,
-        model_path: str | None,
-    ) -> str:
-        """A sampling session of the caller's session; its id."""
-        self.service.sessions.check_owner(session_id, owner)
-        weights = self.weights(owner, base_model, model_path)
-        sampling_id = f"{session_id}:sample:{seq}"
-        self.service.sessions.add_sampler(sampling_id, owner, weights)
-        return sampling_id
-
     def sample(
         self,
         weights: Any,

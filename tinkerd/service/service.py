@@ -8,9 +8,9 @@ training metrics, and hands back `concurrent.futures.Future`s of typed results. 
 holds what outlives a request: sessions (and their expiry), sampling sessions, uploaded
 custom losses.
 
-Every method takes the caller's identity `owner` (an API key's fingerprint over HTTP).
-`owner=None` is the local, embedded caller: it sees every run and checkpoint of this
-process and has no session; its runs are not recorded in the store.
+Every verb is a typed request (`tinkerd.requests`) given to `submit(caller, request)`,
+which calls that request type's handler (`handlers.py`). The caller (`caller.py`) is the
+process's embedded client (`LOCAL`) or an API key (`KeyCaller`), with its policy.
 """
 
 from __future__ import annotations
@@ -20,64 +20,26 @@ import functools
 import sys
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from tinkerd.custom_loss import (
-    RegularizerSpec,
-    check_regularizers,
-    gradient_fn,
-)
-from tinkerd.engine import Engine, SamplerWeights
-from tinkerd.engine.adapters import validate_lora_config
-from tinkerd.engine.checkpoints import CheckpointInfo, tinker_path
-from tinkerd.engine.engine import optimizer_for_state
-from tinkerd.errors import InvalidRequestError, NotFoundError, QuotaExceededError, TinkerdError
-from tinkerd.service.access import Catalog, check_age_recipients, check_ttl
+from tinkerd.engine import Engine
+from tinkerd.errors import InvalidRequestError, QueueFullError, TinkerdError
+from tinkerd.futures import done
+from tinkerd.requests import Request
+from tinkerd.service.access import Catalog
+from tinkerd.service.caller import LocalCaller, release_quietly
 from tinkerd.service.config import ServiceConfig
 from tinkerd.service.futures import RequestQueue
+from tinkerd.service.handlers import HANDLERS
 from tinkerd.service.memory import trim_heap
-from tinkerd.service.metrics import record, timed
 from tinkerd.service.sampling import Sampling
-from tinkerd.service.scheduler import Scheduler, loss_work
+from tinkerd.service.scheduler import Scheduler
 from tinkerd.service.sessions import Sessions
 from tinkerd.service.store import Store
 from tinkerd.service.uploaded_losses import UploadedLosses
-from tinkerd.types import (
-    CustomLossOutput,
-    Datum,
-    ForwardBackwardOutput,
-    GetInfoResponse,
-    GetServerCapabilitiesResponse,
-    LoraConfig,
-    OptimStepResponse,
-    UnloadModelResponse,
-    optim_params_from,
-    optimizer_config_from,
-)
-
-Owner = str | None
-
-
-def _gone(model_id: str, status: str | None) -> str:
-    """What a 404 says about a run of the caller that is listed but not loaded."""
-    why = {
-        "lost": "the server restarted since it was created, and a run's weights and "
-        "optimizer state live in memory only",
-        "expired": "its session missed heartbeats and expired",
-        "finished": "its session was closed",
-        "unloaded": "it was unloaded",
-        "failed": "it failed to be created",
-    }.get(status or "", f"it is {status}")
-    return (
-        f"no training run {model_id!r} is loaded: {why}. Its checkpoints are kept: make a "
-        "new training client from its last one (ServiceClient."
-        "create_training_client_from_state_with_optimizer(path), paths from "
-        "RestClient.list_checkpoints) and carry on from there"
-    )
-
 
 _services: weakref.WeakKeyDictionary[Engine, Service] = weakref.WeakKeyDictionary()
 _services_lock = threading.Lock()
@@ -151,6 +113,65 @@ class Service:
             self.sessions.stop()
         self.scheduler.shutdown(wait=True)
 
+    # ---------------------------------------------------------------- requests
+
+    def submit(self, caller: LocalCaller, request: Request) -> Future:
+        """Hand `request` to its handler (`handlers.py`) for `caller` (`LOCAL`, or a
+        `KeyCaller`); the future gives the request's `response`. A refused request raises
+        here (nothing was queued) and uses up its seq_id, except a full queue's 429,
+        which the client retries with the same seq_id."""
+        handler = HANDLERS[type(request)]
+        model_id = request.run_id()
+        if model_id is not None:
+            caller.check_run(self, model_id)  # another key's run: nothing is released
+        try:
+            result = handler(self, caller, request)
+        except QueueFullError:
+            raise
+        except Exception:
+            if request.ordered:
+                self.queue.release(model_id, request.seq_id)
+            raise
+        return result if isinstance(result, Future) else done(result)
+
+    def unstick(self) -> None:
+        """Let requests behind a seq_id missing for longer than the gap timeout run (asked
+        on every long-poll, so a client that lost a request does not wait forever)."""
+        self.queue.unstick()
+
+    def release_rejected(self, caller: LocalCaller, model_id: Any, seq_id: Any) -> None:
+        """Use up the seq_id of a request whose body could not even be decoded."""
+        release_quietly(self, caller, model_id, seq_id)
+
+    def run_work(self, caller: LocalCaller, request: Request, work: Any) -> Future:
+        """Queue `work` behind the run's earlier requests, in its base model's lane; it
+        takes turns as its caller's (fairness per key, then per run: scheduler.py)."""
+        model_id = request.run_id()
+        lane = self.engine.run(model_id).base.name
+        seq_id = getattr(request, "seq_id", None) if request.ordered else None
+        return self.queue.submit(lane, work, model_id, seq_id, tenant=caller.owner)
+
+    def create(
+        self,
+        caller: LocalCaller,
+        request: Request,
+        model_id: str | None,
+        base_model: str,
+        create: Callable[[], str],
+    ) -> Future[str]:
+        """Queue `create() -> model_id` in the base's lane, registering the run."""
+
+        def work() -> str:
+            try:
+                created = create()
+            except Exception:
+                caller.run_failed(self, model_id)
+                raise
+            caller.run_made(self, request, created, base_model)
+            return created
+
+        return self.queue.submit(base_model, work, tenant=caller.owner)
+
     # ---------------------------------------------------------------- helpers
 
     def _local_runs(self) -> dict[str, tuple[str, int]]:
@@ -169,376 +190,12 @@ class Service:
         except (TinkerdError, ValueError, OSError):
             return False
 
-    def check_run(self, model_id: str, owner: Owner) -> None:
-        if owner is None:
-            return
-        found_owner, status = self.store.run_owner_status(model_id)
-        if found_owner != owner:
-            raise NotFoundError(f"no training run {model_id!r}")  # another key's looks absent
-        if status not in ("active", "unloaded"):  # unloaded: the engine's 409 says so
-            try:
-                self.engine.run(model_id)
-            except NotFoundError:
-                raise NotFoundError(_gone(model_id, status)) from None
+    def base_model(self, name: str) -> Any:
+        """The engine's loaded base model `name` (its tokenizer, special tokens)."""
+        return self.engine.base_model(name)
 
     def check_base(self, base_model: str) -> None:
         if self.served_models is not None and base_model not in self.served_models:
             raise InvalidRequestError(
                 f"base model {base_model!r} is not served here; available: {self.served_models}"
             )
-
-    @contextlib.contextmanager
-    def _door(self, model_id: str, owner: Owner, seq_id: int | None) -> Iterator[None]:
-        """Checks made before queueing: a request rejected here still uses up its seq_id."""
-        self.check_run(model_id, owner)
-        try:
-            yield
-        except TinkerdError:
-            self.queue.release(model_id, seq_id)
-            raise
-
-    def _run_work(self, owner: Owner, model_id: str, work: Any, seq_id: int | None) -> Future:
-        """Queue `work` behind the run's earlier requests, in its base model's lane; it
-        takes turns as its owner's (fairness per key, then per run: scheduler.py)."""
-        lane = self.engine.run(model_id).base.name
-        return self.queue.submit(lane, work, model_id, seq_id, tenant=owner)
-
-    def _recorded(self, owner: Owner, model_id: str, kind: str, work: Any, tokens: int = 0):
-        """`work` recording its metrics for the dashboard when it succeeds (runs of a key)."""
-        return (
-            work if owner is None else timed(self.store, self.engine, model_id, kind, work, tokens)
-        )
-
-    # ---------------------------------------------------------------- runs
-
-    def get_server_capabilities(self) -> GetServerCapabilitiesResponse:
-        caps = self.engine.get_server_capabilities()
-        if self.served_models is not None:
-            for model in caps.supported_models:
-                model.trainable = model.model_name in self.served_models
-            caps.supported_models = [m for m in caps.supported_models if m.trainable]
-        return caps
-
-    def _new_run_id(self, owner: Owner, session_id: str | None, model_seq_id: int | None):
-        if owner is None:
-            return None  # the engine names it
-        if session_id is None or model_seq_id is None:
-            raise InvalidRequestError("give session_id and model_seq_id")
-        self.sessions.check_owner(session_id, owner)
-        limit = self.config.max_runs_per_key
-        if limit is not None and self.store.count_active_runs(owner) >= limit:
-            raise QuotaExceededError(
-                f"this API key has {limit} active training runs (limit --max-runs-per-key): "
-                "unload one (or end its session) first"
-            )
-        model_id = f"{session_id}:train:{model_seq_id}"
-        if self.store.run_owner(model_id) is not None:
-            raise InvalidRequestError(f"model {model_id!r} already exists")
-        return model_id
-
-    def _create(self, owner, session_id, model_id, base_model, create, describe=lambda m: m):
-        """Queue `create() -> model_id`, registering the run; the future gives
-        `describe(model_id)`."""
-
-        def work() -> Any:
-            try:
-                created = create()
-            except Exception:
-                if owner is not None:
-                    self.store.touch_run(model_id, status="failed")
-                raise
-            if owner is None:
-                self.local_runs[created] = base_model  # before the caller can see the id
-            else:
-                self.sessions.check_alive(session_id, created)
-            return describe(created)
-
-        return self.queue.submit(base_model, work, tenant=owner)
-
-    def create_model(
-        self,
-        owner: Owner,
-        base_model: str,
-        lora: LoraConfig,
-        session_id: str | None = None,
-        model_seq_id: int | None = None,
-        user_metadata: dict | None = None,
-        optimizer_config: Any = None,
-    ) -> Future[str]:
-        """A new LoRA run trained with `optimizer_config` (AdamOptimizerConfig, the default,
-        or DimuonOptimizerConfig; ours, the SDK's or JSON); the future gives its model_id."""
-        optimizer = None if optimizer_config is None else optimizer_config_from(optimizer_config)
-        if owner is not None:
-            self.check_base(base_model)
-            validate_lora_config(lora)
-        model_id = self._new_run_id(owner, session_id, model_seq_id)
-        if owner is not None:
-            self.store.add_run(
-                model_id, owner, session_id, base_model, lora.model_dump(), user_metadata or {}
-            )
-        create = lambda: self.engine.create_model(base_model, lora, model_id, optimizer)  # noqa: E731
-        return self._create(owner, session_id, model_id, base_model, create)
-
-    def create_model_from_state(
-        self,
-        owner: Owner,
-        path: str,
-        with_optimizer: bool,
-        session_id: str | None = None,
-        model_seq_id: int | None = None,
-        base_model: str | None = None,
-        user_metadata: dict | None = None,
-        optimizer_config: Any = None,
-    ) -> Future[tuple[str, str, LoraConfig]]:
-        """A new run made from the checkpoint at `path`: (model_id, base_model, lora). Its
-        optimizer is the checkpoint's `with_optimizer`, else `optimizer_config` (AdamW)."""
-        optimizer = None if optimizer_config is None else optimizer_config_from(optimizer_config)
-        if owner is None:  # local: any checkpoint of the data directory
-            info = self.engine.weights_info(path)
-            return self._create_from_state(
-                owner, path, with_optimizer, None, None, info.base_model, optimizer
-            )
-        info = self.catalog.readable(path, owner)
-        if base_model not in (None, info.base_model):
-            raise InvalidRequestError(
-                f"{path} was trained on {info.base_model!r}, not {base_model!r}"
-            )
-        if with_optimizer and not info.has_optimizer:
-            raise InvalidRequestError(f"{path} has no optimizer state")
-        optimizer = optimizer_for_state(info, with_optimizer, optimizer)
-        model_id = self._new_run_id(owner, session_id, model_seq_id)
-        flags = {"train_mlp", "train_attn", "train_unembed"}
-        lora = info.weights_info().model_dump(include=flags) | {"rank": info.lora_rank}
-        self.store.add_run(model_id, owner, session_id, info.base_model, lora, user_metadata or {})
-        return self._create_from_state(
-            owner, path, with_optimizer, session_id, model_id, info.base_model, optimizer
-        )
-
-    def _create_from_state(
-        self, owner, path, with_optimizer, session_id, model_id, base_model, optimizer
-    ):
-        create = lambda: self.engine.create_model_from_state(  # noqa: E731
-            path, with_optimizer, model_id, optimizer
-        )
-        describe = lambda m: (m, base_model, self.engine.run(m).lora)  # noqa: E731
-        return self._create(owner, session_id, model_id, base_model, create, describe)
-
-    def get_info(self, owner: Owner, model_id: str) -> GetInfoResponse:
-        self.check_run(model_id, owner)
-        return self.engine.get_info(model_id)
-
-    def unload_model(self, owner: Owner, model_id: str) -> Future[UnloadModelResponse]:
-        self.check_run(model_id, owner)
-
-        def work() -> UnloadModelResponse:
-            result = self.engine.unload_model(model_id)
-            if owner is not None:
-                self.store.touch_run(model_id, status="unloaded")
-            self.local_runs.pop(model_id, None)
-            self.queue.forget_model(model_id)
-            return result
-
-        return self._run_work(owner, model_id, work, None)
-
-    # ---------------------------------------------------------------- training
-
-    def forward(
-        self,
-        owner: Owner,
-        model_id: str,
-        data: list[Datum],
-        loss_fn: str,
-        loss_fn_config: Any = None,
-        seq_id: int | None = None,
-    ) -> Future[ForwardBackwardOutput]:
-        """Per-token logprobs and the loss, no gradient (may share a pass)."""
-        return self._loss(owner, model_id, data, loss_fn, loss_fn_config, seq_id, backward=False)
-
-    def forward_backward(
-        self,
-        owner: Owner,
-        model_id: str,
-        data: list[Datum],
-        loss_fn: str,
-        loss_fn_config: Any = None,
-        seq_id: int | None = None,
-    ) -> Future[ForwardBackwardOutput]:
-        """Like `forward`, and accumulates the loss's gradient into the run."""
-        return self._loss(owner, model_id, data, loss_fn, loss_fn_config, seq_id, backward=True)
-
-    def _loss(self, owner, model_id, data, loss_fn, loss_fn_config, seq_id, backward) -> Future:
-        with self._door(model_id, owner, seq_id):
-            prepared = self.engine.prepare(model_id, data, loss_fn, loss_fn_config)
-        work = loss_work(self.engine, prepared, backward)
-        if backward and owner is not None:
-            tokens = sum(d.model_input.length for d in data)
-            work.after = lambda result, seconds: record(
-                self.store, self.engine, model_id, "forward_backward", result, seconds, tokens
-            )
-        return self._run_work(owner, model_id, work, seq_id)
-
-    def forward_backward_custom(
-        self,
-        owner: Owner,
-        model_id: str,
-        data: list[Datum],
-        loss_fn: Any,
-        regularizers: Sequence[RegularizerSpec] = (),
-        track_grad_norms: bool = False,
-        run_sync_in_executor: bool = False,
-        seq_id: int | None = None,
-    ) -> Future[CustomLossOutput]:
-        """One forward and one backward of `loss_fn` plus weighted `regularizers`,
-        evaluated on the live per-token logprobs (see custom_loss.py)."""
-        with self._door(model_id, owner, seq_id):
-            check_regularizers(loss_fn, regularizers)
-            if owner is not None:
-                self.engine.check_custom_data(model_id, data)
-        grads = gradient_fn(data, loss_fn, regularizers, track_grad_norms, run_sync_in_executor)
-
-        def work() -> CustomLossOutput:
-            out, evaluation = self.engine.forward_backward_custom(model_id, data, grads)
-            return evaluation.output(out)
-
-        tokens = sum(d.model_input.length for d in data)
-        recorded = self._recorded(owner, model_id, "forward_backward", work, tokens)
-        return self._run_work(owner, model_id, recorded, seq_id)
-
-    def create_custom_loss(self, owner: str, session_id: str, graph: dict) -> str:
-        """Compile an uploaded loss graph for the owner's session; its loss_id."""
-        self.sessions.check_owner(session_id, owner)
-        return self.losses.add(owner, session_id, graph)
-
-    def forward_backward_uploaded(
-        self, owner: str, model_id: str, data: list[Datum], config: dict, seq_id: int | None
-    ) -> Future[CustomLossOutput]:
-        """loss_fn="custom" over HTTP: forward_backward_custom of uploaded graphs."""
-        with self._door(model_id, owner, seq_id):
-            loss_fn, regularizers, track = self.losses.terms(owner, config, data)
-        return self.forward_backward_custom(
-            owner, model_id, data, loss_fn, regularizers, track, seq_id=seq_id
-        )
-
-    def optim_step(
-        self, owner: Owner, model_id: str, params: Any, seq_id: int | None = None
-    ) -> Future[OptimStepResponse]:
-        """One step of the run's optimizer: `params` are AdamParams or DimuonParams (ours,
-        the SDK's or JSON), of the optimizer the run was created with, else a 400."""
-        with self._door(model_id, owner, seq_id):
-            params = optim_params_from(params)
-            self.engine.check_optim_params(model_id, params)
-        work = lambda: self.engine.optim_step(model_id, params)  # noqa: E731
-        return self._run_work(
-            owner, model_id, self._recorded(owner, model_id, "optim_step", work), seq_id
-        )
-
-    # ---------------------------------------------------------------- checkpoints
-
-    def save_state(
-        self,
-        owner: Owner,
-        model_id: str,
-        name: str,
-        overwrite: bool = False,
-        seq_id: int | None = None,
-        ttl_seconds: int | None = None,
-        user_metadata: dict[str, str] | None = None,
-    ) -> Future[str]:
-        """Weights and optimizer state at tinker://<model_id>/weights/<name>: its path.
-        `ttl_seconds`: deleted that long after the save (None: kept); `user_metadata` is
-        listed with the checkpoint (an overwrite replaces both)."""
-        with self._door(model_id, owner, seq_id):
-            tinker_path(model_id, "weights", name)  # a bad name fails now, not in the lane
-            check_ttl(ttl_seconds)
-
-        def work() -> str:
-            info = self.engine.save_state(model_id, name, overwrite, user_metadata)
-            self._expire_after(owner, info.tinker_path, ttl_seconds)
-            return info.tinker_path
-
-        return self._run_work(owner, model_id, work, seq_id)
-
-    def save_weights_external(
-        self,
-        owner: Owner,
-        model_id: str,
-        name: str,
-        ttl_seconds: int | None = None,
-        age_recipients: list[str] | None = None,
-        seq_id: int | None = None,
-    ) -> Future[CheckpointInfo]:
-        """The run's adapter in PEFT format (adapter_model.safetensors +
-        adapter_config.json, no optimizer) at tinker://<model_id>/external_weights/<name>,
-        deleted after `ttl_seconds` if given. With `age_recipients` (age1... or SSH public
-        keys; needs `pyrage`), every file is age-encrypted to them when downloaded."""
-        with self._door(model_id, owner, seq_id):
-            path = tinker_path(model_id, "external_weights", name)
-            check_age_recipients(age_recipients or [])
-            check_ttl(ttl_seconds)
-
-        def work() -> CheckpointInfo:
-            run = self.engine.run(model_id)
-            info = self.checkpoints.save(run, "external_weights", name, with_optimizer=False)
-            if owner is not None or age_recipients:  # (an embedded caller's store stays unopened)
-                self.store.set_age_recipients(path, age_recipients or [])
-            self._expire_after(owner, path, ttl_seconds)
-            return info
-
-        return self._run_work(owner, model_id, work, seq_id)
-
-    def _expire_after(self, owner: Owner, path: str, ttl_seconds: int | None) -> None:
-        """The TTL of a checkpoint just saved (an overwrite drops the old one's)."""
-        if ttl_seconds is not None or owner is not None:  # embedded, no TTL: no store
-            self.catalog.set_ttl(path, owner, ttl_seconds)
-
-    def load_state(
-        self,
-        owner: Owner,
-        model_id: str,
-        path: str,
-        with_optimizer: bool,
-        seq_id: int | None = None,
-    ) -> Future[None]:
-        with self._door(model_id, owner, seq_id):
-            if owner is not None:  # the local caller may load any checkpoint
-                self.catalog.readable(path, owner)
-        work = lambda: self.engine.load_state(model_id, path, with_optimizer)  # noqa: E731
-        return self._run_work(owner, model_id, work, seq_id)
-
-    # ---------------------------------------------------------------- sampling
-
-    def save_weights_for_sampler(
-        self,
-        owner: Owner,
-        model_id: str,
-        name: str | None,
-        sampling_session_seq_id: int | None = None,
-        seq_id: int | None = None,
-        ttl_seconds: int | None = None,
-        user_metadata: dict[str, str] | None = None,
-    ) -> Future[tuple[SamplerWeights, str | None]]:
-        """Freeze the run's weights (after its earlier requests) for sampling: saved as
-        `name`, or ephemeral; with a `sampling_session_seq_id`, in a new sampling session.
-        The future gives (weights, sampling session id or None). `ttl_seconds` and
-        `user_metadata` as for `save_state`; they need a name."""
-        with self._door(model_id, owner, seq_id):
-            if name is None and (ttl_seconds is not None or user_metadata):
-                raise InvalidRequestError(
-                    "ttl_seconds and user_metadata need a path (a name): ephemeral sampler "
-                    "weights are not a checkpoint"
-                )
-            if owner is not None and name is None and sampling_session_seq_id is None:
-                raise InvalidRequestError("give a path (a name) or a sampling_session_seq_id")
-            check_ttl(ttl_seconds)
-
-        def work() -> tuple[SamplerWeights, str | None]:
-            weights = self.engine.save_weights_for_sampler(model_id, name, user_metadata)
-            if weights.model_path is not None:
-                self._expire_after(owner, weights.model_path, ttl_seconds)
-            if name is not None or sampling_session_seq_id is None:
-                return weights, None
-            sampling_id = f"{model_id}:sample:{sampling_session_seq_id}"
-            self.sessions.add_sampler(sampling_id, owner, weights)
-            return weights, sampling_id
-
-        return self._run_work(owner, model_id, work, seq_id)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from tinkerd.engine.models import BaseModel
-from tinkerd.engine.sampling.spec import SampleSpec
 from tinkerd.errors import InvalidRequestError
+
+if TYPE_CHECKING:  # the CLI reads SAMPLER_BACKENDS without loading torch
+    from tinkerd.engine.models import BaseModel
+    from tinkerd.engine.sampling.spec import SampleSpec
 
 
 @runtime_checkable
@@ -35,19 +37,32 @@ class SamplerBackend(Protocol):
         """Fail what is queued and release the backend's threads and memory."""
 
 
-SamplerFactory = Callable[[BaseModel], SamplerBackend]
+SamplerFactory = Callable[["BaseModel"], SamplerBackend]
+
+
+def _builtin() -> SamplerFactory:
+    from tinkerd.engine.sampling.sampler import Sampler
+
+    return Sampler
+
+
+def _vllm() -> SamplerFactory:
+    from tinkerd.engine.vllm_sampler import VLLMSampler, check_vllm_available
+
+    check_vllm_available()
+    return VLLMSampler
+
+
+SAMPLER_BACKENDS: dict[str, Callable[[], SamplerFactory]] = {"builtin": _builtin, "vllm": _vllm}
+"""Each backend by name, loaded on first use: `tinkerd serve --sampler` offers these.
+"vllm" needs `pip install tinkerd[vllm]` and a CUDA GPU."""
 
 
 def sampler_factory(name: str) -> SamplerFactory:
-    """The backend called `name`: "builtin" or "vllm" (needs `pip install tinkerd[vllm]`
-    and a CUDA GPU)."""
-    if name == "builtin":
-        from tinkerd.engine.sampling.sampler import Sampler
-
-        return Sampler
-    if name == "vllm":
-        from tinkerd.engine.vllm_sampler import VLLMSampler, check_vllm_available
-
-        check_vllm_available()
-        return VLLMSampler
-    raise InvalidRequestError(f"unknown sampler backend {name!r}: use builtin or vllm")
+    """The backend called `name` (`SAMPLER_BACKENDS`)."""
+    load = SAMPLER_BACKENDS.get(name)
+    if load is None:
+        raise InvalidRequestError(
+            f"unknown sampler backend {name!r}: use {' or '.join(SAMPLER_BACKENDS)}"
+        )
+    return load()

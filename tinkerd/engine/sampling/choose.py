@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from tinkerd.engine.sampling.sampler import Job, Row
+    from tinkerd.engine.sampling.jobs import Job, Row
 
 
 @dataclass

@@ -20,7 +20,6 @@ import inspect
 import threading
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -30,31 +29,11 @@ from tinkerd.engine.lora import route_rows, segments
 from tinkerd.engine.models import BaseModel
 from tinkerd.engine.sampling import kv_cache
 from tinkerd.engine.sampling.choose import Plan, choose, make_plan, prompt_logprobs
+from tinkerd.engine.sampling.jobs import Job, Row
 from tinkerd.engine.sampling.spec import SampleSpec
 from tinkerd.types import SampledSequence, SampleResponse
 
 MAX_BATCH_ROWS = 256  # sequences decoded together; more requests wait for a free row
-
-
-@dataclass(eq=False)
-class Job:
-    spec: SampleSpec
-    future: Future
-    generator: torch.Generator | None
-    sequences: list[SampledSequence | None]
-    prompt_logprobs: list[float | None] | None = None
-    topk_prompt_logprobs: list | None = None
-    remaining: int = 0
-
-
-@dataclass(eq=False)
-class Row:
-    job: Job
-    index: int  # which of the job's samples
-    position: int  # position id of its first sampled token (the prompt's length)
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    topk: list = field(default_factory=list)
 
 
 class Sampler:

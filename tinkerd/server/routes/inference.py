@@ -9,7 +9,6 @@ the same sampler batches as SamplingClient's) and the server's key check.
 from __future__ import annotations
 
 from concurrent.futures import Future
-from types import SimpleNamespace
 from typing import Any
 
 from fastapi import APIRouter
@@ -32,8 +31,7 @@ class ServerBackend:
         self.service = server.service
 
     def authenticate(self, api_key: str) -> str:
-        # Server.owner reads the key from a request's headers, wherever the API sent it.
-        return self.server.owner(SimpleNamespace(headers={"x-api-key": api_key}))
+        return self.server.caller_for_key(api_key).owner
 
     def resolve(self, owner: str, base_model: str | None, model_path: str | None) -> SamplerWeights:
         served = self.service.served_models or []
@@ -52,10 +50,10 @@ class ServerBackend:
         return self.service.sampling.weights(owner, base_model, None)
 
     def tokenizer(self, weights: SamplerWeights) -> Any:
-        return self.service.engine.base_model(weights.base_model).tokenizer
+        return self.service.base_model(weights.base_model).tokenizer
 
     def eos_token_ids(self, weights: SamplerWeights) -> set[int]:
-        return eos_token_ids(self.service.engine.base_model(weights.base_model))
+        return eos_token_ids(self.service.base_model(weights.base_model))
 
     def sample(
         self,

@@ -50,10 +50,6 @@ def router(server: Server) -> APIRouter:
     def dynamic_config(_: str = Owner) -> dict:
         return {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
 
-    @routes.get("/get_server_capabilities")
-    def capabilities(_: str = Owner) -> dict:
-        return service.get_server_capabilities().model_dump(exclude_none=True)
-
     @routes.post("/create_session")
     def create_session(body: CreateSessionRequest, who: str = Owner) -> dict:
         session_id = service.sessions.create(who, body.tags, body.user_metadata, body.display_name)
@@ -98,7 +94,7 @@ def router(server: Server) -> APIRouter:
     async def retrieve_future(
         body: RetrieveFutureRequest, request: Request, who: str = Owner
     ) -> Response:
-        service.queue.unstick()  # a seq_id missing for long lets later requests run
+        service.unstick()
         try:
             stored = await server.requests.wait(body.request_id, who, service.config.poll_timeout)
         except KeyError:

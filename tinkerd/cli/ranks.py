@@ -1,7 +1,8 @@
 """`tinkerd serve --nproc N` (or under torchrun): start the torch.distributed ranks.
 
-Rank 0 is this process and runs the HTTP server over a `DistributedEngine`; the other
-ranks (spawned here, or started by torchrun on any node) run `serve_worker`. Without a GPU
+Rank 0 is this process and runs the HTTP server over its `Engine`, whose operations that
+change runs reach every rank (`engine.parallel`); the other ranks (spawned here, or started
+by torchrun on any node) run `serve_worker`. Without a GPU
 the ranks talk over gloo and split the machine's cores; with GPUs, over NCCL, one GPU each.
 """
 
@@ -20,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from tinkerd.engine import Engine
-from tinkerd.engine.distributed import DistributedEngine, serve_worker, shard_base_with_fsdp
+from tinkerd.engine.distributed import serve_worker, shard_base_with_fsdp
 from tinkerd.engine.models import parse_model_specs, resolve_model_path
-from tinkerd.engine.sampling.backend import sampler_factory
+from tinkerd.engine.parallel import TorchDistributed
 from tinkerd.engine.tiny import TINY_MODEL_NAME
 
 
@@ -45,11 +46,10 @@ def serve_ranks(
         serve_worker(engine)
         dist.destroy_process_group()
         return 0
-    distributed = DistributedEngine(engine, fsdp=args.fsdp)
     try:
-        run_server(distributed)
+        run_server(engine)
     finally:
-        distributed.stop_workers()
+        engine.parallel.stop_workers()
         dist.destroy_process_group()
     return 0
 
@@ -78,16 +78,10 @@ def _start_rank(rank: int, world: int, args: argparse.Namespace, data_dir: Path)
         torch.cuda.set_device(local_rank)
     else:  # ranks on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    from tinkerd.cli.serve import engine_config
+    from tinkerd.cli.serve import build_engine
 
-    engine = Engine(
-        extra_models=args.model,
-        data_dir=data_dir,
-        device=f"cuda:{local_rank}" if cuda else None,
-        recover_checkpoints=rank == 0,  # only rank 0 writes checkpoints
-        sampler_factory=sampler_factory(args.sampler),  # used on rank 0 alone
-        config=engine_config(args),
-    )
+    engine = build_engine(args, data_dir, rank, f"cuda:{local_rank}" if cuda else None)
+    engine.parallel = TorchDistributed()
     if args.fsdp:
         for name in [TINY_MODEL_NAME, *parse_model_specs(args.model)]:
             shard_base_with_fsdp(engine, name)

@@ -1,0 +1,33 @@
+"""A sample request in the decode loop (`Job`) and each of its sequences (`Row`): what the
+sampler (`sampler.py`) and the token chooser (`choose.py`) both read."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from tinkerd.engine.sampling.spec import SampleSpec
+from tinkerd.types import SampledSequence
+
+
+@dataclass(eq=False)
+class Job:
+    spec: SampleSpec
+    future: Future
+    generator: torch.Generator | None
+    sequences: list[SampledSequence | None]
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list | None = None
+    remaining: int = 0
+
+
+@dataclass(eq=False)
+class Row:
+    job: Job
+    index: int  # which of the job's samples
+    position: int  # position id of its first sampled token (the prompt's length)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    topk: list = field(default_factory=list)
