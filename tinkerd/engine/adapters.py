@@ -47,8 +47,9 @@ class Run:
     optimizer_config: AnyOptimizerConfig
     step: int = 0
     pager: ResidentSet | None = None
-    """The base's resident set that pages this run in and out (`engine.paging`); while
-    the run is paged, `params` is empty and `optimizer` None."""
+    """The base's resident set that pages this run in and out (`engine.paging`). While
+    the run is paged its adapter is out of the base's PeftModel, and on the disk tier its
+    `params` are emptied (their tensors in a file) until it is paged in."""
 
     def attached(self) -> contextlib.AbstractContextManager:
         """A block in which the run's adapter is attached, for reading it (a paged run is
