@@ -75,8 +75,8 @@ if TYPE_CHECKING:
     from tinkerd.engine.models import BaseModel
 
 RESIDENT_FRACTION = 0.125
-"""Default resident budget: this fraction of the device's memory (GPU: its total; CPU:
-the memory available at start), for every base's runs together."""
+"""Default resident budget of each base model: this fraction of the device's memory (GPU:
+its total; CPU: the memory available at start)."""
 HOST_FRACTION = 0.25
 """Default host-memory tier on a GPU machine: this fraction of the host's available
 memory. On a CPU-only machine host memory *is* the device's, so paged runs go to disk."""
