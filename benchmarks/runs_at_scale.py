@@ -81,14 +81,13 @@ def paging_costs(data_dir: Path, rounds: int) -> dict:
         for k, model_id in enumerate(runs):
             step(engine, model_id, k=k)  # Adam state and gradients exist: a full run
         pager = engine.pager(engine.run(runs[0]).base)
+        size = pager.snapshot()["resident_bytes"] // 2  # weights, grads, 2 moments: a run
         before = pager.snapshot()
         for i in range(2 * rounds):
             pager.use([engine.run(runs[i % 2])])
         after = pager.snapshot()
         ins = after["page_ins"] - before["page_ins"]
         outs = after["page_outs"] - before["page_outs"]
-        run = engine.run(runs[0])
-        size = sum(p.numel() * 4 for p in run.params) * 4  # weights, grads, 2 moments
         out[tier] = {
             "page_in_s": (after["page_in_seconds"] - before["page_in_seconds"]) / ins,
             "page_out_s": (after["page_out_seconds"] - before["page_out_seconds"]) / outs,
@@ -101,6 +100,7 @@ def paging_costs(data_dir: Path, rounds: int) -> dict:
                 warm.append(step(engine, runs[(i + 1) % 2]))  # the same again: resident
             out["step_resident_s"] = statistics.median(warm)
             out["step_paged_in_s"] = statistics.median(cold)
+        print(json.dumps(out), flush=True)  # as it goes: a long run loses nothing
     return out
 
 
@@ -115,6 +115,7 @@ def live_adapters(data_dir: Path, n: int, rounds: int) -> dict:
         runs = [engine.create_model(TINY, LoraConfig(rank=8, seed=k)) for k in range(n)]
         step(engine, runs[-1], tokens=128)
         out[label] = statistics.median(step(engine, runs[-1]) for _ in range(rounds))
+    print(json.dumps(out), flush=True)
     return out
 
 
@@ -145,6 +146,7 @@ def rss_curve(n: int, budget: bool) -> dict[int, float]:
             args + ([] if budget else ["--no-budget"]), capture_output=True, text=True, check=True
         ).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    print(json.dumps({"budget": budget, "rss": rows}), flush=True)
     return {r["runs"]: r["rss_mib"] for r in rows}
 
 
