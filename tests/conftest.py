@@ -14,12 +14,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["TINKERD_DATA_DIR"] = tempfile.mkdtemp(prefix="tinkerd-test-data-")
 
 import pytest  # noqa: E402
+from helpers import KEYS, TINY, ServerProcess, free_port, make_datum  # noqa: E402, F401
 
 from tinkerd.engine import Engine  # noqa: E402
-from tinkerd.types import Datum, ModelInput  # noqa: E402
-
-TINY = "tinkerd/tiny"
-
+from tinkerd.types import Datum  # noqa: E402
 
 _engines: list[Engine] = []  # the session's engine, once a test has asked for it
 
@@ -44,18 +42,6 @@ def _unload_runs_left_behind() -> Iterator[None]:
             _engines[0].unload_model(model_id)
 
 
-def make_datum(tokens: list[int], weights: list[float] | None = None) -> Datum:
-    """Next-token datum over `tokens` (input = tokens[:-1], targets = tokens[1:])."""
-    n = len(tokens) - 1
-    return Datum(
-        model_input=ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": tokens[1:],
-            "weights": weights if weights is not None else [1.0] * n,
-        },
-    )
-
-
 @pytest.fixture
 def batch() -> list[Datum]:
     """Three data of different lengths (exercises padding)."""
@@ -67,99 +53,6 @@ def batch() -> list[Datum]:
 
 
 # ---------------------------------------------------------------- a real server on loopback
-
-KEYS = ("tml-alice-key", "tml-bob-key")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`tinkerd serve` in a subprocess on a free loopback port."""
-
-    def __init__(
-        self,
-        data_dir,
-        *extra: str,
-        env: dict[str, str] | None = None,
-        launcher: list[str] | None = None,
-    ):
-        """`launcher`: what runs `serve ARGS` (default `python -m tinkerd.cli`)."""
-        self.data_dir = data_dir
-        self.extra = extra
-        self.launcher = launcher
-        self.port = free_port()
-        self._lines: list[bytes] = []  # what every start of the server printed, in order
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.start(env)
-
-    def start(self, env: dict[str, str] | None = None) -> None:
-        """Start `tinkerd serve` (again, after `stop`: same port and data dir)."""
-        import subprocess
-        import sys
-        import threading
-
-        args = [
-            *(self.launcher or [sys.executable, "-m", "tinkerd.cli"]),
-            "serve",
-            "--port",
-            str(self.port),
-            "--data-dir",
-            str(self.data_dir),
-            "--poll-timeout",
-            "2",
-            *self.extra,
-        ]
-        for key in KEYS:
-            args += ["--api-key", key]
-        self.proc = subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-        # Drained on a thread: a server that logs more than a pipe holds must never block.
-        self._reader = threading.Thread(
-            target=self._lines.extend, args=(self.proc.stdout,), daemon=True
-        )
-        self._reader.start()
-        self.wait_ready()
-
-    def output(self) -> str:
-        """Everything the server printed so far, over all its starts (all of it once `stop`
-        returned)."""
-        return b"".join(self._lines).decode(errors="replace")
-
-    def wait_ready(self, timeout: float = 180.0) -> None:  # generous: CI machines are slow
-        import time
-
-        import httpx
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                self._reader.join(timeout=10)
-                raise RuntimeError(f"server exited: {self.output()}")
-            try:
-                if httpx.get(f"{self.url}/api/v1/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not start")
-
-    def stop(self, kill: bool = False) -> None:
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        self.proc.wait(timeout=30)
-        self._reader.join(timeout=10)
 
 
 @pytest.fixture(scope="session")

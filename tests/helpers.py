@@ -1,12 +1,126 @@
 """Helpers shared by several test modules: raw wire-protocol calls to a `ServerProcess`
 (what the official SDK sends, without the SDK) and a custom loss."""
 
+import os
+from pathlib import Path
+
 import httpx
-from conftest import KEYS, TINY
 from tinker import types
 
 from tinkerd import wire_proto
 from tinkerd.types import Datum, ModelInput
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The repository."""
+TESTS = ROOT / "tests"
+"""Where the tests' helper scripts are (sdk_release_script.py, stalled_save_server.py)."""
+TINY = "tinkerd/tiny"
+
+
+def make_datum(tokens: list[int], weights: list[float] | None = None) -> Datum:
+    """Next-token datum over `tokens` (input = tokens[:-1], targets = tokens[1:])."""
+    n = len(tokens) - 1
+    return Datum(
+        model_input=ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": tokens[1:],
+            "weights": weights if weights is not None else [1.0] * n,
+        },
+    )
+
+
+KEYS = ("tml-alice-key", "tml-bob-key")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`tinkerd serve` in a subprocess on a free loopback port."""
+
+    def __init__(
+        self,
+        data_dir,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        launcher: list[str] | None = None,
+    ):
+        """`launcher`: what runs `serve ARGS` (default `python -m tinkerd.cli`)."""
+        self.data_dir = data_dir
+        self.extra = extra
+        self.launcher = launcher
+        self.port = free_port()
+        self._lines: list[bytes] = []  # what every start of the server printed, in order
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start(env)
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """Start `tinkerd serve` (again, after `stop`: same port and data dir)."""
+        import subprocess
+        import sys
+        import threading
+
+        args = [
+            *(self.launcher or [sys.executable, "-m", "tinkerd.cli"]),
+            "serve",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--poll-timeout",
+            "2",
+            *self.extra,
+        ]
+        for key in KEYS:
+            args += ["--api-key", key]
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        # Drained on a thread: a server that logs more than a pipe holds must never block.
+        self._reader = threading.Thread(
+            target=self._lines.extend, args=(self.proc.stdout,), daemon=True
+        )
+        self._reader.start()
+        self.wait_ready()
+
+    def output(self) -> str:
+        """Everything the server printed so far, over all its starts (all of it once `stop`
+        returned)."""
+        return b"".join(self._lines).decode(errors="replace")
+
+    def wait_ready(self, timeout: float = 180.0) -> None:  # generous: CI machines are slow
+        import time
+
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self._reader.join(timeout=10)
+                raise RuntimeError(f"server exited: {self.output()}")
+            try:
+                if httpx.get(f"{self.url}/api/v1/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    def stop(self, kill: bool = False) -> None:
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self._reader.join(timeout=10)
 
 
 def sdk_datum(text: bytes, weights=None) -> types.Datum:

@@ -1,4 +1,4 @@
-"""Run by tests/test_sdk_releases.py under one released `tinker` SDK (0.3.0 ... 0.38):
+"""Run by tests/e2e/test_sdk_releases.py under one released `tinker` SDK (0.3.0 ... 0.38):
 create a run, train it, forward, save its state, sample from saved weights, list its
 checkpoints. Written against the API all those releases share; prints one JSON line.
 

@@ -9,13 +9,22 @@ built by either client parses on the tinkerd server and vice versa. Conventions:
 
 from __future__ import annotations
 
+import base64
 import datetime
 import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from tinkerd.errors import InvalidRequestError
 
@@ -155,13 +164,83 @@ class EncodedTextChunk(StrictBase):
         return len(self.tokens)
 
 
-ModelInputChunk = EncodedTextChunk
+ImageFormat = Literal["png", "jpeg"]
+
+
+class ImageChunk(StrictBase):
+    """An image, as encoded bytes, read by a vision-language model at its place in the
+    input: it occupies `expected_tokens` positions (the image tokens its processor makes
+    of it; the server computes them and refuses the input if they differ)."""
+
+    data: bytes
+    """The encoded image (base64 in JSON, raw bytes in protobuf)."""
+    format: ImageFormat
+    expected_tokens: int | None = Field(default=None, ge=1)
+    """Positions the image takes; None: whatever the model's processor makes of it."""
+    type: Literal["image"] = "image"
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _from_base64(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return base64.b64decode(value, validate=True)
+            except ValueError as e:
+                raise ValueError(f"data is not valid base64: {e}") from None
+        return value
+
+    @field_serializer("data")
+    def _to_base64(self, value: bytes) -> str:
+        return base64.b64encode(value).decode()
+
+    @property
+    def length(self) -> int:
+        return _image_length(self)
+
+
+class ImageAssetPointerChunk(StrictBase):
+    """An image by location: a `file://` path (or a plain absolute path) that the server
+    reads from its configured image directory (`serve --image-dir`); nothing else, and
+    never a network fetch. Positions as ImageChunk."""
+
+    format: ImageFormat
+    location: str
+    expected_tokens: int | None = Field(default=None, ge=1)
+    type: Literal["image_asset_pointer"] = "image_asset_pointer"
+
+    @property
+    def length(self) -> int:
+        return _image_length(self)
+
+
+def _image_length(chunk: ImageChunk | ImageAssetPointerChunk) -> int:
+    if chunk.expected_tokens is None:
+        raise ValueError(f"{type(chunk).__name__} needs expected_tokens to know its length")
+    return chunk.expected_tokens
+
+
+ModelInputChunk = Annotated[
+    EncodedTextChunk | ImageChunk | ImageAssetPointerChunk, Field(discriminator="type")
+]
+"""A text chunk, or an image (for vision-language models)."""
 
 
 class ModelInput(StrictBase):
     """The tokens a model reads, as a list of chunks (all chunks are read, in order)."""
 
     chunks: list[ModelInputChunk]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _untagged_text(cls, values: Any) -> Any:
+        """A chunk given as a dict without `type` is text (as clients before images sent)."""
+        if isinstance(values, dict) and isinstance(values.get("chunks"), list):
+            chunks = [
+                {**c, "type": "encoded_text"} if isinstance(c, dict) and "type" not in c else c
+                for c in values["chunks"]
+            ]
+            values = {**values, "chunks": chunks}
+        return values
 
     @classmethod
     def from_ints(cls, tokens: list[int]) -> ModelInput:
@@ -172,7 +251,23 @@ class ModelInput(StrictBase):
         return cls(chunks=[])
 
     def to_ints(self) -> list[int]:
+        """The token ids; a ValueError if there is an image (it has no token ids)."""
+        if self.has_images:
+            raise ValueError("to_ints: this ModelInput has image chunks, which are not tokens")
         return [t for chunk in self.chunks for t in chunk.tokens]
+
+    @property
+    def positions(self) -> int:
+        """Its length as far as it is known: images count `expected_tokens`, 0 where unset
+        (the engine sets it on reading the image). For metrics; `length` raises instead."""
+        return sum(
+            len(c.tokens) if c.type == "encoded_text" else c.expected_tokens or 0
+            for c in self.chunks
+        )
+
+    @property
+    def has_images(self) -> bool:
+        return any(chunk.type != "encoded_text" for chunk in self.chunks)
 
     @property
     def length(self) -> int:
@@ -183,6 +278,47 @@ class ModelInput(StrictBase):
 
     def append_int(self, token: int) -> ModelInput:
         return self.append(EncodedTextChunk(tokens=[token]))
+
+
+class PromptWithImages(list):
+    """A sample prompt that holds images, passed where prompts are token-id lists: its
+    items are the text's token ids with -1 at each image position (`expected_tokens` of
+    each image, none where that is unset); the engine expands `model_input` itself."""
+
+    def __init__(self, model_input: ModelInput):
+        super().__init__(
+            t
+            for chunk in model_input.chunks
+            for t in (
+                chunk.tokens
+                if chunk.type == "encoded_text"
+                else [-1] * (chunk.expected_tokens or 0)
+            )
+        )
+        self.model_input = model_input
+
+
+def prompt_tokens(model_input: ModelInput) -> list[int]:
+    """A prompt's token ids, or a PromptWithImages when it has images."""
+    return PromptWithImages(model_input) if model_input.has_images else model_input.to_ints()
+
+
+def chunk_from(chunk: Any) -> EncodedTextChunk | ImageChunk | ImageAssetPointerChunk:
+    """Ours, or any chunk with the same fields (the official SDK's), as ours."""
+    if isinstance(chunk, (EncodedTextChunk, ImageChunk, ImageAssetPointerChunk)):
+        return chunk
+    kind = getattr(chunk, "type", "encoded_text")
+    if kind == "encoded_text":
+        return EncodedTextChunk(tokens=list(chunk.tokens))
+    if kind == "image":
+        return ImageChunk(
+            data=chunk.data, format=chunk.format, expected_tokens=chunk.expected_tokens
+        )
+    if kind == "image_asset_pointer":
+        return ImageAssetPointerChunk(
+            format=chunk.format, location=chunk.location, expected_tokens=chunk.expected_tokens
+        )
+    raise InvalidRequestError(f"model_input: unsupported chunk type {kind!r}")
 
 
 class Datum(StrictBase):

@@ -20,7 +20,9 @@ from tinkerd.types import (
     Datum,
     EncodedTextChunk,
     ForwardBackwardOutput,
+    ImageChunk,
     ModelInput,
+    ModelInputChunk,
     SampledSequence,
     SampleResponse,
     TensorData,
@@ -57,8 +59,20 @@ _SCHEMA: dict[str, list[tuple[str, int, str, str]]] = {
         ("model_input", 1, "Chunk", "repeated"),
         ("loss_fn_inputs", 2, "Tensor", "map:string"),
     ],
-    "Chunk": [("encoded_text", 1, "EncodedTextChunk", "oneof:chunk")],
+    "Chunk": [
+        ("encoded_text", 1, "EncodedTextChunk", "oneof:chunk"),
+        ("image", 2, "ImageChunk", "oneof:chunk"),
+        ("dmel", 3, "DmelChunk", "oneof:chunk"),
+    ],
     "EncodedTextChunk": [("tokens", 1, "bytes", "")],
+    "ImageChunk": [
+        ("data", 1, "bytes", ""),
+        ("format", 2, "string", ""),
+        ("expected_tokens", 3, "int32", "optional"),
+        ("override_dimensions", 4, "ImageDimensions", "optional"),
+    ],
+    "ImageDimensions": [("width", 1, "uint32", ""), ("height", 2, "uint32", "")],
+    "DmelChunk": [("dmel", 1, "bytes", "")],
     "Tensor": [
         ("dense", 1, "bytes", "oneof:encoding"),
         ("sparse_csr", 2, "SparseCsr", "oneof:encoding"),
@@ -205,10 +219,40 @@ def encode_forward_backward_request(
     for datum in data:
         d = msg.data.add()
         for chunk in datum.model_input.chunks:
-            d.model_input.add().encoded_text.tokens = np.asarray(chunk.tokens, "<i4").tobytes()
+            _fill_chunk(d.model_input.add(), chunk)
         for key, tensor in datum.loss_fn_inputs.items():
             _fill_tensor(d.loss_fn_inputs[key], tensor)
     return msg.SerializeToString()
+
+
+def _fill_chunk(out, chunk: ModelInputChunk) -> None:
+    """A chunk as the SDK writes it: text as int32 bytes, an image's bytes as they are
+    (an image by location has no protobuf form: the SDK refuses to send one too)."""
+    if chunk.type == "encoded_text":
+        out.encoded_text.tokens = np.asarray(chunk.tokens, "<i4").tobytes()
+    elif chunk.type == "image":
+        out.image.data, out.image.format = chunk.data, chunk.format
+        if chunk.expected_tokens is not None:
+            out.image.expected_tokens = chunk.expected_tokens
+    else:
+        raise InvalidRequestError(f"a {chunk.type} chunk cannot be sent as protobuf")
+
+
+def _read_chunk(chunk, i: int) -> ModelInputChunk:
+    kind = chunk.WhichOneof("chunk")
+    if kind == "encoded_text":
+        return EncodedTextChunk(tokens=_ints(chunk.encoded_text.tokens, "<i4", i))
+    if kind == "image":
+        image = chunk.image
+        if image.HasField("override_dimensions"):
+            raise ProtoDecodeError(f"data[{i}]: image override_dimensions is not supported")
+        if image.format not in ("png", "jpeg"):
+            raise ProtoDecodeError(
+                f"data[{i}]: image format must be 'png' or 'jpeg', got {image.format!r}"
+            )
+        expected = image.expected_tokens if image.HasField("expected_tokens") else None
+        return ImageChunk(data=image.data, format=image.format, expected_tokens=expected)
+    raise ProtoDecodeError(f"data[{i}]: {kind or 'empty'} chunks are not supported")
 
 
 def _fill_tensor(out, tensor: TensorData) -> None:
@@ -236,11 +280,7 @@ def decode_forward_backward_request(body: bytes) -> dict:
             config[key] = value.text if value.WhichOneof("value") == "text" else value.number
         data = []
         for i, d in enumerate(msg.data):
-            chunks = []
-            for chunk in d.model_input:
-                if chunk.WhichOneof("chunk") != "encoded_text":
-                    raise ProtoDecodeError(f"data[{i}]: only encoded_text chunks are supported")
-                chunks.append(EncodedTextChunk(tokens=_ints(chunk.encoded_text.tokens, "<i4", i)))
+            chunks = [_read_chunk(chunk, i) for chunk in d.model_input]
             inputs = {
                 key: _tensor_data(t, f"data[{i}].loss_fn_inputs[{key!r}]")
                 for key, t in d.loss_fn_inputs.items()

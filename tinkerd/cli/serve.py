@@ -48,6 +48,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tinkerd serve: {e}", file=sys.stderr)
         return 2
     data_dir = Path(args.data_dir).expanduser()
+    if args.image_dir:  # read by tinkerd.engine.vision (every rank inherits it)
+        os.environ["TINKERD_IMAGE_DIR"] = str(Path(args.image_dir).expanduser().resolve())
 
     def run_server(engine: Engine) -> None:
         config = ServiceConfig(
@@ -148,7 +150,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model",
         action="append",
         metavar="[NAME=]SOURCE",
-        help="also serve this base model: a local dir, an HF hub id or tinkerd/tiny-chat; "
+        help="also serve this base model: a local dir, an HF hub id, tinkerd/tiny-chat or "
+        "tinkerd/tiny-vl; "
         "NAME=SOURCE serves it under NAME (e.g. "
         "meta-llama/Llama-3.1-8B-Instruct=tinkerd/tiny-chat, for clients that pick a chat "
         "format by model name)",
@@ -241,5 +244,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             metavar="N",
             help=f"{what}; none: no limit (default: docs/multi-tenant.md)",
         )
+    serve.add_argument(
+        "--image-dir",
+        default=os.environ.get("TINKERD_IMAGE_DIR"),
+        metavar="DIR",
+        help="the one directory ImageAssetPointerChunk locations (file://) are read from; "
+        "unset: images by location are refused (default: $TINKERD_IMAGE_DIR)",
+    )
     serve.add_argument("--log-level", default="warning")
     serve.set_defaults(func=_serve)

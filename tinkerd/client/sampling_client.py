@@ -11,7 +11,7 @@ from tinkerd.client.futures import APIFuture, failed
 from tinkerd.client.transport import SamplerRef, Transport
 from tinkerd.errors import InvalidRequestError
 from tinkerd.requests import CreateSamplingSessionRequest, SampleRequest, WeightsInfoRequest
-from tinkerd.types import ModelInput, SampleResponse, SamplingParams
+from tinkerd.types import ModelInput, SampleResponse, SamplingParams, chunk_from
 
 
 def coerce_prompt(prompt: Any) -> ModelInput:
@@ -20,8 +20,8 @@ def coerce_prompt(prompt: Any) -> ModelInput:
         return prompt
     if isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes)):
         return ModelInput.from_ints([int(t) for t in prompt])
-    if hasattr(prompt, "to_ints"):
-        return ModelInput.from_ints(list(prompt.to_ints()))
+    if hasattr(prompt, "chunks"):
+        return ModelInput(chunks=[chunk_from(c) for c in prompt.chunks])
     raise InvalidRequestError(f"prompt must be a ModelInput, got {type(prompt).__name__}")
 
 

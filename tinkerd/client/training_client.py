@@ -32,7 +32,6 @@ from tinkerd.types import (
     AdamParams,
     CustomLossOutput,
     Datum,
-    EncodedTextChunk,
     ForwardBackwardOutput,
     GetInfoResponse,
     LoadWeightsResponse,
@@ -44,6 +43,7 @@ from tinkerd.types import (
     SaveWeightsResponse,
     TensorData,
     UnloadModelResponse,
+    chunk_from,
     optim_params_from,
     optimizer_of_params,
 )
@@ -59,7 +59,7 @@ def coerce_datum(item: Any) -> Datum:
     inputs = getattr(item, "loss_fn_inputs", None)
     if model_input is None or inputs is None:
         raise InvalidRequestError(f"expected a Datum, got {type(item).__name__}")
-    chunks = [EncodedTextChunk(tokens=list(c.tokens)) for c in model_input.chunks]
+    chunks = [chunk_from(c) for c in model_input.chunks]
     converted = {
         k: v if isinstance(v, TensorData) else (v.to_numpy() if hasattr(v, "to_numpy") else v)
         for k, v in inputs.items()

@@ -7,11 +7,12 @@ partial gradient behind.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from tinkerd.engine.vision import Image, Vision, expand
 from tinkerd.errors import InvalidRequestError
 from tinkerd.losses import LossSpec, datum_index
 from tinkerd.types import Datum
@@ -33,6 +34,8 @@ class Batch:
     """`[n_tokens]` or `[n_tokens, k]`: every datum's target_tokens laid end to end."""
     inputs: dict[str, Tensor]
     """Other loss_fn_inputs, each laid end to end like `targets`."""
+    images: list[list[Image]] = field(default_factory=list)
+    """Each row's images, in order (`tinkerd.engine.vision`); empty lists for text."""
 
     def rows(self, start: int, end: int) -> Batch:
         """Data `[start, end)` alone: their rows, trimmed to the longest of them, and
@@ -46,6 +49,7 @@ class Batch:
             lengths=self.lengths[start:end],
             targets=self.targets[first:last],
             inputs={k: v[first:last] for k, v in self.inputs.items()},
+            images=self.images[start:end],
         )
 
 
@@ -60,19 +64,24 @@ def collate(
     vocab_size: int,
     max_len: int,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    vision: Vision | None = None,
+    base_name: str = "this model",
 ) -> Batch:
     """Inputs a loss does not read are ignored (a datum may carry keys for several losses,
     as the SDK's own examples do); `loss=None` is a custom loss, which reads none.
     `max_len`: the model's context, in tokens; `max_batch_tokens`: the most padded
-    tokens (data x longest datum) a request may have."""
+    tokens (data x longest datum) a request may have. `vision`: a vision-language model's
+    (image chunks are refused without one)."""
     if not data:
         raise InvalidRequestError("data is empty: pass at least one Datum")
     required = set(loss.required) if loss else set()
     read = required | set(loss.optional if loss else ())
     tokens_per_datum, targets, inputs = [], [], {k: [] for k in read}
+    images: list[list[Image]] = []
     width = None
     for i, datum in enumerate(data):
-        tokens = datum.model_input.to_ints()
+        tokens, row_images = expand(datum.model_input, vision, base_name, f"data[{i}].")
+        images.append(row_images)
         n = len(tokens)
         if n == 0:
             raise _fail(i, "model_input is empty")
@@ -140,6 +149,7 @@ def collate(
         lengths=lengths,
         targets=torch.cat(targets),
         inputs=flat_inputs,
+        images=images,
     )
 
 

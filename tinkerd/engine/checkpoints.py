@@ -402,13 +402,17 @@ def load_optimizer_state(run: Run, info: CheckpointInfo) -> None:
 
 def export_merged(base_model_dir: Path | str, info: CheckpointInfo, out_dir: Path) -> None:
     """Write base + LoRA merged into plain weights (float32), with the base's tokenizer,
-    as a Hugging Face model directory that `AutoModelForCausalLM.from_pretrained` loads."""
+    as a Hugging Face model directory that `AutoModelForCausalLM.from_pretrained` loads
+    (`AutoModelForImageTextToText` for a vision-language model, whose image processor
+    is written too: its vision tower is the base's, untouched)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from tinkerd.engine.vision import auto_model_class, is_vision_config
 
     for filename in (WEIGHTS_FILE, CONFIG_FILE):
         read_verified(info.path, filename)
-    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+    model = auto_model_class(base_model_dir).from_pretrained(base_model_dir, dtype=torch.float32)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if info.train_unembed and head is not None and head.weight is embed.weight:
         # A tied lm_head: merging its LoRA into the shared matrix would change the input
@@ -419,3 +423,7 @@ def export_merged(base_model_dir: Path | str, info: CheckpointInfo, out_dir: Pat
     merged = PeftModel.from_pretrained(model, str(info.path)).merge_and_unload()
     merged.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(base_model_dir).save_pretrained(out_dir)
+    if is_vision_config(model.config):
+        from transformers import AutoImageProcessor
+
+        AutoImageProcessor.from_pretrained(base_model_dir, backend="pil").save_pretrained(out_dir)

@@ -39,6 +39,7 @@ from tinkerd.engine.batch import Batch
 from tinkerd.engine.lora import Segment, pad_cat, route_rows, trainable
 from tinkerd.engine.models import BaseModel
 from tinkerd.engine.parallel import SingleProcess
+from tinkerd.engine.vision import forward_inputs
 from tinkerd.errors import InvalidRequestError
 from tinkerd.types import Datum, ForwardBackwardOutput, TensorData
 
@@ -334,10 +335,12 @@ def _forward(
     several runs are routed through their adapters until `stack` closes (a checkpointed
     layer recomputes in the backward, and must route them the same way)."""
     batches = [p.batch for p in pieces]
+    images = [row for b in batches for row in b.images]
     if len(pieces) == 1:  # the run's own adapter, as PEFT routes it
         members[pieces[0].member].run.activate()
         input_ids = batches[0].input_ids.to(base.device)
-        logits = base.peft_model(input_ids=input_ids, use_cache=False).logits
+        extra, _ = forward_inputs(base.vision, input_ids, images)
+        logits = base.peft_model(input_ids=input_ids, use_cache=False, **extra).logits
     else:
         width = max(b.input_ids.shape[1] for b in batches)
         segments, start = [], 0
@@ -350,7 +353,8 @@ def _forward(
         input_ids = pad_cat([b.input_ids for b in batches], width).to(base.device)
         stack.enter_context(route_rows(base.peft_model, segments))
         model = base.peft_model.base_model.model  # the injected tree, routed by rows
-        logits = model(input_ids=input_ids, use_cache=False).logits
+        extra, _ = forward_inputs(base.vision, input_ids, images)
+        logits = model(input_ids=input_ids, use_cache=False, **extra).logits
     out, row = [], 0
     for b in batches:
         rows = logits[row : row + b.input_ids.shape[0], : b.mask.shape[1]]

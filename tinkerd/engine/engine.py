@@ -520,6 +520,8 @@ class Engine:
             base.vocab_size,
             base.max_context_length,
             self.config.max_batch_tokens,
+            base.vision,
+            base.name,
         )
 
     def run_losses(

@@ -3,7 +3,7 @@
 The conversion dequantises the file's weights to float32 and saves them (safetensors) with
 the config and tokenizer the file describes. Every later load is a plain `from_pretrained`
 of the cached directory. The result is transformers' own GGUF load (`from_pretrained(dir,
-gguf_file=...)`), weight for weight (tests/test_real_model.py), made several times faster:
+gguf_file=...)`), weight for weight (tests/e2e/test_real_model.py), made several times faster:
 the file is parsed once (see `read_gguf`), where transformers parses it three times for a
 model and its tokenizer.
 

@@ -76,7 +76,7 @@ class ModelShape:
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelShape:
-        config = model.config
+        config = model.config.get_text_config()  # a vision-language model's language model
         return cls(
             hidden=int(config.hidden_size),
             layers=int(config.num_hidden_layers),
@@ -124,8 +124,13 @@ def checkpointed_layers(model: nn.Module) -> Iterator[None]:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: the entries of its largest ModuleList."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    """The model's repeated blocks: the entries of its largest ModuleList (a vision-language
+    model's vision tower aside: its activations are not kept for the backward)."""
+    lists = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and ".visual." not in f".{name}."
+    ]
     return list(max(lists, key=len)) if lists else []
 
 

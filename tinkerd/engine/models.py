@@ -38,6 +38,21 @@ from tinkerd.engine.gguf import (
 )
 from tinkerd.engine.tiny import TINY_MODEL_NAME, tiny_model_dir
 from tinkerd.engine.tiny_chat import TINY_CHAT_MODEL_NAME, tiny_chat_model_dir
+from tinkerd.engine.tiny_vl import TINY_VL_MODEL_NAME, tiny_vl_model_dir
+from tinkerd.engine.vision import (
+    Vision,
+    auto_model_class,
+    is_vision_config,
+    language_linears,
+    load_vision,
+)
+
+BUILT_IN = {
+    TINY_MODEL_NAME: tiny_model_dir,
+    TINY_CHAT_MODEL_NAME: tiny_chat_model_dir,
+    TINY_VL_MODEL_NAME: tiny_vl_model_dir,
+}
+"""Built-in models: name -> the function that makes (once) and returns its directory."""
 
 # PEFT calls a transformers property that transformers 5 deprecates; not ours to fix.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -95,6 +110,8 @@ class BaseModel:
     lock: threading.RLock = field(default_factory=threading.RLock)
     hub_id: str | None = None
     """The Hugging Face hub id this model is (hub sources and SmolLM2), else None."""
+    vision: Vision | None = None
+    """How a vision-language model reads images (`tinkerd.engine.vision`); None: text only."""
 
     @property
     def tokenizer_id(self) -> str:
@@ -195,10 +212,8 @@ def parse_model_specs(specs: list[str] | None) -> dict[str, str]:
 
 def resolve_model_path(name: str, cache_dir: Path | None = None) -> Path | str:
     """The directory to load for source `name`, or `name` itself when it is a hub id."""
-    if name == TINY_MODEL_NAME:
-        return tiny_model_dir(cache_dir)
-    if name == TINY_CHAT_MODEL_NAME:
-        return tiny_chat_model_dir(cache_dir)
+    if name in BUILT_IN:
+        return BUILT_IN[name](cache_dir)
     if name == SMOLLM2_ALIAS or (name == SMOLLM2_HUB_ID and not _hub_usable(name)):
         gguf = smollm2_gguf()
         if gguf is not None:
@@ -218,7 +233,7 @@ def hub_id_of(source: str) -> str | None:
     """The hub id a source stands for: itself for a hub id, SmolLM2's for `smollm2`."""
     if source == SMOLLM2_ALIAS:
         return SMOLLM2_HUB_ID
-    if source in (TINY_MODEL_NAME, TINY_CHAT_MODEL_NAME) or _looks_like_path(source):
+    if source in BUILT_IN or _looks_like_path(source):
         return None
     return None if os.path.exists(os.path.expanduser(source)) else source
 
@@ -267,7 +282,7 @@ def check_model_source(source: str) -> None:
     hub cache (or, for SmolLM2, its package is installed). Online, hub ids are not
     checked (that would need the network).
     """
-    if source in (TINY_MODEL_NAME, TINY_CHAT_MODEL_NAME):
+    if source in BUILT_IN:
         return
     if source in (SMOLLM2_ALIAS, SMOLLM2_HUB_ID) and smollm2_gguf() is not None:
         return check_gguf(smollm2_gguf())  # type: ignore[arg-type]
@@ -341,7 +356,7 @@ def load_base_model(
     """Load `source` (default: `name` itself) and call it `name`; frozen weights in
     `dtype` (`float32`, `bfloat16`, `auto`; default $TINKERD_DTYPE, else `auto`)."""
     from huggingface_hub.utils import disable_progress_bars
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     disable_progress_bars()
@@ -350,18 +365,21 @@ def load_base_model(
     path = resolve_model_path(source, cache_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = parse_dtype(dtype or os.environ.get("TINKERD_DTYPE"), device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    model = auto_model_class(path).from_pretrained(path, dtype=torch_dtype).to(device)
     model.eval()  # no dropout: forward and forward_backward see the same function
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    roles = classify_linears(model)
+    vlm = is_vision_config(model.config)
     return BaseModel(
         name=name,
         path=Path(path),
         model=model,
         tokenizer=tokenizer,
-        linear_roles=classify_linears(model),
+        linear_roles=language_linears(roles) if vlm else roles,
         parameter_roles=classify_expert_parameters(model),
         hub_id=hub_id_of(source),
+        vision=load_vision(model, path) if vlm else None,
     )
 
 

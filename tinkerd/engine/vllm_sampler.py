@@ -84,6 +84,8 @@ class VLLMSampler:
 
     def submit(self, spec: SampleSpec) -> Future:
         check_adapter(self.base, spec.adapter)
+        if spec.images:  # vLLM takes images its own way; not wired here
+            raise InvalidRequestError("prompt: images are not supported by the vllm sampler")
         future: Future = Future()
         with self._cond:
             if self._closed:

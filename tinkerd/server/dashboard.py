@@ -142,7 +142,7 @@ class Paging(Documented):
 
 def add_dashboard(app: FastAPI, server: Server) -> None:
     """Add the page, its assets and the JSON API to `app`. (Routes go on the app itself, not
-    through an included APIRouter, so route walks such as tests/test_isolation.py's see
+    through an included APIRouter, so route walks such as tests/e2e/test_isolation.py's see
     them as plain APIRoutes.)"""
 
     def owner(request: Request) -> str:

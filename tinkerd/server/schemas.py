@@ -5,7 +5,7 @@ jobs, the JSON forward_backward of old SDKs). The verbs' bodies are their reques
 
 Every field the official SDK (0.38) can send is declared here, and either honoured or,
 for a value the server cannot honour, refused with a 422 that names the field
-(`refuse_unless`) -- never dropped without a word. tests/test_audit.py walks the SDK's
+(`refuse_unless`) -- never dropped without a word. tests/e2e/test_audit.py walks the SDK's
 request types to keep it so.
 """
 

@@ -53,6 +53,7 @@ from tinkerd.types import (
     SaveWeightsResponse,
     optim_params_from,
     optimizer_config_from,
+    prompt_tokens,
 )
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ def weights_info(service: Service, caller: LocalCaller, req: WeightsInfoRequest)
 
 
 def _tokens(data: list) -> int:
-    return sum(d.model_input.length for d in data)
+    return sum(d.model_input.positions for d in data)
 
 
 @handles(ForwardBackwardRequest)
@@ -341,7 +342,7 @@ def sample(service: Service, caller: LocalCaller, req: SampleRequest) -> Future:
             "prompt_alt_tokens_k and target_prompt_logprobs are not supported by tinkerd"
         )
     params = SamplingParams.model_validate(req.sampling_params.model_dump())
-    prompt, last_n = req.prompt.to_ints(), req.prompt_logprobs_last_n
+    prompt, last_n = prompt_tokens(req.prompt), req.prompt_logprobs_last_n
     if last_n is not None and not 1 <= last_n < len(prompt):
         raise InvalidRequestError(
             f"prompt_logprobs_last_n must be in [1, {len(prompt) - 1}], got {last_n}"

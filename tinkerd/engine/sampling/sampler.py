@@ -31,6 +31,7 @@ from tinkerd.engine.sampling import kv_cache
 from tinkerd.engine.sampling.choose import Plan, choose, make_plan, prompt_logprobs
 from tinkerd.engine.sampling.jobs import Job, Row
 from tinkerd.engine.sampling.spec import SampleSpec
+from tinkerd.engine.vision import decode_positions, forward_inputs
 from tinkerd.types import SampledSequence, SampleResponse
 
 MAX_BATCH_ROWS = 256  # sequences decoded together; more requests wait for a free row
@@ -78,6 +79,7 @@ class Sampler:
         self._cache = None  # transformers Cache of the rows, left-padded to a common length
         self._mask: Tensor | None = None  # [rows, cache_len] 1 where a real token is
         self._positions: Tensor | None = None  # [rows, 1] position id of the next input
+        self._deltas: Tensor | None = None  # [rows] multimodal RoPE shift (vision models)
         self._next_logits: Tensor | None = None  # [rows, vocab] float32
         self._plan: Plan | None = None
         self._fast_lora: tuple[Plan | None, list | None, bool] = (None, None, False)
@@ -156,9 +158,11 @@ class Sampler:
         adapters: list[str],
         cache,
         logits_to_keep: int,
+        extra: dict | None = None,
     ) -> tuple[Tensor, object]:
         """The Hugging Face forward of rows `input_ids` `[rows, len]`, row i through
-        adapter `adapters[i]`: (logits, the cache)."""
+        adapter `adapters[i]`: (logits, the cache). `extra`: a vision model's images and
+        position ids (`tinkerd.engine.vision`)."""
         base = self.base
         kwargs = dict(
             input_ids=input_ids.to(base.device),
@@ -167,6 +171,7 @@ class Sampler:
             use_cache=True,
             logits_to_keep=logits_to_keep,
         )
+        kwargs.update(extra or {})
         kwargs[self._cache_kw] = cache
         with base.lock:
             if base.peft_model is None:
@@ -188,8 +193,12 @@ class Sampler:
             mask[i, width - lengths[i] :] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         keep_all = any(j.spec.prompt_logprobs for j in jobs)
+        images = [list(j.spec.images) for j in jobs]
+        extra, deltas = forward_inputs(self.base.vision, ids, images, mask)
+        if self.base.vision is not None and deltas is None:
+            deltas = torch.zeros(len(jobs), dtype=torch.long)
         logits, cache = self._forward(
-            ids, mask, positions, [j.spec.adapter for j in jobs], None, 0 if keep_all else 1
+            ids, mask, positions, [j.spec.adapter for j in jobs], None, 0 if keep_all else 1, extra
         )
         logits = logits.float()
         for i, job in enumerate(jobs):
@@ -207,14 +216,17 @@ class Sampler:
         new_mask = mask[rows_of].to(device)
         new_positions = torch.tensor([[r.position] for r in new_rows], device=device)
         new_logits = logits[:, -1][index]
+        new_deltas = None if deltas is None else deltas[rows_of].to(device)
         if self._cache is None:
             kv_cache.grow_in_place(cache)
             self._cache, self._mask, self._next_logits = cache, new_mask, new_logits
-            self._positions = new_positions
+            self._positions, self._deltas = new_positions, new_deltas
         else:
             self._cache, self._mask = kv_cache.merge(self._cache, self._mask, cache, new_mask)
             self._next_logits = torch.cat([self._next_logits, new_logits])
             self._positions = torch.cat([self._positions, new_positions])
+            if new_deltas is not None:
+                self._deltas = torch.cat([self._deltas, new_deltas])
         self._rows += new_rows
         self._plan = make_plan(self._rows, logits.shape[-1], logits.device)
 
@@ -251,10 +263,13 @@ class Sampler:
                     tokens, self._positions[:, 0], self._mask, self._cache, lora
                 )
         else:
+            positions = self._positions
+            if self._deltas is not None:  # a vision model's text and RoPE positions
+                positions = decode_positions(positions, self._deltas)
             logits, self._cache = self._forward(
                 tokens[:, None],
                 self._mask,
-                self._positions,
+                positions,
                 [r.job.spec.adapter for r in rows],
                 self._cache,
                 1,
@@ -281,6 +296,8 @@ class Sampler:
         """Keep only the rows at indices `alive` (and their cache rows)."""
         keep = torch.tensor(alive, device=self._mask.device)
         self._positions = self._positions[keep]
+        if self._deltas is not None:
+            self._deltas = self._deltas[keep]
         self._rows = [self._rows[i] for i in alive]
         self._plan = make_plan(self._rows, self._next_logits.shape[-1], self._mask.device)
         self._mask = kv_cache.keep_rows(self._cache, self._mask, keep)

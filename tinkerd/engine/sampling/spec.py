@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from tinkerd.engine.lora import BASE_ADAPTER
 from tinkerd.engine.models import BaseModel
+from tinkerd.engine.vision import Image, expand
 from tinkerd.errors import InvalidRequestError
-from tinkerd.types import SamplingParams
+from tinkerd.types import PromptWithImages, SamplingParams
 
 __all__ = ["BASE_ADAPTER", "SampleSpec", "eos_token_ids", "make_spec"]
 
@@ -33,6 +34,8 @@ class SampleSpec:
     topk_prompt_logprobs: int
     topk_sample_logprobs: int
     adapter: str = BASE_ADAPTER
+    images: tuple[Image, ...] = ()
+    """The prompt's images, in order; `prompt` holds the image token at their positions."""
 
 
 def make_spec(
@@ -48,6 +51,9 @@ def make_spec(
 ) -> SampleSpec:
     """Check a request completely; raises InvalidRequestError with what is wrong."""
     vocab, context = base.vocab_size, base.max_context_length
+    images: list[Image] = []
+    if isinstance(prompt, PromptWithImages):
+        prompt, images = expand(prompt.model_input, base.vision, base.name, "prompt.")
     if not prompt:
         raise InvalidRequestError("prompt is empty: give at least one token")
     bad = [t for t in prompt if not 0 <= t < vocab]
@@ -92,6 +98,7 @@ def make_spec(
         topk_prompt_logprobs=topk_prompt_logprobs,
         topk_sample_logprobs=topk_sample_logprobs,
         adapter=adapter,
+        images=tuple(images),
     )
 
 

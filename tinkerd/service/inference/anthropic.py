@@ -21,6 +21,7 @@ from tinkerd.service.inference.common import (
     text_of,
 )
 from tinkerd.service.inference.generate import Generation, Job, make_stops, open_model, pieces, run
+from tinkerd.service.inference.images import content_parts
 
 # ---------------------------------------------------------------- request models
 
@@ -53,7 +54,10 @@ def anthropic_messages(req: MessagesRequest | CountTokensRequest) -> list[dict[s
     refuse_tools(getattr(req, "tools", None))
     system = text_of(req.system)
     first = [{"role": "system", "content": system}] if system else []
-    return first + [{"role": m.role, "content": text_of(m.content)} for m in req.messages]
+    return first + [
+        {"role": m.role, "content": content_parts(m.content, text_of, f"messages[{i}]")}
+        for i, m in enumerate(req.messages)
+    ]
 
 
 # ---------------------------------------------------------------- Messages

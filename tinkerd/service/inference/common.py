@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tinkerd.errors import InvalidRequestError
+from tinkerd.service.inference.images import images_of, with_images
 from tinkerd.types import SampleResponse, SamplingParams
 
 
@@ -72,6 +73,10 @@ class Body(BaseModel):
 class ContentPart(Body):
     type: str
     text: str = ""
+    image_url: Any = None
+    """OpenAI's image part: {"url": "data:image/png;base64,..."} (`inference.images`)."""
+    source: Any = None
+    """Anthropic's image block: {"type": "base64", "media_type": ..., "data": ...}."""
 
 
 def parse(model: type[Body], body: Any) -> Any:
@@ -109,9 +114,10 @@ def text_of(content: str | list[ContentPart] | None) -> str:
     return "".join(p.text for p in content)
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     """Prompt tokens of `messages` in the model's own chat template, opening the
-    assistant's turn; a final assistant message is continued (a prefill)."""
+    assistant's turn; a final assistant message is continued (a prefill). With images
+    (content as parts, `inference.images`), a PromptWithImages."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError(
             "this model has no chat template: use /completions with a prompt instead"
@@ -126,6 +132,9 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
         )
     except Exception as e:  # the template itself refuses (roles out of order, ...)
         raise InvalidRequestError(f"the chat template refused these messages: {e}") from None
+    images = images_of(messages)
+    if images:
+        return with_images(tokenizer, text, images)
     return tokenizer.encode(text, add_special_tokens=False)
 
 

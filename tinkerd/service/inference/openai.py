@@ -32,6 +32,7 @@ from tinkerd.service.inference.generate import (
     run,
     token_offsets,
 )
+from tinkerd.service.inference.images import content_parts
 from tinkerd.service.inference.logprobs import chat_logprobs, completion_logprobs
 from tinkerd.types import Seed
 
@@ -86,7 +87,10 @@ class ChatCompletionRequest(Body):
 
 def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
     refuse_tools(req.tools)
-    return [{"role": m.role, "content": text_of(m.content)} for m in req.messages]
+    return [
+        {"role": m.role, "content": content_parts(m.content, text_of, f"messages[{i}]")}
+        for i, m in enumerate(req.messages)
+    ]
 
 
 def completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
