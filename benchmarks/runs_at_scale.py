@@ -18,7 +18,7 @@
 5. `--sweep`: the issue's end-to-end check at full size, through the official SDK and
    `tinkerd serve` keeping 4 runs (at most 400 MiB) per base resident: 300 tinkerd/tiny
    runs (rank 8) and 40 SmolLM2 runs (rank 32), 2 steps each, interleaved, against
-   never-paged controls (tests/test_paging.py's `sweep`, which CI runs at 60 + 6): the
+   never-paged controls (tests/e2e/test_paging_sdk.py's `sweep`, which CI runs at 60 + 3): the
    largest loss and weight differences, the server's peak RSS, the wall clock.
 
 `--quick` runs smaller counts (for a loaded machine); `--record` writes the figures to
@@ -151,8 +151,9 @@ def rss_curve(n: int, budget: bool) -> dict[int, float]:
 
 
 def full_sweep(n_tiny: int, n_smollm2: int, save: bool) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from test_paging import sweep
+    tests = Path(__file__).resolve().parent.parent / "tests"
+    sys.path[:0] = [str(tests), str(tests / "e2e")]
+    from test_paging_sdk import sweep
 
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
