@@ -81,7 +81,7 @@ def paging_costs(data_dir: Path, rounds: int) -> dict:
         for k, model_id in enumerate(runs):
             step(engine, model_id, k=k)  # Adam state and gradients exist: a full run
         pager = engine.pager(engine.run(runs[0]).base)
-        size = pager.snapshot()["resident_bytes"] // 2  # weights, grads, 2 moments: a run
+        size = pager.snapshot()["resident_bytes"]  # one run: weights, grads, 2 moments
         before = pager.snapshot()
         for i in range(2 * rounds):
             pager.use([engine.run(runs[i % 2])])
