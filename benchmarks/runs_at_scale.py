@@ -225,7 +225,7 @@ def main() -> None:
         f"Training step, 128 tokens, SmolLM2 rank 32: resident {costs['step_resident_s']:.3f} s, "
         f"paged in first {costs['step_paged_in_s']:.3f} s "
         f"({costs['step_paged_in_s'] / costs['step_resident_s']:.2f}x); a page-in is "
-        f"{disk['page_in_s'] / costs['step_resident_s']:.2f} of a step.",
+        f"{disk['page_in_s'] / costs['step_resident_s']:.3f} of a step.",
         "",
         "One tinkerd/tiny run's step (128 tokens) with N runs on the base: "
         + ", ".join(f"{k}: {v * 1e3:.0f} ms" for k, v in live.items())
