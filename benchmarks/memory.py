@@ -6,10 +6,12 @@ Both take the same step: LoRA rank 32 on every linear layer, summed token cross-
 float32 base weights, a fixed batch of random tokens. Each child process loads the
 model, warms up with one forward_backward of 32 tokens, then times one forward_backward
 of the batch and reports its peak RSS (`ru_maxrss`, which includes the weights and the
-Python runtime) and the RSS before the batch.
+Python runtime) and the RSS before the batch; MB a token is the growth over the RSS
+before, per token. `--whole-logits` runs tinkerd without the chunked output layer (the
+model's own `[tokens, vocab]` logits, as before issue 26), for the comparison.
 
     python benchmarks/memory.py [--model smollm2] [--sizes 4x512,4x1024,16x1024]
-        [--budget 1.5GiB] [--bare-sizes 4x512,4x1024] [--no-record]
+        [--budget 1.5GiB] [--bare-sizes 4x512,4x1024] [--whole-logits] [--no-record]
 """
 
 from __future__ import annotations
@@ -42,11 +44,15 @@ def tokens(vocab: int, batch: int, seq: int, seed: int = 0):
     return torch.randint(0, min(vocab, 20000), (batch, seq + 1), generator=gen)
 
 
-def child_tinkerd(model: str, batch: int, seq: int, budget: str | None) -> dict:
+def child_tinkerd(model: str, batch: int, seq: int, budget: str | None, whole: bool) -> dict:
     import torch
 
-    from tinkerd.engine import Engine, EngineConfig
+    from tinkerd.engine import Engine, EngineConfig, compute
     from tinkerd.types import Datum, LoraConfig, ModelInput
+
+    if whole:  # the output layer as one `[tokens, vocab]` block (and the memory plan's
+        compute.output_layer = lambda model: None  # estimate for it)
+        compute.memory.output_layer = compute.output_layer
 
     config = EngineConfig(dtype="float32", memory_budget_bytes=budget)
     engine = Engine(extra_models=[model], config=config)
@@ -78,6 +84,14 @@ def child_tinkerd(model: str, batch: int, seq: int, budget: str | None) -> dict:
         "rss_before": before,
         "peak_rss": peak_rss_bytes(),
         "budget": limits.memory_budget_bytes,
+        "checkpoint": limits.for_pass(
+            engine.run(model_id).base,
+            engine._members(
+                [engine.prepare(model_id, batch_data, "cross_entropy", None)],
+                [engine.run(model_id)],
+            ),
+            True,
+        ).checkpoint,
     }
 
 
@@ -112,9 +126,12 @@ def child_bare(model: str, batch: int, seq: int) -> dict:
     return {"loss": loss, "seconds": seconds, "rss_before": before, "peak_rss": peak_rss_bytes()}
 
 
-def run_child(kind: str, model: str, batch: int, seq: int, budget: str | None) -> dict:
+def run_child(
+    kind: str, model: str, batch: int, seq: int, budget: str | None, whole: bool = False
+) -> dict:
     args = [sys.executable, __file__, "--child", kind, "--model", model]
     args += ["--sizes", f"{batch}x{seq}"] + (["--budget", budget] if budget else [])
+    args += ["--whole-logits"] if whole else []
     out = subprocess.run(args, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
@@ -132,6 +149,7 @@ def main() -> None:
     parser.add_argument("--bare-sizes", default="4x512,4x1024")
     parser.add_argument("--budget", default="1.5GiB", help="tinkerd's --memory-budget")
     parser.add_argument("--child", choices=["tinkerd", "bare"])
+    parser.add_argument("--whole-logits", action="store_true")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",") if s]
@@ -141,7 +159,7 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
         batch, seq = sizes[0]
         if args.child == "tinkerd":
-            result = child_tinkerd(args.model, batch, seq, args.budget)
+            result = child_tinkerd(args.model, batch, seq, args.budget, args.whole_logits)
         else:
             result = child_bare(args.model, batch, seq)
         print(json.dumps(result))
@@ -149,7 +167,7 @@ def main() -> None:
     bare_sizes = {s for s in args.bare_sizes.split(",") if s}
     rows = []
     for batch, seq in sizes:
-        ours = run_child("tinkerd", args.model, batch, seq, args.budget)
+        ours = run_child("tinkerd", args.model, batch, seq, args.budget, args.whole_logits)
         print(f"tinkerd {batch}x{seq}: {ours}", flush=True)
         bare = (
             run_child("bare", args.model, batch, seq, None)
@@ -159,18 +177,19 @@ def main() -> None:
         print(f"bare    {batch}x{seq}: {bare or 'not run'}", flush=True)
         rows.append((batch, seq, ours, bare))
     lines = [
-        "| size | tinkerd peak RSS GB | tinkerd tokens/s | bare peak RSS GB | bare tokens/s "
-        "| bare / tinkerd time |",
-        "|---|---|---|---|---|---|",
+        "| size | tinkerd peak RSS GB | tinkerd MB a token | tinkerd tokens/s | bare peak RSS GB "
+        "| bare MB a token | bare tokens/s | tinkerd / bare time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for batch, seq, ours, bare in rows:
         n = batch * seq
         cells = [f"{batch}x{seq}"]
         for r in (ours, bare):
             if "peak_rss" in r:
-                cells += [gb(r["peak_rss"]), f"{n / r['seconds']:.0f}"]
+                per_token = (r["peak_rss"] - r["rss_before"]) / n / 1e6
+                cells += [gb(r["peak_rss"]), f"{per_token:.3f}", f"{n / r['seconds']:.0f}"]
             else:
-                cells += [r.get("error", "not run"), "-"]
+                cells += [r.get("error", "not run"), "-", "-"]
         ratio = (
             ours["seconds"] / bare["seconds"] if "seconds" in ours and "seconds" in bare else None
         )

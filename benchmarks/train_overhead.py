@@ -108,9 +108,12 @@ BENCH_KEY = "tml-benchmark"
 
 
 @contextlib.contextmanager
-def tinkerd_server(model_name: str, info: dict | None = None, extra: tuple[str, ...] = ()):
+def tinkerd_server(
+    model_name: str, info: dict | None = None, extra: tuple[str, ...] = (), stderr=None
+):
     """`tinkerd serve` (with `extra` arguments) in a subprocess on a free loopback port;
-    yields its URL (and puts the process id in `info["pid"]`)."""
+    yields its URL (and puts the process id in `info["pid"]`). `stderr`: where its
+    stderr goes (None: ours)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -129,7 +132,7 @@ def tinkerd_server(model_name: str, info: dict | None = None, extra: tuple[str, 
     ]
     if model_name != "tinkerd/tiny":
         args += ["--model", model_name]
-    proc = subprocess.Popen(args)
+    proc = subprocess.Popen(args, stderr=stderr)
     if info is not None:
         info["pid"] = proc.pid
     url = f"http://127.0.0.1:{port}"

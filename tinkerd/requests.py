@@ -284,8 +284,9 @@ class SaveWeightsForSamplerRequest(RunRequest):
     sampling_session_seq_id: int | None = None
     ttl_seconds: int | None = None
     user_metadata: dict[str, str] | None = None
-    kind: Literal["snapshot"] = "snapshot"
-    """Sampler weights here are always a fixed snapshot ("inflight" is refused)."""
+    kind: Literal["snapshot", "inflight"] = "snapshot"
+    """snapshot: fixed weights; inflight (unnamed only): the run's one mutable target,
+    which each later inflight save updates (docs/sampling.md)."""
 
     def expected_answer(self) -> tuple[str, BaseModel] | None:
         if self.path is None:

@@ -343,7 +343,7 @@ REFUSED = [  # (route, body, the field a 4xx must name) for values the server ca
     ("load_weights", {"optimizer_config": {"type": "lion"}}, "optimizer_config"),
     ("load_weights", {"weights_access_token": "t"}, "weights_access_token"),
     ("optim_step", {"optimizer_params": {"type": "lion", "learning_rate": 1}}, "lion"),
-    ("save_weights_for_sampler", {"kind": "inflight", "path": "x"}, "kind"),
+    ("save_weights_for_sampler", {"kind": "inflight", "path": "x"}, "kind"),  # unnamed only
     ("save_weights_for_sampler", {"ttl_seconds": 60}, "ttl_seconds"),
     ("asample", {"record_stability_info": True}, "record_stability_info"),
 ]

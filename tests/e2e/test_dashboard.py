@@ -235,6 +235,10 @@ def test_the_page_shows_the_run_and_its_charts_grow_live(served, sdk, tmp_path):
 
         train(client, 2)  # the page polls: the chart grows without a reload
         browser.wait_for(CHART_POINTS, STEPS + 2)
+        # The server view (every key's load over time, docs/operations.md) is drawn too.
+        server_chart = "document.querySelector('#server-charts [data-metric=\"%s\"] polyline')"
+        for name in ("train_tokens_per_s", "utilisation", "queued", "train_latency_p50_s"):
+            browser.wait_for(f"!!{server_chart % name}", True)
         shot = tmp_path / "dashboard.png"
         browser.screenshot(shot)
     finally:

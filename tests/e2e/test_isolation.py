@@ -136,6 +136,9 @@ def probes(a: dict[str, str], bob_session: str) -> dict[tuple[str, str], dict]:
         ("PUT", f"{CHECKPOINT}/ttl"): {"path": checkpoint, "json": {"ttl_seconds": 1}},
         ("GET", "/api/v1/dashboard/runs/{model_id}"): {"path": {"model_id": a["model"]}},
         ("GET", "/api/v1/dashboard/runs/{model_id}/metrics"): {"path": {"model_id": a["model"]}},
+        ("GET", "/api/v1/sessions/{session_id}/trace_export"): {
+            "path": {"session_id": a["session"]}
+        },
         # the OpenAI- and Anthropic-compatible APIs, with Alice's checkpoint as the model
         ("POST", "/oai/api/v1/completions"): {
             "json": {"model": a["sampler_path"], "prompt": "x", "max_tokens": 1}
@@ -159,6 +162,8 @@ OPEN = {
     ("POST", "/api/v1/create_session"),
     ("POST", "/api/v1/telemetry"),
     ("GET", "/api/v1/dashboard/paging"),  # server-wide counts per base model, no run ids
+    ("GET", "/metrics"),  # server-wide totals; per-key series only for --metrics-key
+    ("GET", "/api/v1/dashboard/server"),  # server-wide load, every key's together
 }
 LISTINGS = {
     ("GET", "/api/v1/sessions"),
@@ -176,6 +181,7 @@ CHECKPOINT = "/api/v1/training_runs/{model_id}/checkpoints/{kind}/{name}"
 SIGNED = {
     ("GET", "/api/v1/checkpoint_archives/{model_id}/{kind}/{name}"),
     ("GET", "/api/v1/external_weights_files/{model_id}/{name}/{filename}"),
+    ("GET", "/api/v1/session_traces/{session_id}"),
 }
 
 
@@ -216,6 +222,7 @@ def test_every_route_hides_one_keys_things_from_another(app, alice):
     for query in ("", "?expires=99999999999&signature=00", "?expires=1&signature=00"):
         assert bob.get(archive + query).status_code == 404  # no link, a forged or old one
         assert bob.get(files.format(model_id=alice["model"]) + query).status_code == 404
+        assert bob.get(f"/api/v1/session_traces/{alice['session']}{query}").status_code == 404
     assert alice["session"] not in bob.get("/api/v1/sessions").text
     for owner in ("own", "accessible"):
         search = {"session_id": alice["session"], "owner": {"type": owner}}

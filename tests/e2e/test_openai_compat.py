@@ -2,6 +2,8 @@
 `anthropic` packages, unmodified, against a real `tinkerd serve` on loopback; compared
 with the official `tinker` SDK's SamplingClient on the same server."""
 
+import json
+
 import anthropic
 import httpx
 import openai
@@ -392,28 +394,40 @@ class CannedBackend:
     def eos_token_ids(self, weights):
         return {257, EOT}
 
-    def sample(self, weights, prompt, n, params, prompt_lps, topk_prompt, topk_sample):
+    def sample_many(self, owner, weights, prompts, n, params, listeners=None, **options):
         from concurrent.futures import Future
 
         from tinkerd.types import SampleResponse
 
-        self.calls.append((prompt, n, params))
-        seq = SampledSequence(
-            stop_reason=self.reason, tokens=self.tokens, logprobs=[-0.5] * len(self.tokens)
-        )
-        future = Future()
-        future.set_result(SampleResponse(sequences=[seq] * n))
-        return future
+        futures = []
+        for p, prompt in enumerate(prompts):
+            self.calls.append((prompt, n, params))
+            seq = SampledSequence(
+                stop_reason=self.reason, tokens=self.tokens, logprobs=[-0.5] * len(self.tokens)
+            )
+            for i in range(n):  # as the sampler hands tokens to a stream
+                for token in self.tokens if listeners else []:
+                    listeners[p](i, token)
+            futures.append(Future())
+            futures[-1].set_result(SampleResponse(sequences=[seq] * n))
+        return futures
 
     def models(self, owner):
         return [CHAT]
 
 
 def anthropic_reply(backend, **body):
+    """The reply, and its events read to the end (a stream)."""
     import asyncio
 
     body = {"model": CHAT, "max_tokens": 8, "messages": HI} | body
-    return asyncio.run(api.messages(backend, "owner", api.parse(api.MessagesRequest, body)))
+
+    async def answer():
+        reply = await api.messages(backend, "owner", api.parse(api.MessagesRequest, body))
+        reply.events = reply.events and [e async for e in reply.events]
+        return reply
+
+    return asyncio.run(answer())
 
 
 def test_anthropic_stop_reasons_and_events():
@@ -430,7 +444,13 @@ def test_anthropic_stop_reasons_and_events():
     assert params.stop == [", ", "<|end_of_text|>", "<|eot_id|>"]  # EOS still stops
     assert params.max_tokens == 8 and params.temperature == 1.0
     full = anthropic_reply(CannedBackend([*b"abcdefgh"]), stream=True)
-    assert full.body["stop_reason"] == "max_tokens"
+    assert '"stop_reason": "max_tokens"' in full.events[-2]
+    assert (
+        "".join(
+            json.loads(e.split("data: ")[1])["delta"].get("text", "") for e in full.events[3:-3]
+        )
+        == "abcdefgh"
+    )
     events = [e.split("\n")[0].removeprefix("event: ") for e in full.events]
     assert events == [
         "message_start",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tinkerd.cli import checkpoints, demo, runs, serve
+from tinkerd.threads import prefer_passive_wait
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,5 +19,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_passive_wait()  # before any command loads torch (`tinkerd.threads`)
     args = build_parser().parse_args(argv)
     return args.func(args)

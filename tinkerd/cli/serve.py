@@ -56,9 +56,12 @@ def _serve(args: argparse.Namespace) -> int:
             poll_timeout=args.poll_timeout,
             max_pending=args.max_queue,
             session_timeout=args.session_timeout,
+            json_log=args.log_requests,
+            telemetry=not args.no_telemetry,
             **{name: getattr(args, name) for name in QUOTAS if hasattr(args, name)},
         )
-        server = Server(engine, data_dir, keys, models, config=config)
+        metrics_keys = args.metrics_key or None
+        server = Server(engine, data_dir, keys, models, config=config, metrics_keys=metrics_keys)
         print(
             f"tinkerd serving {models} on http://{args.host}:{args.port} "
             f"({len(keys)} API key(s); data in {server.service.store.path})",
@@ -101,6 +104,7 @@ def engine_config(args: argparse.Namespace) -> Any:
     config.run_budget_bytes = args.run_budget
     config.max_resident_runs = getattr(args, "max_resident_runs", config.max_resident_runs)
     config.host_run_budget_bytes = args.host_run_budget
+    config.sampling_budget_bytes = args.sampling_memory_budget
     return config
 
 
@@ -112,6 +116,7 @@ QUOTAS = {  # ServiceConfig field: what its --flag says (`none`: no limit)
     "max_queued_per_key": "requests of one API key queued at once (429 beyond)",
     "max_losses_per_key": "uploaded custom losses one API key holds (403 beyond)",
     "max_loss_bytes_per_key": "bytes of uploaded custom losses one API key holds (403 beyond)",
+    "max_body_bytes": "bytes one HTTP request body may hold (413 beyond; default 64 MiB)",
 }
 
 
@@ -209,6 +214,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--data-dir (default auto: a quarter of host memory on a GPU machine, 0 on CPU)",
     )
     serve.add_argument(
+        "--sampling-memory-budget",
+        type=_budget,
+        default="auto",
+        metavar="BYTES",
+        help="KV cache each base model's sampler batch may hold, e.g. 2GiB: requests join "
+        "the batch while it fits, one that never could is a 400 (default auto: a quarter "
+        "of the memory available at start; none: no budget)",
+    )
+    serve.add_argument(
         "--session-timeout",
         type=float,
         default=300.0,
@@ -244,6 +258,25 @@ def register(sub: argparse._SubParsersAction) -> None:
             metavar="N",
             help=f"{what}; none: no limit (default: docs/multi-tenant.md)",
         )
+    serve.add_argument(
+        "--log-requests",
+        action="store_true",
+        help="one JSON line per request on stderr (request id, key label, session, run, verb, "
+        "tokens, queue and run seconds, outcome: docs/operations.md)",
+    )
+    serve.add_argument(
+        "--no-telemetry",
+        action="store_true",
+        help="record no per-request spans: no request metrics, session traces or request "
+        "log (to measure their cost; docs/operations.md)",
+    )
+    serve.add_argument(
+        "--metrics-key",
+        action="append",
+        default=[k for k in [os.environ.get("TINKERD_METRICS_KEY")] if k],
+        help="the only key /metrics accepts, as `Authorization: Bearer KEY` (repeatable; "
+        "also TINKERD_METRICS_KEY); default: any API key",
+    )
     serve.add_argument(
         "--image-dir",
         default=os.environ.get("TINKERD_IMAGE_DIR"),

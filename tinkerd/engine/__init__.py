@@ -6,6 +6,10 @@ backends' registry, which the CLI reads) can be imported without torch.
 
 from typing import Any
 
+from tinkerd.threads import prefer_passive_wait
+
+prefer_passive_wait()  # before any engine module loads torch (`tinkerd.threads`)
+
 __all__ = ["Engine", "EngineConfig", "LossRequest", "SamplerWeights"]
 
 

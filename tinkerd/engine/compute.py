@@ -28,9 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from tinkerd import losses
 from tinkerd.engine import memory
@@ -38,6 +36,7 @@ from tinkerd.engine.adapters import Run
 from tinkerd.engine.batch import Batch
 from tinkerd.engine.lora import Segment, pad_cat, route_rows, trainable
 from tinkerd.engine.models import BaseModel
+from tinkerd.engine.output_layer import output_layer, target_logprobs
 from tinkerd.engine.parallel import SingleProcess
 from tinkerd.engine.vision import forward_inputs
 from tinkerd.errors import InvalidRequestError
@@ -100,6 +99,8 @@ class Limits:
     set) and whether to checkpoint its decoder layers from it (`memory.plan`)."""
     checkpoint: bool = False
     """Recompute each decoder layer's activations in the backward (`memory`)."""
+    micro_batch_rows: int | None = None
+    """Most rows per micro-batch (`memory.Plan.micro_batch_rows`). None: no limit."""
 
     def for_pass(self, base: BaseModel | None, members: list[Member], backward: bool) -> Limits:
         """These limits with the budget turned into sizes for this pass's rows."""
@@ -113,6 +114,7 @@ class Limits:
             self.logits_chunk_tokens or p.logits_chunk_tokens,
             None,
             p.checkpoint and backward,
+            p.micro_batch_rows,
         )
 
 
@@ -152,7 +154,7 @@ def loss_pass(
     limits = limits.for_pass(base, members, backward)
     if parallel.fsdp:  # every rank joins the same forwards (and recomputations)
         limits = Limits(None, limits.logits_chunk_tokens)
-    groups = micro_batches(members, limits.micro_batch_tokens)  # on every rank
+    groups = micro_batches(members, limits.micro_batch_tokens, limits.micro_batch_rows)
     one_pass = len(groups) <= 1  # then the forward's graph serves the backward
     # Micro-batches of a built-in loss: forward and backward each at once, the losses
     # checked after (the gradients from before are kept aside, and put back if some
@@ -273,17 +275,21 @@ def _restore_gradients(saved: list[tuple[Tensor, Tensor | None]]) -> None:
         p.grad = grad
 
 
-def micro_batches(members: list[Member], max_tokens: int | None) -> list[list[_Piece]]:
+def micro_batches(
+    members: list[Member], max_tokens: int | None, max_rows: int | None = None
+) -> list[list[_Piece]]:
     """The pass's rows, in order, cut into groups of at most `max_tokens` padded tokens
-    (rows x longest row; a longer row is a group alone); None: one group of everything."""
-    if max_tokens is None:
+    (rows x longest row; a longer row is a group alone) and `max_rows` rows; None: no
+    such limit (both None: one group of everything)."""
+    if max_tokens is None and max_rows is None:
         return [[_Piece(k, m.request.batch, 0) for k, m in enumerate(members)]] if members else []
     groups: list[list[_Piece]] = []
     rows: list[tuple[int, int]] = []  # (member, datum) of the group being filled
     width = 0
     for k, member in enumerate(members):
         for i, n in enumerate(member.request.batch.lengths):
-            if rows and (len(rows) + 1) * max(width, n) > max_tokens:
+            too_wide = max_tokens is not None and (len(rows) + 1) * max(width, n) > max_tokens
+            if rows and (too_wide or (max_rows is not None and len(rows) >= max_rows)):
                 groups.append(_pieces(members, rows))
                 rows, width = [], 0
             rows.append((k, i))
@@ -336,11 +342,11 @@ def _forward(
     layer recomputes in the backward, and must route them the same way)."""
     batches = [p.batch for p in pieces]
     images = [row for b in batches for row in b.images]
+    model = base.peft_model.base_model.model  # the LoRA-injected tree
+    layer = output_layer(model)  # (checked once per model, before any routing)
     if len(pieces) == 1:  # the run's own adapter, as PEFT routes it
         members[pieces[0].member].run.activate()
         input_ids = batches[0].input_ids.to(base.device)
-        extra, _ = forward_inputs(base.vision, input_ids, images)
-        logits = base.peft_model(input_ids=input_ids, use_cache=False, **extra).logits
     else:
         width = max(b.input_ids.shape[1] for b in batches)
         segments, start = [], 0
@@ -351,51 +357,19 @@ def _forward(
             if train:
                 trainable(run.params)
         input_ids = pad_cat([b.input_ids for b in batches], width).to(base.device)
-        stack.enter_context(route_rows(base.peft_model, segments))
-        model = base.peft_model.base_model.model  # the injected tree, routed by rows
-        extra, _ = forward_inputs(base.vision, input_ids, images)
-        logits = model(input_ids=input_ids, use_cache=False, **extra).logits
-    out, row = [], 0
-    for b in batches:
-        rows = logits[row : row + b.input_ids.shape[0], : b.mask.shape[1]]
-        row += b.input_ids.shape[0]
-        device = base.device
-        out.append(
-            target_logprobs(
-                rows, b.mask.to(device), b.targets.to(device), limits.logits_chunk_tokens
-            )
-        )
-    return out
-
-
-def target_logprobs(
-    logits: Tensor, mask: Tensor, targets: Tensor, chunk_tokens: int | None = None
-) -> Tensor:
-    """Log-probability of `targets` (`[n_tokens]` or `[n_tokens, k]`) under `logits`
-    (`[rows, seq, vocab]`, any float dtype) at the real positions (`mask`, `[rows, seq]`),
-    float32. The upcast to float32 is done `chunk_tokens` positions at a time (None: all
-    at once); with a gradient, each chunk's float32 logits are recomputed in the backward
-    rather than kept, so no `[n_tokens, vocab]` float32 block ever exists."""
-    rows, cols = mask.nonzero(as_tuple=True)
-    n = rows.numel()
-    size = chunk_tokens or n
-    if size >= n:
-        return _chunk_logprobs(logits, rows, cols, targets)
-    parts = []
-    for s in range(0, n, size):
-        args = (logits, rows[s : s + size], cols[s : s + size], targets[s : s + size])
-        if torch.is_grad_enabled() and logits.requires_grad:
-            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(*args))
-    return torch.cat(parts)
-
-
-def _chunk_logprobs(logits: Tensor, rows: Tensor, cols: Tensor, targets: Tensor) -> Tensor:
-    real = logits[rows, cols].float()  # [chunk, vocab]
-    if targets.ndim == 1:
-        return -F.cross_entropy(real, targets, reduction="none")
-    return real.log_softmax(-1).gather(-1, targets)
+        stack.enter_context(route_rows(base.peft_model, segments))  # routed by rows
+    extra, _ = forward_inputs(base.vision, input_ids, images)
+    if layer is None:  # whole logits, the model's own forward
+        states, head = model(input_ids=input_ids, use_cache=False, **extra).logits, None
+    else:  # the last hidden states; the output layer runs in chunks (`output_layer`)
+        states = layer.decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+        head = layer.head
+    device = base.device
+    seq = max(b.mask.shape[1] for b in batches)
+    mask = pad_cat([b.mask for b in batches], seq).to(device)
+    targets = torch.cat([b.targets for b in batches]).to(device)
+    logprobs = target_logprobs(states[:, :seq], mask, targets, limits.logits_chunk_tokens, head)
+    return list(logprobs.split([int(b.mask.sum()) for b in batches]))
 
 
 def _custom_gradients(

@@ -32,7 +32,7 @@ from tinkerd.engine.checkpoints import (
     load_optimizer_state,
 )
 from tinkerd.engine.compute import Limits, LossRequest, Member, loss_pass
-from tinkerd.engine.memory import default_budget, parse_bytes
+from tinkerd.engine.memory import bounded_heap, default_budget, parse_bytes
 from tinkerd.engine.models import BaseModel, BaseModelRegistry, parse_model_specs
 from tinkerd.engine.paging import MAX_RESIDENT_RUNS, PagingConfig, ResidentSet, spill_dir
 from tinkerd.engine.parallel import SingleProcess
@@ -108,6 +108,18 @@ class EngineConfig:
     a quarter of the host's available memory on a GPU machine, 0 (straight to disk) on
     a CPU-only one."""
 
+    sampling_budget_bytes: int | str | None = "auto"
+    """KV cache each base model's sampler batch may hold (`--sampling-memory-budget`):
+    requests join the batch while it fits, and one that never could is a 400. `auto`: a
+    quarter of the memory available at start; None: no budget."""
+
+    @property
+    def kv_budget(self) -> int | None:
+        budget = self.sampling_budget_bytes
+        if isinstance(budget, str):
+            budget = default_budget() if budget == "auto" else parse_bytes(budget)
+        return budget
+
     def paging(self, device: str | None) -> PagingConfig:
         """The resident-set sizes, `auto` resolved for `device`."""
         return PagingConfig.resolve(
@@ -158,6 +170,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.limits = self.config.limits
         """What a pass may compute at once (the memory budget resolved once, at start)."""
+        if self.limits.memory_budget_bytes is not None:
+            bounded_heap()  # freed activations go back to the system
         self.parallel = parallel or SingleProcess()
         self._checkpoints: CheckpointStore | None = None
         self._recover_checkpoints = recover_checkpoints
@@ -177,6 +191,7 @@ class Engine:
             self._load_base, lambda: self.checkpoints, sampler_factory, self.config.max_snapshots
         )
         """Sampler versions and the sampler backend of each base model."""
+        self.samplers.kv_budget = self.config.kv_budget
 
     # ------------------------------------------------------------ runs
 
@@ -595,6 +610,11 @@ class Engine:
         """Freeze the run's current weights as a sampler version (`SamplerVersions.save`)."""
         return self.samplers.save(self.run(model_id), name, user_metadata)
 
+    def save_weights_inflight(self, model_id: str) -> SamplerWeights:
+        """Publish the run's current weights to its inflight target
+        (`SamplerVersions.save_inflight`)."""
+        return self.samplers.save_inflight(self.run(model_id))
+
     def sampler_for(
         self, base_model: str | None = None, model_path: str | None = None
     ) -> SamplerWeights:
@@ -616,12 +636,24 @@ class Engine:
     def sample(self, weights: SamplerWeights, *args: Any, **kwargs: Any) -> Future[SampleResponse]:
         """`SamplerVersions.sample`: validate now (raises InvalidRequestError), decode in the
         base's batched sampler."""
+        self._check_sampling()
+        return self.samplers.sample(weights, *args, **kwargs)
+
+    def prepare_sample(
+        self, weights: SamplerWeights, *args: Any, **options: Any
+    ) -> Callable[[], Future[SampleResponse]]:
+        """`SamplerVersions.prepare`: validate now (raises InvalidRequestError); the
+        returned call queues it in the base's sampler. `options`: `make_spec`'s keywords
+        (prompt_logprobs, topk_*, `tenant`, `listener`)."""
+        self._check_sampling()
+        return self.samplers.prepare(weights, *args, **options)
+
+    def _check_sampling(self) -> None:
         if self.parallel.fsdp:  # rank 0's forward would wait for the other ranks' all-gathers
             raise InvalidRequestError(
                 "sampling is not available on a server started with --fsdp (each rank holds "
                 "only part of the base model); serve sampling without --fsdp"
             )
-        return self.samplers.sample(weights, *args, **kwargs)
 
     def sampler_stats(self, base_model: str) -> list[tuple[int, int]]:
         """(rows, distinct requests) of the base's recent decode steps."""

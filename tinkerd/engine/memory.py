@@ -19,11 +19,15 @@ L layers; V vocabulary):
   models with MLP 2.7-3 x H, all modules adapted: see benchmarks/memory.py);
 - with checkpointing, each layer keeps only its input (`H * e`) and one layer at a time
   recomputes its `LAYER_ACTIVATIONS * H * e` in the backward;
-- the unembedding: `LOGITS_COPIES * V * e` with a gradient (the logits, a LoRA'd
-  unembedding's low-rank delta, its scaled copy and the sum, then their gradients:
-  measured on SmolLM2-135M, float32, 1.39 MB a token with checkpointing where the layer
-  terms are 0.15 MB), `FORWARD_LOGITS_COPIES * V * e` without (the float32 log-softmax
-  of a chunk is on top, bounded by the chunk);
+- the output layer: where it runs in chunks (`output_layer`, every model whose logits
+  are `head(decoder(...))`), a token keeps only `STATE_COPIES * H * 4` (the last hidden
+  state and its float32 gradient), and one window of positions at a time holds
+  `(3 * 4 + LOGITS_COPIES * e) * V` each (the logits, a LoRA'd unembedding's delta,
+  its scaled copy and the sum, their gradients, and the float32 log-softmax and its
+  gradient); otherwise (whole logits) every token holds `LOGITS_COPIES * V * e` with a
+  gradient (measured on SmolLM2-135M, float32: 1.39 MB a token with checkpointing where
+  the layer terms are 0.15 MB), `FORWARD_LOGITS_COPIES * V * e` without, and the
+  chunk of float32 log-softmax `3 * 4 * V` a position;
 - a forward without gradient keeps nothing: one layer's transients and the logits.
 """
 
@@ -39,6 +43,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tinkerd.engine.output_layer import output_layer
+
 LAYER_ACTIVATIONS = 34
 """Elements kept per token per decoder layer for the backward, in units of the hidden
 size (measured; see the module docstring)."""
@@ -49,9 +55,11 @@ FORWARD_LOGITS_COPIES = 4
 MIN_MICRO_BATCH_TOKENS = 512
 """Checkpointing turns on rather than run micro-batches smaller than this (or than the
 pass's longest row): tiny micro-batches waste more time than recomputation costs."""
+STATE_COPIES = 4
+"""Per-token elements of hidden size kept by a chunked output layer (float32 units)."""
 LOGITS_SHARE = 8
-"""A logits chunk's float32 work (upcast, log-softmax, gradient) gets 1/LOGITS_SHARE of
-the budget."""
+"""A logits chunk's work (the head's logits where chunked, the float32 upcast,
+log-softmax and gradients) gets 1/LOGITS_SHARE of the budget."""
 DEFAULT_FRACTION = 0.25
 """Default budget: this fraction of the memory available when the engine starts."""
 
@@ -64,6 +72,13 @@ class Plan:
     logits_chunk_tokens: int
     checkpoint: bool
 
+    @property
+    def micro_batch_rows(self) -> int:
+        """Most rows a micro-batch may hold: the output layer's window spans every row
+        of a micro-batch (at least one column of each), so more rows than
+        `logits_chunk_tokens` would make the window larger than planned."""
+        return self.logits_chunk_tokens
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -73,6 +88,8 @@ class ModelShape:
     layers: int
     vocab: int
     element_bytes: int
+    chunked_output: bool = False
+    """Whether the output layer runs a window of positions at a time (`output_layer`)."""
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelShape:
@@ -82,26 +99,36 @@ class ModelShape:
             layers=int(config.num_hidden_layers),
             vocab=int(model.get_input_embeddings().weight.shape[0]),
             element_bytes=model.get_input_embeddings().weight.element_size(),
+            chunked_output=output_layer(model) is not None,
         )
+
+    def window_bytes(self) -> int:
+        """Bytes a position of the output layer's window holds at once."""
+        copies = LOGITS_COPIES * self.element_bytes if self.chunked_output else 0
+        return (3 * 4 + copies) * self.vocab
 
     def token_bytes(self, backward: bool, checkpoint: bool) -> int:
         """Estimated activation bytes per token of a pass (module docstring)."""
         layer = LAYER_ACTIVATIONS * self.hidden * self.element_bytes
         logits = self.vocab * self.element_bytes
+        if self.chunked_output:
+            output = STATE_COPIES * self.hidden * 4
+        else:
+            output = (LOGITS_COPIES if backward else FORWARD_LOGITS_COPIES) * logits
         if not backward:
-            return layer + FORWARD_LOGITS_COPIES * logits
+            return layer + output
         if checkpoint:
             inputs = self.layers * self.hidden * self.element_bytes
-            return inputs + layer + LOGITS_COPIES * logits
-        return self.layers * layer + LOGITS_COPIES * logits
+            return inputs + layer + output
+        return self.layers * layer + output
 
 
 def plan(shape: ModelShape, budget: int, longest_row: int, backward: bool) -> Plan:
     """The micro-batch size, logits chunk and checkpointing for a pass whose longest row
     has `longest_row` tokens, within `budget` bytes of activations. A row too long for
     the budget even with checkpointing is still one micro-batch (rows are never split)."""
-    chunk = max(1, budget // LOGITS_SHARE // (3 * 4 * shape.vocab))
-    rest = budget - min(chunk, longest_row) * 3 * 4 * shape.vocab
+    chunk = max(1, budget // LOGITS_SHARE // shape.window_bytes())
+    rest = budget - chunk * shape.window_bytes()  # a window spans rows: up to `chunk`
     plain = max(1, rest // shape.token_bytes(backward, checkpoint=False))
     if not backward or plain >= max(longest_row, MIN_MICRO_BATCH_TOKENS):
         return Plan(plain, chunk, checkpoint=False)
@@ -148,6 +175,28 @@ def _checkpointed(layer: nn.Module):
         return checkpoint(forward, layer, *args, use_reentrant=False, **kwargs)
 
     return run
+
+
+MMAP_THRESHOLD = 256 << 10
+"""Bytes from which glibc's malloc maps each block alone, returned to the system when
+freed (`bounded_heap`)."""
+
+
+def bounded_heap() -> None:
+    """Make glibc's malloc give large freed blocks back at once. By default it raises its
+    mmap threshold to the largest block freed so far (up to 32 MiB), after which blocks
+    of that size come from the heap, which fragments and seldom shrinks: a chunked pass
+    that holds 28 MB of tensors at once grew the process by 560 MB (16k vocabulary,
+    2048 tokens, `tests/test_output_layer.py`). A fixed threshold keeps the process's
+    memory where the budget puts it. No-op where malloc is not glibc's."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD: also ends the dynamic raising
+    except (OSError, AttributeError):
+        pass
 
 
 def default_budget(device: str | torch.device | None = None) -> int:

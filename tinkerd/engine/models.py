@@ -18,7 +18,10 @@ cast to float32 before any log-softmax, so logprobs are float32 too.
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
 import os
+import shutil
 import socket
 import threading
 import warnings
@@ -254,7 +257,8 @@ def _hub_usable(hub_id: str) -> bool:
     hub answers (never when HF_HUB_OFFLINE is set)."""
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+    config = try_to_load_from_cache(hub_id, "config.json")
+    if isinstance(config, str) and not (Path(config).parent / TOKENIZER_ONLY).exists():
         return True
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
         return False
@@ -332,6 +336,41 @@ def local_tokenizer_dir(tokenizer_id: str, cache_dir: Path | None = None) -> Pat
     return gguf_model_dir(gguf, cache_dir)
 
 
+TOKENIZER_FILES = ("tokenizer", "special_tokens", "chat_template", "config.json")
+TOKENIZER_ONLY = "tinkerd-tokenizer-only"
+
+
+def offer_tokenizer_offline(hub_id: str, model_dir: Path) -> Path | None:
+    """Make `AutoTokenizer.from_pretrained(hub_id)` work on this machine without the hub
+    for a model served from a local file (SmolLM2's GGUF): its tokenizer and config
+    files are copied into the Hugging Face hub cache as a snapshot of `hub_id`, with
+    `refs/main` pointing at it, unless the cache holds that repo's tokenizer already.
+    get_info names the hub id, so the official SDK's `get_tokenizer()` then loads it with
+    `HF_HUB_OFFLINE=1` (or where the hub cannot be reached), with no client change.
+    Returns the snapshot written (None: nothing to do, or the cache is not writable)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(hub_id, "tokenizer_config.json"), str):
+        return None
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + hub_id.replace("/", "--"))
+    revision = hashlib.sha1(str(model_dir.resolve()).encode()).hexdigest()  # a commit-like id
+    snapshot = repo / "snapshots" / revision
+    try:
+        snapshot.mkdir(parents=True, exist_ok=True)
+        # The tokenizer's files and config.json (AutoTokenizer reads the model type), never
+        # the weights; the marker tells `_hub_usable` the model itself is not there.
+        for f in model_dir.iterdir():
+            if f.is_file() and f.name.startswith(TOKENIZER_FILES):
+                shutil.copy2(f, snapshot / f.name)
+        (snapshot / TOKENIZER_ONLY).write_text("written by tinkerd: no weights here\n")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(revision)
+    except OSError as e:
+        logging.getLogger(__name__).warning("could not offer %s's tokenizer offline: %s", hub_id, e)
+        return None
+    return snapshot
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -369,6 +408,9 @@ def load_base_model(
     model.eval()  # no dropout: forward and forward_backward see the same function
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    hub_id = hub_id_of(source)
+    if hub_id is not None and Path(path).is_dir():  # a hub model served from a local file
+        offer_tokenizer_offline(hub_id, Path(path))
     roles = classify_linears(model)
     vlm = is_vision_config(model.config)
     return BaseModel(
@@ -378,7 +420,7 @@ def load_base_model(
         tokenizer=tokenizer,
         linear_roles=language_linears(roles) if vlm else roles,
         parameter_roles=classify_expert_parameters(model),
-        hub_id=hub_id_of(source),
+        hub_id=hub_id,
         vision=load_vision(model, path) if vlm else None,
     )
 

@@ -15,12 +15,14 @@ now holds others, sampling from it is refused rather than served with other weig
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from tinkerd.engine.adapters import Run, add_frozen_adapter, remove_adapter, snapshot_weights
 from tinkerd.engine.checkpoints import (
@@ -68,8 +70,11 @@ class SamplerVersions:
         self.sampler_factory = sampler_factory
         self.max_snapshots = max_snapshots
         self.samplers: dict[str, SamplerBackend] = {}  # by base model name
+        self.kv_budget: int | None = None
+        """Bytes each base's sampler batch may hold in KV cache (EngineConfig)."""
         self._by_id: dict[str, SamplerWeights] = {}
         self._loaded: OrderedDict[str, SamplerWeights] = OrderedDict()  # by adapter, LRU
+        self._inflight: dict[str, SamplerWeights] = {}  # by run: its inflight target
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()
 
@@ -97,6 +102,31 @@ class SamplerVersions:
         return self._register(
             SamplerWeights(_new_sampler_id(), run.base.name, adapter, path, run.model_id, identity)
         )
+
+    def save_inflight(self, run: Run) -> SamplerWeights:
+        """Publish the run's current weights to its one mutable inflight target (SDK 0.38's
+        `kind="inflight"`): the first save makes it, each later one points it at a new
+        frozen adapter, so every sampling client holding it samples the newest weights
+        from its next request on. The adapter it replaces is kept while requests read it,
+        then evicted like any version."""
+        config, weights = snapshot_weights(run)  # under the base lock: after queued steps
+        adapter = f"s{uuid.uuid4().hex[:12]}"
+        add_frozen_adapter(run.base, adapter, config, weights)
+        with self._lock:
+            target = self._inflight.get(run.model_id)
+            if target is None:
+                target = SamplerWeights(
+                    _new_sampler_id(), run.base.name, adapter, None, run.model_id
+                )
+                self._inflight[run.model_id] = self._by_id[target.sampler_id] = target
+            else:
+                old = target.adapter
+                target.adapter = adapter
+                # the old adapter stays in the LRU under a stand-in until evicted
+                self._loaded[old] = dataclasses.replace(target, adapter=old)
+            self._loaded[adapter] = target
+        self._evict()
+        return target
 
     def _register(self, sw: SamplerWeights) -> SamplerWeights:
         with self._lock:
@@ -158,23 +188,42 @@ class SamplerVersions:
         topk_sample_logprobs: int = 0,
     ) -> Future[SampleResponse]:
         """Validate now (raises InvalidRequestError), decode in the base's batched sampler."""
+        return self.prepare(
+            weights,
+            prompt,
+            num_samples,
+            sampling_params,
+            prompt_logprobs=include_prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+            topk_sample_logprobs=topk_sample_logprobs,
+        )()
+
+    def prepare(
+        self,
+        weights: SamplerWeights,
+        prompt: list[int],
+        num_samples: int,
+        sampling_params: SamplingParams,
+        **options: Any,
+    ) -> Callable[[], Future[SampleResponse]]:
+        """Validate now (raises InvalidRequestError); the returned call queues the request
+        in the base's sampler (so a caller may admit it, or refuse it, in between).
+        `options`: `make_spec`'s keywords (logprobs, `tenant`, `listener`)."""
         base = self._load_base(weights.base_model)
         self._ensure_loaded(weights)
         with self._lock:
             sampler = self.samplers.get(base.name)
             if sampler is None:
                 sampler = self.samplers[base.name] = self.sampler_factory(base)
+                if hasattr(sampler, "kv_budget"):  # the built-in sampler's KV cache bound
+                    sampler.kv_budget = self.kv_budget
         spec = make_spec(
-            base,
-            prompt,
-            num_samples,
-            sampling_params,
-            adapter=weights.adapter,
-            prompt_logprobs=include_prompt_logprobs,
-            topk_prompt_logprobs=topk_prompt_logprobs,
-            topk_sample_logprobs=topk_sample_logprobs,
+            base, prompt, num_samples, sampling_params, adapter=weights.adapter, **options
         )
-        return sampler.submit(spec)
+        check = getattr(sampler, "check", None)
+        if check is not None:
+            check(spec)  # a request that could never fit: refused before it is admitted
+        return lambda: sampler.submit(spec)
 
     def _ensure_loaded(self, weights: SamplerWeights) -> None:
         """Mark the weights recently used; reload them from disk if they were evicted."""

@@ -29,6 +29,7 @@ from tinkerd.engine import Engine
 from tinkerd.errors import AuthenticationError, InvalidRequestError, TinkerdError
 from tinkerd.requests import Request as VerbRequest
 from tinkerd.server.dashboard import add_dashboard, split_key_label
+from tinkerd.server.operations import RequestIds, add_operations, post_verbs
 from tinkerd.server.requests import RequestTable, encode_json, encode_protobuf, jsonable
 from tinkerd.server.rest import rest_router
 from tinkerd.server.routes import sessions, verbs
@@ -55,15 +56,23 @@ class Server:
         max_pending: int = 4096,
         session_timeout: float = 300.0,
         config: ServiceConfig | None = None,
+        metrics_keys: list[str] | None = None,
     ):
+        """`metrics_keys`: the only keys `/metrics` takes (None: any of `api_keys`)."""
         config = config or ServiceConfig(
             poll_timeout=poll_timeout, max_pending=max_pending, session_timeout=session_timeout
         )
         self.service = Service(engine, data_dir, served_models, config)
-        self.requests = RequestTable(self.service.store)
+        telemetry = self.service.telemetry if config.telemetry else None
+        self.requests = RequestTable(self.service.store, telemetry)
         labelled = [split_key_label(k) for k in api_keys]  # `KEY=LABEL` names a key's owner
         self.api_keys = [k.encode() for k, _ in labelled]
         self.key_labels = {fingerprint(k): label for k, label in labelled if label}
+        self.metrics_keys = metrics_keys
+        self.service.telemetry.label = self.owner_label
+        if telemetry is not None:
+            telemetry.start_history()
+        self.verbs: set[str] = set()  # POST routes under /api/v1 (create_app fills it)
 
     def owner(self, request: Request) -> str:
         """The caller's identity: a fingerprint of its API key (keys are never stored)."""
@@ -101,8 +110,9 @@ class Server:
             expected = request.expected_answer()
             saves = None if expected is None else (expected[0], encode_json(expected[1]))
         model_id = request.run_id()
+        sampler = getattr(request, "sampling_session_id", None)  # what a sample reads
         request_id = self.requests.track(
-            caller.owner, request.label(), future, encode, model_id, saves
+            caller.owner, request.label(), future, encode, model_id, saves, sampler
         )
         return {"request_id": request_id, "model_id": model_id}
 
@@ -139,6 +149,46 @@ class CatchAll:
             await JSONResponse(body, status_code=500)(scope, receive, send)
 
 
+class BodyLimit:
+    """Request bodies larger than `max_bytes` get a 413 before they are read (by their
+    Content-Length) or as soon as they pass it (chunked): none is buffered whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int | None) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.max_bytes
+        if scope["type"] != "http" or limit is None:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        with contextlib.suppress(ValueError):
+            if int(headers.get(b"content-length", b"0")) > limit:
+                return await self._refuse(scope, receive, send)
+        seen, refused = 0, False
+
+        async def counted() -> Message:
+            nonlocal seen, refused
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if message["type"] == "http.request" and seen > limit and not refused:
+                refused = True
+                await self._refuse(scope, receive, send)
+            return {"type": "http.disconnect"} if refused else message
+
+        async def guarded(message: Message) -> None:
+            if not refused:  # after the 413, whatever the app answers is dropped
+                await send(message)
+
+        await self.app(scope, counted, guarded)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = (
+            f"the request body is larger than {self.max_bytes} bytes, this server's limit "
+            "(tinkerd serve --max-body-bytes)"
+        )
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+
+
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="tinkerd", version="0.1.0", docs_url="/docs")
     app.state.server = server
@@ -170,7 +220,11 @@ def create_app(server: Server) -> FastAPI:
         app.include_router(routes.router(server))
     app.include_router(rest_router(server))
     app.include_router(inference_router(server))  # OpenAI- and Anthropic-compatible
+    add_operations(app, server, server.metrics_keys)  # /metrics, session traces
+    server.verbs = post_verbs(app.routes)
+    app.add_middleware(BodyLimit, max_bytes=server.service.config.max_body_bytes)
     app.add_middleware(CatchAll)
+    app.add_middleware(RequestIds, server=server)  # outermost: a 500 carries its id too
     return app
 
 

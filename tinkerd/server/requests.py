@@ -9,6 +9,7 @@ gets the same service future back, hence the first request_id.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import threading
@@ -21,12 +22,19 @@ from typing import Any
 
 from tinkerd.errors import TinkerdError
 from tinkerd.service.store import Store, StoredFuture
+from tinkerd.service.telemetry import Telemetry
 
 log = logging.getLogger("tinkerd.server")
 
 JSON = "application/json"
 PROTOBUF = "application/x-protobuf"
 Encoded = tuple[str, bytes]  # (content type, body)
+
+ANSWERED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "tinkerd_request_ids", default=None
+)
+"""The request ids an HTTP request was given (set per request by the server's middleware,
+which returns them in the `X-Request-ID` header)."""
 
 
 def jsonable(value: Any) -> Any:
@@ -66,8 +74,10 @@ class _Pending:
 
 
 class RequestTable:
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, telemetry: Telemetry | None = None):
+        """`telemetry`: told of every request tracked (its span, metrics, log line)."""
         self.store = store
+        self.telemetry = telemetry
         self._pending: dict[str, _Pending] = {}
         self._ids: weakref.WeakKeyDictionary[Future, str] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
@@ -80,19 +90,27 @@ class RequestTable:
         encode: Callable[[Any], Encoded] = encode_json,
         model_id: str | None = None,
         saves: tuple[str, Encoded] | None = None,
+        sampler: str | None = None,
     ) -> str:
         """The request_id of `future` (a new one, unless this future was tracked already).
         `saves`: (tinker path, encoded answer) of a save: its answer if the server dies
         after the checkpoint is complete, before the answer is recorded
-        (Store.fail_unfinished)."""
+        (Store.fail_unfinished). `sampler`: the sampling session a sample reads."""
+        answered = ANSWERED.get()
         with self._lock:
             request_id = self._ids.get(future)
             if request_id is not None:
+                if answered is not None:
+                    answered.append(request_id)
                 return request_id
             request_id = self._ids[future] = f"req-{uuid.uuid4().hex}"
             answer = None if saves is None else (saves[0], *saves[1])
             self.store.add_future(request_id, owner, model_id, kind, answer)
             self._pending[request_id] = _Pending(owner, kind, Future())
+        if answered is not None:
+            answered.append(request_id)
+        if self.telemetry is not None:
+            self.telemetry.request(request_id, owner, kind, future, model_id or sampler)
         future.add_done_callback(lambda f: self._record(request_id, f, encode))
         return request_id
 

@@ -20,6 +20,8 @@ class ServiceConfig:
     expiry_interval: float | None = None
     """Seconds between expiry sweeps (default: min(session_timeout / 4, 5)); 0: no sweep
     thread (call `Sessions.expire` yourself, e.g. in a test with a fake `clock`)."""
+    max_body_bytes: int | None = 64 << 20
+    """Bytes one HTTP request body may hold (413 beyond); None: no limit."""
     max_pass_tokens: int = MAX_PASS_TOKENS
     """Padded tokens one packed forward_backward pass may hold."""
     gap_timeout: float = 60.0
@@ -51,5 +53,11 @@ class ServiceConfig:
     max_metric_steps: int = 10_000
     """Steps of metrics kept per run; beyond it, the older half is thinned to every other
     step (repeatedly: old history gets coarser, recent steps stay exact)."""
+    telemetry: bool = True
+    """Record each request's span (request metrics, traces, logs; `serve --no-telemetry`
+    turns it off, e.g. to measure its cost: /metrics keeps only the scrape-time gauges)."""
+    json_log: bool = False
+    """One JSON line per answered request on the `tinkerd.requests` logger (`serve
+    --log-requests`; docs/operations.md)."""
     clock: Callable[[], float] = field(default=time.time)
     """Wall-clock seconds (heartbeats, expiry): injectable so tests need not wait."""

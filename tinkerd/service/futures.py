@@ -10,14 +10,17 @@ seq_id that never arrives holds later ones back for at most `gap_timeout` second
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
-from tinkerd.errors import QueueFullError
+from tinkerd.errors import InvalidRequestError, QueueFullError
 from tinkerd.service.scheduler import Batchable, Scheduler
+from tinkerd.timing import Ran, current
 
 DEDUP_WINDOW = 1024  # seq_ids remembered per run for re-sent requests
 
@@ -71,6 +74,7 @@ class RequestQueue:
         self._gates: dict[str, _SeqGate] = {}
         # Reentrant: work that finishes at once calls back into the queue from `submit`.
         self._lock = threading.RLock()
+        self._ran: weakref.WeakKeyDictionary[Future, Ran] = weakref.WeakKeyDictionary()
 
     def submit(
         self,
@@ -125,27 +129,84 @@ class RequestQueue:
                 gate.advance()
             return result
 
-    def check_room(self, tenant: Any) -> None:
-        """Raise the 429 `submit` would, for work that must start before it is submitted."""
-        limit = self.max_pending_per_tenant
+    def ran(self, future: Future) -> Ran | None:
+        """How the work of a future `submit` returned ran (its pass, or its sampling),
+        once it is done; None for work that ran outside a lane or sampler."""
+        with self._lock:
+            return self._ran.get(future)
+
+    @property
+    def pending(self) -> int:
+        """Requests admitted and not yet finished (queued, waiting their seq_id, running)."""
+        return self._pending
+
+    def check_room(self, tenant: Any, n: int = 1) -> None:
+        """Raise unless `n` more requests of `tenant` fit now: a QueueFullError (429) over
+        the server's or the tenant's bound, an InvalidRequestError (400) if `n` is more than
+        a bound could ever admit."""
+        limit = self.max_pending_per_tenant if tenant is not None else None
+        for bound, name in [(self.max_pending, "--max-queue"), (limit, "--max-queued-per-key")]:
+            if bound is not None and n > bound:
+                raise InvalidRequestError(
+                    f"this request holds {n} prompts, more than the {bound} one server "
+                    f"admits at once ({name}); split it"
+                )
         with self._lock:
             mine = self._tenant_pending.get(tenant, 0)
-        if tenant is not None and limit is not None and mine >= limit:
-            raise QueueFullError(
-                f"this API key has {mine} requests queued (limit --max-queued-per-key "
-                f"{limit}); retry after some finish"
-            )
+            if self._pending + n > self.max_pending:
+                raise QueueFullError(
+                    f"the server has {self._pending} requests queued (limit --max-queue "
+                    f"{self.max_pending}) and this one adds {n}; retry shortly"
+                )
+            if limit is not None and mine + n > limit:
+                raise QueueFullError(
+                    f"this API key has {mine} requests queued (limit --max-queued-per-key "
+                    f"{limit}) and this one adds {n}; retry after some finish"
+                )
 
-    def _finish(self, source: Future, result: Future, tenant: Any = None) -> None:
+    def submit_all(self, starts: list[Callable[[], Future]], tenant: Any = None) -> list[Future]:
+        """Admit every one of `starts` (each queues its own work elsewhere, e.g. in a
+        sampler, and returns its Future) or none: the server's and `tenant`'s bounds are
+        checked for the whole list before any starts (429; a list larger than a bound
+        could ever admit is a 400). Cancelling a returned future cancels the work's."""
+        n = len(starts)
+        with self._lock:
+            self.check_room(tenant, n)
+            self._pending += n
+            self._tenant_pending[tenant] = self._tenant_pending.get(tenant, 0) + n
+        results: list[Future] = []
+        for i, start in enumerate(starts):
+            try:
+                source = start()
+            except BaseException:
+                for _ in range(n - i):  # give back the slots of what did not start
+                    self._finish(None, None, tenant)
+                for result in results:
+                    result.cancel()
+                raise
+            result: Future = Future()
+            result.add_done_callback(lambda r, s=source: r.cancelled() and s.cancel())
+            source.add_done_callback(lambda f, r=result: self._finish(f, r, tenant))
+            results.append(result)
+        return results
+
+    def _finish(self, source: Future | None, result: Future | None, tenant: Any = None) -> None:
+        ran = current()  # in the lane's (or sampler's) thread, as it resolves `source`
         with self._lock:
             self._pending -= 1
             left = self._tenant_pending.pop(tenant, 1) - 1
             if left:
                 self._tenant_pending[tenant] = left
+            if ran is not None and result is not None:
+                self._ran[result] = ran
+        if result is None:  # a slot given back: nothing to hand on
+            return
         try:
-            result.set_result(source.result())
+            value, error = source.result(), None
         except BaseException as e:  # noqa: BLE001 -- a failure (or cancel) goes to the caller
-            result.set_exception(e)
+            value, error = None, e
+        with contextlib.suppress(InvalidStateError):  # the caller cancelled it meanwhile
+            result.set_exception(error) if error is not None else result.set_result(value)
 
     def release(self, model_id: str, seq_id: int | None) -> None:
         """Use up a seq_id whose request was rejected, so later ones are not held back."""

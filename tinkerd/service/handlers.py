@@ -302,12 +302,20 @@ def save_weights_for_sampler(
             "ttl_seconds and user_metadata need a path (a name): ephemeral sampler weights "
             "are not a checkpoint"
         )
+    if req.kind == "inflight" and (name is not None or seq is None):
+        raise InvalidRequestError(
+            "kind: inflight weights are unnamed: give a sampling_session_seq_id and no path "
+            "(a path is always a snapshot)"
+        )
     sampling_id = None if seq is None else f"{req.model_id}:sample:{seq}"
     caller.check_new_sampler(service, name, sampling_id)
     check_ttl(req.ttl_seconds)
 
     def work() -> SaveWeightsForSamplerResponseInternal:
-        weights = service.engine.save_weights_for_sampler(req.model_id, name, req.user_metadata)
+        if req.kind == "inflight":  # the run's one mutable target, updated (sampling.md)
+            weights = service.engine.save_weights_inflight(req.model_id)
+        else:
+            weights = service.engine.save_weights_for_sampler(req.model_id, name, req.user_metadata)
         if weights.model_path is not None:
             caller.expire_after(service, weights.model_path, req.ttl_seconds)
         session = caller.add_sampler(service, sampling_id, weights)
@@ -357,6 +365,8 @@ def sample(service: Service, caller: LocalCaller, req: SampleRequest) -> Future:
         req.topk_sample_logprobs,
         owner=caller.owner,
     )
+    if req.sampling_session_id is not None:  # cancelled if its session ends first
+        service.sessions.track_sample(req.sampling_session_id, future)
     return future if last_n is None else chained(future, lambda r: only_last(r, last_n))
 
 

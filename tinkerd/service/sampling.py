@@ -2,7 +2,11 @@
 sampling sessions on them, and sample requests.
 
 Samples do not go through the scheduler's lanes: the engine's sampler batches
-concurrent requests itself. They still count against the service's `max_pending`.
+concurrent requests itself, taking turns by API key. Every sample, whatever the route
+(SamplingClient, compute_logprobs, the OpenAI and Anthropic APIs), is admitted here by
+`sample_many`: validated, then counted against the server's `max_pending` and the key's
+`max_queued_per_key` as a whole before any of it reaches the sampler (429 beyond), and
+handed to the sampler with its key.
 """
 
 from __future__ import annotations
@@ -43,14 +47,35 @@ class Sampling:
     ) -> Future[SampleResponse]:
         """Validates now (bad input raises, never a failed future), then samples; counts
         against `owner`'s queued requests (429 over its limit)."""
-        self.service.queue.check_room(owner)
-        future = self.engine.sample(
-            weights,
-            prompt,
-            num_samples,
-            params,
-            prompt_logprobs,
-            topk_prompt_logprobs,
-            topk_sample_logprobs,
+        options = dict(
+            prompt_logprobs=prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+            topk_sample_logprobs=topk_sample_logprobs,
         )
-        return self.service.queue.submit(None, lambda: future, tenant=owner)
+        (future,) = self.sample_many(owner, weights, [prompt], num_samples, params, **options)
+        return future
+
+    def sample_many(
+        self,
+        owner: str | None,
+        weights: Any,
+        prompts: list[list[int]],
+        num_samples: int,
+        params: SamplingParams,
+        listeners: list[Any] | None = None,
+        **options: Any,
+    ) -> list[Future[SampleResponse]]:
+        """One future per prompt: every prompt validated first (InvalidRequestError), then
+        all admitted or none (429: the server's or `owner`'s queue bound), then queued in
+        the sampler as `owner`'s. `listeners[i]` hears prompt i's tokens as they are
+        sampled (`SampleSpec.listener`); `options`: prompt/top-k logprobs. Cancelling a
+        future stops its decoding."""
+        listeners = listeners or [None] * len(prompts)
+        self.service.queue.check_room(owner, len(prompts))  # refuse before validating
+        starts = [
+            self.engine.prepare_sample(
+                weights, prompt, num_samples, params, tenant=owner, listener=listener, **options
+            )
+            for prompt, listener in zip(prompts, listeners)
+        ]
+        return self.service.queue.submit_all(starts, tenant=owner)

@@ -32,6 +32,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from tinkerd.timing import Ran, resolving
+
 T = TypeVar("T")
 log = logging.getLogger("tinkerd.scheduler")
 MAX_PASS_TOKENS = 8192  # padded tokens one packed pass may hold (bounds its activations)
@@ -78,8 +80,11 @@ class _Lane:
         max_pass_tokens: int,
         log: deque,
         on_idle: Callable[[], Any] | None = None,
+        on_pass: Callable[[Ran], Any] | None = None,
     ):
+        self.name = name
         self.on_idle = on_idle
+        self.on_pass = on_pass
         # tenant: {key: queue}, both in turn order; neither holds an empty queue.
         self.tenants: OrderedDict[Hashable, _Queues] = OrderedDict()
         self.cond = threading.Condition()
@@ -143,7 +148,7 @@ class _Lane:
                     return  # closed and drained
                 taken = self._take()
             self.log.append(tuple(k for k, _ in taken))
-            _run(taken)
+            _run(taken, self.name, self.on_pass)
             if self.on_idle is not None and not self.tenants:  # unlocked peek: a hint
                 try:
                     self.on_idle()
@@ -162,13 +167,17 @@ class _Lane:
             self.cond.notify()
 
 
-def _run(taken: list[tuple[Hashable, _Item]]) -> None:
+def _run(
+    taken: list[tuple[Hashable, _Item]], lane: str, on_pass: Callable[[Ran], Any] | None
+) -> None:
+    """Run one pass and resolve its futures, telling their callbacks how it ran
+    (`tinkerd.timing`) and `on_pass` (metrics) what it was."""
     items = [item for _, item in taken]
     futures = [f for _, f in items if f.set_running_or_notify_cancel()]
     live = [(w, f) for w, f in items if f in futures]
     if not live:
         return
-    start = time.perf_counter()
+    start, wall = time.perf_counter(), time.time()
     try:
         if isinstance(live[0][0], Batchable):
             results = live[0][0].run_many([w.payload for w, _ in live])
@@ -177,28 +186,42 @@ def _run(taken: list[tuple[Hashable, _Item]]) -> None:
     except BaseException as e:  # noqa: BLE001 -- every failure reaches its callers
         results = [e] * len(live)
     seconds = time.perf_counter() - start
-    for (work, future), result in zip(live, results):
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-            continue
-        if isinstance(work, Batchable) and work.after is not None:
-            try:
-                work.after(result, seconds)
-            except Exception:  # noqa: BLE001 -- bookkeeping must never strand a caller
-                log.exception("after-hook of a finished request failed")
-        future.set_result(result)
+    keys = tuple(k for k, item in taken if item[1] in futures)
+    tokens = sum(w.tokens for w, _ in live if isinstance(w, Batchable))
+    ran = Ran(lane, wall, wall + seconds, keys, tokens)
+    if on_pass is not None:
+        try:
+            on_pass(ran)
+        except Exception:  # noqa: BLE001 -- metrics must never strand a caller
+            log.exception("pass hook failed")
+    with resolving(ran):
+        for (work, future), result in zip(live, results):
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+                continue
+            if isinstance(work, Batchable) and work.after is not None:
+                try:
+                    work.after(result, seconds)
+                except Exception:  # noqa: BLE001 -- bookkeeping must never strand a caller
+                    log.exception("after-hook of a finished request failed")
+            future.set_result(result)
 
 
 class Scheduler:
     def __init__(
-        self, max_pass_tokens: int = MAX_PASS_TOKENS, on_idle: Callable[[], Any] | None = None
+        self,
+        max_pass_tokens: int = MAX_PASS_TOKENS,
+        on_idle: Callable[[], Any] | None = None,
+        on_pass: Callable[[Ran], Any] | None = None,
     ) -> None:
         """`on_idle`: called in a lane's thread when it has run out of work (e.g. to give
-        freed memory back: service/memory.py)."""
+        freed memory back: service/memory.py). `on_pass`: called in the lane's thread
+        after each pass, before its futures resolve (metrics: service/telemetry.py)."""
         self._lanes: dict[str, _Lane] = {}
         self._lock = threading.Lock()
         self.max_pass_tokens = max_pass_tokens
         self.on_idle = on_idle
+        self.on_pass = on_pass
         self.passes: deque[tuple[Hashable, ...]] = deque(maxlen=4096)
         """Keys served by each recent pass, all lanes together: how much was packed."""
         # A daemon worker still inside a torch op at interpreter teardown aborts the
@@ -218,13 +241,23 @@ class Scheduler:
             worker = self._lanes.get(lane)
             if worker is None:
                 worker = self._lanes[lane] = _Lane(
-                    lane, self.max_pass_tokens, self.passes, self.on_idle
+                    lane, self.max_pass_tokens, self.passes, self.on_idle, self.on_pass
                 )
         return worker.put(key, work, tenant)
 
     def submit(self, lane: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Queue `fn(*args, **kwargs)` as work of no run (key None)."""
         return self.submit_keyed(lane, None, lambda: fn(*args, **kwargs))
+
+    def queued(self) -> dict[str, int]:
+        """Requests waiting in each lane (not the pass running now), by lane name."""
+        with self._lock:
+            lanes = list(self._lanes.items())
+        depth = {}
+        for name, lane in lanes:
+            with lane.cond:  # held only to queue or take work, never during a pass
+                depth[name] = sum(len(q) for qs in lane.tenants.values() for q in qs.values())
+        return depth
 
     def shutdown(self, wait: bool = True) -> None:
         """Stop taking work; with `wait`, finish what is queued, else cancel it."""

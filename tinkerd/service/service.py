@@ -39,6 +39,7 @@ from tinkerd.service.sampling import Sampling
 from tinkerd.service.scheduler import Scheduler
 from tinkerd.service.sessions import Sessions
 from tinkerd.service.store import Store
+from tinkerd.service.telemetry import Telemetry
 from tinkerd.service.uploaded_losses import UploadedLosses
 
 _services: weakref.WeakKeyDictionary[Engine, Service] = weakref.WeakKeyDictionary()
@@ -62,13 +63,19 @@ class Service:
         self.served_models = served_models
         self.checkpoints = engine.checkpoints  # opening it finishes what a crash cut off
         self.data_dir = Path(data_dir or engine.data_dir)
-        self.scheduler = Scheduler(self.config.max_pass_tokens, on_idle=trim_heap)
+        self.telemetry = Telemetry(engine, json_log=self.config.json_log)
+        self.scheduler = Scheduler(
+            self.config.max_pass_tokens,
+            on_idle=trim_heap,
+            on_pass=self.telemetry.passed if self.config.telemetry else None,
+        )
         self.queue = RequestQueue(
             self.scheduler,
             self.config.gap_timeout,
             self.config.max_pending,
             max_pending_per_tenant=self.config.max_queued_per_key,
         )
+        self.telemetry.attach(self.scheduler, self.queue)
         self.losses = UploadedLosses(
             self.config.max_losses_per_key, self.config.max_loss_bytes_per_key
         )
@@ -109,6 +116,7 @@ class Service:
             return service
 
     def close(self) -> None:
+        self.telemetry.stop()
         if "sessions" in vars(self):
             self.sessions.stop()
         self.scheduler.shutdown(wait=True)

@@ -16,6 +16,7 @@ import contextlib
 import threading
 import uuid
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import Any
 
 from tinkerd.errors import InvalidRequestError, NotFoundError, QuotaExceededError, TinkerdError
@@ -42,6 +43,7 @@ class Sessions:
         self.sampling: OrderedDict[str, tuple[str | None, Any]] = OrderedDict()
         self.dropped: OrderedDict[str, None] = OrderedDict()  # ids dropped over the quota
         self._sampling_lock = threading.Lock()
+        self.samples: dict[str, set[Future]] = {}  # sampling id: its unfinished samples
         self._closed = threading.Event()
 
     def start_expiry(self) -> None:
@@ -80,6 +82,9 @@ class Sessions:
         with self._sampling_lock:
             for sampling_id in [s for s in self.sampling if s.startswith(prefix)]:
                 self.sampling.pop(sampling_id, None)
+            unread = [f for s, fs in self.samples.items() if s.startswith(prefix) for f in fs]
+        for future in unread:  # no one will read them: stop decoding them
+            future.cancel()
         if self.losses is not None:
             self.losses.drop_session(session_id)
 
@@ -159,6 +164,20 @@ class Sessions:
                 self.dropped[old] = None
             while len(self.dropped) > 4096:  # only to explain a 404; bounded
                 self.dropped.popitem(last=False)
+
+    def track_sample(self, sampling_id: str, future: Future) -> None:
+        """Remember a sample of a sampling session until it finishes: if the session
+        ends first, it is cancelled (its result would never be read)."""
+        with self._sampling_lock:
+            self.samples.setdefault(sampling_id, set()).add(future)
+        future.add_done_callback(lambda f: self._forget_sample(sampling_id, f))
+
+    def _forget_sample(self, sampling_id: str, future: Future) -> None:
+        with self._sampling_lock:
+            left = self.samples.get(sampling_id, set())
+            left.discard(future)
+            if not left:
+                self.samples.pop(sampling_id, None)
 
     def sampler(self, sampling_id: str, owner: str | None) -> Any:
         """The SamplerWeights of the caller's sampling session."""

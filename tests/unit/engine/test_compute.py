@@ -10,7 +10,8 @@ import torch
 from helpers import TINY, make_datum
 
 from tinkerd.engine import Engine, EngineConfig
-from tinkerd.engine.compute import micro_batches, target_logprobs
+from tinkerd.engine.compute import micro_batches
+from tinkerd.engine.output_layer import target_logprobs
 from tinkerd.engine.parallel import SingleProcess
 from tinkerd.errors import InvalidRequestError
 from tinkerd.types import AdamParams, Datum, LoraConfig, ModelInput
@@ -53,6 +54,12 @@ def grads(engine: Engine, model_id: str) -> list[torch.Tensor]:
     return [p.grad.clone() for p in engine.run(model_id).params]
 
 
+def same_grad(g: torch.Tensor, h: torch.Tensor) -> bool:
+    """Equal to float rounding: the chunked output layer and micro-batches sum in another
+    order, which moves an entry by ~1e-6 of the largest."""
+    return torch.allclose(g, h, atol=1e-5 * max(1.0, g.abs().max().item()), rtol=1e-5)
+
+
 def assert_same(a, b) -> None:
     assert a.metrics["loss:sum"] == pytest.approx(b.metrics["loss:sum"], rel=1e-5)
     for x, y in zip(a.loss_fn_outputs, b.loss_fn_outputs, strict=True):
@@ -88,7 +95,7 @@ def test_micro_batched_packed_pass_equals_one_pass(engine, small):
         assert_same(x, y)
     for m, n in zip(whole, cut):
         for g, h in zip(grads(engine, m), grads(small, n), strict=True):
-            assert torch.allclose(g, h, atol=1e-5)
+            assert same_grad(g, h)
     for e, ids in ((engine, whole), (small, cut)):
         for m in ids:
             e.unload_model(m)
@@ -108,8 +115,8 @@ def test_micro_batched_custom_loss_equals_one_pass(engine, small):
     (out_a, g_a), (out_b, g_b) = results[engine], results[small]
     for x, y in zip(out_a.loss_fn_outputs, out_b.loss_fn_outputs, strict=True):
         assert torch.allclose(x["logprobs"].to_torch(), y["logprobs"].to_torch(), atol=1e-5)
-    for g, h in zip(g_a, g_b, strict=True):
-        assert torch.allclose(g, h, atol=1e-5)
+    for g, h in zip(g_a, g_b, strict=True):  # float rounding: ~1e-6 of the largest
+        assert same_grad(g, h)
     assert any(g.abs().sum() > 0 for g in g_a)  # lora_B's (lora_A's are 0 while B is 0)
 
 
@@ -135,7 +142,7 @@ def test_a_non_finite_request_in_a_micro_batched_pass_changes_nothing(engine, sm
     alone = engine.create_model(TINY, LoraConfig(rank=4, seed=22))
     engine.forward_backward(alone, SFT, "cross_entropy")
     for g, h in zip(grads(small, b), grads(engine, alone), strict=True):
-        assert torch.allclose(g, h, atol=1e-5)
+        assert same_grad(g, h)
     for e, m in ((small, a), (small, b), (engine, alone)):
         e.unload_model(m)
 

@@ -21,6 +21,9 @@ class Job:
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list | None = None
     remaining: int = 0
+    admitted: float = 0.0  # unix seconds its prefill started
+    first_token: float | None = None  # unix seconds its first token was chosen
+    sampled: int = 0  # tokens chosen so far, over its samples
 
 
 @dataclass(eq=False)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 
 from tinkerd.engine.lora import BASE_ADAPTER
 from tinkerd.engine.models import BaseModel
@@ -34,6 +35,12 @@ class SampleSpec:
     topk_prompt_logprobs: int
     topk_sample_logprobs: int
     adapter: str = BASE_ADAPTER
+    tenant: Hashable = None
+    """Whose request (an API key's fingerprint; None: local): the sampler admits
+    waiting requests into its batch by turns of tenant."""
+    listener: Callable[[int, int], None] | None = field(default=None, compare=False)
+    """Called on the sampler's thread with (sample index, token) for every token as it
+    is sampled (streaming). Must be quick and must not raise."""
     images: tuple[Image, ...] = ()
     """The prompt's images, in order; `prompt` holds the image token at their positions."""
 
@@ -48,6 +55,8 @@ def make_spec(
     prompt_logprobs: bool = False,
     topk_prompt_logprobs: int = 0,
     topk_sample_logprobs: int = 0,
+    tenant: Hashable = None,
+    listener: Callable[[int, int], None] | None = None,
 ) -> SampleSpec:
     """Check a request completely; raises InvalidRequestError with what is wrong."""
     vocab, context = base.vocab_size, base.max_context_length
@@ -98,6 +107,8 @@ def make_spec(
         topk_prompt_logprobs=topk_prompt_logprobs,
         topk_sample_logprobs=topk_sample_logprobs,
         adapter=adapter,
+        tenant=tenant,
+        listener=listener,
         images=tuple(images),
     )
 

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from tinkerd.server.routes import openai
-from tinkerd.server.routes.openai import answer, reply
+from tinkerd.server.routes.openai import answer, reply, unsupported
 from tinkerd.service import inference as api
 from tinkerd.service.inference import SamplingBackend
 
@@ -54,4 +54,9 @@ def anthropic_router(backend: SamplingBackend) -> APIRouter:
 
         return await answer(request, backend, handle, error)
 
+    unsupported(
+        router,
+        error,
+        "Anthropic-compatible (it serves /v1/messages, /v1/messages/count_tokens and /v1/models)",
+    )
     return router

@@ -8,6 +8,7 @@ the same sampler batches as SamplingClient's) and the server's key check.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -55,24 +56,18 @@ class ServerBackend:
     def eos_token_ids(self, weights: SamplerWeights) -> set[int]:
         return eos_token_ids(self.service.base_model(weights.base_model))
 
-    def sample(
+    def sample_many(
         self,
+        owner: str | None,
         weights: SamplerWeights,
-        prompt: list[int],
+        prompts: list[list[int]],
         num_samples: int,
         params: SamplingParams,
-        prompt_logprobs: bool,
-        topk_prompt_logprobs: int,
-        topk_sample_logprobs: int,
-    ) -> Future[SampleResponse]:
-        return self.service.sampling.sample(
-            weights,
-            prompt,
-            num_samples,
-            params,
-            prompt_logprobs,
-            topk_prompt_logprobs,
-            topk_sample_logprobs,
+        listeners: list[Callable[[int, int], None]] | None = None,
+        **options: Any,
+    ) -> list[Future[SampleResponse]]:
+        return self.service.sampling.sample_many(
+            owner, weights, prompts, num_samples, params, listeners, **options
         )
 
     def models(self, owner: str) -> list[str]:

@@ -8,7 +8,10 @@ OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +24,7 @@ from tinkerd.service.inference import SamplingBackend
 
 log = logging.getLogger(__name__)
 PREFIX = "/oai/api/v1"
+SMALL_BODY = 64 << 10  # bytes of JSON decoded on the event loop; larger bodies on a thread
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -62,15 +66,55 @@ async def answer(
     shape (`error`: OpenAI's by default)."""
     try:
         owner = backend.authenticate(api_key(request))
-        body: Any = await request.json() if request.method == "POST" else None
-        return await handle(owner, body)
+        body: Any = None
+        if request.method == "POST":
+            raw = await request.body()
+            body = (
+                json.loads(raw)
+                if len(raw) < SMALL_BODY
+                else await asyncio.to_thread(json.loads, raw)
+            )
+        return await until_disconnected(request, handle(owner, body))
     except TinkerdError as e:
-        return error(e.status_code, str(e))
+        answer = error(e.status_code, str(e))
+        if e.status_code == 429:  # the clients wait this long before they retry
+            answer.headers["Retry-After"] = str(math.ceil(e.retry_after))
+        return answer
     except ValueError as e:  # a body that is not JSON
         return error(400, f"the body is not valid JSON: {e}")
     except Exception as e:  # a failure inside the sampler: say what, as a 500
         log.exception("%s failed", request.url.path)
         return error(500, f"{type(e).__name__}: {e}")
+
+
+async def until_disconnected(request: Request, work: Awaitable) -> Any:
+    """`work`'s result; if the client disconnects first, `work` is cancelled (its samples
+    stop decoding) and the answer is a 499 no one reads. (A streamed answer is cancelled
+    by Starlette itself when its client goes.)"""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        return Response(status_code=499)
+    return task.result()
+
+
+def unsupported(router: APIRouter, error: ErrorBody, api: str) -> None:
+    """Every other path under the router's prefix: a 404 in the API's error shape (not
+    the framework's), naming what is served."""
+
+    @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def not_served(path: str) -> Response:
+        return error(404, f"/{path} is not part of tinkerd's {api} API")
 
 
 def openai_router(backend: SamplingBackend) -> APIRouter:
@@ -99,4 +143,7 @@ def openai_router(backend: SamplingBackend) -> APIRouter:
 
         return await answer(request, backend, handle)
 
+    unsupported(
+        router, error, "OpenAI-compatible (it serves /completions, /chat/completions and /models)"
+    )
     return router

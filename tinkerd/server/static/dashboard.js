@@ -135,14 +135,16 @@ function select(modelId) {
   poll();
 }
 
-// One chart per metric: a polyline over (step, value) with a vertex per step.
-function chart(name, points) {
+// One chart per metric: a polyline over (x, value) with a vertex per point; x is the step
+// (run charts) or the time (the server view), `xText` what its axis says.
+function chart(name, points, xKey = "step", xText = (v, first) => (first ? `step ${v}` : `${v}`)) {
   const W = 340, H = 150, L = 52, R = 10, T = 22, B = 22;
-  const xs = points.map((p) => p.step), ys = points.map((p) => p[name]);
+  const xs = points.map((p) => p[xKey]), ys = points.map((p) => p[name]);
   const [x0, x1] = [xs[0], xs[xs.length - 1]]; // points come in step order
   let [y0, y1] = ys.reduce(([lo, hi], v) => [Math.min(lo, v), Math.max(hi, v)], [ys[0], ys[0]]);
   if (y0 === y1) [y0, y1] = [y0 - (Math.abs(y0) || 1) * 0.05, y1 + (Math.abs(y1) || 1) * 0.05];
   const x = (s) => L + (x1 === x0 ? (W - L - R) / 2 : ((s - x0) / (x1 - x0)) * (W - L - R));
+  const px = (p) => x(p[xKey]).toFixed(1);
   const y = (v) => T + (1 - (v - y0) / (y1 - y0)) * (H - T - B);
   const box = el("div", undefined, { class: "chart", "data-metric": name });
   const root = svg("svg", { width: W, height: H, "data-points": points.length });
@@ -152,14 +154,14 @@ function chart(name, points) {
     svg("rect", { x: L, y: T, width: W - L - R, height: H - T - B, class: "frame" }),
     svg("text", { x: L - 4, y: T + 8, class: "axis", "text-anchor": "end" }, fmt(y1)),
     svg("text", { x: L - 4, y: H - B, class: "axis", "text-anchor": "end" }, fmt(y0)),
-    svg("text", { x: L, y: H - 6, class: "axis" }, `step ${x0}`),
-    svg("text", { x: W - R, y: H - 6, class: "axis", "text-anchor": "end" }, `${x1}`),
+    svg("text", { x: L, y: H - 6, class: "axis" }, xText(x0, true)),
+    svg("text", { x: W - R, y: H - 6, class: "axis", "text-anchor": "end" }, xText(x1, false)),
     svg("polyline", {
-      points: points.map((p) => `${x(p.step).toFixed(1)},${y(p[name]).toFixed(1)}`).join(" "),
+      points: points.map((p) => `${px(p)},${y(p[name]).toFixed(1)}`).join(" "),
     }),
   );
   if (points.length <= 100) {
-    for (const p of points) root.append(svg("circle", { cx: x(p.step), cy: y(p[name]), r: 2 }));
+    for (const p of points) root.append(svg("circle", { cx: px(p), cy: y(p[name]), r: 2 }));
   }
   box.append(root);
   return box;
@@ -172,6 +174,24 @@ function renderCharts(names) {
     ...order.map((n) => [n, all.filter((p) => typeof p[n] === "number")])
       .filter(([, pts]) => pts.length > 0)
       .map(([n, pts]) => chart(n, pts)),
+  );
+}
+
+// The server view: /metrics' numbers over time (docs/operations.md), every key together.
+const SERVER = [
+  "train_tokens_per_s", "utilisation", "queued", "in_flight", "requests_per_s",
+  "decode_tokens_per_s", "prefill_tokens_per_s",
+  "train_latency_p50_s", "train_latency_p90_s", "train_latency_p99_s",
+  "sample_latency_p50_s", "sample_latency_p90_s", "sample_latency_p99_s",
+];
+const clock = (t) => new Date(t * 1000).toLocaleTimeString();
+
+function renderServer(points) {
+  $("server").hidden = points.length === 0;
+  $("server-charts").replaceChildren(
+    ...SERVER.map((n) => [n, points.filter((p) => typeof p[n] === "number")])
+      .filter(([, pts]) => pts.length > 0)
+      .map(([n, pts]) => chart(n, pts, "time", clock)),
   );
 }
 
@@ -192,8 +212,11 @@ async function poll() {
   clearTimeout(state.timer);
   const generation = ++state.generation;
   try {
-    const [{ runs }, { bases }] = await Promise.all([api("/runs"), api("/paging")]);
+    const [{ runs }, server, { bases }] = await Promise.all([
+      api("/runs"), api("/server"), api("/paging"),
+    ]);
     if (generation !== state.generation) return;
+    renderServer(server.points);
     renderPaging(bases);
     const wanted = fragment().get("run");
     if (!state.run && runs.length) {

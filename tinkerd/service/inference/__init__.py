@@ -9,7 +9,7 @@ goes through `SamplingBackend`, so these requests join the same sampler batches 
 
 - common.py: `SamplingBackend`, the request-body base and `parse`, the `model` field,
   chat rendering, `Reply` and `sse`.
-- generate.py: stop rules, `Job` and `run` (submit into the shared batch), `Generation`
+- generate.py: stop rules, `Job`, `run` and `Stream` (submit into the shared batch), `Generation`
   (a sampled sequence cut at EOS or a stop string) and its per-token text.
 - logprobs.py: token texts and bytes, Chat's and legacy Completions' logprob formats.
 - openai.py: Completions and Chat Completions: request models, bodies, SSE chunks.

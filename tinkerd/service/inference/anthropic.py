@@ -4,7 +4,7 @@ request models, response bodies and server-sent events."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from pydantic import Field
@@ -20,7 +20,15 @@ from tinkerd.service.inference.common import (
     sse,
     text_of,
 )
-from tinkerd.service.inference.generate import Generation, Job, make_stops, open_model, pieces, run
+from tinkerd.service.inference.generate import (
+    Delta,
+    Generation,
+    Job,
+    Stream,
+    make_stops,
+    open_model,
+    run,
+)
 from tinkerd.service.inference.images import content_parts
 
 # ---------------------------------------------------------------- request models
@@ -65,8 +73,9 @@ def anthropic_messages(req: MessagesRequest | CountTokensRequest) -> list[dict[s
 
 async def messages(backend: SamplingBackend, owner: str, req: MessagesRequest) -> Reply:
     model = await open_model(backend, owner, req.model)
+    prompt = await asyncio.to_thread(render_chat, model.tokenizer, anthropic_messages(req))
     job = Job(
-        prompts=[render_chat(model.tokenizer, anthropic_messages(req))],
+        prompts=[prompt],
         n=1,
         stops=make_stops(model.eos, req.stop_sequences),
         max_tokens=req.max_tokens,
@@ -75,61 +84,71 @@ async def messages(backend: SamplingBackend, owner: str, req: MessagesRequest) -
         top_k=req.top_k,
         per_token=req.stream,
     )
+    if req.stream:
+        return Reply(None, _message_live(req, prompt, await Stream.open(model, job)))
     (result,) = await run(model, job)
-    gen = result.generations[0]
-    if gen.finish_reason == "length":
+    body = _message(req, len(prompt), result.generations[0])
+    return Reply(body)
+
+
+def _message(req: MessagesRequest, input_tokens: int, gen: Generation | None) -> dict:
+    """The Messages response body (`gen` None: as it starts, empty)."""
+    stop_reason = None
+    if gen is not None and gen.finish_reason == "length":
         stop_reason = "max_tokens"
-    else:
+    elif gen is not None:
         stop_reason = "end_turn" if gen.stop_sequence is None else "stop_sequence"
-    body = {
+    return {
         "id": new_id("msg_"),
         "type": "message",
         "role": "assistant",
         "model": req.model,
-        "content": [{"type": "text", "text": gen.text}],
+        "content": [{"type": "text", "text": gen.text}] if gen is not None else [],
         "stop_reason": stop_reason,
-        "stop_sequence": gen.stop_sequence,
-        "usage": {"input_tokens": len(result.prompt), "output_tokens": len(gen.tokens)},
+        "stop_sequence": gen.stop_sequence if gen is not None else None,
+        "usage": {"input_tokens": input_tokens, "output_tokens": len(gen.tokens) if gen else 0},
     }
-    return Reply(body, _message_events(body, gen) if req.stream else None)
 
 
-def _message_events(message: dict, gen: Generation) -> Iterator[str]:
-    """The Messages event stream: message_start, one text block (start, a delta per
-    token, stop), message_delta with the stop reason and usage, message_stop. Each
-    event is named after its payload's `type`."""
+def _event(data: dict) -> str:
+    """An event named after its payload's `type`."""
+    return sse(data, data["type"])
 
-    def event(data: dict) -> str:
-        return sse(data, data["type"])
 
-    usage = message["usage"]
-    start = message | {
-        "content": [],
-        "stop_reason": None,
-        "stop_sequence": None,
-        "usage": {"input_tokens": usage["input_tokens"], "output_tokens": 0},
-    }
-    yield event({"type": "message_start", "message": start})
+def _text_delta(text: str) -> str:
+    return _event(
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
+    )
+
+
+async def _message_live(
+    req: MessagesRequest, prompt: list[int], stream: Stream
+) -> AsyncIterator[str]:
+    """The Messages event stream, text deltas as the sampler makes the tokens:
+    message_start, one text block (start, deltas, stop), message_delta with the stop
+    reason and usage, message_stop."""
+    yield _event({"type": "message_start", "message": _message(req, len(prompt), None)})
     block = {"type": "text", "text": ""}
-    yield event({"type": "content_block_start", "index": 0, "content_block": block})
-    yield event({"type": "ping"})
-    for text in pieces(gen):
-        delta = {"type": "text_delta", "text": text}
-        yield event({"type": "content_block_delta", "index": 0, "delta": delta})
-    yield event({"type": "content_block_stop", "index": 0})
-    stop = {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]}
-    end = {
-        "type": "message_delta",
-        "delta": stop,
-        "usage": {"output_tokens": usage["output_tokens"]},
-    }
-    yield event(end)
-    yield event({"type": "message_stop"})
+    yield _event({"type": "content_block_start", "index": 0, "content_block": block})
+    yield _event({"type": "ping"})
+    async for item in stream:
+        if isinstance(item, Delta):
+            yield _text_delta(item.text)
+            continue
+        if item.rest[0]:
+            yield _text_delta(item.rest[0])
+        final = _message(req, len(prompt), item.sampled.generations[0])
+    yield _event({"type": "content_block_stop", "index": 0})
+    stop = {"stop_reason": final["stop_reason"], "stop_sequence": final["stop_sequence"]}
+    usage = {"output_tokens": final["usage"]["output_tokens"]}
+    yield _event({"type": "message_delta", "delta": stop, "usage": usage})
+    yield _event({"type": "message_stop"})
 
 
 async def count_tokens(backend: SamplingBackend, owner: str, req: CountTokensRequest) -> dict:
     model = await open_model(backend, owner, req.model)
-    return {"input_tokens": len(render_chat(model.tokenizer, anthropic_messages(req)))}
+    prompt = await asyncio.to_thread(render_chat, model.tokenizer, anthropic_messages(req))
+    return {"input_tokens": len(prompt)}
 
 
 async def anthropic_models(backend: SamplingBackend, owner: str) -> dict:

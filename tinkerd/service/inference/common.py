@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -43,17 +43,20 @@ class SamplingBackend(Protocol):
         default stop rule)."""
         ...
 
-    def sample(
+    def sample_many(
         self,
+        owner: str | None,
         weights: Any,
-        prompt: list[int],
+        prompts: list[list[int]],
         num_samples: int,
         params: SamplingParams,
-        prompt_logprobs: bool,
-        topk_prompt_logprobs: int,
-        topk_sample_logprobs: int,
-    ) -> Future[SampleResponse]:
-        """Validate now (InvalidRequestError), then decode in the base's shared batch."""
+        listeners: list[Callable[[int, int], None]] | None = None,
+        **options: Any,
+    ) -> list[Future[SampleResponse]]:
+        """Validate every prompt now (InvalidRequestError), admit them all for `owner` or
+        none (QueueFullError, 429), then decode in the base's shared batch, taking turns
+        as `owner`'s. `listeners[i]((sample, token))` hears prompt i's tokens as sampled;
+        `options`: prompt_logprobs, topk_prompt_logprobs, topk_sample_logprobs."""
         ...
 
     def models(self, owner: str) -> list[str]:
@@ -150,8 +153,8 @@ def refuse_tools(tools: list[Any] | None) -> None:
 class Reply:
     """A response body, and (stream=true) its server-sent events instead."""
 
-    body: dict
-    events: Iterator[str] | None = None
+    body: dict | None
+    events: Iterator[str] | AsyncIterator[str] | None = None
 
 
 def new_id(prefix: str) -> str:

@@ -9,21 +9,27 @@ tokens' texts are added as strings too, and the output is cut at the first EOS t
 whichever rule fired. Returned text excludes the EOS token and the stop string (OpenAI's
 and Anthropic's convention); `usage` counts every generated token.
 
-The sampler returns a request's result when it is complete, so `stream=true` sends the
-finished result as a correct event stream (one event per token), not token by token as
-it is decoded.
+`Stream` is `stream=true`: the sampler hands each token over as it samples it, and the
+stream turns them into text deltas at once (`Detokenizer`: bytes that are not yet a
+whole character, and text that may still turn out to start a stop string, wait for the
+next token). Streams that report per-token logprobs or echo the prompt are sent when the
+result is complete (`run`), one event per token.
+
+Every job is admitted as a whole for its API key (`SamplingBackend.sample_many`), and a
+job whose caller went away (its task cancelled: the client disconnected) cancels its
+futures, which stops their decoding.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tinkerd.errors import InvalidRequestError
 from tinkerd.service.inference.common import SamplingBackend, split_model
-from tinkerd.types import SampleResponse, SamplingParams
+from tinkerd.types import SamplingParams
 
 
 @dataclass
@@ -137,6 +143,8 @@ class Model:
     weights: Any
     tokenizer: Any
     eos: set[int]
+    owner: str | None = None
+    """The API key's owner: whose queue quota and sampler turns the samples use."""
 
 
 async def open_model(backend: SamplingBackend, owner: str, model: str) -> Model:
@@ -145,9 +153,8 @@ async def open_model(backend: SamplingBackend, owner: str, model: str) -> Model:
 
     def load() -> Model:
         weights = backend.resolve(owner, base, path)
-        return Model(
-            backend, weights, backend.tokenizer(weights), set(backend.eos_token_ids(weights))
-        )
+        eos = set(backend.eos_token_ids(weights))
+        return Model(backend, weights, backend.tokenizer(weights), eos, owner)
 
     return await asyncio.to_thread(load)
 
@@ -170,8 +177,12 @@ class Job:
     per_token: bool = False
 
 
-async def run(model: Model, job: Job) -> list[Sampled]:
-    """Submit every prompt into the base model's shared batch, and wait for all."""
+async def submit(
+    model: Model, job: Job, listeners: list[Callable[[int, int], None]] | None = None
+) -> list[asyncio.Future]:
+    """Every prompt of `job` admitted for the model's owner and queued in the base's
+    shared batch (off the event loop: validation reads every token); 4xx/429 raise here,
+    before anything is queued."""
     params = job.stops.params(
         model.tokenizer,
         max_tokens=job.max_tokens,
@@ -180,33 +191,160 @@ async def run(model: Model, job: Job) -> list[Sampled]:
         top_k=job.top_k,
         seed=job.seed,
     )
+    futures = await asyncio.to_thread(
+        model.backend.sample_many,
+        model.owner,
+        model.weights,
+        job.prompts,
+        job.n,
+        params,
+        listeners,
+        prompt_logprobs=job.prompt_logprobs,
+        topk_prompt_logprobs=job.topk_prompt,
+        topk_sample_logprobs=job.topk_sample,
+    )
+    return [asyncio.wrap_future(f) for f in futures]
 
-    def submit(prompt: list[int]) -> Future[SampleResponse]:
-        return model.backend.sample(
-            model.weights,
-            prompt,
-            job.n,
-            params,
-            job.prompt_logprobs,
-            job.topk_prompt,
-            job.topk_sample,
-        )
 
-    futures = [await asyncio.to_thread(submit, p) for p in job.prompts]
-    responses = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+def sampled(model: Model, job: Job, prompt: list[int], response: Any) -> Sampled:
     per_token = job.per_token or bool(job.stops.strings)
+    return Sampled(
+        prompt=prompt,
+        generations=[
+            generation(model.tokenizer, s, job.stops, per_token) for s in response.sequences
+        ],
+        prompt_logprobs=response.prompt_logprobs,
+        topk_prompt=response.topk_prompt_logprobs,
+    )
+
+
+async def run(model: Model, job: Job) -> list[Sampled]:
+    """Submit every prompt into the base model's shared batch, and wait for all. If the
+    caller goes away (this task is cancelled), the samples are cancelled too."""
+    futures = await submit(model, job)
+    try:
+        responses = await asyncio.gather(*futures)
+    finally:
+        for f in futures:
+            f.cancel()  # a no-op for the finished; stops decoding the others
 
     def finish() -> list[Sampled]:
-        return [
-            Sampled(
-                prompt=p,
-                generations=[
-                    generation(model.tokenizer, s, job.stops, per_token) for s in r.sequences
-                ],
-                prompt_logprobs=r.prompt_logprobs,
-                topk_prompt=r.topk_prompt_logprobs,
-            )
-            for p, r in zip(job.prompts, responses)
-        ]
+        return [sampled(model, job, p, r) for p, r in zip(job.prompts, responses)]
 
     return await asyncio.to_thread(finish)  # decoding long outputs must not stall the loop
+
+
+# ---------------------------------------------------------------- streaming
+
+
+class Detokenizer:
+    """One sample's text, token by token: `add(token)` returns the text that may be sent
+    now. It holds back bytes that are not a whole character yet, everything from an EOS
+    token on, and the last `len(longest stop) - 1` characters (they may start a stop
+    string); at a stop string it stops. Incremental (vLLM's prefix/read offsets): each
+    token decodes a few tokens, not the whole sequence."""
+
+    def __init__(self, tokenizer: Any, stops: Stops):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.tokens: list[int] = []
+        self.prefix = self.read = 0  # token offsets: decoded context, decoded so far
+        self.text = ""  # decoded so far
+        self.sent = 0  # characters of `text` sent
+        self.ended = False  # EOS or a stop string seen: nothing more is sent
+        self.hold = max((len(x) for x in stops.strings), default=1) - 1
+
+    def add(self, token: int) -> str:
+        if self.ended:
+            return ""
+        if token in self.stops.eos:
+            self.ended = True
+            return self._release(len(self.text))
+        self.tokens.append(token)
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.tokens[self.prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(self.tokens)
+        start = max(0, self.sent - self.hold)
+        found = [at for at in (self.text.find(x, start) for x in self.stops.strings) if at >= 0]
+        if found:
+            self.ended = True
+            return self._release(min(found))
+        return self._release(len(self.text) - self.hold)
+
+    def _release(self, end: int) -> str:
+        piece = self.text[self.sent : max(end, self.sent)]
+        self.sent += len(piece)
+        return piece
+
+    def rest(self, final: str) -> str:
+        """What is left to send of the sample's final text (`Generation.text`)."""
+        sent = self.text[: self.sent]
+        return final[len(sent) :] if final.startswith(sent) else ""
+
+
+@dataclass
+class Delta:
+    """New text of choice `choice` (`prompt * n + sample`)."""
+
+    choice: int
+    text: str
+
+
+@dataclass
+class Done:
+    """Prompt `prompt` finished: its result, and each of its choices' unsent text."""
+
+    prompt: int
+    sampled: Sampled
+    rest: list[str]
+
+
+class Stream:
+    """A job streamed as its tokens are sampled: `await Stream.open(...)` submits it
+    (4xx/429 raise there, before any event), then `async for` yields `Delta`s as the
+    sampler makes tokens and one `Done` per prompt when it finishes. Leaving the loop
+    early (the client disconnected) cancels what is still decoding."""
+
+    def __init__(self, model: Model, job: Job):
+        self.model, self.job = model, job
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.texts = [
+            Detokenizer(model.tokenizer, job.stops) for _ in range(len(job.prompts) * job.n)
+        ]
+        self.futures: list[asyncio.Future] = []
+
+    @classmethod
+    async def open(cls, model: Model, job: Job) -> Stream:
+        stream = cls(model, job)
+        loop, put = asyncio.get_running_loop(), stream.queue.put_nowait
+
+        def listener(p: int) -> Callable[[int, int], None]:
+            return lambda i, token: loop.call_soon_threadsafe(put, (p * job.n + i, token))
+
+        listeners = [listener(p) for p in range(len(job.prompts))]
+        stream.futures = await submit(model, job, listeners)
+        for p, future in enumerate(stream.futures):
+            future.add_done_callback(lambda f, p=p: put((None, p)))
+        return stream
+
+    async def __aiter__(self) -> AsyncIterator[Delta | Done]:
+        left = len(self.futures)
+        try:
+            while left:
+                choice, value = await self.queue.get()
+                if choice is not None:
+                    text = self.texts[choice].add(value)
+                    if text:
+                        yield Delta(choice, text)
+                    continue
+                left -= 1
+                response = self.futures[value].result()  # a failure ends the stream
+                done = sampled(self.model, self.job, self.job.prompts[value], response)
+                n = self.job.n
+                texts = self.texts[value * n : (value + 1) * n]
+                yield Done(value, done, [t.rest(g.text) for t, g in zip(texts, done.generations)])
+        finally:
+            for f in self.futures:
+                f.cancel()

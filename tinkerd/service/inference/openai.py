@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from pydantic import Field
@@ -23,9 +23,11 @@ from tinkerd.service.inference.common import (
     text_of,
 )
 from tinkerd.service.inference.generate import (
+    Delta,
     Generation,
     Job,
     Sampled,
+    Stream,
     make_stops,
     open_model,
     pieces,
@@ -87,8 +89,13 @@ class ChatCompletionRequest(Body):
 
 def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
     refuse_tools(req.tools)
+    # OpenAI's "developer" role is its newer name for "system" (chat templates know "system")
+    roles = {"developer": "system"}
     return [
-        {"role": m.role, "content": content_parts(m.content, text_of, f"messages[{i}]")}
+        {
+            "role": roles.get(m.role, m.role),
+            "content": content_parts(m.content, text_of, f"messages[{i}]"),
+        }
         for i, m in enumerate(req.messages)
     ]
 
@@ -125,8 +132,9 @@ async def completion(backend: SamplingBackend, owner: str, req: CompletionReques
     if score_only and not req.echo:
         raise InvalidRequestError("max_tokens=0 needs echo=true (it scores the prompt only)")
     k = req.logprobs or 0
+    prompts = await asyncio.to_thread(completion_prompts, model.tokenizer, req.prompt)
     job = Job(
-        prompts=completion_prompts(model.tokenizer, req.prompt),
+        prompts=prompts,
         n=req.n,
         stops=make_stops(model.eos, req.stop),
         max_tokens=1 if score_only else req.max_tokens,
@@ -139,13 +147,22 @@ async def completion(backend: SamplingBackend, owner: str, req: CompletionReques
         topk_sample=k,
         per_token=req.logprobs is not None or req.stream,
     )
+    if req.stream and req.logprobs is None and not req.echo:
+        job.per_token = False
+        return Reply(None, _completion_live(req, await Stream.open(model, job)))
     results = await run(model, job)
+    # echoed prompts' texts and logprobs decode long token lists: off the event loop
+    return await asyncio.to_thread(_completion_reply, model.tokenizer, req, results)
+
+
+def _completion_reply(tokenizer: Any, req: CompletionRequest, results: list[Sampled]) -> Reply:
+    score_only = req.max_tokens == 0
     choices, gens = [], []
     for p, result in enumerate(results):
         for j, gen in enumerate(result.generations):
             if score_only:
                 gen = Generation([], "", [], [] if gen.topk is not None else None, "length")
-            choices.append(_completion_choice(model.tokenizer, req, p * req.n + j, gen, result))
+            choices.append(_completion_choice(tokenizer, req, p * req.n + j, gen, result))
             gens.append(gen)
     body = {
         "id": new_id("cmpl-"),
@@ -187,14 +204,41 @@ def _completion_choice(
     }
 
 
+def _head(req: CompletionRequest | ChatCompletionRequest, prefix: str, kind: str) -> dict:
+    """The fields every chunk of one stream repeats."""
+    return {"id": new_id(prefix), "object": kind, "created": int(time.time()), "model": req.model}
+
+
+def _text_chunk(head: dict, index: int, text: str, logprobs: dict | None, finish: str | None):
+    part = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    return sse({**head, "choices": [part]})
+
+
+async def _completion_live(req: CompletionRequest, stream: Stream) -> AsyncIterator[str]:
+    """Completions streamed as sampled: a chunk per piece of text, each choice's
+    finish_reason when its prompt is done; usage last when asked; then [DONE]."""
+    head, results = _head(req, "cmpl-", "text_completion"), []
+    async for item in stream:
+        if isinstance(item, Delta):
+            yield _text_chunk(head, item.choice, item.text, None, None)
+            continue
+        results.append(item.sampled)
+        for j, (gen, rest) in enumerate(zip(item.sampled.generations, item.rest)):
+            index = item.prompt * req.n + j
+            if rest:
+                yield _text_chunk(head, index, rest, None, None)
+            yield _text_chunk(head, index, "", None, gen.finish_reason)
+    for chunk in _stream_end(req, head, {"usage": _usage(results)}):
+        yield chunk
+
+
 def _completion_events(req: CompletionRequest, body: dict, gens: list[Generation]) -> Iterator[str]:
     """Completions as SSE: per choice, the echoed prompt (if any), one event per token,
     then its finish_reason; usage last when asked; then [DONE]."""
     head = {k: body[k] for k in ("id", "object", "created", "model")}
 
     def event(choice: dict, text: str, logprobs: dict | None, finish: str | None) -> str:
-        part = {"index": choice["index"], "text": text, "logprobs": logprobs}
-        return sse({**head, "choices": [{**part, "finish_reason": finish}]})
+        return _text_chunk(head, choice["index"], text, logprobs, finish)
 
     def cut(lp: dict | None, a: int, b: int) -> dict | None:
         return None if lp is None else {key: value[a:b] for key, value in lp.items()}
@@ -220,8 +264,9 @@ async def chat_completion(
     model = await open_model(backend, owner, req.model)
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs=true")
+    prompt = await asyncio.to_thread(render_chat, model.tokenizer, chat_messages(req))
     job = Job(
-        prompts=[render_chat(model.tokenizer, chat_messages(req))],
+        prompts=[prompt],
         n=req.n,
         stops=make_stops(model.eos, req.stop),
         max_tokens=req.max_completion_tokens or req.max_tokens,
@@ -232,12 +277,19 @@ async def chat_completion(
         topk_sample=(req.top_logprobs or 0) if req.logprobs else 0,
         per_token=req.stream,
     )
+    if req.stream and not req.logprobs:
+        job.per_token = False
+        return Reply(None, _chat_live(req, await Stream.open(model, job)))
     (result,) = await run(model, job)
+    return await asyncio.to_thread(_chat_reply, model.tokenizer, req, result)
+
+
+def _chat_reply(tokenizer: Any, req: ChatCompletionRequest, result: Sampled) -> Reply:
     choices = [
         {
             "index": j,
             "message": {"role": "assistant", "content": gen.text},
-            "logprobs": chat_logprobs(model.tokenizer, gen) if req.logprobs else None,
+            "logprobs": chat_logprobs(tokenizer, gen) if req.logprobs else None,
             "finish_reason": gen.finish_reason,
         }
         for j, gen in enumerate(result.generations)
@@ -253,14 +305,37 @@ async def chat_completion(
     return Reply(body, _chat_events(req, body, result.generations) if req.stream else None)
 
 
+def _chat_chunk(head: dict, index: int, delta: dict, logprobs: Any, finish: str | None) -> str:
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return sse({**head, "choices": [choice]})
+
+
+async def _chat_live(req: ChatCompletionRequest, stream: Stream) -> AsyncIterator[str]:
+    """Chat Completions streamed as sampled: each choice's role, then a delta per piece
+    of text, each choice's finish_reason when done; usage last when asked; [DONE]."""
+    head, results = _head(req, "chatcmpl-", "chat.completion.chunk"), []
+    for j in range(req.n):
+        yield _chat_chunk(head, j, {"role": "assistant", "content": ""}, None, None)
+    async for item in stream:
+        if isinstance(item, Delta):
+            yield _chat_chunk(head, item.choice, {"content": item.text}, None, None)
+            continue
+        results.append(item.sampled)
+        for j, (gen, rest) in enumerate(zip(item.sampled.generations, item.rest)):
+            if rest:
+                yield _chat_chunk(head, j, {"content": rest}, None, None)
+            yield _chat_chunk(head, j, {}, None, gen.finish_reason)
+    for chunk in _stream_end(req, head, {"usage": _usage(results)}):
+        yield chunk
+
+
 def _chat_events(req: ChatCompletionRequest, body: dict, gens: list[Generation]) -> Iterator[str]:
     """Chat Completions as SSE: per choice, the role, one delta per token (with its
     logprobs), the finish_reason; usage last when asked; then [DONE]."""
     head = {k: body[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
 
     def chunk(index: int, delta: dict, logprobs: Any, finish: str | None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return sse({**head, "choices": [choice]})
+        return _chat_chunk(head, index, delta, logprobs, finish)
 
     for choice, gen in zip(body["choices"], gens):
         index, lp = choice["index"], choice["logprobs"]

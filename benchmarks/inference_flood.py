@@ -1,0 +1,126 @@
+"""Inference flood on loopback: one API key floods the OpenAI-compatible route while
+another samples with the official SDK; how much slower are the victim's samples?
+
+The victim (`SamplingClient.sample` on the base model, one request at a time, `--tokens`
+new tokens) is timed alone, then while the flooder (another key) keeps `--flood-requests`
+Completions requests of `--flood-prompts` prompts x `--flood-tokens` tokens in flight
+(a request refused with 429, over its key's quota, is retried after 0.25 s), then alone again.
+The sampler admits waiting requests by turns of key, with rows held back for a key that
+has none running (engine/sampling/sampler.py), and the flood is admitted whole or not at
+all per request (service/sampling.py), so the victim's request joins the batch at the
+next step: its latency grows only by what a bigger batch costs per step. Reports p50 and
+p95 of both and their ratio (goal: within 2x), with the flood's token rate, and records
+a section in docs/benchmarks.md.
+
+    python benchmarks/inference_flood.py [--samples 20] [--flood-requests 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+
+import openai
+import tinker
+from _report import record
+from load import rss_mib
+from tinker import types
+from train_overhead import BENCH_KEY, tinkerd_server
+
+FLOOD_KEY = "tml-inference-flooder"
+TINY = "tinkerd/tiny"
+
+
+def victim(sampler, samples: int, tokens: int) -> list[float]:
+    """Seconds of each of `samples` sample requests made one after another."""
+    prompt = types.ModelInput.from_ints([256, *b"the victim asks"])
+    seconds = []
+    for i in range(samples):
+        params = types.SamplingParams(max_tokens=tokens, temperature=1.0, seed=i, stop=[])
+        start = time.perf_counter()
+        sampler.sample(prompt, 1, params).result()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def flood(url: str, args: argparse.Namespace, stop: threading.Event, counts: dict) -> None:
+    """Keep `--flood-requests` Completions requests in flight until `stop`."""
+    client = openai.OpenAI(base_url=f"{url}/oai/api/v1", api_key=FLOOD_KEY, max_retries=0)
+    prompts = [[256, *f"flood {i}".encode()] for i in range(args.flood_prompts)]
+
+    def one() -> None:
+        while not stop.is_set():
+            try:
+                out = client.completions.create(
+                    model=TINY, prompt=prompts, max_tokens=args.flood_tokens, temperature=1.0
+                )
+                counts["tokens"] += out.usage.completion_tokens
+            except openai.RateLimitError:  # back off a little, as clients do on a 429
+                counts["refused"] += 1
+                time.sleep(0.25)
+            except openai.APIConnectionError:  # a keep-alive connection closed as reused
+                counts["reconnects"] += 1
+
+    threads = [threading.Thread(target=one) for _ in range(args.flood_requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--flood-requests", type=int, default=8)
+    parser.add_argument("--flood-prompts", type=int, default=64)
+    parser.add_argument("--flood-tokens", type=int, default=64)
+    args = parser.parse_args()
+    info: dict = {}
+    with tinkerd_server(TINY, info, ("--api-key", FLOOD_KEY)) as url:
+        sdk = tinker.ServiceClient(base_url=url, api_key=BENCH_KEY)
+        sampler = sdk.create_sampling_client(base_model=TINY).result()
+        victim(sampler, 3, args.tokens)  # warm up
+        alone = victim(sampler, args.samples, args.tokens)
+        stop, counts = threading.Event(), {"tokens": 0, "refused": 0, "reconnects": 0}
+        flooder = threading.Thread(target=flood, args=(url, args, stop, counts))
+        flooder.start()
+        time.sleep(2.0)  # the flood fills the batch and the key's queue first
+        started = time.perf_counter()
+        flooded = victim(sampler, args.samples, args.tokens)
+        flood_seconds = time.perf_counter() - started
+        tokens_during = counts["tokens"]
+        stop.set()
+        flooder.join()
+        again = victim(sampler, args.samples, args.tokens)
+        rss = rss_mib(info["pid"])
+    base = alone + again
+    p50, p95 = pct(base, 50), pct(base, 95)
+    f50, f95 = pct(flooded, 50), pct(flooded, 95)
+    body = f"""`benchmarks/inference_flood.py --samples {args.samples} --flood-requests \
+{args.flood_requests} --flood-prompts {args.flood_prompts} --flood-tokens {args.flood_tokens}`:
+the victim's `SamplingClient.sample` ({args.tokens} tokens, official SDK) alone (before and
+after the flood) and while another key keeps {args.flood_requests} Completions requests of
+{args.flood_prompts} prompts x {args.flood_tokens} tokens in flight on the OpenAI route.
+
+| victim | p50 | p95 |
+|---|---|---|
+| alone | {p50 * 1000:.0f} ms | {p95 * 1000:.0f} ms |
+| during the flood | {f50 * 1000:.0f} ms | {f95 * 1000:.0f} ms |
+| ratio | **{f50 / p50:.2f}x** | **{f95 / p95:.2f}x** |
+
+The flood meanwhile: {tokens_during / flood_seconds:.0f} tokens/s generated (requests that
+finished while the victim sampled), {counts["refused"]} requests refused with 429 in all
+(the key's queue quota); server RSS after: {rss:.0f} MiB."""
+    print(body)
+    record("Inference flood (victim latency)", body)
+
+
+if __name__ == "__main__":
+    main()
