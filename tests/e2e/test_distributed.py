@@ -95,3 +95,31 @@ def test_ranks_train_like_one_process_and_resume_across_layouts(engine, tmp_path
     with serving(tmp_path) as service:  # one process
         resume(service, one["a"], *saved_a)
         resume(service, one["c"], *saved_c)
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_page_runs_in_and_out_in_lock_step(engine, tmp_path):
+    """`--nproc 2 --max-resident-runs 1`: two runs trained in turn are paged out and in
+    on both ranks every step (each rank applies the same operations in the same order, so
+    it makes the same paging choices: engine/paging.py), and train like the same runs in
+    this process. A rank that paged otherwise would sum other gradients."""
+    import httpx
+
+    reference = ServiceClient(transport=InProcessTransport(engine=engine))
+    ones = [reference.create_lora_training_client(TINY, rank=8, seed=s) for s in (3, 4)]
+    server = ServerProcess(tmp_path, *TWO_RANKS, "--max-resident-runs", "1")
+    service = ServiceClient(base_url=server.url, api_key=KEYS[0])
+    try:
+        runs = [service.create_lora_training_client(TINY, rank=8, seed=s) for s in (3, 4)]
+        for _ in range(2):
+            for run, one in zip(runs, ones):
+                assert train(run, 1) == pytest.approx(train(one, 1), rel=1e-5)
+        for run, one in zip(runs, ones):
+            assert torch.allclose(logprobs(run), logprobs(one), atol=1e-5)
+        paging = httpx.get(
+            f"{server.url}/api/v1/dashboard/paging", headers={"X-API-Key": KEYS[0]}
+        ).json()["bases"][TINY]
+        service.close()
+    finally:
+        server.stop()
+    assert paging["resident_runs"] == 1 and paging["page_ins"] >= 4

@@ -161,6 +161,7 @@ OPEN = {
     ("GET", "/api/v1/get_server_capabilities"),
     ("POST", "/api/v1/create_session"),
     ("POST", "/api/v1/telemetry"),
+    ("GET", "/api/v1/dashboard/paging"),  # server-wide counts per base model, no run ids
     ("GET", "/metrics"),  # server-wide totals; per-key series only for --metrics-key
     ("GET", "/api/v1/dashboard/server"),  # server-wide load, every key's together
 }

@@ -101,6 +101,9 @@ def engine_config(args: argparse.Namespace) -> Any:
     config = EngineConfig(dtype=args.dtype, memory_budget_bytes=args.memory_budget)
     if args.max_batch_tokens:
         config.max_batch_tokens = args.max_batch_tokens
+    config.run_budget_bytes = args.run_budget
+    config.max_resident_runs = getattr(args, "max_resident_runs", config.max_resident_runs)
+    config.host_run_budget_bytes = args.host_run_budget
     config.sampling_budget_bytes = args.sampling_memory_budget
     return config
 
@@ -122,7 +125,7 @@ def _limit(text: str) -> int | None:
 
 
 def _budget(text: str) -> int | str | None:
-    """`--memory-budget`: `auto`, `none` or a size (`2GiB`)."""
+    """`--memory-budget`, `--run-budget`: `auto`, `none` or a size (`2GiB`)."""
     from tinkerd.engine.memory import parse_bytes
 
     if text.lower() in ("auto", "none"):
@@ -184,6 +187,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         "micro-batches (gradients accumulated), logits in chunks, decoder layers "
         "checkpointed when needed; results are the same (default auto: a quarter of the "
         "memory available at start, GPU memory on CUDA; none: no budget)",
+    )
+    serve.add_argument(
+        "--run-budget",
+        type=_budget,
+        default="auto",
+        metavar="BYTES",
+        help="memory of runs (LoRA weights, gradients, optimizer state) each base model "
+        "keeps resident; the least recently used others are paged out and back in when "
+        "used, results unchanged (default auto: 1/8 of the device's memory; none: no limit)",
+    )
+    serve.add_argument(
+        "--max-resident-runs",
+        type=_limit,
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help="runs each base model keeps resident at most (default 32: every attached "
+        "adapter slows each step; none: no limit)",
+    )
+    serve.add_argument(
+        "--host-run-budget",
+        type=_budget,
+        default="auto",
+        metavar="BYTES",
+        help="memory of paged runs kept in host memory before they go to disk under "
+        "--data-dir (default auto: a quarter of host memory on a GPU machine, 0 on CPU)",
     )
     serve.add_argument(
         "--sampling-memory-budget",

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from tinkerd.types import (
     optimizer_of_params,
 )
 
+if TYPE_CHECKING:
+    from tinkerd.engine.paging import ResidentSet
+
 LORA_ALPHA = 32  # fixed alpha: the update scale is alpha / rank, as in common practice
 MAX_LORA_RANK = 512
 
@@ -42,6 +46,15 @@ class Run:
     optimizer: Optimizer
     optimizer_config: AnyOptimizerConfig
     step: int = 0
+    pager: ResidentSet | None = None
+    """The base's resident set that pages this run in and out (`engine.paging`). While
+    the run is paged its adapter is out of the base's PeftModel, and on the disk tier its
+    `params` are emptied (their tensors in a file) until it is paged in."""
+
+    def attached(self) -> contextlib.AbstractContextManager:
+        """A block in which the run's adapter is attached, for reading it (a paged run is
+        borrowed: `ResidentSet.borrowed`)."""
+        return contextlib.nullcontext() if self.pager is None else self.pager.borrowed(self)
 
     def activate(self) -> None:
         """Route the shared base through this run's adapter (and make only it trainable)."""
@@ -136,6 +149,8 @@ def create_run(
 def delete_run(run: Run) -> None:
     base = run.base
     with base.lock:
+        if run.pager is not None and not run.pager.remove(run):
+            return  # paged: no adapter attached, its paged copy is gone
         run.reset_optimizer()
         base.adapters.discard(run.model_id)
         _delete_adapter(base, run.model_id)
@@ -202,7 +217,7 @@ def add_frozen_adapter(
 def snapshot_weights(run: Run) -> tuple[object, dict[str, torch.Tensor]]:
     """A copy of the run's LoRA config and weights, keyed for `add_frozen_adapter`."""
     tag = f".{run.model_id}."
-    with run.base.lock:
+    with run.base.lock, run.attached():
         config = copy.deepcopy(run.base.peft_model.peft_config[run.model_id])
         params = adapter_params(run.base.peft_model, run.model_id)
         weights = {n.replace(tag, ".{name}."): p.detach().clone() for n, p in params.items()}

@@ -110,7 +110,7 @@ class CheckpointStore:
         final = self._dir(run.model_id, kind, name)
         if final.exists() and not overwrite:
             raise _conflict(run.model_id, kind, name)
-        with run.base.lock:  # one consistent snapshot, copied to CPU
+        with run.base.lock, run.attached():  # one consistent snapshot, copied to CPU
             weights = adapter_state_dict(run)
             optimizer = _optimizer_state(run) if with_optimizer else None
             config = _adapter_config(run)

@@ -34,6 +34,7 @@ from tinkerd.engine.checkpoints import (
 from tinkerd.engine.compute import Limits, LossRequest, Member, loss_pass
 from tinkerd.engine.memory import bounded_heap, default_budget, parse_bytes
 from tinkerd.engine.models import BaseModel, BaseModelRegistry, parse_model_specs
+from tinkerd.engine.paging import MAX_RESIDENT_RUNS, PagingConfig, ResidentSet, spill_dir
 from tinkerd.engine.parallel import SingleProcess
 from tinkerd.engine.sampler_weights import MAX_SNAPSHOTS, SamplerVersions, SamplerWeights
 from tinkerd.engine.sampling.backend import SamplerFactory
@@ -95,6 +96,18 @@ class EngineConfig:
     sizes above, where set, take precedence. `auto`: `memory.default_budget()` (a
     quarter of the memory available at start); None: no budget."""
 
+    run_budget_bytes: int | str | None = "auto"
+    """Bytes of runs (LoRA weights, gradients, optimizer state) each base keeps resident
+    (`--run-budget`); the least recently used others are paged out (`engine.paging`).
+    `auto`: 1/8 of the device's memory (GPU: its total; CPU: available at start); None:
+    no limit."""
+    max_resident_runs: int | None = MAX_RESIDENT_RUNS
+    """Runs each base keeps resident at most (`--max-resident-runs`); None: no limit."""
+    host_run_budget_bytes: int | str | None = "auto"
+    """Bytes of paged runs kept in host memory before disk (`--host-run-budget`). `auto`:
+    a quarter of the host's available memory on a GPU machine, 0 (straight to disk) on
+    a CPU-only one."""
+
     sampling_budget_bytes: int | str | None = "auto"
     """KV cache each base model's sampler batch may hold (`--sampling-memory-budget`):
     requests join the batch while it fits, and one that never could is a 400. `auto`: a
@@ -106,6 +119,12 @@ class EngineConfig:
         if isinstance(budget, str):
             budget = default_budget() if budget == "auto" else parse_bytes(budget)
         return budget
+
+    def paging(self, device: str | None) -> PagingConfig:
+        """The resident-set sizes, `auto` resolved for `device`."""
+        return PagingConfig.resolve(
+            self.run_budget_bytes, self.max_resident_runs, self.host_run_budget_bytes, device
+        )
 
     @property
     def limits(self) -> Limits:
@@ -164,6 +183,10 @@ class Engine:
         self._runs: dict[str, Run] = {}
         self._unloaded: set[str] = set()
         self._lock = threading.Lock()
+        self.paging = self.config.paging(device)
+        """How many runs each base keeps resident, and where the others go."""
+        self._pagers: dict[str, ResidentSet] = {}
+        self._spill_dir: Path | None = None
         self.samplers = SamplerVersions(
             self._load_base, lambda: self.checkpoints, sampler_factory, self.config.max_snapshots
         )
@@ -197,7 +220,9 @@ class Engine:
         return self._everywhere("create_model", base_model, lora, model_id, optimizer_config)
 
     def _create_model(self, base_model, lora, model_id, optimizer_config) -> str:
-        run = create_run(self._load_base(base_model), model_id, lora, optimizer_config)
+        base = self._load_base(base_model)
+        run = create_run(base, model_id, lora, optimizer_config)
+        self.pager(base).register(run)
         with self._lock:
             self._runs[model_id] = run
         return model_id
@@ -228,6 +253,29 @@ class Engine:
             return self.prepare(*key)
         except Exception as e:  # noqa: BLE001 -- fails the request, on every rank alike
             return e
+
+    # ------------------------------------------------------------ paging
+
+    def pager(self, base: BaseModel) -> ResidentSet:
+        """The base's resident set (made on first use)."""
+        with self._lock:
+            if base.name not in self._pagers:
+                if self._spill_dir is None:
+                    self._spill_dir = spill_dir(self.data_dir)
+                self._pagers[base.name] = ResidentSet(base, self.paging, self._spill_dir)
+            return self._pagers[base.name]
+
+    def resident(self, *runs: Run) -> None:
+        """Page `runs` (of one base) in, if they are not resident, for a change to them."""
+        if runs:
+            self.pager(runs[0].base).use(list(runs))
+
+    def paging_stats(self) -> dict[str, dict[str, float]]:
+        """Per base model: resident and paged runs, page-ins and their time
+        (`ResidentSet.snapshot`)."""
+        with self._lock:
+            pagers = dict(self._pagers)
+        return {name: pager.snapshot() for name, pager in pagers.items()}
 
     def _load_base(self, name: str) -> BaseModel:
         try:
@@ -332,6 +380,7 @@ class Engine:
         """The load itself, once `load_state` checked and verified the checkpoint."""
         run, info = self.run(model_id), self.checkpoints.resolve(path)
         with run.base.lock:
+            self.resident(run)
             load_adapter_weights(run.base, model_id, info)
             run.reset_optimizer()
             run.step = 0
@@ -414,6 +463,7 @@ class Engine:
     def _optim_step(self, model_id: str, params: OptimParams) -> OptimStepResponse:
         run = self.run(model_id)
         with run.base.lock:
+            self.resident(run)
             self.parallel.sum_gradients(run.params)
             return OptimStepResponse(metrics=optimizer_step(run, params))
 
@@ -446,8 +496,10 @@ class Engine:
             extra.append(more)
             return grads
 
-        members = self._members([request], [run])
-        outputs = loss_pass([request], members, True, self.parallel, gradient, self.limits)
+        with run.base.lock:
+            self.resident(run)
+            members = self._members([request], [run])
+            outputs = loss_pass([request], members, True, self.parallel, gradient, self.limits)
         if outputs is None:
             return None  # type: ignore[return-value] -- a rank other than 0
         if isinstance(outputs[0], Exception):
@@ -518,12 +570,17 @@ class Engine:
                 results[i] = e
                 continue
             by_base.setdefault(run.base.name, []).append((i, run))
-        for group in by_base.values():  # in the same order on every rank
-            mine = [requests[i] for i, _ in group]
-            members = self._members(mine, [run for _, run in group])
-            outputs = loss_pass(mine, members, backward, self.parallel, None, self.limits)
-            for (i, _), out in zip(group, outputs or [None] * len(group)):
-                results[i] = out
+        for whole in by_base.values():  # in the same order on every rank
+            pager = self.pager(whole[0][1].base)
+            for part in pager.chunks([run for _, run in whole]):  # each fits the budget
+                group = [whole[k] for k in part]
+                with pager.base.lock:
+                    pager.use([run for _, run in group])
+                    mine = [requests[i] for i, _ in group]
+                    members = self._members(mine, [run for _, run in group])
+                    outputs = loss_pass(mine, members, backward, self.parallel, None, self.limits)
+                for (i, _), out in zip(group, outputs or [None] * len(group)):
+                    results[i] = out
         return results
 
     def _members(self, requests: list[LossRequest], runs: list[Run]) -> list[Member]:

@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from tinkerd.errors import NotFoundError
-from tinkerd.service.metrics import per_step
+from tinkerd.service.metrics import paging, per_step
 
 if TYPE_CHECKING:
     from tinkerd.server.app import Server
@@ -109,6 +109,37 @@ class RunMetrics(Documented):
     )
 
 
+class BasePaging(Documented):
+    resident_runs: int
+    """Runs whose adapter is attached to the base model (the resident set)."""
+    host_runs: int
+    """Paged runs held in host memory (GPU machines)."""
+    disk_runs: int
+    """Paged runs on disk under the data dir."""
+    resident_bytes: int
+    """Bytes of the resident runs' weights, gradients and optimizer state."""
+    resident_budget_bytes: int | None
+    """`--run-budget` (null: none)."""
+    max_resident_runs: int | None
+    """`--max-resident-runs` (null: none)."""
+    page_ins: int
+    """Runs paged back in since the server started."""
+    page_ins_last_minute: int
+    page_in_seconds: float
+    """Seconds all page-ins took, together."""
+    mean_page_in_seconds: float
+    page_outs: int
+    page_out_seconds: float
+    disk_writes: int
+    """Paged runs written to disk."""
+
+
+class Paging(Documented):
+    bases: dict[str, BasePaging]
+    """Per base model that has runs: its resident set (docs/multi-tenant.md). Counts of
+    every key's runs together, never which runs."""
+
+
 def add_dashboard(app: FastAPI, server: Server) -> None:
     """Add the page, its assets and the JSON API to `app`. (Routes go on the app itself, not
     through an included APIRouter, so route walks such as tests/e2e/test_isolation.py's see
@@ -171,6 +202,12 @@ def add_dashboard(app: FastAPI, server: Server) -> None:
             for c in server.service.checkpoints.list(model_id)
         ]
         return summary(run, server.service.store.run_steps(who)) | {"checkpoints": checkpoints}
+
+    @app.get(f"{API}/paging", response_model=Paging)
+    def paging_stats(who: str = Owner) -> dict:
+        """The server's resident sets: runs resident and paged per base model, page-ins
+        (total, last minute) and their seconds. Any key may read these server-wide counts."""
+        return {"bases": paging(server.service.engine)}
 
     @app.get(f"{API}/runs/{{model_id}}/metrics", response_model=RunMetrics)
     def run_metrics(

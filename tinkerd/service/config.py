@@ -28,12 +28,13 @@ class ServiceConfig:
     """Seconds a missing seq_id holds back a run's later requests."""
     # Per-API-key quotas (the local, embedded caller has none): what one key may hold at
     # once, so one key cannot take the server's memory. None: no limit.
-    max_runs_per_key: int | None = 32
+    max_runs_per_key: int | None = 2048
     """Active training runs (an unloaded, finished or expired run no longer counts): more
-    are refused with 403 naming the limit."""
-    max_sessions_per_key: int | None = 64
+    are refused with 403 naming the limit. Large: runs beyond the engine's resident set
+    are paged out to disk (`engine.paging`), so what a run costs while idle is disk."""
+    max_sessions_per_key: int | None = 1024
     """Open sessions (finished or expired ones no longer count): more are refused (403)."""
-    max_sampling_sessions_per_key: int | None = 64
+    max_sampling_sessions_per_key: int | None = 1024
     """Sampling sessions held: beyond it the key's least recently used one is dropped (a
     later sample on it answers 404 saying so), so an RL loop that makes a sampling client
     per step keeps working in bounded memory."""

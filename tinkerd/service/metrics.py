@@ -15,6 +15,10 @@ Recorded (one store row per metric per operation):
 A forward_backward belongs to the step its gradient goes into (the run's steps so far + 1),
 an optim_step to the step it takes. Forward-only calls are not recorded.
 
+Paging (`paging`): per base model, the engine's resident set (engine/paging.py): runs
+resident, in host memory and on disk, page-ins in total and in the last minute, and the
+seconds page-ins and page-outs took; the dashboard's `/api/v1/dashboard/paging` serves them.
+
 Over HTTP, a custom loss computed by the client (forward_backward_custom with a Python
 function, the official SDK's way) reaches the server as a forward and then a cross_entropy
 forward_backward whose weights are -d(loss)/d(logprobs): the server never sees the loss,
@@ -79,6 +83,30 @@ def timed(
         return result
 
     return run
+
+
+PAGING_FIELDS = (
+    "resident_runs",
+    "host_runs",
+    "disk_runs",
+    "resident_bytes",
+    "resident_budget_bytes",
+    "max_resident_runs",
+    "page_ins",
+    "page_ins_last_minute",
+    "page_in_seconds",
+    "mean_page_in_seconds",
+    "page_outs",
+    "page_out_seconds",
+    "disk_writes",
+)
+"""What `paging` reports per base model (`ResidentSet.snapshot`)."""
+
+
+def paging(engine: Any) -> dict[str, dict[str, float | None]]:
+    """Per base model with runs, its resident set's counters (`PAGING_FIELDS`)."""
+    stats = engine.paging_stats()
+    return {base: {k: values.get(k) for k in PAGING_FIELDS} for base, values in stats.items()}
 
 
 def _finite(value: Any) -> bool:

@@ -108,6 +108,21 @@ function renderRuns(runs) {
   }
 }
 
+function renderPaging(bases) {
+  // every key's runs together, per base model: the server's resident sets (no run ids)
+  const body = $("paging").querySelector("tbody");
+  body.replaceChildren();
+  for (const [base, p] of Object.entries(bases)) {
+    const row = el("tr");
+    const limit = p.max_resident_runs === null ? "" : ` / ${p.max_resident_runs}`;
+    [
+      base, `${p.resident_runs}${limit}`, p.host_runs, p.disk_runs,
+      `${p.page_ins} (${p.page_ins_last_minute})`, `${fmt(p.mean_page_in_seconds * 1e3)} ms`,
+    ].forEach((c) => row.append(el("td", c)));
+    body.append(row);
+  }
+}
+
 function select(modelId) {
   if (modelId === state.run) return;
   state.run = modelId;
@@ -197,9 +212,12 @@ async function poll() {
   clearTimeout(state.timer);
   const generation = ++state.generation;
   try {
-    const [{ runs }, server] = await Promise.all([api("/runs"), api("/server")]);
+    const [{ runs }, server, { bases }] = await Promise.all([
+      api("/runs"), api("/server"), api("/paging"),
+    ]);
     if (generation !== state.generation) return;
     renderServer(server.points);
+    renderPaging(bases);
     const wanted = fragment().get("run");
     if (!state.run && runs.length) {
       state.run = runs.some((r) => r.model_id === wanted) ? wanted : runs[0].model_id;

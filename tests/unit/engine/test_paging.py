@@ -1,0 +1,153 @@
+"""Runs are cheap (engine/paging.py): a resident set per base within a budget, the other
+runs paged out (host memory, disk) and back in bit for bit.
+
+The end-to-end check with the official SDK on tinkerd/tiny and SmolLM2 is
+tests/e2e/test_paging_sdk.py; benchmarks/runs_at_scale.py measures the costs.
+"""
+
+import pytest
+import torch
+from helpers import TINY, make_datum
+
+from tinkerd.engine import Engine, EngineConfig
+from tinkerd.engine.paging import owner_of
+from tinkerd.types import AdamParams, DimuonOptimizerConfig, DimuonParams, LoraConfig
+
+UNLIMITED = EngineConfig(max_resident_runs=None, run_budget_bytes=None)
+
+
+def data(k: int, step: int):
+    """Run k's batch at `step` (its own tokens and length)."""
+    return [make_datum([256, *f"run {k} step {step} {'xy' * (k % 4)}".encode()])]
+
+
+def weights(engine: Engine, model_id: str) -> dict[str, torch.Tensor]:
+    run = engine.run(model_id)
+    with run.base.lock, run.attached():
+        return {n.replace(model_id, "*"): p.clone() for n, p in run.adapter_state().items()}
+
+
+def train(engine: Engine, n: int, dimuon: bool, ids: list[str] | None = None):
+    """n runs, 2 steps interleaved: every run's forward_backward, then every run's
+    optim_step (so runs are paged out holding gradients). Returns ids, losses, weights."""
+    optimizer = DimuonOptimizerConfig() if dimuon else None
+    params = DimuonParams(learning_rate=1e-2) if dimuon else AdamParams(learning_rate=1e-2)
+    ids = ids or [f"run-{k}" for k in range(n)]
+    for k, model_id in enumerate(ids):
+        engine.create_model(TINY, LoraConfig(rank=4, seed=k), model_id, optimizer)
+    losses = []
+    for step in range(2):
+        for k, model_id in enumerate(ids):
+            out = engine.forward_backward(model_id, data(k, step), "cross_entropy")
+            losses.append(out.metrics["loss:sum"])
+        for model_id in ids:
+            engine.optim_step(model_id, params)
+    return ids, losses, {m: weights(engine, m) for m in ids}
+
+
+@pytest.mark.parametrize("dimuon", [False, True], ids=["adamw", "dimuon"])
+def test_paged_runs_train_exactly_as_runs_never_paged(tmp_path, dimuon):
+    control = Engine(data_dir=tmp_path / "control", config=UNLIMITED)
+    paged = Engine(data_dir=tmp_path / "paged", config=EngineConfig(max_resident_runs=2))
+    ids, losses, final = train(control, 6, dimuon)
+    _, paged_losses, paged_final = train(paged, 6, dimuon)
+    assert paged_losses == losses  # bit for bit: paging moves tensors, computes nothing
+    for model_id in ids:
+        for name, value in final[model_id].items():
+            assert torch.equal(paged_final[model_id][name], value), name
+    stats = paged.paging_stats()[TINY]
+    assert stats["resident_runs"] == 2 and stats["disk_runs"] == 4
+    assert stats["page_ins"] >= 16  # every run, every step, paged in at least twice
+    assert control.paging_stats()[TINY]["page_ins"] == 0
+    # A paged run's tensors are on disk, not in memory, and its adapter left the base.
+    base = paged.run(ids[0]).base
+    assert len(base.peft_model.peft_config) == 2
+    cold = [paged.run(m) for m in ids if m not in base.adapters]
+    assert cold and all(p.numel() == 0 for run in cold for p in run.params)
+    assert len(list((tmp_path / "paged" / "paged").glob("*/*.bin"))) == 4
+
+
+def test_a_packed_pass_pages_in_what_it_packs_a_budget_at_a_time(tmp_path):
+    """A pass packing more runs than fit is run as consecutive passes that each fit."""
+    control = Engine(data_dir=tmp_path / "control", config=UNLIMITED)
+    paged = Engine(data_dir=tmp_path / "paged", config=EngineConfig(max_resident_runs=2))
+    results = []
+    for engine in (control, paged):
+        ids = [engine.create_model(TINY, LoraConfig(rank=4, seed=k)) for k in range(5)]
+        requests = [engine.prepare(m, data(k, 0), "cross_entropy", None) for k, m in enumerate(ids)]
+        outs = engine.run_losses(requests, backward=True)
+        for m in ids:
+            engine.optim_step(m, AdamParams(learning_rate=1e-2))
+        results.append(([o.metrics["loss:sum"] for o in outs], [weights(engine, m) for m in ids]))
+    (losses, final), (paged_losses, paged_final) = results
+    assert paged_losses == pytest.approx(losses, abs=1e-5)  # packed 5 vs 2+2+1: rounding
+    for a, b in zip(final, paged_final):
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0)
+    assert paged.paging_stats()[TINY]["resident_runs"] == 2
+
+
+def test_saving_or_sampling_a_paged_run_borrows_it(tmp_path):
+    """save_state and save_weights_for_sampler of a paged run read it without paging it
+    in: the resident set is left as it was (as every data-parallel rank holds it)."""
+    engine = Engine(data_dir=tmp_path, config=EngineConfig(max_resident_runs=1))
+    first, second = (engine.create_model(TINY, LoraConfig(rank=4, seed=k)) for k in (1, 2))
+    engine.forward_backward(first, data(1, 0), "cross_entropy")
+    engine.optim_step(first, AdamParams(learning_rate=1e-2))
+    expected = weights(engine, first)
+    engine.forward_backward(second, data(2, 0), "cross_entropy")  # pages `first` out
+    before = engine.paging_stats()[TINY]
+    info = engine.save_state(first, "saved")
+    sampler = engine.save_weights_for_sampler(first)
+    after = engine.paging_stats()[TINY]
+    assert (after["page_ins"], after["disk_runs"]) == (before["page_ins"], before["disk_runs"])
+    base = engine.run(first).base
+    assert second in base.adapters and first not in base.adapters
+    restored = engine.create_model_from_state(info.tinker_path, with_optimizer=True)
+    got = weights(engine, restored)
+    for name, value in expected.items():
+        assert torch.equal(got[name.replace(first, restored)], value)
+    assert engine.run(restored).step == 1
+    assert sampler.model_id == first
+
+
+def test_unloading_a_paged_run_deletes_its_file(tmp_path):
+    engine = Engine(data_dir=tmp_path, config=EngineConfig(max_resident_runs=1))
+    first, second = (engine.create_model(TINY, LoraConfig(rank=4, seed=k)) for k in (1, 2))
+    files = list((tmp_path / "paged").glob("*/*.bin"))
+    assert len(files) == 1  # `first`, paged out to make room for `second`
+    engine.unload_model(first)
+    assert not files[0].exists()
+    engine.forward_backward(second, data(2, 0), "cross_entropy")
+    assert engine.paging_stats()[TINY]["resident_runs"] == 1
+
+
+def test_a_hot_owner_recycles_its_own_runs_not_anothers(tmp_path):
+    """Eviction is LRU with a per-owner share: owner A cycling through many runs pages
+    out its own, and B's one run (A's least recently used neighbour) stays resident."""
+    engine = Engine(data_dir=tmp_path, config=EngineConfig(max_resident_runs=3))
+    b = engine.create_model(TINY, LoraConfig(rank=4, seed=0), "sessB:train:0")
+    hot = [
+        engine.create_model(TINY, LoraConfig(rank=4, seed=k), f"sessA:train:{k}") for k in range(5)
+    ]
+    assert owner_of(hot[0]) == "sessA" and owner_of(b) == "sessB"
+    base = engine.run(b).base
+    for k, model_id in enumerate(hot * 2):
+        engine.forward_backward(model_id, data(k, 0), "cross_entropy")
+        assert b in base.adapters  # plain LRU would have paged B out on the first turn
+    engine.forward_backward(b, data(9, 0), "cross_entropy")
+    assert engine.paging_stats()[TINY]["resident_runs"] == 3
+
+
+def test_host_memory_tier_keeps_paged_runs_off_disk(tmp_path):
+    """With a host budget (on a GPU machine by default), paged runs stay in host memory
+    (none is written) until it is full; results are the same."""
+    config = EngineConfig(max_resident_runs=1, host_run_budget_bytes="64MiB")
+    engine = Engine(data_dir=tmp_path, config=config)
+    control = Engine(data_dir=tmp_path / "control", config=UNLIMITED)
+    ids, losses, final = train(control, 3, dimuon=False)
+    _, host_losses, host_final = train(engine, 3, dimuon=False)
+    assert host_losses == losses
+    assert all(torch.equal(host_final[m][n], final[m][n]) for m in ids for n in final[m])
+    stats = engine.paging_stats()[TINY]
+    assert stats["host_runs"] == 2 and stats["disk_writes"] == 0
