@@ -177,6 +177,12 @@ LISTINGS = {
 # The dashboard's page and its assets: the same for everyone, no key, nobody's data.
 PAGES = {("GET", "/"), ("GET", "/static/{name}")}
 CHECKPOINT = "/api/v1/training_runs/{model_id}/checkpoints/{kind}/{name}"
+# Every other path under the compatible APIs: a 404 in that API's error shape, for anyone.
+UNSERVED = {
+    (method, f"{prefix}/{{path:path}}")
+    for prefix in ("/oai/api/v1", "/anthropic/api")
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE")
+}
 # Needs no key: a signed, short-lived link is the permission (checked below).
 SIGNED = {
     ("GET", "/api/v1/checkpoint_archives/{model_id}/{kind}/{name}"),
@@ -207,13 +213,15 @@ def test_every_route_hides_one_keys_things_from_another(app, alice):
     bob_session = bob.post("/api/v1/create_session", json={}).json()["session_id"]
     table = probes(alice, bob_session)
     routes = {(method, route.path) for route in api_routes(app.routes) for method in route.methods}
-    expected = set(table) | OPEN | LISTINGS | PAGES | SIGNED
+    expected = set(table) | OPEN | LISTINGS | PAGES | SIGNED | UNSERVED
     assert routes == expected, "a route without an isolation probe"
 
     for (method, path), probe in table.items():
         response = call(bob, method, path, probe)
         assert response.status_code == 404, (method, path, response.status_code, response.text)
         assert fingerprint(ALICE) not in response.text  # nor says whose it is
+    for method, path in UNSERVED:
+        assert bob.request(method, path.replace("{path:path}", "responses")).status_code == 404
     for method, path in LISTINGS:
         listed = bob.request(method, path).text
         assert alice["model"] not in listed and alice["path"] not in listed
