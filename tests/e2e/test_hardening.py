@@ -216,7 +216,7 @@ def test_a_compatible_route_s_500_says_nothing_of_its_internals(app_client, monk
     def broken(*_, **__):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(app_client.server.service.sampling, "sample", broken)
+    monkeypatch.setattr(app_client.server.service.sampling, "sample_many", broken)
     body = {"model": TINY, "prompt": "ab", "max_tokens": 2}
     with caplog.at_level(logging.ERROR):
         for route in ("/oai/api/v1/completions", "/anthropic/api/v1/messages"):

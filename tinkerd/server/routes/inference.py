@@ -8,6 +8,7 @@ the same sampler batches as SamplingClient's) and the server's key check.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
 
 from fastapi import APIRouter
@@ -17,6 +18,7 @@ from tinkerd.engine.sampling.spec import eos_token_ids
 from tinkerd.errors import InvalidRequestError
 from tinkerd.server.routes.anthropic import anthropic_router
 from tinkerd.server.routes.openai import openai_router
+from tinkerd.types import SampleResponse
 
 MAX_LISTED_CHECKPOINTS = 1000
 
@@ -27,7 +29,6 @@ class ServerBackend:
     def __init__(self, server: Any):
         self.server = server
         self.service = server.service
-        self.sample_many = server.service.sampling.sample_many  # the one admission path
 
     def authenticate(self, api_key: str) -> str:
         return self.server.caller_for_key(api_key).owner
@@ -53,6 +54,10 @@ class ServerBackend:
 
     def eos_token_ids(self, weights: SamplerWeights) -> set[int]:
         return eos_token_ids(self.service.base_model(weights.base_model))
+
+    def sample_many(self, *args: Any, **options: Any) -> list[Future[SampleResponse]]:
+        """The service's one admission path for every sample (`Sampling.sample_many`)."""
+        return self.service.sampling.sample_many(*args, **options)
 
     def models(self, owner: str) -> list[str]:
         listed = self.service.catalog.list_user_checkpoints(owner, MAX_LISTED_CHECKPOINTS)
