@@ -61,8 +61,9 @@ def output_layer(model: nn.Module) -> OutputLayer | None:
     if decoder is None or lm_head is None:
         return None
     layer = OutputLayer(decoder, _head(model.config, lm_head))
-    if model not in _CHECKED:
-        _CHECKED[model] = _same_logits(model, layer)
+    if model not in _CHECKED:  # an FSDP-sharded base keeps whole logits: its root's
+        # forward gathers the shards, and a check on one rank alone would stall the others
+        _CHECKED[model] = not _sharded(model) and _same_logits(model, layer)
     return layer if _CHECKED[model] else None
 
 
@@ -84,6 +85,10 @@ def _head(config, lm_head: nn.Module) -> Head:
         return logits
 
     return head
+
+
+def _sharded(model: nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 def _same_logits(model: nn.Module, layer: OutputLayer) -> bool:
