@@ -186,13 +186,13 @@ class HttpTransport:
 
         if missing("session_id"):
             update["session_id"] = self._session()
+        named_save = isinstance(request, SaveWeightsForSamplerRequest) and request.path
         with self._lock:
             for name, counter in (
                 ("model_seq_id", "_model_seq"),
                 ("custom_loss_seq_id", "_loss_seq"),
                 ("sampling_session_seq_id", "_sampling_session_seq"),
             ):
-                named_save = isinstance(request, SaveWeightsForSamplerRequest) and request.path
                 if missing(name) and not (name == "sampling_session_seq_id" and named_save):
                     update[name] = getattr(self, counter)
                     setattr(self, counter, update[name] + 1)

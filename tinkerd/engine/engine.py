@@ -480,7 +480,7 @@ class Engine:
         """One forward, then one backward from the logprobs with the gradient that
         `gradient_fn(per-datum logprobs)` returns (with anything else it returns).
         Data-parallel ranks other than 0 pass no `gradient_fn` and get None."""
-        self.check_custom_data(model_id, data)  # refused on rank 0 alone
+        # Bad data fails the same collation on every rank (the service checked it already).
         with self.parallel.in_order("forward_backward_custom", (model_id, data)):  # no fn
             return self._forward_backward_custom(model_id, data, gradient_fn)
 
