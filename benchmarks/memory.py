@@ -68,6 +68,7 @@ def tokens(vocab: int, batch: int, seq: int, seed: int = 0):
 
 def child_tinkerd(model: str, batch: int, seq: int, budget: str | None, variant: str) -> dict:
     import torch
+    from gpu_check import micro_batch_rows
 
     from tinkerd.engine import Engine, EngineConfig, compute
     from tinkerd.engine.models import BUILT_IN
@@ -101,9 +102,6 @@ def child_tinkerd(model: str, batch: int, seq: int, budget: str | None, variant:
         forced = dict(micro_batch_tokens=None, micro_batch_rows=None, memory_budget_bytes=None)
         limits = dataclasses.replace(limits, **forced, checkpoint=variant != "no-ckpt")
         engine.limits = limits
-    rows = limits.micro_batch_rows or batch
-    if limits.micro_batch_tokens:
-        rows = min(rows, max(1, limits.micro_batch_tokens // seq))
     before = rss_bytes()
     start = time.perf_counter()
     out = engine.forward_backward(model_id, batch_data)
@@ -115,7 +113,7 @@ def child_tinkerd(model: str, batch: int, seq: int, budget: str | None, variant:
         "peak_rss": peak_rss_bytes(),
         "budget": engine.config.limits.memory_budget_bytes,
         "checkpoint": limits.checkpoint,
-        "micro_batch_rows": min(rows, batch),
+        "micro_batch_rows": micro_batch_rows(limits, batch, seq),
         "logits_chunk": limits.logits_chunk_tokens,
     }
 
