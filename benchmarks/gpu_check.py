@@ -27,8 +27,16 @@ layer's windows) is not counted: it is work the method spends, not model FLOPs.
 `tests/unit/test_gpu_check.py`, so the check cannot rot without a GPU to run it on).
 Exit status 1 if any part failed (each part's error is printed and the others still run).
 
+On a GPU machine that has PyTorch, transformers, PEFT and Triton but not tinkerd:
+`benchmarks/gpu_check.sh` here builds a wheel folder (tinkerd's wheel, the wheels of what
+it needs beyond those, this script and the benchmark modules it uses; ~17 MiB) and prints
+the one command to run there: `gpu_check.py --install SITE` installs from the folder what
+that Python lacks (no index, no resolver: the machine's own packages stay), then the check
+runs with PYTHONPATH=SITE.
+
     python benchmarks/gpu_check.py [--cpu] [--models llama-1b,qwen3-1.7b] [--out DIR]
     python benchmarks/gpu_check.py --pack DIR [--python-version 3.12]  # gpu_check.sh
+    python DIR/gpu_check.py --install SITE  # on the GPU machine, before the check
     python benchmarks/gpu_check.py --from-json FILE [--record]  # its figures, into the docs
 """
 
@@ -641,10 +649,7 @@ def carried_requirements(wheel: Path, python_version: str) -> dict[str, str | No
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    with zipfile.ZipFile(wheel) as z:
-        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-        lines = z.read(meta).decode().splitlines()
-    todo = [line.split(":", 1)[1] for line in lines if line.startswith("Requires-Dist:")]
+    todo = wheel_requires(wheel)
     env = {"python_version": python_version, "python_full_version": python_version + ".0"}
     env |= {"sys_platform": "linux", "platform_system": "Linux", "extra": ""}
     found: dict[str, str | None] = {}
@@ -665,12 +670,69 @@ def carried_requirements(wheel: Path, python_version: str) -> dict[str, str | No
     return found
 
 
+def wheel_requires(wheel: Path) -> list[str]:
+    """The Requires-Dist lines of a wheel's METADATA."""
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = z.read(meta).decode().splitlines()
+    return [line.split(":", 1)[1].strip() for line in lines if line.startswith("Requires-Dist:")]
+
+
+def wheels_to_install(folder: Path) -> list[Path]:
+    """The wheels of `folder` (those this Python can install) whose distribution it lacks,
+    or has at a version that a requirement of some wheel there excludes. No resolver: the
+    machine's own packages stay as they are (and so does whatever they require)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.tags import sys_tags
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    supported = set(sys_tags())
+    wheels = {}
+    for wheel in sorted(folder.glob("*.whl")):
+        name, _, _, tags = parse_wheel_filename(wheel.name)
+        if tags & supported:
+            wheels[canonicalize_name(name)] = wheel
+    wanted: dict[str, list] = {}
+    for wheel in wheels.values():
+        for req in map(Requirement, wheel_requires(wheel)):
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                wanted.setdefault(canonicalize_name(req.name), []).append(req.specifier)
+    chosen = []
+    for name, wheel in wheels.items():
+        try:
+            have = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            chosen.append(wheel)
+            continue
+        if not all(spec.contains(have, prereleases=True) for spec in wanted.get(name, [])):
+            chosen.append(wheel)
+    for name in GPU_HAS:  # not carried: say so if the machine's will not do
+        for spec in wanted.get(name, []):
+            try:
+                have = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                have = None
+            if have is None or not spec.contains(have, prereleases=True):
+                print(f"warning: {name} {have or 'missing'}, tinkerd wants {spec}", file=sys.stderr)
+    return chosen
+
+
+def install(folder: Path, site: Path) -> None:
+    """Install into `site` (`pip --target`, no index, no dependencies resolved) the wheels
+    of `folder` that this Python needs (`wheels_to_install`); run with PYTHONPATH=site."""
+    chosen = wheels_to_install(folder)
+    print(f"installing into {site}: {', '.join(w.name.split('-')[0] for w in chosen)}")
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
+    subprocess.run([*pip, "--target", str(site), *map(str, chosen)], check=True)
+
+
 def pack(out: Path, python_version: str) -> str:
     """The wheel folder for a GPU machine: tinkerd's wheel, the wheels of everything it
     needs beyond `GPU_HAS` (for CPython `python_version` on x86-64 Linux, the versions
     installed here), and the benchmark modules the check runs. Returns the command to run
-    there: pip installs tinkerd from the folder alone, taking from it only what the
-    machine lacks."""
+    there, from the folder's parent (`install`, then the check)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     pip = [sys.executable, "-m", "pip"]
@@ -695,9 +757,8 @@ def pack(out: Path, python_version: str) -> str:
         shutil.copy2(HERE / name, out / name)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{out}: {len(list(out.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB", file=sys.stderr)
-    version = wheel.name.split("-")[1]
     return (
-        f"python3 -m pip install -q --no-index --find-links {out} tinkerd=={version} && "
+        f"python3 {out}/gpu_check.py --install /tmp/site && PYTHONPATH=/tmp/site "
         f"PYTHONUNBUFFERED=1 python3 {out}/gpu_check.py --out ${{OUT:-.}}"
     )
 
@@ -714,10 +775,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", choices=["fork", "spawn"], help="default: spawn on a GPU")
     parser.add_argument("--out", help="write gpu_check.json and gpu_check.md here")
     parser.add_argument("--pack", type=Path, help="build the wheel folder here, print the command")
+    parser.add_argument(
+        "--install",
+        type=Path,
+        help="install what this Python lacks from the wheels beside this file into this folder",
+    )
     parser.add_argument("--python-version", default="3.12", help="the GPU machine's (--pack)")
     parser.add_argument("--from-json", type=Path, help="render a run's gpu_check.json")
     parser.add_argument("--record", action="store_true", help="into docs/benchmarks.md")
     args = parser.parse_args(argv)
+    if args.install:
+        install(HERE, args.install)
+        return 0
     if args.pack:
         print(pack(args.pack, args.python_version))
         return 0
