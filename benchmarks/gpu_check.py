@@ -106,8 +106,9 @@ TINY = dict(
     head_dim=16,
     max_position_embeddings=512,
 )
+TINY_LLAMA3_ROPE = {**LLAMA_3_2_1B["rope_scaling"], "original_max_position_embeddings": 128}
 MODELS = {  # name: (model_type, full config, --cpu config)
-    "llama-1b": ("llama", LLAMA_3_2_1B, {**LLAMA_3_2_1B, **TINY, "rope_scaling": None}),
+    "llama-1b": ("llama", LLAMA_3_2_1B, {**LLAMA_3_2_1B, **TINY, "rope_scaling": TINY_LLAMA3_ROPE}),
     "qwen3-1.7b": ("qwen3", QWEN3_1_7B, {**QWEN3_1_7B, **TINY}),
 }
 DATASHEET_BF16 = [  # (name contains, dense bf16 FLOP/s), first match wins
