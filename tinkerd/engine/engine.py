@@ -522,7 +522,11 @@ class Engine:
         return LossRequest(model_id, loss_fn, spec, config, batch, list(data))
 
     def pass_limits(
-        self, model_id: str, data: list[Datum], loss_fn: str = "cross_entropy", backward: bool = True
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str = "cross_entropy",
+        backward: bool = True,
     ) -> Limits:
         """What a pass of `data` alone on the run would compute at once (micro-batch tokens
         and rows, logits chunk, layer checkpointing): the engine's limits with its memory
