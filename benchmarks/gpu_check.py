@@ -815,7 +815,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.record:
         from _report import record
 
-        record(f"gpu_check ({results[0].get('gpu', '?')})", report)
+        first = results[0]
+        on = f"{first.get('gpu', '?')}; {first.get('versions', '')}"
+        record(f"gpu_check ({first.get('gpu', '?')})", report, on=on)
     failed = failures(results)
     for line in failed:
         print(f"FAILED {line}", file=sys.stderr)
