@@ -428,7 +428,9 @@ def part_agreement(engine, model: str, sizes: Sizes, device: str) -> dict:
     )
 
 
-def check_model(name: str, cpu: bool, sizes: Sizes, deadline: float, parts: list[str]) -> dict:
+def check_model(
+    name: str, cpu: bool, sizes: Sizes, deadline: float, parts: list[str], tf32: bool = False
+) -> dict:
     """`parts` on one model, in this process; a part that fails is reported and the next
     one runs; parts that would start after `deadline` (time.time()) are skipped."""
     import torch
@@ -441,7 +443,9 @@ def check_model(name: str, cpu: bool, sizes: Sizes, deadline: float, parts: list
     device = "cpu" if cpu else "cuda"
     if not cpu and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device (use --cpu for the CPU rehearsal)")
-    result: dict = {"model": name, "device": device}
+    # LoRA runs in float32 beside the bf16 base: TF32 tensor cores for it, if asked for
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    result: dict = {"model": name, "device": device, "tf32": tf32}
     result["gpu"] = torch.cuda.get_device_name() if not cpu else "none (--cpu)"
     result["versions"] = f"torch {torch.__version__}, transformers {transformers.__version__}"
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
@@ -469,16 +473,24 @@ def check_model(name: str, cpu: bool, sizes: Sizes, deadline: float, parts: list
     return result
 
 
-def _child(conn, name: str, cpu: bool, sizes: Sizes, deadline: float, parts: list[str]) -> None:
+def _child(conn, *args) -> None:
+    """`check_model(*args)` in a child process, its result sent back on `conn`."""
+    name = args[0]
     try:
-        conn.send(check_model(name, cpu, sizes, deadline, parts))
+        conn.send(check_model(*args))
     except Exception:  # noqa: BLE001 -- the parent reports it
         conn.send({"model": name, "error": traceback.format_exc(limit=-4)})
     conn.close()
 
 
 def run_checks(
-    models: list[str], cpu: bool, sizes: Sizes, seconds: float, parts: list[str], start: str
+    models: list[str],
+    cpu: bool,
+    sizes: Sizes,
+    seconds: float,
+    parts: list[str],
+    start: str,
+    tf32: bool = False,
 ) -> list[dict]:
     """Each model in a child process of its own, started by `start`: `spawn` on a GPU (a
     fresh interpreter, whatever CUDA state this one has), `fork` on the CPU (the modules
@@ -494,7 +506,9 @@ def run_checks(
     results = []
     for name in models:
         mine, theirs = context.Pipe(duplex=False)
-        child = context.Process(target=_child, args=(theirs, name, cpu, sizes, deadline, parts))
+        child = context.Process(
+            target=_child, args=(theirs, name, cpu, sizes, deadline, parts, tf32)
+        )
         child.start()
         theirs.close()
         try:
@@ -553,7 +567,8 @@ def render(results: list[dict], cpu: bool) -> str:
         f"Device: {first.get('gpu', '?')}; {first.get('versions', '')}. "
         + ("Tiny configs on the CPU (--cpu): the figures only show the code runs." if cpu else ""),
         "",
-        "Training step (forward_backward + optim_step), bf16 base, LoRA rank 32 on every linear:",
+        "Training step (forward_backward + optim_step), bf16 base, LoRA rank 32 on every linear"
+        + (" (float32, TF32 matmuls on):" if first.get("tf32") else " (float32):"),
         "",
         "| model | base params | LoRA params | tokens | plan | s/step | model TFLOP/step | "
         "TFLOP/s | MFU (datasheet) | MFU (measured matmul) |",
@@ -774,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=", ".join(PARTS))
     parser.add_argument("--seconds", type=float, default=420, help="start no part after this")
     parser.add_argument("--start", choices=["fork", "spawn"], help="default: spawn on a GPU")
+    parser.add_argument("--tf32", action="store_true", help="TF32 matmuls (the fp32 LoRA)")
     parser.add_argument("--out", help="write gpu_check.json and gpu_check.md here")
     parser.add_argument("--pack", type=Path, help="build the wheel folder here, print the command")
     parser.add_argument(
@@ -799,7 +815,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         parts = args.parts.split(",")
         start = args.start or ("fork" if args.cpu else "spawn")
-        results = run_checks(args.models.split(","), args.cpu, sizes, args.seconds, parts, start)
+        models = args.models.split(",")
+        results = run_checks(models, args.cpu, sizes, args.seconds, parts, start, args.tf32)
         saved = {"cpu": args.cpu, "sizes": asdict(sizes), "results": results}
         saved["seconds"] = time.perf_counter() - started
         cpu = args.cpu
