@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -379,12 +380,8 @@ def packed_passes(monkeypatch, active_seconds: float, victim: bool) -> list[tupl
     scheduler = Scheduler(max_pass_tokens=1000)
     passes: list[tuple] = []
 
-    def run_many(payloads):
-        passes.append(tuple(payloads))
-        return payloads
-
     def work(name):
-        return Batchable(group="fb", tokens=10, payload=name, run_many=run_many)
+        return Batchable(group="fb", tokens=10, payload=name, run_many=record(passes))
 
     with lane_held(scheduler, "lane"):
         for step in range(2):
@@ -410,8 +407,67 @@ def test_a_key_alone_still_packs_all_its_runs(monkeypatch):
     """Packing's throughput for one key's many runs is kept: alone (or once the other
     tenant has been quiet for ACTIVE_SECONDS) its runs fill a pass."""
     assert [len(p) for p in packed_passes(monkeypatch, 60.0, victim=False)] == [6, 6]
-    passes = packed_passes(monkeypatch, 0.0, victim=True)  # B no longer counts as active
-    assert [len(p) for p in passes][:1] == [7], passes
+    monkeypatch.setattr(scheduler_module, "ACTIVE_SECONDS", 0.05)
+    scheduler, passes = Scheduler(max_pass_tokens=1000), []
+    scheduler.submit_keyed("lane", "b", Batchable("fb", 10, "b", record(passes)), "B").result()
+    time.sleep(0.1)  # B is quiet (nothing queued, its last work done) for ACTIVE_SECONDS
+    with lane_held(scheduler, "lane"):
+        for k in range(6):
+            work = Batchable(group="fb", tokens=10, payload=f"a{k}", run_many=record(passes))
+            scheduler.submit_keyed("lane", f"a{k}", work, tenant="A")
+    scheduler.shutdown()
+    assert [len(p) for p in passes] == [1, 6], passes
+
+
+def test_a_victim_whose_request_waits_long_stays_active(monkeypatch):
+    """On a loaded machine the victim's request waited in the queue longer than
+    ACTIVE_SECONDS; its tenant then lapsed, the flood packed every run into the pass
+    and the victim rode (and next waited behind) a pass of 7 here, of 31 under the
+    audit's flood: 11-13 s steps. A tenant with work queued stays active."""
+    monkeypatch.setattr(scheduler_module, "ACTIVE_SECONDS", 0.05)
+    scheduler, passes = Scheduler(max_pass_tokens=1000), []
+
+    def work(name):
+        return Batchable(group="fb", tokens=10, payload=name, run_many=record(passes))
+
+    with lane_held(scheduler, "lane"):
+        for k in range(6):
+            scheduler.submit_keyed("lane", f"a{k}", work(f"a{k}"), tenant="A")
+        scheduler.submit_keyed("lane", "b", work("b"), tenant="B")
+        time.sleep(0.2)  # both queued longer than ACTIVE_SECONDS
+    scheduler.shutdown()
+    assert passes[0] == ("a0", "b"), passes
+
+
+def test_a_victim_whose_pass_ran_long_stays_active(monkeypatch):
+    """The same after the victim's own pass took longer than ACTIVE_SECONDS: it counts
+    as active from when its work finished (its client is reading the result), so the
+    flood's next pass is still one request, not all six runs'."""
+    monkeypatch.setattr(scheduler_module, "ACTIVE_SECONDS", 0.15)
+    scheduler, passes = Scheduler(max_pass_tokens=1000), []
+
+    def slow(payloads):
+        time.sleep(0.3)
+        return record(passes)(payloads)
+
+    b = scheduler.submit_keyed("lane", "b", Batchable("fb", 10, "b", run_many=slow), tenant="B")
+    time.sleep(0.05)  # b's pass is running
+    for k in range(6):
+        work = Batchable(group="fb", tokens=10, payload=f"a{k}", run_many=record(passes))
+        scheduler.submit_keyed("lane", f"a{k}", work, tenant="A")
+    b.result()
+    scheduler.shutdown()
+    assert [len(p) for p in passes][:2] == [1, 1], passes
+
+
+def record(passes: list) -> Callable[[list], list]:
+    """A `run_many` that appends each pass's payloads to `passes`."""
+
+    def run_many(payloads):
+        passes.append(tuple(payloads))
+        return payloads
+
+    return run_many
 
 
 # ---------------------------------------------------------------- item 8: smaller items
