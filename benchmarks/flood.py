@@ -230,6 +230,7 @@ def main() -> None:
         alone: list[float] = []
         burned: list[float] = []
         flooded: list[float] = []
+        returning: list[float] = []
         server_cpu = flood_seconds = flood_cpu = 0.0
         for _ in range(args.blocks):
             time.sleep(args.settle)  # the paused flood's last requests finish
@@ -245,7 +246,9 @@ def main() -> None:
             for burner in burners:
                 burner.join()
             running.set()
-            time.sleep(args.settle)  # the flood ramps up
+            ramp = time.perf_counter() + args.settle
+            while time.perf_counter() < ramp:  # the flood ramps up; the victim keeps training
+                victim_steps(victim, 1)
             cpu, start = cpu_seconds(pid), time.perf_counter()
             client_cpu = 0.0 if args.flood_in_process else cpu_seconds(child.pid)
             flooded += victim_steps(victim, args.steps)
@@ -253,6 +256,8 @@ def main() -> None:
             if not args.flood_in_process:
                 flood_cpu += cpu_seconds(child.pid) - client_cpu
             flood_seconds += time.perf_counter() - start
+            time.sleep(args.settle)  # the victim pauses (sampling, evaluating) ...
+            returning += victim_steps(victim, 1)  # ... and comes back to a flooded lane
             running.clear()
         if args.flood_in_process:
             flood.end()
@@ -289,13 +294,15 @@ requests {args.quota_queued}. The victim (one run, 4 rows) times forward_backwar
 in {args.blocks} rounds of three blocks of {args.steps} steps: alone (the flood paused), while
 {args.burners} CPU-burner processes spin (contention alone, no flood request), and while the
 flooder's runs train nonstop ({args.depth} forward_backwards in flight per step). Server,
-victim and flooder share the machine.
+victim and flooder share the machine. After each flood block the victim pauses
+{args.settle:g} s (the flood goes on) and times one more step.
 
 | victim step | p50 ms | p95 ms |
 |---|---|---|
 | alone | {pct(alone, 50):,.0f} | {pct(alone, 95):,.0f} |
 {row(f"alone, {args.burners} CPU burners", burned)}
 {row("during the flood", flooded)}
+{row(f"during the flood, first step after {args.settle:g} s quiet", returning)}
 
 - the flooder's client ran {where}; CPU used during the flood: {cpu}
 - victim steps during the flood (ms): {", ".join(f"{x * 1000:,.0f}" for x in flooded)}

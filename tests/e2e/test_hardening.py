@@ -540,6 +540,27 @@ def test_a_run_holds_a_bounded_number_of_finished_results():
     queue.scheduler.shutdown()
 
 
+def test_results_remembered_for_re_sends_are_bounded_across_runs(monkeypatch):
+    """The per-run window alone let a key's many runs (up to 2048) each hold 128 results
+    (~7 GiB of small forward_backwards). All runs together now hold at most
+    DEDUP_TOKENS of finished results (the oldest go first), and the newest still dedupe."""
+    from tinkerd.service import futures as futures_module
+
+    monkeypatch.setattr(futures_module, "DEDUP_TOKENS", 100)
+    queue = futures_module.RequestQueue(Scheduler())
+    done = []
+    for run in range(10):
+        work = Batchable("fb", 30, run, run_many=lambda payloads: payloads)
+        done.append(queue.submit("lane", work, f"run{run}", 1))
+        done[-1].result()
+    queue.submit("lane", lambda: None, "other", 1).result()  # the last callback has run
+    held = [run for run in range(10) if queue._gates[f"run{run}"].futures]
+    assert held == [7, 8, 9], held  # 3 x 30 tokens (and 1 of "other") fit in 100
+    resent = Batchable("fb", 30, 9, run_many=lambda payloads: payloads)
+    assert queue.submit("lane", resent, "run9", 1) is done[9]
+    queue.scheduler.shutdown()
+
+
 def test_a_busy_lane_still_gives_freed_heap_back():
     """The heap was trimmed only when a lane ran out of work, which a flood never lets
     happen (its RSS grew pass after pass). The hook now runs after every pass."""
