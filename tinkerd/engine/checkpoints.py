@@ -426,7 +426,7 @@ def export_untied_base(base_model_dir: Path | str, out_dir: Path) -> bool:
 
     Why: a run with `train_unembed=True` on a tied base (SmolLM2) adapts `lm_head` alone,
     and PEFT wraps that module. Tools that call `model.tie_weights()` after
-    `PeftModel.from_pretrained` (lm-eval's `hf --peft`, accelerate's dispatch) then fail
+    `PeftModel.from_pretrained` (lm-eval's `hf --peft`) then fail
     with "attribute 'weight' already exists", whatever form the adapter takes (a LoRA on
     `lm_head`, `ensure_weight_tying`, `modules_to_save`, `target_parameters`: all wrap it).
     On this untied base `tie_weights()` ties nothing and the adapter loads unchanged,
