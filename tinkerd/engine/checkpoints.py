@@ -426,9 +426,9 @@ def export_untied_base(base_model_dir: Path | str, out_dir: Path) -> bool:
 
     Why: a run with `train_unembed=True` on a tied base (SmolLM2) adapts `lm_head` alone,
     and PEFT wraps that module. Tools that call `model.tie_weights()` after
-    `PeftModel.from_pretrained` (lm-eval's `hf --peft`) then fail
-    with "attribute 'weight' already exists", whatever form the adapter takes (a LoRA on
-    `lm_head`, `ensure_weight_tying`, `modules_to_save`, `target_parameters`: all wrap it).
+    `PeftModel.from_pretrained` (lm-eval's `hf --peft`) then fail with "attribute 'weight'
+    already exists", whatever form the adapter takes (a LoRA on `lm_head`,
+    `ensure_weight_tying`, `modules_to_save`, `target_parameters`: all wrap it).
     On this untied base `tie_weights()` ties nothing and the adapter loads unchanged,
     giving the run's logits. Returns whether the base was tied (else it is written as is)."""
     from tinkerd.engine.vision import auto_model_class
@@ -451,7 +451,9 @@ def untie_head(model: torch.nn.Module) -> bool:
     return True
 
 
-def _save_with_processors(model: torch.nn.Module, base_model_dir: Path | str, out_dir: Path):
+def _save_with_processors(
+    model: torch.nn.Module, base_model_dir: Path | str, out_dir: Path
+) -> None:
     """Save `model` and the base's tokenizer (and image processor for a vision-language
     model) as a Hugging Face model directory."""
     from transformers import AutoTokenizer

@@ -48,7 +48,7 @@ recently, limits how much another packs in one pass (see above): between its req
 client reading a result) it is still active. Counted from when its work last *finished*,
 not only when it was queued: on a loaded machine a request can wait longer than this, and
 its tenant must not lapse meanwhile (the flood then packed fully, the victim's next request
-waited behind a pass 30 times its size, which made it wait longer still: 11-13 s steps)."""
+waited behind a pass 30 times its size, which made it wait longer still: 7-16 s steps)."""
 
 
 @dataclass
