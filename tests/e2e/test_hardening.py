@@ -417,6 +417,8 @@ def test_a_key_alone_still_packs_all_its_runs(monkeypatch):
             scheduler.submit_keyed("lane", f"a{k}", work, tenant="A")
     scheduler.shutdown()
     assert [len(p) for p in passes] == [1, 6], passes
+    passes = packed_passes(monkeypatch, 0.0, victim=True)  # 0: shares off, as before
+    assert [len(p) for p in passes][:1] == [7], passes
 
 
 def test_a_victim_whose_request_waits_long_stays_active(monkeypatch):

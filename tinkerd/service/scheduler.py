@@ -48,7 +48,9 @@ recently, limits how much another packs in one pass (see above): between its req
 client reading a result) it is still active. Counted from when its work last *finished*,
 not only when it was queued: on a loaded machine a request can wait longer than this, and
 its tenant must not lapse meanwhile (the flood then packed fully, the victim's next request
-waited behind a pass 30 times its size, which made it wait longer still: 7-16 s steps)."""
+waited behind a pass 30 times its size, which made it wait longer still: 7-16 s steps).
+0 turns the shares off: every key's heads pack, as before issue 23 (benchmarks/fair_pass.py
+compares the two)."""
 
 
 @dataclass
@@ -148,7 +150,7 @@ class _Lane:
         """Heads of other keys that join `first`'s pass, in rounds (see above)."""
         now = time.monotonic()
         for t in [t for t, when in self.active.items() if now - when > ACTIVE_SECONDS]:
-            if t not in self.tenants:  # work still queued: active however long it waits
+            if t not in self.tenants or ACTIVE_SECONDS <= 0:  # queued: active however long
                 del self.active[t]
         # Each tenant's packable heads, in its keys' turn order; the turn's key is used.
         heads = {
