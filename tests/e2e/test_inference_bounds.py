@@ -113,6 +113,7 @@ def test_another_keys_prompt_joins_the_batch_within_a_step(engine):
     Here a key fills an 8-row batch and queues 40 requests of 60 tokens; another key's
     3-token request is done within a few steps, not after the flood's 300."""
     sampler = Sampler(engine.base_model(TINY), max_batch_rows=8)
+    sampler.latency_rows = None  # turns alone (the row cap: the test below)
     base = engine.base_model(TINY)
     try:
         flood = [
@@ -132,6 +133,44 @@ def test_another_keys_prompt_joins_the_batch_within_a_step(engine):
     finally:
         for future in flood:
             future.cancel()
+        sampler.close()
+
+
+def test_a_light_key_decodes_in_small_steps_and_parked_rows_resume_unchanged(engine):
+    """A step's cost grows with its rows on a CPU (issue 25: a one-row request was 18x
+    slower beside another key's 256 rows). While a light key (a request of one row) is
+    active, the heavy key's rows beyond `latency_rows` are parked with their KV cache and
+    merged back afterwards: the light key's steps have at most `latency_rows` rows, and
+    the heavy key's seeded samples are the very tokens (and logprobs) they are alone."""
+    base = engine.base_model(TINY)
+    specs = [
+        make_spec(base, [BOS, *f"heavy {i}".encode()], 1, params, tenant="heavy")
+        for i, params in enumerate(SamplingParams(max_tokens=24, stop=[], seed=i) for i in range(12))
+    ]
+    alone = Sampler(base)
+    try:
+        futures = [alone.submit(spec) for spec in specs]  # one batch: a seed fixes a sample
+        expected = [future.result(60).sequences[0] for future in futures]
+    finally:
+        alone.close()
+    sampler = Sampler(base)
+    sampler.latency_rows = 4
+    try:
+        heavy = [sampler.submit(spec) for spec in specs]
+        assert wait_for(lambda: len(sampler.steps) >= 3)
+        assert max(rows for rows, _ in sampler.recent_steps()) == 12  # all of them at once
+        start = len(sampler.steps)
+        params = SamplingParams(max_tokens=5, stop=[], seed=1)
+        light = sampler.submit(make_spec(base, [BOS, 98], 1, params, tenant="light"))
+        assert len(light.result(60).sequences[0].tokens) == 5
+        shared = [rows for rows, _ in list(sampler.steps)[start:]]
+        assert max(shared[1:6]) <= 4  # from the step it joined on, the batch kept to the cap
+        for future, want in zip(heavy, expected):
+            got = future.result(60).sequences[0]
+            assert got.tokens == want.tokens
+            assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs)) < 1e-5
+        assert not sampler._parked
+    finally:
         sampler.close()
 
 

@@ -6,6 +6,7 @@ Rows are left-padded to a common length (the mask says which columns are real to
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -115,3 +116,21 @@ def keep_rows(cache, mask: Tensor, keep: Tensor) -> Tensor:
         else:
             layer.keys, layer.values = layer.keys[keep, :, first:], layer.values[keep, :, first:]
     return mask[:, first:]
+
+
+def take_rows(cache, mask: Tensor, rows: Tensor):
+    """A new cache (and mask) holding copies of cache rows `rows` (indices), less the
+    leading columns that are padding in all of them; `cache` is unchanged. For a
+    mergeable cache: rows set aside, to be `merge`d back later."""
+    mask = mask[rows]
+    first = int(mask.any(0).nonzero()[0])
+    taken = copy.copy(cache)
+    taken.layers = []
+    for layer in cache.layers:
+        part = copy.copy(layer)
+        part.__dict__.pop("_key_buffer", None)  # not the batch's buffer: its next update
+        part.__dict__.pop("_value_buffer", None)  # makes a buffer of its own
+        part.__dict__.pop("_key_view", None)
+        part.keys, part.values = layer.keys[rows, :, first:], layer.values[rows, :, first:]
+        taken.layers.append(part)
+    return taken, mask[:, first:]

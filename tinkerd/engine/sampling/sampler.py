@@ -19,6 +19,18 @@ that fills the batch delays another key's first request by one step, not by its 
 requests' length. A request whose future is cancelled (a client that went away) leaves
 the batch before the next step.
 
+A light tenant (at most `light_rows` rows running and waiting: an interactive caller,
+one request at a time) is also kept from waiting on the cost of a large batch: while one
+is active, and for `LINGER` seconds after (the gap between its requests), the others'
+requests join only while the batch stays within `latency_rows`. On a CPU a step's cost
+grows with its rows (tinkerd/tiny: 2 ms for 1 row, 88 ms for 256), so one key's 256 rows
+would make another key's one-row request ~40x slower; with the cap its steps cost a few
+rows' worth. When a light tenant arrives at a batch over the cap, the heavy tenants'
+rows beyond it are parked (set aside with their KV cache rows, `Parked`) and merged back,
+unchanged, as the cap allows; the heavy tenants keep the whole batch when no light one
+is active.
+`latency_rows` is None (no cap) on a GPU, where a step costs about the same at any size.
+
 With a `kv_budget` (bytes), the batch's KV cache stays within it: the cache is at most
 rows x the longest row's prompt + max_tokens columns (columns that are padding in every
 row are cropped), plus the growing buffer's quarter of spare room (`kv_cache`); requests
@@ -45,7 +57,7 @@ from tinkerd.engine.lora import route_rows, segments
 from tinkerd.engine.models import BaseModel
 from tinkerd.engine.sampling import kv_cache
 from tinkerd.engine.sampling.choose import Plan, choose, make_plan, prompt_logprobs
-from tinkerd.engine.sampling.jobs import Job, Row
+from tinkerd.engine.sampling.jobs import Job, Parked, Row
 from tinkerd.engine.sampling.spec import SampleSpec
 from tinkerd.engine.vision import decode_positions, forward_inputs
 from tinkerd.errors import InvalidRequestError
@@ -54,6 +66,8 @@ from tinkerd.types import SampledSequence, SampleResponse
 
 MAX_BATCH_ROWS = 256  # sequences decoded together; more requests wait for a free row
 FILL = 0.8  # of the KV budget that requests fill; the rest is for newcomer tenants
+LATENCY_ROWS_CPU = 8  # rows a batch keeps to while a light tenant is active (CPU)
+LINGER = 1.0  # seconds a light tenant counts as active after its last request
 log = logging.getLogger("tinkerd.sampler")
 
 
@@ -73,9 +87,15 @@ class Sampler:
         self.kv_per_token = kv_bytes_per_token(base.model)
         self.newcomer_rows = max(1, max_batch_rows // 4)
         """Rows beyond `max_batch_rows` that only a tenant with no row running may take."""
+        on_cpu = torch.device(base.device).type == "cpu"
+        self.latency_rows: int | None = LATENCY_ROWS_CPU if on_cpu else None
+        """Rows the batch keeps to (heavy tenants' requests wait) while a light tenant is
+        active; None: no cap."""
+        self._light_until = 0.0  # time.monotonic() until which a light tenant counts
         # tenant: its waiting jobs, tenants in turn order; never an empty deque
         self._pending: OrderedDict[Hashable, deque[Job]] = OrderedDict()
         self._cancelled = False  # a job's future was cancelled: drop its rows
+        self._parked: list[Parked] = []  # rows set aside for a light tenant, oldest first
         self._cond = threading.Condition()
         self._reset()
         self._rng = torch.Generator(device=base.device)
@@ -155,8 +175,11 @@ class Sampler:
     def adapters_in_use(self) -> set[str]:
         """Adapters that queued or running requests read (they must not be unloaded)."""
         with self._cond:
-            jobs = [*self._waiting(), *(r.job for r in self._rows)]
+            jobs = [*self._waiting(), *(r.job for r in self._rows + self._parked_rows())]
         return {j.spec.adapter for j in jobs}
+
+    def _parked_rows(self) -> list[Row]:
+        return [row for part in self._parked for row in part.rows]
 
     def _waiting(self) -> list[Job]:
         return [job for queue in self._pending.values() for job in queue]
@@ -171,7 +194,7 @@ class Sampler:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._pending and not self._rows and not self._closed:
+                    while not (self._pending or self._rows or self._parked or self._closed):
                         self._cond.wait()
                     if self._closed:
                         self._fail_all(RuntimeError("the sampler was closed"))
@@ -196,8 +219,9 @@ class Sampler:
                             job.future.set_exception(e)
 
     def _fail_all(self, error: Exception) -> None:
-        jobs = [*self._waiting(), *(r.job for r in self._rows)]
+        jobs = [*self._waiting(), *(r.job for r in self._rows + self._parked_rows())]
         self._pending.clear()
+        self._parked.clear()
         self._reset()
         for job in jobs:
             if not job.future.done():
@@ -211,6 +235,14 @@ class Sampler:
         taken, rows = [], len(self._rows)
         length = max((_length(r.job) for r in self._rows), default=0)
         running = {r.job.spec.tenant for r in self._rows}
+        light, cap = self._light_tenants()
+        if cap is not None and len(self._rows) > cap:
+            self._park_heavy(light, cap)
+        elif self._parked:  # the oldest rows first
+            self._unpark((cap or self.max_batch_rows) - len(self._rows))
+        rows = len(self._rows)
+        held = self._parked_rows()  # their KV cache counts against the budget too
+        length = max((_length(r.job) for r in self._rows + held), default=0)
         progressed = True
         while self._pending and progressed:
             progressed = False
@@ -221,8 +253,10 @@ class Sampler:
                 more, longest = rows + job.spec.num_samples, max(length, _length(job))
                 if more > self.max_batch_rows + (self.newcomer_rows if new else 0):
                     continue
+                if cap is not None and tenant not in light and more > cap:
+                    continue  # a light tenant is active: keep its steps cheap
                 budget = self.kv_budget
-                if budget is not None and self.kv_bytes(more, longest) > budget * (
+                if budget is not None and self.kv_bytes(more + len(held), longest) > budget * (
                     1 if new else FILL
                 ):
                     continue
@@ -234,7 +268,7 @@ class Sampler:
                 rows, length = more, longest
                 running.add(tenant)
                 progressed = True
-        if not taken and not self._rows and self._pending:  # larger than a batch: alone
+        if not taken and not self._rows and not held and self._pending:  # larger than a batch: alone
             tenant, queue = next(iter(self._pending.items()))
             taken.append(queue.popleft())
             del self._pending[tenant]
@@ -242,8 +276,91 @@ class Sampler:
                 self._pending[tenant] = queue
         return taken
 
+    @property
+    def light_rows(self) -> int:
+        """Most rows (running and waiting) of a light tenant."""
+        return max(1, (self.latency_rows or 0) // 2)
+
+    def _light_tenants(self) -> tuple[set[Hashable], int | None]:
+        """(the tenants with at most `light_rows` rows running and waiting, the batch's
+        row cap for the others now: `latency_rows` while a light tenant is or was
+        active within `LINGER` seconds, else None)."""
+        if self.latency_rows is None:
+            return set(), None
+        rows: dict[Hashable, int] = {}
+        for row in self._rows:
+            rows[row.job.spec.tenant] = rows.get(row.job.spec.tenant, 0) + 1
+        for tenant, queue in self._pending.items():
+            rows[tenant] = rows.get(tenant, 0) + sum(j.spec.num_samples for j in queue)
+        light = {t for t, n in rows.items() if n <= self.light_rows}
+        now = time.monotonic()
+        if light and len(rows) > 1:
+            self._light_until = now + LINGER
+        return light, self.latency_rows if now < self._light_until else None
+
+    def _park_heavy(self, light: set[Hashable], cap: int) -> None:
+        """Set aside the rows of heavy tenants beyond `cap` rows in all (the oldest stay)."""
+        keep = [i for i, r in enumerate(self._rows) if r.job.spec.tenant in light]
+        room = cap - len(keep)
+        keep += [i for i, r in enumerate(self._rows) if r.job.spec.tenant not in light][:room]
+        keep.sort()
+        out = sorted(set(range(len(self._rows))) - set(keep))
+        self._parked.append(self._select(self._batch(), out))
+        if not keep:
+            self._reset()
+            return
+        self._next_logits = self._next_logits[torch.tensor(keep, device=self._mask.device)]
+        self._retire(keep)
+
+    def _unpark(self, room: int) -> None:
+        """Merge up to `room` parked rows back into the batch, oldest first."""
+        while self._parked and room > 0:
+            part = self._parked[0]
+            if len(part.rows) > room:
+                n = len(part.rows)
+                self._parked[0] = self._select(part, list(range(room, n)))
+                part = self._select(part, list(range(room)))
+            else:
+                self._parked.pop(0)
+            self._merge(part)
+            room -= len(part.rows)
+
+    def _batch(self) -> Parked:
+        """The running batch's rows and state (not copied)."""
+        return Parked(
+            self._rows, self._cache, self._mask, self._positions, self._deltas, self._next_logits
+        )
+
+    def _select(self, part: Parked, indices: list[int]) -> Parked:
+        """Copies of rows `indices` of `part`."""
+        index = torch.tensor(indices, device=part.mask.device)
+        cache, mask = kv_cache.take_rows(part.cache, part.mask, index)
+        deltas = None if part.deltas is None else part.deltas[index]
+        rows = [part.rows[i] for i in indices]
+        return Parked(rows, cache, mask, part.positions[index], deltas, part.next_logits[index])
+
+    def _merge(self, part: Parked) -> None:
+        """Add `part`'s rows to the batch (left-padded to a common length)."""
+        if self._cache is None:
+            kv_cache.grow_in_place(part.cache)
+            self._cache, self._mask, self._next_logits = part.cache, part.mask, part.next_logits
+            self._positions, self._deltas, self._rows = part.positions, part.deltas, []
+        else:
+            self._cache, self._mask = kv_cache.merge(self._cache, self._mask, part.cache, part.mask)
+            self._next_logits = torch.cat([self._next_logits, part.next_logits])
+            self._positions = torch.cat([self._positions, part.positions])
+            if part.deltas is not None:
+                self._deltas = torch.cat([self._deltas, part.deltas])
+        self._rows += part.rows
+        self._plan = make_plan(self._rows, self._next_logits.shape[-1], self._mask.device)
+
     def _drop_cancelled(self) -> None:
-        """Forget waiting and running jobs whose future was cancelled."""
+        """Forget waiting, parked and running jobs whose future was cancelled."""
+        for i, part in enumerate(self._parked):
+            alive = [k for k, r in enumerate(part.rows) if not r.job.future.cancelled()]
+            if len(alive) < len(part.rows):
+                self._parked[i] = self._select(part, alive) if alive else None
+        self._parked = [part for part in self._parked if part is not None]
         for tenant, queue in list(self._pending.items()):
             live = deque(j for j in queue if not j.future.cancelled())
             if live:
@@ -330,18 +447,7 @@ class Sampler:
         new_positions = torch.tensor([[r.position] for r in new_rows], device=device)
         new_logits = logits[:, -1][index]
         new_deltas = None if deltas is None else deltas[rows_of].to(device)
-        if self._cache is None:
-            kv_cache.grow_in_place(cache)
-            self._cache, self._mask, self._next_logits = cache, new_mask, new_logits
-            self._positions, self._deltas = new_positions, new_deltas
-        else:
-            self._cache, self._mask = kv_cache.merge(self._cache, self._mask, cache, new_mask)
-            self._next_logits = torch.cat([self._next_logits, new_logits])
-            self._positions = torch.cat([self._positions, new_positions])
-            if new_deltas is not None:
-                self._deltas = torch.cat([self._deltas, new_deltas])
-        self._rows += new_rows
-        self._plan = make_plan(self._rows, logits.shape[-1], logits.device)
+        self._merge(Parked(new_rows, cache, new_mask, new_positions, new_deltas, new_logits))
 
     def _step(self) -> None:
         """Sample one token for every row, retire finished rows, run the rest forward."""
