@@ -143,9 +143,13 @@ def test_a_light_key_decodes_in_small_steps_and_parked_rows_resume_unchanged(eng
     merged back afterwards: the light key's steps have at most `latency_rows` rows, and
     the heavy key's seeded samples are the very tokens (and logprobs) they are alone."""
     base = engine.base_model(TINY)
+
+    def params(seed: int) -> SamplingParams:
+        return SamplingParams(max_tokens=24, stop=[], seed=seed)
+
     specs = [
-        make_spec(base, [BOS, *f"heavy {i}".encode()], 1, params, tenant="heavy")
-        for i, params in enumerate(SamplingParams(max_tokens=24, stop=[], seed=i) for i in range(12))
+        make_spec(base, [BOS, *f"heavy {i}".encode()], 1, params(i), tenant="heavy")
+        for i in range(12)
     ]
     alone = Sampler(base)
     try:

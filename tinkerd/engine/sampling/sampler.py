@@ -268,7 +268,7 @@ class Sampler:
                 rows, length = more, longest
                 running.add(tenant)
                 progressed = True
-        if not taken and not self._rows and not held and self._pending:  # larger than a batch: alone
+        if not taken and not self._rows and not held and self._pending:  # larger than a batch
             tenant, queue = next(iter(self._pending.items()))
             taken.append(queue.popleft())
             del self._pending[tenant]
