@@ -16,7 +16,7 @@ import openai
 import pytest
 from helpers import KEYS, TINY, free_port
 
-from tinkerd.engine.sampling.sampler import Sampler
+from tinkerd.engine.sampling.sampler import PREFILL_SHARE, Sampler
 from tinkerd.engine.sampling.spec import make_spec
 from tinkerd.engine.tiny_chat import TINY_CHAT_MODEL_NAME
 from tinkerd.errors import InvalidRequestError, QueueFullError
@@ -425,18 +425,81 @@ def test_the_batch_kv_cache_stays_within_the_sampling_budget(engine):
     params = SamplingParams(max_tokens=40, stop=[], seed=0)
     prompt = [BOS, *b"budget"]
     one_row = sampler.kv_bytes(1, len(prompt) + 40)
-    sampler.kv_budget = int(3 * one_row / 0.8)  # 3 rows of one tenant fill it
+    sampler.kv_budget = int(3 * one_row / 0.8 / (1 - PREFILL_SHARE))  # 3 rows fill it
     try:
         with pytest.raises(InvalidRequestError, match="--sampling-memory-budget"):
             sampler.submit(make_spec(base, prompt, 5, params))
         futures = [sampler.submit(make_spec(base, prompt, 1, params)) for _ in range(8)]
         assert all(len(f.result(60).sequences[0].tokens) == 40 for f in futures)
         assert max(rows for rows, _ in sampler.recent_steps()) == 3
-        assert sampler.kv_bytes(3, len(prompt) + 40) <= sampler.kv_budget
+        assert sampler.kv_bytes(3, len(prompt) + 40) <= sampler.cache_budget
     finally:
         sampler.close()
     # keys and values x 4 layers x 4 key/value heads x 32 dims x float32
     assert sampler.kv_per_token == 2 * 4 * 4 * 32 * 4
+
+
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_logprobs(engine):
+    """A prefill's working memory counts in the sampling budget: prompts that would not
+    fit its share in one forward are prefilled in groups of rows and chunks of tokens,
+    each chunk attending to the cache of the ones before. Prompt logprobs (and their
+    top-k), sampled tokens and their logprobs are those of the one-forward prefill."""
+    base = engine.base_model(TINY)
+    prompts = [[BOS, *f"p{i} ".encode() * 30][:n] for i, n in enumerate([5, 37, 50, 64])]
+
+    def run(budget: int | None) -> tuple[list, int]:
+        sampler = Sampler(base)
+        sampler.kv_budget = budget
+        try:
+            futures = [
+                sampler.submit(
+                    make_spec(
+                        base,
+                        prompt,
+                        2,
+                        SamplingParams(max_tokens=8, stop=[], seed=i),
+                        prompt_logprobs=True,
+                        topk_prompt_logprobs=3,
+                    )
+                )
+                for i, prompt in enumerate(prompts)
+            ]
+            return [f.result(60) for f in futures], sampler.prefill_forwards
+        finally:
+            sampler.close()
+
+    whole, forwards = run(None)
+    assert forwards == 1
+    probe = Sampler(base)
+    two_rows_of_16 = probe.prefill_bytes(2, 16, 64, True)
+    probe.close()
+    chunked, forwards = run(int(two_rows_of_16 / PREFILL_SHARE) + 1)
+    assert forwards == 3 + 4  # rows 2 at a time: 37 tokens in 3 chunks, then 64 in 4
+    for a, b in zip(whole, chunked):
+        assert max(abs(x - y) for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])) < 1e-5
+        top = [[t for t, _ in pairs] for pairs in a.topk_prompt_logprobs[1:]]
+        assert top == [[t for t, _ in pairs] for pairs in b.topk_prompt_logprobs[1:]]
+        for x, y in zip(a.sequences, b.sequences):
+            assert x.tokens == y.tokens
+            assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-5
+
+
+def test_a_prompt_whose_prefill_can_never_fit_is_refused_by_name(engine):
+    """A request whose prefill's smallest forward (one row, 16 tokens; all logits when
+    prompt logprobs are asked for) exceeds the budget's prefill share is a 400 naming it."""
+    sampler = Sampler(engine.base_model(TINY))
+    base = engine.base_model(TINY)
+    prompt = [BOS, *b"x" * 200]
+    sampler.kv_budget = int(sampler.prefill_bytes(1, 16, len(prompt), False) / PREFILL_SHARE) + 4
+    assert sampler.prefill_bytes(1, 16, len(prompt), True) > sampler.prefill_budget
+    assert sampler.kv_bytes(1, len(prompt) + 8) <= sampler.cache_budget
+    params = SamplingParams(max_tokens=8, stop=[])
+    try:
+        with pytest.raises(InvalidRequestError, match="prefill; tinkerd serve --sampling-memory"):
+            sampler.submit(make_spec(base, prompt, 1, params, prompt_logprobs=True))
+        assert sampler.submit(make_spec(base, prompt, 1, params)).result(60).sequences
+    finally:
+        sampler.close()
 
 
 def test_a_sample_of_an_ended_session_stops_decoding(engine, tmp_path):

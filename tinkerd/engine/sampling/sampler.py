@@ -31,11 +31,16 @@ unchanged, as the cap allows; the heavy tenants keep the whole batch when no lig
 is active.
 `latency_rows` is None (no cap) on a GPU, where a step costs about the same at any size.
 
-With a `kv_budget` (bytes), the batch's KV cache stays within it: the cache is at most
-rows x the longest row's prompt + max_tokens columns (columns that are padding in every
-row are cropped), plus the growing buffer's quarter of spare room (`kv_cache`); requests
-join while that bound fits in `FILL` of the budget (a newcomer tenant: the whole budget),
-and a request that could never fit is refused when it is submitted (`check`).
+With a `kv_budget` (bytes: the sampling memory budget), the sampler's memory stays
+within it. `PREFILL_SHARE` of it is the working memory of a prefill forward
+(activations, attention scores, logits: `prefill_bytes`): the new prompts are prefilled
+in groups of rows and, where a group's prompts are long, in chunks of tokens (each chunk
+attends to the cache the earlier ones made), sized to fit. The rest holds the KV cache
+of the batch and of its parked rows: at most rows x the longest row's prompt + max_tokens
+columns (columns that are padding in every row are cropped), plus the growing buffer's
+quarter of spare room (`kv_cache`); requests join while that bound fits in `FILL` of it
+(a newcomer tenant: all of it), and a request that could never fit is refused when it is
+submitted (`check`).
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from tinkerd.engine.fast_decode import FastDecoder
 from tinkerd.engine.lora import route_rows, segments
 from tinkerd.engine.models import BaseModel
 from tinkerd.engine.sampling import kv_cache
-from tinkerd.engine.sampling.choose import Plan, choose, make_plan, prompt_logprobs
+from tinkerd.engine.sampling.choose import Plan, choose, make_plan, next_token_logprobs
 from tinkerd.engine.sampling.jobs import Job, Parked, Row
 from tinkerd.engine.sampling.spec import SampleSpec
 from tinkerd.engine.vision import decode_positions, forward_inputs
@@ -66,6 +71,8 @@ from tinkerd.types import SampledSequence, SampleResponse
 
 MAX_BATCH_ROWS = 256  # sequences decoded together; more requests wait for a free row
 FILL = 0.8  # of the KV budget that requests fill; the rest is for newcomer tenants
+PREFILL_SHARE = 0.25  # of the sampling budget: a prefill forward's working memory
+MIN_CHUNK = 16  # fewest prompt tokens a prefill forward takes per row (unless shorter)
 LATENCY_ROWS_CPU = 8  # rows a batch keeps to while a light tenant is active (CPU)
 LINGER = 1.0  # seconds a light tenant counts as active after its last request
 log = logging.getLogger("tinkerd.sampler")
@@ -83,8 +90,10 @@ class Sampler:
         # decode steps straight from the weights where the architecture allows (Llama)
         self._fast = FastDecoder.build(base.model) if fast_decode else None
         self.kv_budget: int | None = None
-        """Bytes the batch's KV cache may take (None: no bound but the rows)."""
+        """Bytes the sampler may take: the batch's KV cache and a prefill's working memory
+        (None: no bound but the rows)."""
         self.kv_per_token = kv_bytes_per_token(base.model)
+        self._shape = model_shape(base.model)
         self.newcomer_rows = max(1, max_batch_rows // 4)
         """Rows beyond `max_batch_rows` that only a tenant with no row running may take."""
         on_cpu = torch.device(base.device).type == "cpu"
@@ -111,6 +120,8 @@ class Sampler:
         self.decode_tokens = 0
         """Tokens chosen by decode steps (each step chooses one per row)."""
         self.decode_steps = 0
+        self.prefill_forwards = 0
+        """Prefill forward passes (a long prompt's chunks count one each)."""
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"sampler-{base.name}", daemon=True)
         self._thread.start()
@@ -141,15 +152,40 @@ class Sampler:
         """Bound on the KV cache of `rows` rows whose longest is `length` tokens."""
         return rows * (length + length // 4 + 16) * self.kv_per_token
 
+    def prefill_bytes(self, rows: int, tokens: int, columns: int, all_logits: bool) -> int:
+        """Bound on the working memory of a prefill forward of `rows` rows x `tokens` new
+        tokens attending to `columns` in all (the KV cache it makes aside): per token the
+        layer's hidden states, q/k/v and MLP products; per (token, column) the attention
+        scores and mask; and the logits, upcast to float32 (every position's when prompt
+        logprobs are asked for, else the last)."""
+        hidden, intermediate, heads, vocab, element = self._shape
+        per_token = element * (8 * hidden + 3 * intermediate + 3 * heads * columns)
+        kept = tokens if all_logits else 1
+        return rows * (tokens * per_token + kept * vocab * (element + 8))
+
+    @property
+    def prefill_budget(self) -> int | None:
+        return None if self.kv_budget is None else int(self.kv_budget * PREFILL_SHARE)
+
+    @property
+    def cache_budget(self) -> int | None:
+        """Bytes of the budget for KV cache (the batch's and its parked rows')."""
+        return None if self.kv_budget is None else self.kv_budget - self.prefill_budget
+
     def check(self, spec: SampleSpec) -> None:
         """Refuse (InvalidRequestError, 400) a request that could never fit the budget."""
-        need = self.kv_bytes(spec.num_samples, len(spec.prompt) + spec.max_tokens)
-        if self.kv_budget is not None and need > self.kv_budget:
+        if self.kv_budget is None:
+            return
+        length = len(spec.prompt)
+        need = self.kv_bytes(spec.num_samples, length + spec.max_tokens)
+        prefill = self.prefill_bytes(1, min(length, MIN_CHUNK), length, spec.prompt_logprobs)
+        if need > self.cache_budget or prefill > self.prefill_budget:
             raise InvalidRequestError(
-                f"{spec.num_samples} samples of {len(spec.prompt)} prompt + {spec.max_tokens} "
-                f"new tokens need {need} bytes of KV cache, more than the sampling memory "
-                f"budget of {self.kv_budget} bytes (tinkerd serve --sampling-memory-budget): "
-                "ask for fewer samples or tokens"
+                f"{spec.num_samples} samples of {length} prompt + {spec.max_tokens} "
+                f"new tokens need {need} bytes of KV cache and {prefill} of prefill, more "
+                f"than the sampling memory budget of {self.kv_budget} bytes allows "
+                f"({self.cache_budget} for KV cache, {self.prefill_budget} for prefill; "
+                "tinkerd serve --sampling-memory-budget): ask for fewer samples or tokens"
             )
 
     def submit(self, spec: SampleSpec) -> Future:
@@ -255,7 +291,7 @@ class Sampler:
                     continue
                 if cap is not None and tenant not in light and more > cap:
                     continue  # a light tenant is active: keep its steps cheap
-                budget = self.kv_budget
+                budget = self.cache_budget
                 if budget is not None and self.kv_bytes(more + len(held), longest) > budget * (
                     1 if new else FILL
                 ):
@@ -408,15 +444,40 @@ class Sampler:
         return out.logits, getattr(out, self._cache_kw)
 
     def _admit(self, jobs: list[Job]) -> None:
-        """Prefill the new prompts together, then add num_samples rows per prompt."""
-        lengths = [len(j.spec.prompt) for j in jobs]
+        """Prefill the new prompts (in groups and chunks that fit the prefill's share of
+        the budget), then add num_samples rows per prompt."""
         now = time.time()
         for job in jobs:
             job.admitted = now
-        self.prefill_tokens += sum(lengths)
+        self.prefill_tokens += sum(len(j.spec.prompt) for j in jobs)
+        for group, chunk in self._prefill_plan(jobs):
+            self._prefill(group, chunk)
+
+    def _prefill_plan(self, jobs: list[Job]) -> list[tuple[list[Job], int]]:
+        """(jobs prefilled together, the prompt tokens each of their forwards takes): as
+        many rows, then as many tokens, as keep a forward within `prefill_budget`."""
+        width = max(len(j.spec.prompt) for j in jobs)
+        budget = self.prefill_budget
+        if budget is None or self.base.vision is not None:  # images go in one forward
+            return [(jobs, width)]
+        all_logits = any(j.spec.prompt_logprobs for j in jobs)
+        one = self.prefill_bytes(1, min(width, MIN_CHUNK), width, all_logits)
+        size = max(1, budget // one)
+        plan = []
+        for i in range(0, len(jobs), size):
+            group = jobs[i : i + size]
+            width = max(len(j.spec.prompt) for j in group)
+            per_token = self.prefill_bytes(len(group), 1, width, all_logits)
+            plan.append((group, min(width, max(MIN_CHUNK, budget // per_token))))
+        return plan
+
+    def _prefill(self, jobs: list[Job], chunk: int) -> None:
+        """Prefill `jobs`' prompts together, `chunk` tokens a forward (left-padded to the
+        longest; each chunk attends to the cache of the ones before), and merge
+        num_samples rows per prompt into the batch."""
+        lengths = [len(j.spec.prompt) for j in jobs]
         width = max(lengths)
-        pad = 0
-        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+        ids = torch.zeros((len(jobs), width), dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)
         for i, job in enumerate(jobs):
             ids[i, width - lengths[i] :] = torch.tensor(job.spec.prompt)
@@ -427,15 +488,38 @@ class Sampler:
         extra, deltas = forward_inputs(self.base.vision, ids, images, mask)
         if self.base.vision is not None and deltas is None:
             deltas = torch.zeros(len(jobs), dtype=torch.long)
-        logits, cache = self._forward(
-            ids, mask, positions, [j.spec.adapter for j in jobs], None, 0 if keep_all else 1, extra
-        )
-        logits = logits.float()
-        for i, job in enumerate(jobs):
-            if job.spec.prompt_logprobs:
-                job.prompt_logprobs, job.topk_prompt_logprobs = prompt_logprobs(
-                    job.spec.prompt, logits[i, width - lengths[i] :], job.spec.topk_prompt_logprobs
-                )
+        adapters = [j.spec.adapter for j in jobs]
+        picked: dict[int, tuple[list, list]] = {
+            i: ([None], [None]) for i, j in enumerate(jobs) if j.spec.prompt_logprobs
+        }
+        cache = None
+        for start in range(0, width, chunk):
+            end = min(width, start + chunk)
+            logits, cache = self._forward(
+                ids[:, start:end],
+                mask[:, :end],
+                positions[:, start:end],
+                adapters,
+                cache,
+                0 if keep_all else 1,
+                extra if start == 0 else None,
+            )
+            kv_cache.grow_in_place(cache)  # the next chunk appends in place
+            self.prefill_forwards += 1
+            logits = logits.float()
+            for i, (lps, tops) in picked.items():  # column c predicts column c + 1's token
+                first, last = max(start, width - lengths[i]), min(end, width - 1)
+                if first < last:
+                    k = jobs[i].spec.topk_prompt_logprobs
+                    targets = ids[i, first + 1 : last + 1].tolist()
+                    more, top = next_token_logprobs(
+                        logits[i, first - start : last - start], targets, k
+                    )
+                    lps += more
+                    tops += top or []
+        for i, (lps, tops) in picked.items():
+            jobs[i].prompt_logprobs = lps
+            jobs[i].topk_prompt_logprobs = tops if jobs[i].spec.topk_prompt_logprobs else None
         rows_of = [i for i, job in enumerate(jobs) for _ in range(job.spec.num_samples)]
         index = torch.tensor(rows_of, device=logits.device)
         cache.batch_select_indices(index)
@@ -578,6 +662,17 @@ class Sampler:
 def _length(job: Job) -> int:
     """Columns a job's rows may reach: its prompt and every new token."""
     return len(job.spec.prompt) + job.spec.max_tokens
+
+
+def model_shape(model: torch.nn.Module) -> tuple[int, int, int, int, int]:
+    """(hidden size, MLP size, attention heads, vocabulary, the weights' element size)."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    hidden = getattr(text, "hidden_size", 0) or 0
+    intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
+    heads = getattr(text, "num_attention_heads", 1) or 1
+    vocab = getattr(text, "vocab_size", 0) or 0
+    return hidden, intermediate, heads, vocab, next(model.parameters()).element_size()
 
 
 def kv_bytes_per_token(model: torch.nn.Module) -> int:
