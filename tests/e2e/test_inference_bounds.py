@@ -178,6 +178,40 @@ def test_a_light_key_decodes_in_small_steps_and_parked_rows_resume_unchanged(eng
         sampler.close()
 
 
+def test_a_sampling_client_beside_an_openai_flood_decodes_in_small_steps(live, engine):
+    """Issue 25: another key's SamplingClient.sample was 4-19x slower than alone while a
+    key flooded the OpenAI route: it joined the batch at once, but every step it shared
+    carried the flood's rows. Now the flood's rows over `latency_rows` are parked while
+    the victim (official `tinker` SDK) samples, and the flood (official `openai` client)
+    finishes afterwards."""
+    import tinker
+
+    sampler = sampler_of(engine)
+    cap = sampler.latency_rows
+    assert cap is not None  # a CPU
+    prompts = [[BOS, 97 + i % 20] for i in range(3 * cap)]
+    client = openai.OpenAI(base_url=f"{live.url}/oai/api/v1", api_key=KEYS[0], max_retries=0)
+    done: list = []
+    flood = threading.Thread(
+        target=lambda: done.append(
+            client.completions.create(model=TINY, prompt=prompts, max_tokens=30, temperature=1.0)
+        )
+    )
+    flood.start()
+    assert wait_for(lambda: len(sampler._rows) == len(prompts))
+    victim = tinker.ServiceClient(base_url=live.url, api_key=KEYS[1])
+    sampling = victim.create_sampling_client(base_model=TINY).result()
+    start = len(sampler.steps)
+    params = tinker.types.SamplingParams(max_tokens=4, stop=[], seed=0)
+    out = sampling.sample(tinker.types.ModelInput.from_ints([BOS, 98]), 1, params).result()
+    assert len(out.sequences[0].tokens) == 4
+    shared = [rows for rows, _ in list(sampler.steps)[start:]]
+    assert cap in shared  # its steps: the cap (its row and the flood's oldest), not 25 rows
+    flood.join(120)
+    assert len(done[0].choices) == len(prompts)  # the parked rows finished too
+    assert {c.finish_reason for c in done[0].choices} <= {"stop", "length"}
+
+
 def test_a_cancelled_request_stops_decoding_within_a_step(engine):
     sampler = Sampler(engine.base_model(TINY))
     base = engine.base_model(TINY)
