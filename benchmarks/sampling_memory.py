@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -99,8 +100,8 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args)))
-        return
+        print(json.dumps(child(args)), flush=True)
+        os._exit(0)  # not waiting for a sampler still inside a cancelled prefill
     from _report import record
 
     rows = []
