@@ -178,6 +178,27 @@ def test_a_light_key_decodes_in_small_steps_and_parked_rows_resume_unchanged(eng
         sampler.close()
 
 
+def test_parked_rows_that_are_cancelled_never_come_back(engine):
+    base = engine.base_model(TINY)
+    sampler = Sampler(base)
+    sampler.latency_rows = 2
+    try:
+        heavy = [
+            sampler.submit(make_spec(base, [BOS, 97 + i], 1, LONG, tenant="heavy"))
+            for i in range(6)
+        ]
+        assert wait_for(lambda: len(sampler._rows) == 6)
+        params = SamplingParams(max_tokens=20, stop=[], seed=1)
+        light = sampler.submit(make_spec(base, [BOS, 98], 1, params, tenant="light"))
+        assert wait_for(lambda: sampler._parked)
+        for future in heavy:
+            future.cancel()
+        assert len(light.result(120).sequences[0].tokens) == 20
+        assert wait_for(lambda: not sampler._rows and not sampler._parked, 10)
+    finally:
+        sampler.close()
+
+
 def test_a_sampling_client_beside_an_openai_flood_decodes_in_small_steps(live, engine):
     """Issue 25: another key's SamplingClient.sample was 4-19x slower than alone while a
     key flooded the OpenAI route: it joined the batch at once, but every step it shared

@@ -392,11 +392,13 @@ class Sampler:
 
     def _drop_cancelled(self) -> None:
         """Forget waiting, parked and running jobs whose future was cancelled."""
-        for i, part in enumerate(self._parked):
+        parked, self._parked = self._parked, []
+        for part in parked:
             alive = [k for k, r in enumerate(part.rows) if not r.job.future.cancelled()]
-            if len(alive) < len(part.rows):
-                self._parked[i] = self._select(part, alive) if alive else None
-        self._parked = [part for part in self._parked if part is not None]
+            if len(alive) == len(part.rows):
+                self._parked.append(part)
+            elif alive:
+                self._parked.append(self._select(part, alive))
         for tenant, queue in list(self._pending.items()):
             live = deque(j for j in queue if not j.future.cancelled())
             if live:
