@@ -27,6 +27,7 @@ import statistics
 import threading
 import time
 
+import httpx
 import openai
 import tinker
 from _report import record
@@ -76,6 +77,16 @@ def flood(url: str, args: argparse.Namespace, stop, counts) -> None:
         t.join()
 
 
+def decoded(url: str) -> float:
+    """Tokens the server's samplers have decoded so far (its /metrics)."""
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {BENCH_KEY}"}).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("tinkerd_sampler_decode_tokens_total")
+    )
+
+
 def burn(stop) -> None:
     """Spin until `stop`: a process that takes a core, as a flooder's client would."""
     while not stop.is_set():
@@ -114,10 +125,14 @@ def main() -> None:
         flooder = mp.Process(target=flood, args=(url, args, stop, counts))
         flooder.start()
         time.sleep(2.0)  # the flood fills the batch and the key's queue first
-        started, tokens_before = time.perf_counter(), counts[0]
+        started, tokens_before = time.perf_counter(), decoded(url)
         flooded = victim(sampler, args.samples, args.tokens)
         flood_seconds = time.perf_counter() - started
-        tokens_during = counts[0] - tokens_before
+        tokens_during = decoded(url) - tokens_before
+        time.sleep(1.5)  # the victim's linger passes: the flood alone
+        started, tokens_before = time.perf_counter(), decoded(url)
+        time.sleep(3.0)
+        flood_alone = (decoded(url) - tokens_before) / (time.perf_counter() - started)
         stop.set()
         flooder.join()
         again = victim(sampler, args.samples, args.tokens)
@@ -140,8 +155,9 @@ after the flood) and while another key keeps {args.flood_requests} Completions r
 | during the flood | {f50 * 1000:.0f} ms | {f95 * 1000:.0f} ms |
 | ratio | **{f50 / p50:.2f}x** | **{f95 / p95:.2f}x** |
 
-The flood meanwhile: {tokens_during / flood_seconds:.0f} tokens/s generated (requests that
-finished while the victim sampled), {counts[1]} requests refused with 429 in all
+The server decoded {tokens_during / flood_seconds:.0f} tokens/s (nearly all the flood's) while
+the victim sampled, and {flood_alone:.0f} tokens/s for the flood alone right after;
+{counts[0]} flood tokens answered in all, {counts[1]} requests refused with 429
 (the key's queue quota); server RSS after: {rss:.0f} MiB."""
     print(body)
     record("Inference flood (victim latency)", body)
