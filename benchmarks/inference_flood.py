@@ -53,12 +53,13 @@ def victim(sampler, samples: int, tokens: int) -> list[float]:
 
 def flood(url: str, args: argparse.Namespace, stop, counts) -> None:
     """Keep `--flood-requests` Completions requests in flight until `stop` (a process's
-    Event); `counts`: shared [tokens, refused, reconnects]."""
+    Event); `counts`: shared [tokens, refused, reconnects, requests sent]."""
     client = openai.OpenAI(base_url=f"{url}/oai/api/v1", api_key=FLOOD_KEY, max_retries=0)
     prompts = [[256, *f"flood {i}".encode()] for i in range(args.flood_prompts)]
 
     def one() -> None:
         while not stop.is_set():
+            counts[3] += 1
             try:
                 out = client.completions.create(
                     model=TINY, prompt=prompts, max_tokens=args.flood_tokens, temperature=1.0
@@ -77,6 +78,12 @@ def flood(url: str, args: argparse.Namespace, stop, counts) -> None:
         t.join()
 
 
+def wait_until(predicate) -> None:
+    """Until `predicate()`: a spawned process takes seconds to start on a loaded machine."""
+    while not predicate():
+        time.sleep(0.05)
+
+
 def decoded(url: str) -> float:
     """Tokens the server's samplers have decoded so far (its /metrics)."""
     text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {BENCH_KEY}"}).text
@@ -87,8 +94,10 @@ def decoded(url: str) -> float:
     )
 
 
-def burn(stop) -> None:
+def burn(stop, started) -> None:
     """Spin until `stop`: a process that takes a core, as a flooder's client would."""
+    with started.get_lock():
+        started.value += 1
     while not stop.is_set():
         sum(range(10_000))
 
@@ -113,17 +122,19 @@ def main() -> None:
         victim(sampler, 3, args.tokens)  # warm up
         alone = victim(sampler, args.samples, args.tokens)
         mp = multiprocessing.get_context("spawn")  # not a fork of this threaded process
-        stop = mp.Event()
-        burners = [mp.Process(target=burn, args=(stop,)) for _ in range(args.burners)]
+        stop, started = mp.Event(), mp.Value("i", 0)
+        burners = [mp.Process(target=burn, args=(stop, started)) for _ in range(args.burners)]
         for b in burners:
             b.start()
+        wait_until(lambda: started.value == args.burners)
         burned = victim(sampler, args.samples, args.tokens)
         stop.set()
         for b in burners:
             b.join()
-        stop, counts = mp.Event(), mp.Array("l", 3)
+        stop, counts = mp.Event(), mp.Array("l", 4)
         flooder = mp.Process(target=flood, args=(url, args, stop, counts))
         flooder.start()
+        wait_until(lambda: counts[3] >= args.flood_requests)
         time.sleep(2.0)  # the flood fills the batch and the key's queue first
         started, tokens_before = time.perf_counter(), decoded(url)
         flooded = victim(sampler, args.samples, args.tokens)
@@ -157,7 +168,7 @@ after the flood) and while another key keeps {args.flood_requests} Completions r
 
 The server decoded {tokens_during / flood_seconds:.0f} tokens/s (nearly all the flood's) while
 the victim sampled, and {flood_alone:.0f} tokens/s for the flood alone right after;
-{counts[0]} flood tokens answered in all, {counts[1]} requests refused with 429
+{counts[0]} flood tokens answered in all, {counts[1]} of {counts[3]} requests refused with 429
 (the key's queue quota); server RSS after: {rss:.0f} MiB."""
     print(body)
     record("Inference flood (victim latency)", body)
