@@ -318,13 +318,13 @@ class Sampler:
         return max(1, (self.latency_rows or 0) // 2)
 
     def _light_tenants(self) -> tuple[set[Hashable], int | None]:
-        """(the tenants with at most `light_rows` rows running and waiting, the batch's
+        """(the tenants with at most `light_rows` rows running, parked and waiting, the batch's
         row cap for the others now: `latency_rows` while a light tenant is or was
         active within `LINGER` seconds, else None)."""
         if self.latency_rows is None:
             return set(), None
         rows: dict[Hashable, int] = {}
-        for row in self._rows:
+        for row in self._rows + self._parked_rows():
             rows[row.job.spec.tenant] = rows.get(row.job.spec.tenant, 0) + 1
         for tenant, queue in self._pending.items():
             rows[tenant] = rows.get(tenant, 0) + sum(j.spec.num_samples for j in queue)
@@ -337,7 +337,7 @@ class Sampler:
     def _park_heavy(self, light: set[Hashable], cap: int) -> None:
         """Set aside the rows of heavy tenants beyond `cap` rows in all (the oldest stay)."""
         keep = [i for i, r in enumerate(self._rows) if r.job.spec.tenant in light]
-        room = cap - len(keep)
+        room = max(0, cap - len(keep))
         keep += [i for i, r in enumerate(self._rows) if r.job.spec.tenant not in light][:room]
         keep.sort()
         out = sorted(set(range(len(self._rows))) - set(keep))
