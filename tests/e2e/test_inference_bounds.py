@@ -608,3 +608,21 @@ def test_a_stream_sends_whole_characters_and_nothing_of_a_stop_string():
     assert text.rest("héllo") == ""
     eos = Detokenizer(build_tokenizer(), Stops({257}, []))
     assert [eos.add(t) for t in [*b"ok", 257, *b"no"]] == ["o", "k", "", "", ""]
+
+
+def test_the_latency_cap_is_set_by_the_serve_flag(tmp_path):
+    """`--sampling-latency-rows N|none|auto` reaches each base's sampler."""
+    from tinkerd.cli import build_parser
+    from tinkerd.cli.serve import engine_config
+    from tinkerd.engine import Engine
+
+    for flag, rows in [("3", 3), ("none", None), ("auto", 8)]:
+        args = build_parser().parse_args(["serve", "--sampling-latency-rows", flag])
+        engine = Engine(data_dir=tmp_path / flag, config=engine_config(args))
+        weights = engine.sampler_for(base_model=TINY)
+        engine.sample(weights, [BOS], 1, SamplingParams(max_tokens=1)).result()
+        sampler = engine.samplers.samplers[TINY]
+        try:
+            assert sampler.latency_rows == rows  # auto: a CPU's default
+        finally:
+            sampler.close()
