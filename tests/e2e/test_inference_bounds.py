@@ -178,6 +178,30 @@ def test_a_light_key_decodes_in_small_steps_and_parked_rows_resume_unchanged(eng
         sampler.close()
 
 
+def test_many_light_keys_do_not_starve_a_heavy_one(engine):
+    """Five light keys fill a 4-row cap by themselves; the heavy key still keeps
+    `light_rows` rows decoding, and finishes its short samples before their long ones."""
+    base = engine.base_model(TINY)
+    sampler = Sampler(base)
+    sampler.latency_rows = 4  # light: at most 2 rows
+    try:
+        short = SamplingParams(max_tokens=10, stop=[], seed=0)
+        heavy = [
+            sampler.submit(make_spec(base, [BOS, 97 + i], 1, short, tenant="heavy"))
+            for i in range(4)
+        ]
+        long = SamplingParams(max_tokens=40, stop=[], seed=1)
+        lights = [
+            sampler.submit(make_spec(base, [BOS, 98], 1, long, tenant=f"light {i}"))
+            for i in range(5)
+        ]
+        lights[0].result(120)
+        assert all(f.done() for f in heavy)
+        assert all(len(f.result().sequences[0].tokens) == 10 for f in heavy)
+    finally:
+        sampler.close()
+
+
 def test_parked_rows_that_are_cancelled_never_come_back(engine):
     base = engine.base_model(TINY)
     sampler = Sampler(base)

@@ -268,15 +268,20 @@ class Sampler:
         their rows fit (a tenant with no row running may use `newcomer_rows` more)."""
         if self._rows and not kv_cache.mergeable(self._cache):
             return []  # this cache type cannot take new rows mid-flight: wait for a drain
-        taken, rows = [], len(self._rows)
-        length = max((_length(r.job) for r in self._rows), default=0)
         running = {r.job.spec.tenant for r in self._rows}
         light, cap = self._light_tenants()
-        if cap is not None and len(self._rows) > cap:
-            self._park_heavy(light, cap)
+        heavy = sum(r.job.spec.tenant not in light for r in self._rows)
+        # while a light tenant is active, the heavy ones' rows: the cap less the light
+        # rows, but never less than `light_rows` (many light tenants do not starve them)
+        room = None if cap is None else max(self.light_rows, cap - (len(self._rows) - heavy))
+        if room is not None and heavy > room:
+            self._park_heavy(light, room)
+            heavy = room
         elif self._parked:  # the oldest rows first
-            self._unpark((cap or self.max_batch_rows) - len(self._rows))
-        rows = len(self._rows)
+            free = self.max_batch_rows - len(self._rows) if room is None else room - heavy
+            self._unpark(free)
+            heavy = sum(r.job.spec.tenant not in light for r in self._rows)
+        taken, rows = [], len(self._rows)
         held = self._parked_rows()  # their KV cache counts against the budget too
         length = max((_length(r.job) for r in self._rows + held), default=0)
         progressed = True
@@ -289,7 +294,8 @@ class Sampler:
                 more, longest = rows + job.spec.num_samples, max(length, _length(job))
                 if more > self.max_batch_rows + (self.newcomer_rows if new else 0):
                     continue
-                if cap is not None and tenant not in light and more > cap:
+                heavy_job = room is not None and tenant not in light
+                if heavy_job and heavy + job.spec.num_samples > room:
                     continue  # a light tenant is active: keep its steps cheap
                 budget = self.cache_budget
                 if budget is not None and self.kv_bytes(more + len(held), longest) > budget * (
@@ -302,6 +308,7 @@ class Sampler:
                     self._pending[tenant] = queue  # to the back of the turn order
                 taken.append(job)
                 rows, length = more, longest
+                heavy += job.spec.num_samples if heavy_job else 0
                 running.add(tenant)
                 progressed = True
         if not taken and not self._rows and not held and self._pending:  # larger than a batch
@@ -334,10 +341,9 @@ class Sampler:
             self._light_until = now + LINGER
         return light, self.latency_rows if now < self._light_until else None
 
-    def _park_heavy(self, light: set[Hashable], cap: int) -> None:
-        """Set aside the rows of heavy tenants beyond `cap` rows in all (the oldest stay)."""
+    def _park_heavy(self, light: set[Hashable], room: int) -> None:
+        """Set aside the rows of heavy tenants beyond their first `room` (the oldest stay)."""
         keep = [i for i, r in enumerate(self._rows) if r.job.spec.tenant in light]
-        room = max(0, cap - len(keep))
         keep += [i for i, r in enumerate(self._rows) if r.job.spec.tenant not in light][:room]
         keep.sort()
         out = sorted(set(range(len(self._rows))) - set(keep))
