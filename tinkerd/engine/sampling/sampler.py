@@ -22,7 +22,8 @@ the batch before the next step.
 A light tenant (at most `light_rows` rows running and waiting: an interactive caller,
 one request at a time) is also kept from waiting on the cost of a large batch: while one
 is active, and for `LINGER` seconds after (the gap between its requests), the others'
-requests join only while the batch stays within `latency_rows`. On a CPU a step's cost
+requests join only while the batch stays within `latency_rows` (they keep at least
+`light_rows` rows however many light tenants there are). On a CPU a step's cost
 grows with its rows (tinkerd/tiny: 2 ms for 1 row, 88 ms for 256), so one key's 256 rows
 would make another key's one-row request ~40x slower; with the cap its steps cost a few
 rows' worth. When a light tenant arrives at a batch over the cap, the heavy tenants'
