@@ -176,7 +176,7 @@ class Engine:
         self.limits = self.config.limits
         """What a pass may compute at once (the memory budget resolved once, at start)."""
         if self.limits.memory_budget_bytes is not None:
-            bounded_heap()  # freed activations go back to the system
+            bounded_heap(self.limits.memory_budget_bytes)  # freed activations go back
         self.parallel = parallel or SingleProcess()
         self._checkpoints: CheckpointStore | None = None
         self._recover_checkpoints = recover_checkpoints
