@@ -29,10 +29,11 @@ def machine() -> str:
     )
 
 
-def record(name: str, body: str) -> None:
-    """Replace (or add) the section `## name` of docs/benchmarks.md."""
+def record(name: str, body: str, on: str | None = None) -> None:
+    """Replace (or add) the section `## name` of docs/benchmarks.md; `on`: the machine
+    measured on, where it is not this one."""
     stamp = datetime.date.today().isoformat()
-    section = f"## {name}\n\nMeasured {stamp} on: {machine()}\n\n{body.strip()}\n"
+    section = f"## {name}\n\nMeasured {stamp} on: {on or machine()}\n\n{body.strip()}\n"
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nWritten by `benchmarks/*.py`.\n"
     pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = (

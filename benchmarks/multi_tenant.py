@@ -203,19 +203,25 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int) -> float:
 
 
 def step_flops(engine: Engine, model: str, model_id: str, batch: int, seq: int) -> float:
+    """Model FLOPs of one LoRA training step (module docstring): 4 N T for the base's
+    matmul weights (adapters excluded, the unembedding counted once even when tied),
+    attention scores and values with their backward, 6 N T for the run's adapter."""
     base = engine.base_model(model)
-    config = base.model.config
+    config = base.model.config.get_text_config()
     emb = base.model.get_input_embeddings().weight
     matmul = sum(
-        p.numel() for n, p in base.model.named_parameters() if n.endswith("weight") and p.ndim == 2
+        p.numel()
+        for n, p in base.model.named_parameters()
+        if n.endswith("weight") and p.ndim == 2 and "lora_" not in n
     )
     matmul -= emb.numel()  # a lookup, not a matmul (the unembedding counts unless tied)
     if base.model.get_output_embeddings().weight is emb:
         matmul += emb.numel()
     lora = sum(p.numel() for p in engine.run(model_id).params)
     tokens = batch * seq
-    layers, width = config.num_hidden_layers, config.hidden_size
-    attention = 3 * 4 * tokens * seq * width * layers / 2  # causal: half the scores
+    heads = config.num_attention_heads
+    width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    attention = 3 * 4 * tokens * seq * width * config.num_hidden_layers / 2  # causal: half
     return 4 * matmul * tokens + attention + 6 * lora * tokens
 
 

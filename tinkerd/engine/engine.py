@@ -527,6 +527,20 @@ class Engine:
         batch = self._collate(run.base, data, spec, loss_fn)
         return LossRequest(model_id, loss_fn, spec, config, batch, list(data))
 
+    def pass_limits(
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str = "cross_entropy",
+        backward: bool = True,
+    ) -> Limits:
+        """What a pass of `data` alone on the run would compute at once (micro-batch tokens
+        and rows, logits chunk, layer checkpointing): the engine's limits with its memory
+        budget resolved for these rows (`Limits.for_pass`). For benchmarks and logs."""
+        run = self.run(model_id)
+        members = self._members([self.prepare(model_id, data, loss_fn, None)], [run])
+        return self.limits.for_pass(run.base, members, backward)
+
     def _collate(
         self,
         base: BaseModel,
