@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import hashlib
+import json
 import logging
 import os
 import re
@@ -66,7 +68,7 @@ import torch
 from torch import Tensor
 
 from tinkerd.engine.memory import _mem_available, parse_bytes
-from tinkerd.engine.optimizers import Dimuon
+from tinkerd.engine.optimizers import Dimuon, make_optimizer
 
 log = logging.getLogger("tinkerd.paging")
 
@@ -139,10 +141,26 @@ class _Entry:
     pieces: dict[tuple[Any, str], Any] | None = None
     """While paged: the adapter's entries of each LoRA layer, by (layer, attribute)."""
     path: Path | None = None
-    """While on disk: the file holding its tensors' bytes, end to end."""
-    layout: Any = None
-    """While on disk: the state with each tensor replaced by its `_Slot` in the file."""
+    """While on disk: the file holding its state (`_write_page`)."""
     last_use: int = 0
+
+
+@dataclass
+class _Shape:
+    """What the shelved runs of one LoRA shape share (`ResidentSet._shelve`): the PEFT
+    config and the adapter's per-layer pieces, emptied, copied for each page-in."""
+
+    config: Any
+    pieces: dict[tuple[Any, str], Any]
+    order: list[tuple[tuple[Any, str], str]]
+    """Where each of a run's `params` is: (its piece, its name in the piece; "" for a
+    piece that is the Parameter itself)."""
+
+
+def _shape_key(run: Run) -> tuple:
+    """Runs alike in this have alike adapters on one base (the seed only sets values)."""
+    lora = run.lora
+    return (lora.rank, lora.train_attn, lora.train_mlp, lora.train_unembed)
 
 
 @dataclass
@@ -178,6 +196,7 @@ class ResidentSet:
         self.stats = PagingStats()
         self._clock = 0
         self._layer_list: list[Any] | None = None
+        self._shapes: dict[tuple, _Shape] = {}  # templates of shelved runs' modules
         self._lock = threading.Lock()  # the counters, read by the metrics thread
 
     # ---------------------------------------------------------------- membership
@@ -268,6 +287,7 @@ class ResidentSet:
                 self._detach(entry)
                 if where == "disk":
                     _take_state(run)  # the file still holds this state: free it again
+                    self._shelve(entry)
                 else:
                     _move_state(run, lambda t: t.to("cpu"))
 
@@ -372,26 +392,74 @@ class ResidentSet:
         return sum(e.size for e in self.host.values())
 
     def _to_disk(self, entry: _Entry) -> None:
-        """Write the run's tensors to its file (atomically: a crash leaves the old file or
-        none) and free them (the run's tensors become empty until its page-in)."""
+        """Write the run's state to its file (atomically: a crash leaves the old file or
+        none) and free it: its tensors, and its adapter's modules, Parameters and
+        optimizer too (`_shelve`), so that a run on disk costs memory only its `Run`."""
         self.spill_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spill_dir / (_safe(entry.run.model_id) + ".bin")
-        tmp = path.with_suffix(".tmp")
-        parts: list[Tensor] = []
-        entry.layout = _pack(_take_state(entry.run), parts)
-        with open(tmp, "wb") as f:
-            for part in parts:
-                f.write(memoryview(part.numpy()))
-        os.replace(tmp, path)
+        path = self.spill_dir / (_safe(entry.run.model_id) + PAGE_SUFFIX)
+        run = entry.run
+        write_page(path, run, _take_state(run), run.optimizer)
+        self._shelve(entry)
         entry.path, entry.where = path, "disk"
         with self._lock:
             self.stats.disk_writes += 1
 
     def _from_disk(self, entry: _Entry) -> None:
-        """The run's tensors from its file: one read (and one copy to a GPU), each
-        tensor a view of that buffer."""
-        buffer = torch.from_numpy(np.fromfile(entry.path, dtype=np.uint8)).to(self.device)
-        _put_state(entry.run, _unpack(entry.layout, buffer))
+        """The run's state from its file: one read (and one copy to a GPU), each tensor
+        a view of that buffer, into a copy of its shape's modules (`_unshelve`)."""
+        header, buffer = read_page(entry.path, self.device)
+        self._unshelve(entry)
+        _put_state(entry.run, _unpack(header["layout"], buffer))
+        entry.run.optimizer.steps = header["optimizer_steps"]
+        if header["optimizer_rank"] is not None:
+            entry.run.optimizer.rank = header["optimizer_rank"]
+
+    def _shelve(self, entry: _Entry) -> None:
+        """Drop a detached run's modules, Parameters and optimizer (emptied, the state in
+        its file). The first run of each LoRA shape leaves its emptied modules as the
+        shape's template, which `_unshelve` copies; a run whose Parameters are not all
+        in its modules (no such adapter is known) keeps its own."""
+        run, key = entry.run, _shape_key(entry.run)
+        if key not in self._shapes:
+            found = {}
+            for spot, piece in entry.pieces.items():
+                if isinstance(piece, torch.nn.Parameter):
+                    found[id(piece)] = (spot, "")
+                elif isinstance(piece, torch.nn.Module):
+                    found.update({id(p): (spot, n) for n, p in piece.named_parameters()})
+            order = [found.get(id(p)) for p in run.params]
+            if None in order:
+                return
+            self._shapes[key] = _Shape(entry.config, entry.pieces, order)
+        run.params, run.optimizer = [], None
+        entry.pieces = entry.config = None
+
+    def _unshelve(self, entry: _Entry) -> None:
+        """Give a shelved run fresh modules, Parameters (empty until `_put_state`) and
+        optimizer: a copy of its shape's template (nothing initialised, no random draw);
+        a run restored after a restart whose shape has none yet gets its adapter made
+        by PEFT, as at creation."""
+        run = entry.run
+        if run.optimizer is not None:
+            return  # never shelved: it kept its own
+        shape = self._shapes.get(_shape_key(run))
+        if shape is None:
+            from tinkerd.engine.adapters import create_run
+
+            made = create_run(self.base, run.model_id, run.lora, run.optimizer_config)
+            run.params, run.optimizer = made.params, made.optimizer
+            entry.config = self.base.peft_model.peft_config[run.model_id]
+            self._layer_list = None  # PEFT may have wrapped modules for it
+            self._detach(entry)
+            _take_state(run)
+            return
+        pieces = {spot: copy.deepcopy(piece) for spot, piece in shape.pieces.items()}
+        run.params = [
+            pieces[spot] if not name else pieces[spot].get_parameter(name)
+            for spot, name in shape.order
+        ]
+        run.optimizer = make_optimizer(run.optimizer_config.type, run.params, run.lora.rank)
+        entry.pieces, entry.config = pieces, copy.deepcopy(shape.config)
 
     @property
     def device(self) -> torch.device:
@@ -493,47 +561,92 @@ def _move_state(run: Run, move: Callable[[Tensor], Tensor]) -> None:
         state[p] = {k: v if k == "step" else move(v) for k, v in state[p].items()}
 
 
-@dataclass(frozen=True)
-class _Slot:
-    """A tensor's place in a paged run's file: bytes [offset, offset + size)."""
-
-    offset: int
-    size: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
 ALIGN = 64  # every tensor starts at a multiple of this in the file (any dtype may view it)
+PAGE_MAGIC = b"TKDPAGE1"
+PAGE_SUFFIX = ".page"
+PAGE_VERSION = 1
 
 
 def _pack(value: Any, parts: list[Tensor], at: list[int] | None = None) -> Any:
-    """`value` (dicts, lists, tensors, numbers) with each tensor replaced by its `_Slot`;
-    the tensors' bytes (CPU, padded to ALIGN) appended to `parts` in file order."""
+    """`value` (dicts, lists, tensors, numbers) with each tensor replaced by its slot in
+    the file, `{"slot": [offset, bytes, shape, dtype]}`; the tensors' bytes (CPU, padded
+    to ALIGN) appended to `parts` in file order."""
     at = [0] if at is None else at
     if isinstance(value, Tensor):
         data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        slot = _Slot(at[0], data.numel(), tuple(value.shape), value.dtype)
+        slot = [at[0], data.numel(), list(value.shape), str(value.dtype).removeprefix("torch.")]
         pad = -data.numel() % ALIGN
         parts += [data, torch.zeros(pad, dtype=torch.uint8)] if pad else [data]
         at[0] += data.numel() + pad
-        return slot
+        return {"slot": slot}
     if isinstance(value, dict):
-        return {k: _pack(v, parts, at) for k, v in value.items()}
+        return {str(k): _pack(v, parts, at) for k, v in value.items()}
     if isinstance(value, list):
         return [_pack(v, parts, at) for v in value]
     return value
 
 
 def _unpack(layout: Any, buffer: Tensor) -> Any:
-    """`_pack`'s inverse: each `_Slot` becomes a view of `buffer` (the file's bytes)."""
-    if isinstance(layout, _Slot):
-        data = buffer[layout.offset : layout.offset + layout.size]
-        return data.view(layout.dtype).reshape(layout.shape)
+    """`_pack`'s inverse: each slot becomes a view of `buffer` (the file's tensor bytes)."""
+    if isinstance(layout, dict) and "slot" in layout:
+        offset, size, shape, dtype = layout["slot"]
+        return buffer[offset : offset + size].view(getattr(torch, dtype)).reshape(shape)
     if isinstance(layout, dict):
         return {k: _unpack(v, buffer) for k, v in layout.items()}
     if isinstance(layout, list):
         return [_unpack(v, buffer) for v in layout]
     return layout
+
+
+def write_page(path: Path, run: Run, state: dict[str, Any], optimizer: Any) -> None:
+    """A paged run's file: PAGE_MAGIC, the header's length (8 bytes, little-endian),
+    the header (JSON: what the run is and the layout of its tensors), padding to ALIGN,
+    the tensors' bytes. Self-describing, so that a restarted server can take the run
+    back (`read_page`). Written to a temporary file and renamed: a crash leaves the old
+    file or none, never half of one."""
+    parts: list[Tensor] = []
+    header = {
+        "version": PAGE_VERSION,
+        "model_id": run.model_id,
+        "base_model": run.base.name,
+        "lora": run.lora.model_dump(mode="json"),
+        "optimizer_config": run.optimizer_config.model_dump(mode="json"),
+        "step": run.step,
+        "optimizer_steps": optimizer.steps,
+        "optimizer_rank": getattr(optimizer, "rank", None),  # Dimuon's
+        "layout": _pack(state, parts),
+    }
+    head = json.dumps(header).encode()
+    head += b" " * (-(len(head) + 16) % ALIGN)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(PAGE_MAGIC + len(head).to_bytes(8, "little") + head)
+        for part in parts:
+            f.write(memoryview(part.numpy()))
+    os.replace(tmp, path)
+
+
+def read_page(path: Path, device: torch.device | str = "cpu") -> tuple[dict, Tensor]:
+    """A paged run's file: (its header, its tensor bytes as one uint8 tensor on
+    `device`). ValueError if it is not one, or shorter than its header says."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw[:8].tobytes() != PAGE_MAGIC:
+        raise ValueError(f"{path} is not a paged run")
+    length = int.from_bytes(raw[8:16].tobytes(), "little")
+    header = json.loads(raw[16 : 16 + length].tobytes())
+    buffer = torch.from_numpy(raw[16 + length :])
+    end = max((s["slot"][0] + s["slot"][1] for s in _slots(header["layout"])), default=0)
+    if header.get("version") != PAGE_VERSION or buffer.numel() < end:
+        raise ValueError(f"{path} is truncated or of another version")
+    return header, buffer.to(device)
+
+
+def _slots(layout: Any) -> Iterator[dict]:
+    if isinstance(layout, dict) and "slot" in layout:
+        yield layout
+    elif isinstance(layout, dict | list):
+        for v in layout.values() if isinstance(layout, dict) else layout:
+            yield from _slots(v)
 
 
 def _take_state(run: Run) -> dict[str, Any]:
@@ -561,7 +674,8 @@ def _put_state(run: Run, saved: dict[str, Any]) -> None:
     if isinstance(run.optimizer, Dimuon):
         run.optimizer.momentum = {int(i): m for i, m in saved["momentum"].items()}
         return
-    for i, state in saved["adam"].items():
+    for i, state in saved["adam"].items():  # AdamW's `step` stays on the CPU, as torch keeps it
+        state = {k: v.cpu() if k == "step" else v for k, v in state.items()}
         run.optimizer.state[run.params[int(i)]] = state
 
 

@@ -59,12 +59,15 @@ def test_paged_runs_train_exactly_as_runs_never_paged(tmp_path, dimuon):
     assert stats["resident_runs"] == 2 and stats["disk_runs"] == 4
     assert stats["page_ins"] >= 16  # every run, every step, paged in at least twice
     assert control.paging_stats()[TINY]["page_ins"] == 0
-    # A paged run's tensors are on disk, not in memory, and its adapter left the base.
+    # A paged run's state is on disk, not in memory: its adapter left the base, and it
+    # holds no modules, Parameters nor optimizer of its own (its shape's template does).
     base = paged.run(ids[0]).base
     assert len(base.peft_model.peft_config) == 2
     cold = [paged.run(m) for m in ids if m not in base.adapters]
-    assert cold and all(p.numel() == 0 for run in cold for p in run.params)
-    assert len(list((tmp_path / "paged" / "paged").glob("*/*.bin"))) == 4
+    assert len(cold) == 4 and all(run.params == [] and run.optimizer is None for run in cold)
+    pager = paged.pager(base)
+    assert len(pager._shapes) == 1 and all(pager.entries[r.model_id].pieces is None for r in cold)
+    assert len(list((tmp_path / "paged" / "paged").glob("*/*.page"))) == 4
 
 
 def test_a_packed_pass_pages_in_what_it_packs_a_budget_at_a_time(tmp_path):
@@ -114,7 +117,7 @@ def test_saving_or_sampling_a_paged_run_borrows_it(tmp_path):
 def test_unloading_a_paged_run_deletes_its_file(tmp_path):
     engine = Engine(data_dir=tmp_path, config=EngineConfig(max_resident_runs=1))
     first, second = (engine.create_model(TINY, LoraConfig(rank=4, seed=k)) for k in (1, 2))
-    files = list((tmp_path / "paged").glob("*/*.bin"))
+    files = list((tmp_path / "paged").glob("*/*.page"))
     assert len(files) == 1  # `first`, paged out to make room for `second`
     engine.unload_model(first)
     assert not files[0].exists()
