@@ -504,6 +504,43 @@ class ResidentSet:
         self.base.adapters.add(name)
         _repoint_active(self.base)
 
+    # ---------------------------------------------------------------- restarts
+
+    def suspend(self) -> None:
+        """At a clean shutdown: every run to disk, and the files kept at exit, so that the
+        next server on this data dir takes them back (`adopt`)."""
+        with self.base.lock:
+            for model_id, entry in list(self.resident.items()):
+                self._detach(entry)
+                del self.resident[model_id]
+                self._to_disk(entry)
+            for model_id, entry in list(self.host.items()):
+                del self.host[model_id]
+                self._to_disk(entry)
+            _KEPT.add(self.spill_dir)
+
+    def adopt(self, header: dict, path: Path) -> Run:
+        """Take back a run an earlier process left on disk (`header` read from `path` by
+        `read_page`): its file moves into this process's directory and the run is
+        registered as paged to disk, made resident on its first use."""
+        from tinkerd.engine.adapters import Run
+        from tinkerd.types import LoraConfig, optimizer_config_from
+
+        with self.base.lock:
+            optimizer = optimizer_config_from(header["optimizer_config"])
+            lora = LoraConfig.model_validate(header["lora"])
+            run = Run(header["model_id"], self.base, lora, [], None, optimizer, header["step"])
+            run.pager = self
+            weights = sum(s["slot"][1] for s in _slots(header["layout"]["weights"]))
+            moments = 1 if optimizer.type == "dimuon" else 2
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            mine = self.spill_dir / path.name
+            os.replace(path, mine)
+            entry = _Entry(run, None, weights * (2 + moments), owner_of(run.model_id))
+            entry.where, entry.path = "disk", mine
+            self.entries[run.model_id] = entry
+            return run
+
     # ---------------------------------------------------------------- metrics
 
     def snapshot(self) -> dict[str, float]:
@@ -627,18 +664,36 @@ def write_page(path: Path, run: Run, state: dict[str, Any], optimizer: Any) -> N
 
 
 def read_page(path: Path, device: torch.device | str = "cpu") -> tuple[dict, Tensor]:
-    """A paged run's file: (its header, its tensor bytes as one uint8 tensor on
-    `device`). ValueError if it is not one, or shorter than its header says."""
-    raw = np.fromfile(path, dtype=np.uint8)
-    if raw[:8].tobytes() != PAGE_MAGIC:
+    """A paged run's file (written by this process, or checked by `read_header`): its
+    header, and its tensor bytes as one uint8 tensor on `device`."""
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if raw.size < 16 or raw[:8].tobytes() != PAGE_MAGIC:
         raise ValueError(f"{path} is not a paged run")
     length = int.from_bytes(raw[8:16].tobytes(), "little")
     header = json.loads(raw[16 : 16 + length].tobytes())
-    buffer = torch.from_numpy(raw[16 + length :])
+    return header, torch.from_numpy(raw[16 + length :]).to(device)
+
+
+def read_header(path: Path) -> dict:
+    """A paged run's header alone (what it is; `read_page` checks its tensors' bytes).
+    ValueError if the file is not one, or not whole."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(16)
+            if len(start) < 16 or start[:8] != PAGE_MAGIC:
+                raise ValueError(f"{path} is not a paged run")
+            length = int.from_bytes(start[8:], "little")
+            header = json.loads(f.read(length))
+            size = os.fstat(f.fileno()).st_size - 16 - length
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from None
     end = max((s["slot"][0] + s["slot"][1] for s in _slots(header["layout"])), default=0)
-    if header.get("version") != PAGE_VERSION or buffer.numel() < end:
+    if header.get("version") != PAGE_VERSION or size < end:
         raise ValueError(f"{path} is truncated or of another version")
-    return header, buffer.to(device)
+    return header
 
 
 def _slots(layout: Any) -> Iterator[dict]:
@@ -679,17 +734,50 @@ def _put_state(run: Run, saved: dict[str, Any]) -> None:
         run.optimizer.state[run.params[int(i)]] = state
 
 
-def spill_dir(data_dir: Path) -> Path:
-    """This process's directory for runs paged to disk, `<data_dir>/paged/<pid>`, made
-    empty; the directories of processes that are gone are removed (their paged runs
-    died with them: docs/multi-tenant.md). Removed again when this process exits."""
-    root = Path(data_dir) / SPILL_DIR
-    for old in root.glob("*") if root.is_dir() else []:
-        if not old.name.isdigit() or not _alive(int(old.name)) or int(old.name) == os.getpid():
-            shutil.rmtree(old, ignore_errors=True)
-    mine = root / str(os.getpid())
-    atexit.register(shutil.rmtree, mine, True)
+_KEPT: set[Path] = set()
+"""Spill directories to leave in place at exit (`ResidentSet.suspend`: a clean shutdown
+of a server whose runs a restart takes back)."""
+
+
+def spill_dir(data_dir: Path, rank: int = 0) -> Path:
+    """This process's directory for runs paged to disk, `<data_dir>/paged/r<rank>-<pid>`,
+    made empty. Removed when this process exits, unless kept (`ResidentSet.suspend`).
+    The directories of earlier processes are left to `leftover_pages`: a restarted
+    server takes back the runs in them (docs/multi-tenant.md)."""
+    mine = Path(data_dir) / SPILL_DIR / f"r{rank}-{os.getpid()}"
+    shutil.rmtree(mine, ignore_errors=True)  # an earlier process of this pid: not ours
+    atexit.register(_remove_unless_kept, mine)
     return mine
+
+
+def _remove_unless_kept(path: Path) -> None:
+    if path not in _KEPT:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def leftover_pages(data_dir: Path, rank: int = 0) -> list[Path]:
+    """The page files this rank's earlier processes left under `<data_dir>/paged/` (those
+    no longer running, or of this very pid: a container restarted), oldest first."""
+    root = Path(data_dir) / SPILL_DIR
+    found = []
+    for old in sorted(root.glob(f"r{rank}-*")) if root.is_dir() else []:
+        pid = old.name.partition("-")[2]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            found += sorted(old.glob("*" + PAGE_SUFFIX), key=lambda p: p.stat().st_mtime)
+    return found
+
+
+def remove_leftovers(data_dir: Path, rank: int = 0, keep: Path | None = None) -> None:
+    """Remove this rank's earlier processes' directories (what `leftover_pages` found and
+    was not taken back), all but `keep`."""
+    for page in leftover_pages(data_dir, rank):
+        if page.parent != keep:
+            shutil.rmtree(page.parent, ignore_errors=True)
+    root = Path(data_dir) / SPILL_DIR
+    for old in root.glob(f"r{rank}-*") if root.is_dir() else []:
+        pid = old.name.partition("-")[2]
+        if old != keep and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
