@@ -302,7 +302,8 @@ class Engine:
 
     def _restore_runs(self, wanted: list[str]) -> list[str]:
         rank, taken, keep = self.parallel.rank, [], set(wanted)
-        for path in leftover_pages(self.data_dir, rank):
+        left = leftover_pages(self.data_dir, rank)
+        for path in left:
             try:
                 header = read_header(path)
                 model_id = header["model_id"]
@@ -315,7 +316,8 @@ class Engine:
             with self._lock:
                 self._runs[model_id] = run
             taken.append(model_id)
-        remove_leftovers(self.data_dir, rank, keep=self._spill_dir)
+        moved = {self._runs[m].pager.entries[m].path for m in taken}
+        remove_leftovers(self.data_dir, rank, [p for p in left if p not in moved], self._spill_dir)
         return taken
 
     def paging_stats(self) -> dict[str, dict[str, float]]:

@@ -740,12 +740,12 @@ of a server whose runs a restart takes back)."""
 
 
 def spill_dir(data_dir: Path, rank: int = 0) -> Path:
-    """This process's directory for runs paged to disk, `<data_dir>/paged/r<rank>-<pid>`,
-    made empty. Removed when this process exits, unless kept (`ResidentSet.suspend`).
-    The directories of earlier processes are left to `leftover_pages`: a restarted
-    server takes back the runs in them (docs/multi-tenant.md)."""
+    """This process's directory for runs paged to disk, `<data_dir>/paged/r<rank>-<pid>`.
+    Removed when this process exits, unless kept (`ResidentSet.suspend`). What earlier
+    processes left (in this directory too, if one had this pid: a container restarted)
+    is `leftover_pages`'s: a restarted server takes those runs back
+    (`Engine.restore_runs`, docs/multi-tenant.md) and removes the rest."""
     mine = Path(data_dir) / SPILL_DIR / f"r{rank}-{os.getpid()}"
-    shutil.rmtree(mine, ignore_errors=True)  # an earlier process of this pid: not ours
     atexit.register(_remove_unless_kept, mine)
     return mine
 
@@ -767,12 +767,11 @@ def leftover_pages(data_dir: Path, rank: int = 0) -> list[Path]:
     return found
 
 
-def remove_leftovers(data_dir: Path, rank: int = 0, keep: Path | None = None) -> None:
-    """Remove this rank's earlier processes' directories (what `leftover_pages` found and
-    was not taken back), all but `keep`."""
-    for page in leftover_pages(data_dir, rank):
-        if page.parent != keep:
-            shutil.rmtree(page.parent, ignore_errors=True)
+def remove_leftovers(data_dir: Path, rank: int, pages: list[Path], keep: Path | None) -> None:
+    """Remove `pages` (`leftover_pages` not taken back) and the directories of this
+    rank's processes that are gone, all but `keep` (this process's)."""
+    for page in pages:
+        page.unlink(missing_ok=True)
     root = Path(data_dir) / SPILL_DIR
     for old in root.glob(f"r{rank}-*") if root.is_dir() else []:
         pid = old.name.partition("-")[2]

@@ -154,3 +154,40 @@ def test_host_memory_tier_keeps_paged_runs_off_disk(tmp_path):
     assert all(torch.equal(host_final[m][n], final[m][n]) for m in ids for n in final[m])
     stats = engine.paging_stats()[TINY]
     assert stats["host_runs"] == 2 and stats["disk_writes"] == 0
+
+
+def test_a_restarted_engine_takes_back_runs_left_on_disk(tmp_path):
+    """`suspend_runs` (a clean shutdown) pages every run out and keeps the files; a new
+    engine on the data dir takes back the runs it is asked for, bit for bit (pending
+    gradients, AdamW moments and step counts), lazily, and removes the other files; a
+    file cut short is not taken back."""
+    adam = AdamParams(learning_rate=1e-2)
+    control = Engine(data_dir=tmp_path / "control", config=UNLIMITED)
+    first = Engine(data_dir=tmp_path / "served", config=EngineConfig(max_resident_runs=1))
+    ids = [f"s:train:{k}" for k in range(4)]
+    for engine in (control, first):
+        for k, model_id in enumerate(ids):
+            engine.create_model(TINY, LoraConfig(rank=4, seed=k), model_id)
+            engine.forward_backward(model_id, data(k, 0), "cross_entropy")
+            engine.optim_step(model_id, adam)
+            engine.forward_backward(model_id, data(k, 1), "cross_entropy")  # pending
+    first.suspend_runs()
+    pages = sorted((tmp_path / "served" / "paged").glob("*/*.page"))
+    assert len(pages) == 4 and first.paging_stats()[TINY]["resident_runs"] == 0
+    cut = next(p for p in pages if p.name.startswith("s_train_2"))
+    cut.write_bytes(cut.read_bytes()[:-100])  # as a crash mid-write would, were it not atomic
+    second = Engine(data_dir=tmp_path / "served", config=EngineConfig(max_resident_runs=1))
+    assert sorted(second.restore_runs(ids[1:])) == [ids[1], ids[3]]  # 0 not asked, 2 cut
+    assert sorted(p.name for p in (tmp_path / "served" / "paged").glob("*/*.page")) == sorted(
+        p.name for p in pages if p.name.startswith(("s_train_1", "s_train_3"))
+    )
+    assert second.paging_stats()[TINY]["disk_runs"] == 2  # nothing read until used
+    for k in (1, 3):
+        out = second.optim_step(ids[k], adam)
+        expected = control.optim_step(ids[k], adam)
+        assert out.metrics == expected.metrics  # the step count and grad norm went on
+        got = second.forward_backward(ids[k], data(k, 2), "cross_entropy")
+        want = control.forward_backward(ids[k], data(k, 2), "cross_entropy")
+        assert got.metrics["loss:sum"] == want.metrics["loss:sum"]
+        restored, never = weights(second, ids[k]), weights(control, ids[k])
+        assert all(torch.equal(restored[n], v) for n, v in never.items())
