@@ -8,23 +8,30 @@ LoRA layer when the active adapter changes), so a base keeps at most
 `PagingConfig.resident_bytes` of runs and `PagingConfig.max_resident_runs` runs resident.
 A run that is not resident is *paged*: its adapter is taken out of the `PeftModel` the
 way PEFT's `delete_adapter` takes it (every LoRA layer's per-adapter entries, and its
-config), but the pieces are kept, with the run's very Parameters and optimizer, and its
-tensors (weights, pending gradients, AdamW moments or Dimuon momentum) are kept
+config), and its tensors (weights, pending gradients, AdamW moments or Dimuon momentum)
+go
 
-- in host memory (`host`: moved off a GPU; on a CPU nothing moves), up to
+- to host memory (`host`: moved off a GPU; on a CPU nothing moves), up to
   `PagingConfig.host_bytes` (by default only on a GPU machine: on a CPU host memory
-  *is* the device's);
-- beyond that on disk (`disk`), one `torch.save` file per run under
-  `<data_dir>/paged/<pid>/`, the tensors freed (the Parameters stay, emptied).
+  *is* the device's), the adapter's pieces kept with the run's very Parameters and
+  optimizer;
+- beyond that to disk (`disk`), one self-describing file per run under
+  `<data_dir>/paged/r<rank>-<pid>/` (`write_page`), and the run keeps nothing else: its
+  modules, Parameters and optimizer are dropped (`_shelve`), so a run on disk costs
+  memory only its `Run` record (~2.4 KB).
 
 `ResidentSet.use(runs)` makes runs resident before a pass, an optimizer step or a load,
-paging others out first. Page-in puts the pieces back where they were and the very
-tensors (or those read from the file, which `torch.save` stores exactly) back into the
-same Parameters, optimizer state keyed by them: no arithmetic, no initialisation, no
-random draw, so paging never changes a result, and costs a file read and a few dict
-operations per LoRA layer. A run has no RNG state of its own (LoRA dropout is 0;
-sampling seeds are per request), so there is none to keep; its step counts live on the
-`Run` and its optimizer, which stay.
+paging others out first. A host page-in puts the pieces back where they were and the
+very tensors back into the same Parameters; a disk page-in copies the emptied modules
+of the first run of that LoRA shape that went to disk (its shape's template) and puts
+the file's bytes into the copy's Parameters and a fresh optimizer's state, by position
+(`_unshelve`). No arithmetic, no initialisation, no random draw: paging never changes a
+result. A run has no RNG state of its own (LoRA dropout is 0; sampling seeds are per
+request), so there is none to keep; its step counts live on the `Run` and in the file.
+
+A page file is deleted when its run is paged in, before the run can change: a file that
+exists is its run's latest state. So runs outlive a restart (`suspend` at a clean
+shutdown, `adopt` at the next start: docs/multi-tenant.md).
 
 Eviction: least recently used, with a per-owner share. The owner of a run is the
 session its model_id names (`<session>:train:<n>`; embedded runs share one owner): it
