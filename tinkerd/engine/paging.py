@@ -97,6 +97,8 @@ GRANULE = 256 << 20
 """`auto` budgets are rounded down to this, so that ranks on alike machines agree."""
 MIN_FREE_DISK = 1 << 30
 """Bytes of disk left free: a page-out that would leave less keeps the run in memory."""
+SPARE_PIECES = 4
+"""Sets of emptied adapter pieces kept per LoRA shape for reuse (`_Shape.spare`)."""
 SPILL_DIR = "paged"
 """Under the data dir: one file per run paged to disk."""
 
@@ -162,6 +164,9 @@ class _Shape:
     order: list[tuple[tuple[Any, str], str]]
     """Where each of a run's `params` is: (its piece, its name in the piece; "" for a
     piece that is the Parameter itself)."""
+    spare: list[dict[tuple[Any, str], Any]] = field(default_factory=list)
+    """Emptied pieces of runs gone to disk since, up to SPARE_PIECES, taken by the next
+    page-ins before the template is copied (a copy costs more than the file's read)."""
 
 
 def _shape_key(run: Run) -> tuple:
@@ -438,14 +443,16 @@ class ResidentSet:
             if None in order:
                 return
             self._shapes[key] = _Shape(entry.config, entry.pieces, order)
+        elif len(self._shapes[key].spare) < SPARE_PIECES:
+            self._shapes[key].spare.append(entry.pieces)
         run.params, run.optimizer = [], None
         entry.pieces = entry.config = None
 
     def _unshelve(self, entry: _Entry) -> None:
-        """Give a shelved run fresh modules, Parameters (empty until `_put_state`) and
-        optimizer: a copy of its shape's template (nothing initialised, no random draw);
-        a run restored after a restart whose shape has none yet gets its adapter made
-        by PEFT, as at creation."""
+        """Give a shelved run modules and Parameters (empty until `_put_state`): a spare
+        set of its shape's, else a copy of the template (nothing initialised, no random
+        draw), and a fresh optimizer. A run restored after a restart whose shape has
+        none yet gets its adapter made by PEFT, as at creation."""
         run = entry.run
         if run.optimizer is not None:
             return  # never shelved: it kept its own
@@ -460,7 +467,8 @@ class ResidentSet:
             self._detach(entry)
             _take_state(run)
             return
-        pieces = {spot: copy.deepcopy(piece) for spot, piece in shape.pieces.items()}
+        pieces = shape.spare.pop() if shape.spare else None
+        pieces = pieces or {spot: copy.deepcopy(piece) for spot, piece in shape.pieces.items()}
         run.params = [
             pieces[spot] if not name else pieces[spot].get_parameter(name)
             for spot, name in shape.order
