@@ -13,6 +13,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # the default data dir's checkpoints must not see another worker's.
     os.environ["TINKERD_DATA_DIR"] = tempfile.mkdtemp(prefix="tinkerd-test-data-")
 
+# Tests run with the engine's threading as users get it: helpers imports torch, which
+# fixes libgomp's wait policy, so choose it first (tinkerd.engine would be too late).
+from tinkerd.threads import prefer_passive_wait  # noqa: E402
+
+prefer_passive_wait()
+
 import pytest  # noqa: E402
 from helpers import KEYS, TINY, ServerProcess, free_port, make_datum  # noqa: E402, F401
 

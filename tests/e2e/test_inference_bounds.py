@@ -16,7 +16,7 @@ import openai
 import pytest
 from helpers import KEYS, TINY, free_port
 
-from tinkerd.engine.sampling.sampler import Sampler
+from tinkerd.engine.sampling.sampler import PREFILL_SHARE, Sampler
 from tinkerd.engine.sampling.spec import make_spec
 from tinkerd.engine.tiny_chat import TINY_CHAT_MODEL_NAME
 from tinkerd.errors import InvalidRequestError, QueueFullError
@@ -113,6 +113,7 @@ def test_another_keys_prompt_joins_the_batch_within_a_step(engine):
     Here a key fills an 8-row batch and queues 40 requests of 60 tokens; another key's
     3-token request is done within a few steps, not after the flood's 300."""
     sampler = Sampler(engine.base_model(TINY), max_batch_rows=8)
+    sampler.latency_rows = None  # turns alone (the row cap: the test below)
     base = engine.base_model(TINY)
     try:
         flood = [
@@ -133,6 +134,127 @@ def test_another_keys_prompt_joins_the_batch_within_a_step(engine):
         for future in flood:
             future.cancel()
         sampler.close()
+
+
+def test_a_light_key_decodes_in_small_steps_and_parked_rows_resume_unchanged(engine):
+    """A step's cost grows with its rows on a CPU (issue 25: a one-row request was 18x
+    slower beside another key's 256 rows). While a light key (a request of one row) is
+    active, the heavy key's rows beyond `latency_rows` are parked with their KV cache and
+    merged back afterwards: the light key's steps have at most `latency_rows` rows, and
+    the heavy key's seeded samples are the very tokens (and logprobs) they are alone."""
+    base = engine.base_model(TINY)
+
+    def params(seed: int) -> SamplingParams:
+        return SamplingParams(max_tokens=24, stop=[], seed=seed)
+
+    specs = [
+        make_spec(base, [BOS, *f"heavy {i}".encode()], 1, params(i), tenant="heavy")
+        for i in range(12)
+    ]
+    alone = Sampler(base)
+    try:
+        futures = [alone.submit(spec) for spec in specs]  # one batch: a seed fixes a sample
+        expected = [future.result(60).sequences[0] for future in futures]
+    finally:
+        alone.close()
+    sampler = Sampler(base)
+    sampler.latency_rows = 4
+    try:
+        heavy = [sampler.submit(spec) for spec in specs]
+        assert wait_for(lambda: len(sampler.steps) >= 3)
+        assert max(rows for rows, _ in sampler.recent_steps()) == 12  # all of them at once
+        start = len(sampler.steps)
+        params = SamplingParams(max_tokens=5, stop=[], seed=1)
+        light = sampler.submit(make_spec(base, [BOS, 98], 1, params, tenant="light"))
+        assert len(light.result(60).sequences[0].tokens) == 5
+        shared = [rows for rows, _ in list(sampler.steps)[start:]]
+        assert max(shared[1:6]) <= 4  # from the step it joined on, the batch kept to the cap
+        for future, want in zip(heavy, expected):
+            got = future.result(60).sequences[0]
+            assert got.tokens == want.tokens
+            assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs)) < 1e-5
+        assert not sampler._parked
+    finally:
+        sampler.close()
+
+
+def test_many_light_keys_do_not_starve_a_heavy_one(engine):
+    """Five light keys fill a 4-row cap by themselves; the heavy key still keeps
+    `light_rows` rows decoding, and finishes its short samples before their long ones."""
+    base = engine.base_model(TINY)
+    sampler = Sampler(base)
+    sampler.latency_rows = 4  # light: at most 2 rows
+    try:
+        short = SamplingParams(max_tokens=10, stop=[], seed=0)
+        heavy = [
+            sampler.submit(make_spec(base, [BOS, 97 + i], 1, short, tenant="heavy"))
+            for i in range(4)
+        ]
+        long = SamplingParams(max_tokens=40, stop=[], seed=1)
+        lights = [
+            sampler.submit(make_spec(base, [BOS, 98], 1, long, tenant=f"light {i}"))
+            for i in range(5)
+        ]
+        lights[0].result(120)
+        assert all(f.done() for f in heavy)
+        assert all(len(f.result().sequences[0].tokens) == 10 for f in heavy)
+    finally:
+        sampler.close()
+
+
+def test_parked_rows_that_are_cancelled_never_come_back(engine):
+    base = engine.base_model(TINY)
+    sampler = Sampler(base)
+    sampler.latency_rows = 2
+    try:
+        heavy = [
+            sampler.submit(make_spec(base, [BOS, 97 + i], 1, LONG, tenant="heavy"))
+            for i in range(6)
+        ]
+        assert wait_for(lambda: len(sampler._rows) == 6)
+        params = SamplingParams(max_tokens=20, stop=[], seed=1)
+        light = sampler.submit(make_spec(base, [BOS, 98], 1, params, tenant="light"))
+        assert wait_for(lambda: sampler._parked)
+        for future in heavy:
+            future.cancel()
+        assert len(light.result(120).sequences[0].tokens) == 20
+        assert wait_for(lambda: not sampler._rows and not sampler._parked, 10)
+    finally:
+        sampler.close()
+
+
+def test_a_sampling_client_beside_an_openai_flood_decodes_in_small_steps(live, engine):
+    """Issue 25: another key's SamplingClient.sample was 4-19x slower than alone while a
+    key flooded the OpenAI route: it joined the batch at once, but every step it shared
+    carried the flood's rows. Now the flood's rows over `latency_rows` are parked while
+    the victim (official `tinker` SDK) samples, and the flood (official `openai` client)
+    finishes afterwards."""
+    import tinker
+
+    sampler = sampler_of(engine)
+    cap = sampler.latency_rows
+    assert cap is not None  # a CPU
+    prompts = [[BOS, 97 + i % 20] for i in range(3 * cap)]
+    client = openai.OpenAI(base_url=f"{live.url}/oai/api/v1", api_key=KEYS[0], max_retries=0)
+    done: list = []
+    flood = threading.Thread(
+        target=lambda: done.append(
+            client.completions.create(model=TINY, prompt=prompts, max_tokens=30, temperature=1.0)
+        )
+    )
+    flood.start()
+    assert wait_for(lambda: len(sampler._rows) == len(prompts))
+    victim = tinker.ServiceClient(base_url=live.url, api_key=KEYS[1])
+    sampling = victim.create_sampling_client(base_model=TINY).result()
+    start = len(sampler.steps)
+    params = tinker.types.SamplingParams(max_tokens=4, stop=[], seed=0)
+    out = sampling.sample(tinker.types.ModelInput.from_ints([BOS, 98]), 1, params).result()
+    assert len(out.sequences[0].tokens) == 4
+    shared = [rows for rows, _ in list(sampler.steps)[start:]]
+    assert cap in shared  # its steps: the cap (its row and the flood's oldest), not 25 rows
+    flood.join(120)
+    assert len(done[0].choices) == len(prompts)  # the parked rows finished too
+    assert {c.finish_reason for c in done[0].choices} <= {"stop", "length"}
 
 
 def test_a_cancelled_request_stops_decoding_within_a_step(engine):
@@ -382,18 +504,81 @@ def test_the_batch_kv_cache_stays_within_the_sampling_budget(engine):
     params = SamplingParams(max_tokens=40, stop=[], seed=0)
     prompt = [BOS, *b"budget"]
     one_row = sampler.kv_bytes(1, len(prompt) + 40)
-    sampler.kv_budget = int(3 * one_row / 0.8)  # 3 rows of one tenant fill it
+    sampler.kv_budget = int(3 * one_row / 0.8 / (1 - PREFILL_SHARE))  # 3 rows fill it
     try:
         with pytest.raises(InvalidRequestError, match="--sampling-memory-budget"):
             sampler.submit(make_spec(base, prompt, 5, params))
         futures = [sampler.submit(make_spec(base, prompt, 1, params)) for _ in range(8)]
         assert all(len(f.result(60).sequences[0].tokens) == 40 for f in futures)
         assert max(rows for rows, _ in sampler.recent_steps()) == 3
-        assert sampler.kv_bytes(3, len(prompt) + 40) <= sampler.kv_budget
+        assert sampler.kv_bytes(3, len(prompt) + 40) <= sampler.cache_budget
     finally:
         sampler.close()
     # keys and values x 4 layers x 4 key/value heads x 32 dims x float32
     assert sampler.kv_per_token == 2 * 4 * 4 * 32 * 4
+
+
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_logprobs(engine):
+    """A prefill's working memory counts in the sampling budget: prompts that would not
+    fit its share in one forward are prefilled in groups of rows and chunks of tokens,
+    each chunk attending to the cache of the ones before. Prompt logprobs (and their
+    top-k), sampled tokens and their logprobs are those of the one-forward prefill."""
+    base = engine.base_model(TINY)
+    prompts = [[BOS, *f"p{i} ".encode() * 30][:n] for i, n in enumerate([5, 37, 50, 64])]
+
+    def run(budget: int | None) -> tuple[list, int]:
+        sampler = Sampler(base)
+        sampler.kv_budget = budget
+        try:
+            futures = [
+                sampler.submit(
+                    make_spec(
+                        base,
+                        prompt,
+                        2,
+                        SamplingParams(max_tokens=8, stop=[], seed=i),
+                        prompt_logprobs=True,
+                        topk_prompt_logprobs=3,
+                    )
+                )
+                for i, prompt in enumerate(prompts)
+            ]
+            return [f.result(60) for f in futures], sampler.prefill_forwards
+        finally:
+            sampler.close()
+
+    whole, forwards = run(None)
+    assert forwards == 1
+    probe = Sampler(base)
+    two_rows_of_16 = probe.prefill_bytes(2, 16, 64, True)
+    probe.close()
+    chunked, forwards = run(int(two_rows_of_16 / PREFILL_SHARE) + 1)
+    assert forwards == 3 + 4  # rows 2 at a time: 37 tokens in 3 chunks, then 64 in 4
+    for a, b in zip(whole, chunked):
+        assert max(abs(x - y) for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])) < 1e-5
+        top = [[t for t, _ in pairs] for pairs in a.topk_prompt_logprobs[1:]]
+        assert top == [[t for t, _ in pairs] for pairs in b.topk_prompt_logprobs[1:]]
+        for x, y in zip(a.sequences, b.sequences):
+            assert x.tokens == y.tokens
+            assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-5
+
+
+def test_a_prompt_whose_prefill_can_never_fit_is_refused_by_name(engine):
+    """A request whose prefill's smallest forward (one row, 16 tokens; all logits when
+    prompt logprobs are asked for) exceeds the budget's prefill share is a 400 naming it."""
+    sampler = Sampler(engine.base_model(TINY))
+    base = engine.base_model(TINY)
+    prompt = [BOS, *b"x" * 200]
+    sampler.kv_budget = int(sampler.prefill_bytes(1, 16, len(prompt), False) / PREFILL_SHARE) + 4
+    assert sampler.prefill_bytes(1, 16, len(prompt), True) > sampler.prefill_budget
+    assert sampler.kv_bytes(1, len(prompt) + 8) <= sampler.cache_budget
+    params = SamplingParams(max_tokens=8, stop=[])
+    try:
+        with pytest.raises(InvalidRequestError, match="prefill; tinkerd serve --sampling-memory"):
+            sampler.submit(make_spec(base, prompt, 1, params, prompt_logprobs=True))
+        assert sampler.submit(make_spec(base, prompt, 1, params)).result(60).sequences
+    finally:
+        sampler.close()
 
 
 def test_a_sample_of_an_ended_session_stops_decoding(engine, tmp_path):
@@ -447,3 +632,21 @@ def test_a_stream_sends_whole_characters_and_nothing_of_a_stop_string():
     assert text.rest("héllo") == ""
     eos = Detokenizer(build_tokenizer(), Stops({257}, []))
     assert [eos.add(t) for t in [*b"ok", 257, *b"no"]] == ["o", "k", "", "", ""]
+
+
+def test_the_latency_cap_is_set_by_the_serve_flag(tmp_path):
+    """`--sampling-latency-rows N|none|auto` reaches each base's sampler."""
+    from tinkerd.cli import build_parser
+    from tinkerd.cli.serve import engine_config
+    from tinkerd.engine import Engine
+
+    for flag, rows in [("3", 3), ("none", None), ("auto", 8)]:
+        args = build_parser().parse_args(["serve", "--sampling-latency-rows", flag])
+        engine = Engine(data_dir=tmp_path / flag, config=engine_config(args))
+        weights = engine.sampler_for(base_model=TINY)
+        engine.sample(weights, [BOS], 1, SamplingParams(max_tokens=1)).result()
+        sampler = engine.samplers.samplers[TINY]
+        try:
+            assert sampler.latency_rows == rows  # auto: a CPU's default
+        finally:
+            sampler.close()

@@ -126,6 +126,7 @@ def engine_config(args: argparse.Namespace) -> Any:
     config.max_resident_runs = getattr(args, "max_resident_runs", config.max_resident_runs)
     config.host_run_budget_bytes = args.host_run_budget
     config.sampling_budget_bytes = args.sampling_memory_budget
+    config.sampling_latency_rows = getattr(args, "sampling_latency_rows", "auto")
     return config
 
 
@@ -143,6 +144,15 @@ QUOTAS = {  # ServiceConfig field: what its --flag says (`none`: no limit)
 
 def _limit(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
+
+
+def _rows(text: str) -> int | str | None:
+    """`auto`, `none` or a positive row count."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected auto, none or a row count: {text!r}")
+    return int(text)
 
 
 def _budget(text: str) -> int | str | None:
@@ -239,9 +249,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=_budget,
         default="auto",
         metavar="BYTES",
-        help="KV cache each base model's sampler batch may hold, e.g. 2GiB: requests join "
-        "the batch while it fits, one that never could is a 400 (default auto: a quarter "
-        "of the memory available at start; none: no budget)",
+        help="memory each base model's sampler may hold, e.g. 2GiB: the batch's KV cache "
+        "and a prefill's working memory (long prompts are prefilled in chunks); requests "
+        "join the batch while it fits, one that never could is a 400 (default auto: a "
+        "quarter of the memory available at start; none: no budget)",
+    )
+    serve.add_argument(
+        "--sampling-latency-rows",
+        type=_rows,
+        default="auto",
+        metavar="ROWS",
+        help="rows a sampler batch keeps to while an API key with only a few rows is "
+        "sampling, so that its steps stay cheap beside another key's flood (default auto: "
+        "8 on a CPU, where a step's cost grows with its rows; no cap on a GPU; none: no cap)",
     )
     serve.add_argument(
         "--session-timeout",

@@ -122,9 +122,14 @@ class EngineConfig:
     a CPU-only one."""
 
     sampling_budget_bytes: int | str | None = "auto"
-    """KV cache each base model's sampler batch may hold (`--sampling-memory-budget`):
+    """Memory each base model's sampler may hold (`--sampling-memory-budget`): the batch's
+    KV cache and a prefill's working memory (long prompts are prefilled in chunks to fit);
     requests join the batch while it fits, and one that never could is a 400. `auto`: a
     quarter of the memory available at start; None: no budget."""
+    sampling_latency_rows: int | str | None = "auto"
+    """Rows a sampler batch keeps to while a light API key (a few rows) is active
+    (`--sampling-latency-rows`; `Sampler.latency_rows`). `auto`: 8 on a CPU, no cap on a
+    GPU; None: no cap."""
 
     @property
     def kv_budget(self) -> int | None:
@@ -184,7 +189,7 @@ class Engine:
         self.limits = self.config.limits
         """What a pass may compute at once (the memory budget resolved once, at start)."""
         if self.limits.memory_budget_bytes is not None:
-            bounded_heap()  # freed activations go back to the system
+            bounded_heap(self.limits.memory_budget_bytes)  # freed activations go back
         self.parallel = parallel or SingleProcess()
         self._checkpoints: CheckpointStore | None = None
         self._recover_checkpoints = recover_checkpoints
@@ -205,6 +210,7 @@ class Engine:
         )
         """Sampler versions and the sampler backend of each base model."""
         self.samplers.kv_budget = self.config.kv_budget
+        self.samplers.latency_rows = self.config.sampling_latency_rows
 
     # ------------------------------------------------------------ runs
 

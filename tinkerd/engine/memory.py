@@ -177,24 +177,45 @@ def _checkpointed(layer: nn.Module):
     return run
 
 
-MMAP_THRESHOLD = 256 << 10
-"""Bytes from which glibc's malloc maps each block alone, returned to the system when
-freed (`bounded_heap`)."""
+MIN_MMAP_THRESHOLD = 256 << 10
+MAX_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for the threshold (64-bit)
+MMAP_SHARE = 256
+"""The mmap threshold is 1/MMAP_SHARE of the activation budget, within the two bounds
+above (`bounded_heap`)."""
 
 
-def bounded_heap() -> None:
-    """Make glibc's malloc give large freed blocks back at once. By default it raises its
-    mmap threshold to the largest block freed so far (up to 32 MiB), after which blocks
-    of that size come from the heap, which fragments and seldom shrinks: a chunked pass
-    that holds 28 MB of tensors at once grew the process by 560 MB (16k vocabulary,
-    2048 tokens, `tests/test_output_layer.py`). A fixed threshold keeps the process's
-    memory where the budget puts it. No-op where malloc is not glibc's."""
+def mmap_threshold(budget_bytes: int) -> int:
+    """Bytes from which glibc's malloc maps each block alone (`bounded_heap`)."""
+    return min(MAX_MMAP_THRESHOLD, max(MIN_MMAP_THRESHOLD, budget_bytes // MMAP_SHARE))
+
+
+def bounded_heap(budget_bytes: int) -> None:
+    """Make glibc's malloc give large freed blocks back at once, in proportion to the
+    activation budget. By default it raises its mmap threshold to the largest block
+    freed so far (up to 32 MiB), after which blocks of that size come from the heap,
+    which fragments and seldom shrinks: a chunked pass that holds 28 MB of tensors at
+    once grew the process by 560 MB (16k vocabulary, 2048 tokens,
+    `tests/unit/engine/test_output_layer.py`). A fixed threshold keeps the process's
+    memory where the budget puts it.
+
+    But a mapped block is new memory each time: the kernel zeroes and maps it page by
+    page on first touch, and a pass of large tensors spends as long in those page
+    faults as in its arithmetic (measured on tinkerd/tiny, one thread: 16 runs' 2 x 128
+    packed in one pass, 0.9 s of 1.9 s CPU in the kernel with a 256 KiB threshold, 0.1
+    s of 1.1 s with 32 MiB; docs/benchmarks.md). So the threshold is a share of the
+    budget (`mmap_threshold`): a small budget keeps every large block mapped (its
+    heap's slack would be a large part of it), the default budget (a quarter of the
+    memory) lets a pass's tensors be reused from the heap, and the trim threshold
+    follows at twice it (glibc's own rule, which a fixed mmap threshold switches off).
+    No-op where malloc is not glibc's."""
     import ctypes
     import ctypes.util
 
+    threshold = mmap_threshold(budget_bytes)
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD: also ends the dynamic raising
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD: also ends the dynamic raising
+        libc.mallopt(-1, 2 * threshold)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 

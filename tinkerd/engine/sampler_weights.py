@@ -71,7 +71,9 @@ class SamplerVersions:
         self.max_snapshots = max_snapshots
         self.samplers: dict[str, SamplerBackend] = {}  # by base model name
         self.kv_budget: int | None = None
-        """Bytes each base's sampler batch may hold in KV cache (EngineConfig)."""
+        """Bytes each base's sampler may hold: KV cache and prefill (EngineConfig)."""
+        self.latency_rows: int | str | None = "auto"
+        """Each built-in sampler's `latency_rows` (EngineConfig); `auto`: its default."""
         self._by_id: dict[str, SamplerWeights] = {}
         self._loaded: OrderedDict[str, SamplerWeights] = OrderedDict()  # by adapter, LRU
         self._inflight: dict[str, SamplerWeights] = {}  # by run: its inflight target
@@ -215,8 +217,10 @@ class SamplerVersions:
             sampler = self.samplers.get(base.name)
             if sampler is None:
                 sampler = self.samplers[base.name] = self.sampler_factory(base)
-                if hasattr(sampler, "kv_budget"):  # the built-in sampler's KV cache bound
+                if hasattr(sampler, "kv_budget"):  # the built-in sampler's memory bound
                     sampler.kv_budget = self.kv_budget
+                if hasattr(sampler, "latency_rows") and self.latency_rows != "auto":
+                    sampler.latency_rows = self.latency_rows
         spec = make_spec(
             base, prompt, num_samples, sampling_params, adapter=weights.adapter, **options
         )

@@ -10,12 +10,14 @@ from helpers import TINY, make_datum
 
 from tinkerd import AdamParams, Datum, ModelInput, SamplingParams, ServiceClient
 from tinkerd.client.transport import InProcessTransport
+from tinkerd.engine import lora
 from tinkerd.engine.lora import (
     BASE_ADAPTER,
     adapter_params,
     route_rows,
     segments,
     stacked_projection,
+    trainable,
 )
 from tinkerd.types import LoraConfig
 
@@ -148,3 +150,62 @@ def test_another_runs_snapshots_sampling_and_training_leave_a_run_unchanged(engi
         thread.join()
     assert alone[-1] < 0.7 * alone[0], alone  # it learns: the comparison means something
     assert beside == pytest.approx(alone, rel=1e-4)  # packing may change float rounding
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["one scaling", "mixed scalings"])
+def test_batched_rows_give_each_adapters_logits_and_gradients(engine, mixed):
+    """Segments tiling the rows equally through adapters of one shape take the batched
+    path (`lora._batched_forward`: the scaling on the rank-sized product, the update
+    added by `baddbmm`): each row's logits, and each adapter's gradient, are PEFT's for
+    that adapter alone. Rank 3 makes the scaling 32/3 (not a power of two, so its
+    rounding shows); `mixed` gives the middle adapter another (as a loaded adapter of
+    another alpha would have)."""
+    ids = [engine.create_model(TINY, LoraConfig(rank=3, seed=s)) for s in (21, 22, 23)]
+    base = engine.base_model(TINY)
+    peft_model, model = base.peft_model, base.peft_model.base_model.model
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for model_id in ids:
+            for p in engine.run(model_id).params:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    layers = [m for m in lora.lora_layers(peft_model) if ids[1] in m.scaling]
+    if mixed:
+        for layer in layers:
+            layer.scaling[ids[1]] = 1.7
+    rows = [ids[0], ids[0], ids[1], ids[1], ids[2], ids[2]]
+    tokens = torch.randint(0, base.vocab_size, (len(rows), 9), generator=gen)
+    weights = torch.randn(len(rows), 9, base.vocab_size, generator=gen)
+    params = [p for m in ids for p in engine.run(m).params]
+
+    def grads(of: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        out = [p.grad.clone() for p in of]
+        for p in params:
+            p.grad = None
+        return out
+
+    try:
+        with base.lock:
+            segs = segments(rows)
+            assert lora._uniform(layers[0], segs, len(rows))  # the batched path
+            for m in ids:
+                trainable(engine.run(m).params)
+            with route_rows(peft_model, segs):
+                routed = model(input_ids=tokens).logits
+            (routed * weights).sum().backward()
+            together = grads(params)
+            alone = []
+            for k, m in enumerate(ids):
+                peft_model.set_adapter(m)
+                trainable(engine.run(m).params)
+                part = slice(2 * k, 2 * k + 2)
+                logits = peft_model(input_ids=tokens[part]).logits
+                assert torch.allclose(routed[part], logits, atol=1e-5), k
+                (logits * weights[part]).sum().backward()
+                alone += grads(engine.run(m).params)
+    finally:
+        if mixed:
+            for layer in layers:
+                layer.scaling[ids[1]] = 32 / 3
+    assert len(together) == len(alone) == len(params)
+    for g, h in zip(together, alone):
+        assert torch.allclose(g, h, rtol=1e-4, atol=1e-5 * float(h.abs().max()))

@@ -131,11 +131,21 @@ def prompt_logprobs(
 ) -> tuple[list[float | None], list | None]:
     """(each prompt token's logprob, None for the first; its top-k (token, logprob) pairs
     if k, else None) from the prefill logits `[len(prompt), vocab]`."""
-    logprobs = logits[:-1].log_softmax(-1)  # position i predicts prompt token i + 1
-    targets = torch.tensor(prompt[1:], device=logits.device)
-    picked = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
+    picked, pairs = next_token_logprobs(logits[:-1], prompt[1:], k)  # i predicts i + 1
+    return [None, *picked], None if pairs is None else [None, *pairs]
+
+
+def next_token_logprobs(
+    logits: Tensor, targets: list[int], k: int
+) -> tuple[list[float], list | None]:
+    """(the logprob of `targets[i]` under `logits[i]` (`[len(targets), vocab]`, float32);
+    each position's top-k (token, logprob) pairs if k, else None)."""
+    logprobs = logits.log_softmax(-1)
+    index = torch.tensor(targets, device=logits.device)
+    picked = logprobs.gather(1, index[:, None]).squeeze(1).tolist()
     if not k:
-        return [None, *picked], None
+        return picked, None
     top = logprobs.topk(k, -1)
-    pairs = [list(zip(ids, lps)) for ids, lps in zip(top.indices.tolist(), top.values.tolist())]
-    return [None, *picked], [None, *pairs]
+    return picked, [
+        list(zip(ids, lps)) for ids, lps in zip(top.indices.tolist(), top.values.tolist())
+    ]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from tinkerd.engine.sampling.spec import SampleSpec
 from tinkerd.types import SampledSequence
@@ -34,3 +36,16 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     topk: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Parked:
+    """Rows set aside from the running batch (a light tenant is active, `Sampler`), with
+    everything the batch held for them, to be merged back as they were."""
+
+    rows: list[Row]
+    cache: Any  # a transformers cache of just these rows (`kv_cache.take_rows`)
+    mask: Tensor  # [rows, columns]
+    positions: Tensor  # [rows, 1]
+    deltas: Tensor | None  # [rows] (vision models)
+    next_logits: Tensor  # [rows, vocab]

@@ -6,6 +6,7 @@ Rows are left-padded to a common length (the mask says which columns are real to
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -84,21 +85,29 @@ def mergeable(cache) -> bool:
 
 
 def merge(cache, mask: Tensor, new_cache, new_mask: Tensor):
-    """Stack two left-padded caches (and masks) along the batch, padding the shorter."""
+    """Stack two left-padded caches (and masks) along the batch, padding the shorter.
+    `new_cache` is used up. Layer by layer, each layer's old tensors are let go as soon
+    as the merged one is made, so that a merge costs one layer's copy beyond the result,
+    not the whole cache's."""
     width = max(mask.shape[1], new_mask.shape[1])
 
-    def pad(t: Tensor, dim: int) -> Tensor:
-        missing = width - t.shape[dim]
-        if not missing:
-            return t
-        shape = list(t.shape)
-        shape[dim] = missing
-        return torch.cat([t.new_zeros(shape), t], dim)
+    def stack(a: Tensor, b: Tensor) -> Tensor:
+        out = a.new_zeros((a.shape[0] + b.shape[0], a.shape[1], width, a.shape[3]))
+        out[: a.shape[0], :, width - a.shape[2] :] = a
+        out[a.shape[0] :, :, width - b.shape[2] :] = b
+        return out
 
     for layer, new_layer in zip(cache.layers, new_cache.layers):
-        layer.keys = torch.cat([pad(layer.keys, 2), pad(new_layer.keys, 2)])
-        layer.values = torch.cat([pad(layer.values, 2), pad(new_layer.values, 2)])
-    return cache, torch.cat([pad(mask, 1), pad(new_mask, 1)])
+        for name in ("_key_buffer", "_value_buffer", "_key_view"):
+            layer.__dict__.pop(name, None)  # the buffer goes with the old tensors
+        layer.keys = stack(layer.keys, new_layer.keys)
+        layer.values = stack(layer.values, new_layer.values)
+        new_layer.keys = new_layer.values = None
+
+    def pad(m: Tensor) -> Tensor:
+        return torch.cat([m.new_zeros((m.shape[0], width - m.shape[1])), m], 1)
+
+    return cache, torch.cat([pad(mask), pad(new_mask)])
 
 
 def keep_rows(cache, mask: Tensor, keep: Tensor) -> Tensor:
@@ -115,3 +124,20 @@ def keep_rows(cache, mask: Tensor, keep: Tensor) -> Tensor:
         else:
             layer.keys, layer.values = layer.keys[keep, :, first:], layer.values[keep, :, first:]
     return mask[:, first:]
+
+
+def take_rows(cache, mask: Tensor, rows: Tensor):
+    """A new cache (and mask) holding copies of cache rows `rows` (indices), less the
+    leading columns that are padding in all of them; `cache` is unchanged. For a
+    mergeable cache: rows set aside, to be `merge`d back later."""
+    mask = mask[rows]
+    first = int(mask.any(0).nonzero()[0])
+    taken = copy.copy(cache)
+    taken.layers = []
+    for layer in cache.layers:
+        part = copy.copy(layer)
+        for name in ("_key_buffer", "_value_buffer", "_key_view"):
+            part.__dict__.pop(name, None)  # not the batch's buffer: it makes its own
+        part.keys, part.values = layer.keys[rows, :, first:], layer.values[rows, :, first:]
+        taken.layers.append(part)
+    return taken, mask[:, first:]

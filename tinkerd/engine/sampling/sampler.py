@@ -19,11 +19,29 @@ that fills the batch delays another key's first request by one step, not by its 
 requests' length. A request whose future is cancelled (a client that went away) leaves
 the batch before the next step.
 
-With a `kv_budget` (bytes), the batch's KV cache stays within it: the cache is at most
-rows x the longest row's prompt + max_tokens columns (columns that are padding in every
-row are cropped), plus the growing buffer's quarter of spare room (`kv_cache`); requests
-join while that bound fits in `FILL` of the budget (a newcomer tenant: the whole budget),
-and a request that could never fit is refused when it is submitted (`check`).
+A light tenant (at most `light_rows` rows running and waiting: an interactive caller,
+one request at a time) is also kept from waiting on the cost of a large batch: while one
+is active, and for `LINGER` seconds after (the gap between its requests), the others'
+requests join only while the batch stays within `latency_rows` (they keep at least
+`light_rows` rows however many light tenants there are). On a CPU a step's cost
+grows with its rows (tinkerd/tiny: 2 ms for 1 row, 88 ms for 256), so one key's 256 rows
+would make another key's one-row request ~40x slower; with the cap its steps cost a few
+rows' worth. When a light tenant arrives at a batch over the cap, the heavy tenants'
+rows beyond it are parked (set aside with their KV cache rows, `Parked`) and merged back,
+unchanged, as the cap allows; the heavy tenants keep the whole batch when no light one
+is active.
+`latency_rows` is None (no cap) on a GPU, where a step costs about the same at any size.
+
+With a `kv_budget` (bytes: the sampling memory budget), the sampler's memory stays
+within it. `PREFILL_SHARE` of it is the working memory of a prefill forward
+(activations, attention scores, logits: `prefill_bytes`): the new prompts are prefilled
+in groups of rows and, where a group's prompts are long, in chunks of tokens (each chunk
+attends to the cache the earlier ones made), sized to fit. The rest holds the KV cache
+of the batch and of its parked rows: at most rows x the longest row's prompt + max_tokens
+columns (columns that are padding in every row are cropped), plus the growing buffer's
+quarter of spare room (`kv_cache`); requests join while that bound fits in `FILL` of it
+(a newcomer tenant: all of it), and a request that could never fit is refused when it is
+submitted (`check`).
 """
 
 from __future__ import annotations
@@ -44,8 +62,8 @@ from tinkerd.engine.fast_decode import FastDecoder
 from tinkerd.engine.lora import route_rows, segments
 from tinkerd.engine.models import BaseModel
 from tinkerd.engine.sampling import kv_cache
-from tinkerd.engine.sampling.choose import Plan, choose, make_plan, prompt_logprobs
-from tinkerd.engine.sampling.jobs import Job, Row
+from tinkerd.engine.sampling.choose import Plan, choose, make_plan, next_token_logprobs
+from tinkerd.engine.sampling.jobs import Job, Parked, Row
 from tinkerd.engine.sampling.spec import SampleSpec
 from tinkerd.engine.vision import decode_positions, forward_inputs
 from tinkerd.errors import InvalidRequestError
@@ -54,6 +72,10 @@ from tinkerd.types import SampledSequence, SampleResponse
 
 MAX_BATCH_ROWS = 256  # sequences decoded together; more requests wait for a free row
 FILL = 0.8  # of the KV budget that requests fill; the rest is for newcomer tenants
+PREFILL_SHARE = 0.25  # of the sampling budget: a prefill forward's working memory
+MIN_CHUNK = 16  # fewest prompt tokens a prefill forward takes per row (unless shorter)
+LATENCY_ROWS_CPU = 8  # rows a batch keeps to while a light tenant is active (CPU)
+LINGER = 1.0  # seconds a light tenant counts as active after its last request
 log = logging.getLogger("tinkerd.sampler")
 
 
@@ -69,13 +91,21 @@ class Sampler:
         # decode steps straight from the weights where the architecture allows (Llama)
         self._fast = FastDecoder.build(base.model) if fast_decode else None
         self.kv_budget: int | None = None
-        """Bytes the batch's KV cache may take (None: no bound but the rows)."""
+        """Bytes the sampler may take: the batch's KV cache and a prefill's working memory
+        (None: no bound but the rows)."""
         self.kv_per_token = kv_bytes_per_token(base.model)
+        self._shape = model_shape(base.model)
         self.newcomer_rows = max(1, max_batch_rows // 4)
         """Rows beyond `max_batch_rows` that only a tenant with no row running may take."""
+        on_cpu = torch.device(base.device).type == "cpu"
+        self.latency_rows: int | None = LATENCY_ROWS_CPU if on_cpu else None
+        """Rows the batch keeps to (heavy tenants' requests wait) while a light tenant is
+        active; None: no cap."""
+        self._light_until = 0.0  # time.monotonic() until which a light tenant counts
         # tenant: its waiting jobs, tenants in turn order; never an empty deque
         self._pending: OrderedDict[Hashable, deque[Job]] = OrderedDict()
         self._cancelled = False  # a job's future was cancelled: drop its rows
+        self._parked: list[Parked] = []  # rows set aside for a light tenant, oldest first
         self._cond = threading.Condition()
         self._reset()
         self._rng = torch.Generator(device=base.device)
@@ -91,6 +121,8 @@ class Sampler:
         self.decode_tokens = 0
         """Tokens chosen by decode steps (each step chooses one per row)."""
         self.decode_steps = 0
+        self.prefill_forwards = 0
+        """Prefill forward passes (a long prompt's chunks count one each)."""
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"sampler-{base.name}", daemon=True)
         self._thread.start()
@@ -121,15 +153,40 @@ class Sampler:
         """Bound on the KV cache of `rows` rows whose longest is `length` tokens."""
         return rows * (length + length // 4 + 16) * self.kv_per_token
 
+    def prefill_bytes(self, rows: int, tokens: int, columns: int, all_logits: bool) -> int:
+        """Bound on the working memory of a prefill forward of `rows` rows x `tokens` new
+        tokens attending to `columns` in all (the KV cache it makes aside): per token the
+        layer's hidden states, q/k/v and MLP products; per (token, column) the attention
+        scores and mask; and the logits, upcast to float32 (every position's when prompt
+        logprobs are asked for, else the last)."""
+        hidden, intermediate, heads, vocab, element = self._shape
+        per_token = element * (8 * hidden + 3 * intermediate + 3 * heads * columns)
+        kept = tokens if all_logits else 1
+        return rows * (tokens * per_token + kept * vocab * (element + 8))
+
+    @property
+    def prefill_budget(self) -> int | None:
+        return None if self.kv_budget is None else int(self.kv_budget * PREFILL_SHARE)
+
+    @property
+    def cache_budget(self) -> int | None:
+        """Bytes of the budget for KV cache (the batch's and its parked rows')."""
+        return None if self.kv_budget is None else self.kv_budget - self.prefill_budget
+
     def check(self, spec: SampleSpec) -> None:
         """Refuse (InvalidRequestError, 400) a request that could never fit the budget."""
-        need = self.kv_bytes(spec.num_samples, len(spec.prompt) + spec.max_tokens)
-        if self.kv_budget is not None and need > self.kv_budget:
+        if self.kv_budget is None:
+            return
+        length = len(spec.prompt)
+        need = self.kv_bytes(spec.num_samples, length + spec.max_tokens)
+        prefill = self.prefill_bytes(1, min(length, MIN_CHUNK), length, spec.prompt_logprobs)
+        if need > self.cache_budget or prefill > self.prefill_budget:
             raise InvalidRequestError(
-                f"{spec.num_samples} samples of {len(spec.prompt)} prompt + {spec.max_tokens} "
-                f"new tokens need {need} bytes of KV cache, more than the sampling memory "
-                f"budget of {self.kv_budget} bytes (tinkerd serve --sampling-memory-budget): "
-                "ask for fewer samples or tokens"
+                f"{spec.num_samples} samples of {length} prompt + {spec.max_tokens} "
+                f"new tokens need {need} bytes of KV cache and {prefill} of prefill, more "
+                f"than the sampling memory budget of {self.kv_budget} bytes allows "
+                f"({self.cache_budget} for KV cache, {self.prefill_budget} for prefill; "
+                "tinkerd serve --sampling-memory-budget): ask for fewer samples or tokens"
             )
 
     def submit(self, spec: SampleSpec) -> Future:
@@ -155,8 +212,11 @@ class Sampler:
     def adapters_in_use(self) -> set[str]:
         """Adapters that queued or running requests read (they must not be unloaded)."""
         with self._cond:
-            jobs = [*self._waiting(), *(r.job for r in self._rows)]
+            jobs = [*self._waiting(), *(r.job for r in self._rows + self._parked_rows())]
         return {j.spec.adapter for j in jobs}
+
+    def _parked_rows(self) -> list[Row]:
+        return [row for part in self._parked for row in part.rows]
 
     def _waiting(self) -> list[Job]:
         return [job for queue in self._pending.values() for job in queue]
@@ -171,7 +231,7 @@ class Sampler:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._pending and not self._rows and not self._closed:
+                    while not (self._pending or self._rows or self._parked or self._closed):
                         self._cond.wait()
                     if self._closed:
                         self._fail_all(RuntimeError("the sampler was closed"))
@@ -196,8 +256,9 @@ class Sampler:
                             job.future.set_exception(e)
 
     def _fail_all(self, error: Exception) -> None:
-        jobs = [*self._waiting(), *(r.job for r in self._rows)]
+        jobs = [*self._waiting(), *(r.job for r in self._rows + self._parked_rows())]
         self._pending.clear()
+        self._parked.clear()
         self._reset()
         for job in jobs:
             if not job.future.done():
@@ -208,9 +269,22 @@ class Sampler:
         their rows fit (a tenant with no row running may use `newcomer_rows` more)."""
         if self._rows and not kv_cache.mergeable(self._cache):
             return []  # this cache type cannot take new rows mid-flight: wait for a drain
-        taken, rows = [], len(self._rows)
-        length = max((_length(r.job) for r in self._rows), default=0)
         running = {r.job.spec.tenant for r in self._rows}
+        light, cap = self._light_tenants()
+        heavy = sum(r.job.spec.tenant not in light for r in self._rows)
+        # while a light tenant is active, the heavy ones' rows: the cap less the light
+        # rows, but never less than `light_rows` (many light tenants do not starve them)
+        room = None if cap is None else max(self.light_rows, cap - (len(self._rows) - heavy))
+        if room is not None and heavy > room:
+            self._park_heavy(light, room)
+            heavy = room
+        elif self._parked:  # the oldest rows first
+            free = self.max_batch_rows - len(self._rows) if room is None else room - heavy
+            self._unpark(free)
+            heavy = sum(r.job.spec.tenant not in light for r in self._rows)
+        taken, rows = [], len(self._rows)
+        held = self._parked_rows()  # their KV cache counts against the budget too
+        length = max((_length(r.job) for r in self._rows + held), default=0)
         progressed = True
         while self._pending and progressed:
             progressed = False
@@ -221,8 +295,11 @@ class Sampler:
                 more, longest = rows + job.spec.num_samples, max(length, _length(job))
                 if more > self.max_batch_rows + (self.newcomer_rows if new else 0):
                     continue
-                budget = self.kv_budget
-                if budget is not None and self.kv_bytes(more, longest) > budget * (
+                heavy_job = room is not None and tenant not in light
+                if heavy_job and heavy + job.spec.num_samples > room:
+                    continue  # a light tenant is active: keep its steps cheap
+                budget = self.cache_budget
+                if budget is not None and self.kv_bytes(more + len(held), longest) > budget * (
                     1 if new else FILL
                 ):
                     continue
@@ -232,9 +309,10 @@ class Sampler:
                     self._pending[tenant] = queue  # to the back of the turn order
                 taken.append(job)
                 rows, length = more, longest
+                heavy += job.spec.num_samples if heavy_job else 0
                 running.add(tenant)
                 progressed = True
-        if not taken and not self._rows and self._pending:  # larger than a batch: alone
+        if not taken and not self._rows and not held and self._pending:  # larger than a batch
             tenant, queue = next(iter(self._pending.items()))
             taken.append(queue.popleft())
             del self._pending[tenant]
@@ -242,8 +320,92 @@ class Sampler:
                 self._pending[tenant] = queue
         return taken
 
+    @property
+    def light_rows(self) -> int:
+        """Most rows (running and waiting) of a light tenant."""
+        return max(1, (self.latency_rows or 0) // 2)
+
+    def _light_tenants(self) -> tuple[set[Hashable], int | None]:
+        """(the tenants with at most `light_rows` rows running, parked and waiting, the batch's
+        row cap for the others now: `latency_rows` while a light tenant is or was
+        active within `LINGER` seconds, else None)."""
+        if self.latency_rows is None:
+            return set(), None
+        rows: dict[Hashable, int] = {}
+        for row in self._rows + self._parked_rows():
+            rows[row.job.spec.tenant] = rows.get(row.job.spec.tenant, 0) + 1
+        for tenant, queue in self._pending.items():
+            rows[tenant] = rows.get(tenant, 0) + sum(j.spec.num_samples for j in queue)
+        light = {t for t, n in rows.items() if n <= self.light_rows}
+        now = time.monotonic()
+        if light and len(rows) > 1:
+            self._light_until = now + LINGER
+        return light, self.latency_rows if now < self._light_until else None
+
+    def _park_heavy(self, light: set[Hashable], room: int) -> None:
+        """Set aside the rows of heavy tenants beyond their first `room` (the oldest stay)."""
+        keep = [i for i, r in enumerate(self._rows) if r.job.spec.tenant in light]
+        keep += [i for i, r in enumerate(self._rows) if r.job.spec.tenant not in light][:room]
+        keep.sort()
+        out = sorted(set(range(len(self._rows))) - set(keep))
+        self._parked.append(self._select(self._batch(), out))
+        if not keep:
+            self._reset()
+            return
+        self._next_logits = self._next_logits[torch.tensor(keep, device=self._mask.device)]
+        self._retire(keep)
+
+    def _unpark(self, room: int) -> None:
+        """Merge up to `room` parked rows back into the batch, oldest first."""
+        while self._parked and room > 0:
+            part = self._parked[0]
+            if len(part.rows) > room:
+                n = len(part.rows)
+                self._parked[0] = self._select(part, list(range(room, n)))
+                part = self._select(part, list(range(room)))
+            else:
+                self._parked.pop(0)
+            self._merge(part)
+            room -= len(part.rows)
+
+    def _batch(self) -> Parked:
+        """The running batch's rows and state (not copied)."""
+        return Parked(
+            self._rows, self._cache, self._mask, self._positions, self._deltas, self._next_logits
+        )
+
+    def _select(self, part: Parked, indices: list[int]) -> Parked:
+        """Copies of rows `indices` of `part`."""
+        index = torch.tensor(indices, device=part.mask.device)
+        cache, mask = kv_cache.take_rows(part.cache, part.mask, index)
+        deltas = None if part.deltas is None else part.deltas[index]
+        rows = [part.rows[i] for i in indices]
+        return Parked(rows, cache, mask, part.positions[index], deltas, part.next_logits[index])
+
+    def _merge(self, part: Parked) -> None:
+        """Add `part`'s rows to the batch (left-padded to a common length)."""
+        if self._cache is None:
+            kv_cache.grow_in_place(part.cache)
+            self._cache, self._mask, self._next_logits = part.cache, part.mask, part.next_logits
+            self._positions, self._deltas, self._rows = part.positions, part.deltas, []
+        else:
+            self._cache, self._mask = kv_cache.merge(self._cache, self._mask, part.cache, part.mask)
+            self._next_logits = torch.cat([self._next_logits, part.next_logits])
+            self._positions = torch.cat([self._positions, part.positions])
+            if part.deltas is not None:
+                self._deltas = torch.cat([self._deltas, part.deltas])
+        self._rows += part.rows
+        self._plan = make_plan(self._rows, self._next_logits.shape[-1], self._mask.device)
+
     def _drop_cancelled(self) -> None:
-        """Forget waiting and running jobs whose future was cancelled."""
+        """Forget waiting, parked and running jobs whose future was cancelled."""
+        parked, self._parked = self._parked, []
+        for part in parked:
+            alive = [k for k, r in enumerate(part.rows) if not r.job.future.cancelled()]
+            if len(alive) == len(part.rows):
+                self._parked.append(part)
+            elif alive:
+                self._parked.append(self._select(part, alive))
         for tenant, queue in list(self._pending.items()):
             live = deque(j for j in queue if not j.future.cancelled())
             if live:
@@ -291,15 +453,40 @@ class Sampler:
         return out.logits, getattr(out, self._cache_kw)
 
     def _admit(self, jobs: list[Job]) -> None:
-        """Prefill the new prompts together, then add num_samples rows per prompt."""
-        lengths = [len(j.spec.prompt) for j in jobs]
+        """Prefill the new prompts (in groups and chunks that fit the prefill's share of
+        the budget), then add num_samples rows per prompt."""
         now = time.time()
         for job in jobs:
             job.admitted = now
-        self.prefill_tokens += sum(lengths)
+        self.prefill_tokens += sum(len(j.spec.prompt) for j in jobs)
+        for group, chunk in self._prefill_plan(jobs):
+            self._prefill(group, chunk)
+
+    def _prefill_plan(self, jobs: list[Job]) -> list[tuple[list[Job], int]]:
+        """(jobs prefilled together, the prompt tokens each of their forwards takes): as
+        many rows, then as many tokens, as keep a forward within `prefill_budget`."""
+        width = max(len(j.spec.prompt) for j in jobs)
+        budget = self.prefill_budget
+        if budget is None or self.base.vision is not None:  # images go in one forward
+            return [(jobs, width)]
+        all_logits = any(j.spec.prompt_logprobs for j in jobs)
+        one = self.prefill_bytes(1, min(width, MIN_CHUNK), width, all_logits)
+        size = max(1, budget // one)
+        plan = []
+        for i in range(0, len(jobs), size):
+            group = jobs[i : i + size]
+            width = max(len(j.spec.prompt) for j in group)
+            per_token = self.prefill_bytes(len(group), 1, width, all_logits)
+            plan.append((group, min(width, max(MIN_CHUNK, budget // per_token))))
+        return plan
+
+    def _prefill(self, jobs: list[Job], chunk: int) -> None:
+        """Prefill `jobs`' prompts together, `chunk` tokens a forward (left-padded to the
+        longest; each chunk attends to the cache of the ones before), and merge
+        num_samples rows per prompt into the batch."""
+        lengths = [len(j.spec.prompt) for j in jobs]
         width = max(lengths)
-        pad = 0
-        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+        ids = torch.zeros((len(jobs), width), dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)
         for i, job in enumerate(jobs):
             ids[i, width - lengths[i] :] = torch.tensor(job.spec.prompt)
@@ -310,15 +497,38 @@ class Sampler:
         extra, deltas = forward_inputs(self.base.vision, ids, images, mask)
         if self.base.vision is not None and deltas is None:
             deltas = torch.zeros(len(jobs), dtype=torch.long)
-        logits, cache = self._forward(
-            ids, mask, positions, [j.spec.adapter for j in jobs], None, 0 if keep_all else 1, extra
-        )
-        logits = logits.float()
-        for i, job in enumerate(jobs):
-            if job.spec.prompt_logprobs:
-                job.prompt_logprobs, job.topk_prompt_logprobs = prompt_logprobs(
-                    job.spec.prompt, logits[i, width - lengths[i] :], job.spec.topk_prompt_logprobs
-                )
+        adapters = [j.spec.adapter for j in jobs]
+        picked: dict[int, tuple[list, list]] = {
+            i: ([None], [None]) for i, j in enumerate(jobs) if j.spec.prompt_logprobs
+        }
+        cache = None
+        for start in range(0, width, chunk):
+            end = min(width, start + chunk)
+            logits, cache = self._forward(
+                ids[:, start:end],
+                mask[:, :end],
+                positions[:, start:end],
+                adapters,
+                cache,
+                0 if keep_all else 1,
+                extra if start == 0 else None,
+            )
+            kv_cache.grow_in_place(cache)  # the next chunk appends in place
+            self.prefill_forwards += 1
+            logits = logits.float()
+            for i, (lps, tops) in picked.items():  # column c predicts column c + 1's token
+                first, last = max(start, width - lengths[i]), min(end, width - 1)
+                if first < last:
+                    k = jobs[i].spec.topk_prompt_logprobs
+                    targets = ids[i, first + 1 : last + 1].tolist()
+                    more, top = next_token_logprobs(
+                        logits[i, first - start : last - start], targets, k
+                    )
+                    lps += more
+                    tops += top or []
+        for i, (lps, tops) in picked.items():
+            jobs[i].prompt_logprobs = lps
+            jobs[i].topk_prompt_logprobs = tops if jobs[i].spec.topk_prompt_logprobs else None
         rows_of = [i for i, job in enumerate(jobs) for _ in range(job.spec.num_samples)]
         index = torch.tensor(rows_of, device=logits.device)
         cache.batch_select_indices(index)
@@ -330,18 +540,7 @@ class Sampler:
         new_positions = torch.tensor([[r.position] for r in new_rows], device=device)
         new_logits = logits[:, -1][index]
         new_deltas = None if deltas is None else deltas[rows_of].to(device)
-        if self._cache is None:
-            kv_cache.grow_in_place(cache)
-            self._cache, self._mask, self._next_logits = cache, new_mask, new_logits
-            self._positions, self._deltas = new_positions, new_deltas
-        else:
-            self._cache, self._mask = kv_cache.merge(self._cache, self._mask, cache, new_mask)
-            self._next_logits = torch.cat([self._next_logits, new_logits])
-            self._positions = torch.cat([self._positions, new_positions])
-            if new_deltas is not None:
-                self._deltas = torch.cat([self._deltas, new_deltas])
-        self._rows += new_rows
-        self._plan = make_plan(self._rows, logits.shape[-1], logits.device)
+        self._merge(Parked(new_rows, cache, new_mask, new_positions, new_deltas, new_logits))
 
     def _step(self) -> None:
         """Sample one token for every row, retire finished rows, run the rest forward."""
@@ -472,6 +671,17 @@ class Sampler:
 def _length(job: Job) -> int:
     """Columns a job's rows may reach: its prompt and every new token."""
     return len(job.spec.prompt) + job.spec.max_tokens
+
+
+def model_shape(model: torch.nn.Module) -> tuple[int, int, int, int, int]:
+    """(hidden size, MLP size, attention heads, vocabulary, the weights' element size)."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    hidden = getattr(text, "hidden_size", 0) or 0
+    intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
+    heads = getattr(text, "num_attention_heads", 1) or 1
+    vocab = getattr(text, "vocab_size", 0) or 0
+    return hidden, intermediate, heads, vocab, next(model.parameters()).element_size()
 
 
 def kv_bytes_per_token(model: torch.nn.Module) -> int:
