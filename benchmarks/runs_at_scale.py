@@ -11,7 +11,7 @@
    runs but the default resident set (32): what paging buys in time.
 4. RSS vs number of runs on tinkerd/tiny (rank 8, each trained one step): 1, 10, 100,
    1000 runs in a fresh process under the default budget, and without one up to 100.
-   Goal: flat beyond the resident set.
+   Goal: flat beyond the resident set. And the bytes of memory one run on disk keeps.
 
     python benchmarks/runs_at_scale.py [--quick] [--record]
 
@@ -134,6 +134,43 @@ def rss_child(n: int, budget: bool, data_dir: str) -> None:
             print(json.dumps({"runs": k + 1, "rss_mib": _rss_mib()}), flush=True)
 
 
+def disk_run_bytes(n: int = 2000) -> float:
+    """Section 4b: bytes of memory a run on disk keeps (its Run record and paging entry,
+    the modules, Parameters and optimizer gone), by tracemalloc: n copies of one tiny
+    run's page file (renamed runs) taken back by a fresh engine, before any is used."""
+    import gc
+    import tracemalloc
+
+    from tinkerd.engine.paging import PAGE_MAGIC
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        first = Engine(data_dir=data_dir, config=EngineConfig(max_resident_runs=1))
+        first.create_model(TINY, LoraConfig(rank=8, seed=0), "s:train:0")
+        first.suspend_runs()
+        page = next(Path(data_dir, "paged").glob("*/*.page"))
+        raw = page.read_bytes()
+        length = int.from_bytes(raw[8:16], "little")
+        header, tensors = json.loads(raw[16 : 16 + length]), raw[16 + length :]
+        ids = [f"s:train:{k}" for k in range(1, n + 1)]
+        for k, model_id in enumerate(ids):
+            head = json.dumps({**header, "model_id": model_id}).encode()
+            head += b" " * (-(len(head) + 16) % 64)
+            size = len(head).to_bytes(8, "little")
+            (page.parent / f"{k}.page").write_bytes(PAGE_MAGIC + size + head + tensors)
+        second = Engine(data_dir=data_dir, config=EngineConfig(max_resident_runs=1))
+        second.create_model(TINY, LoraConfig(rank=8, seed=0), "warm")  # base and pager made
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        taken = second.restore_runs(ids)
+        gc.collect()
+        grew = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+        tracemalloc.stop()
+    out = grew / len(taken)
+    print(json.dumps({"bytes_per_run_on_disk": out}), flush=True)
+    return out
+
+
 def _rss_mib() -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
@@ -198,6 +235,7 @@ def main() -> None:
         costs = paging_costs(Path(tmp), rounds)
         live = live_adapters(Path(tmp), 40 if args.quick else 150, rounds)
     paged = rss_curve(100 if args.quick else 1000, budget=True)
+    per_run = disk_run_bytes()
     unpaged = rss_curve(10 if args.quick else 100, budget=False)
 
     disk = costs["disk"]
@@ -239,6 +277,8 @@ def main() -> None:
         "| RSS, no budget (MiB) | "
         + " | ".join(f"{unpaged[n]:.0f}" if n in unpaged else "-" for n in paged)
         + " |",
+        "",
+        f"Memory a run on disk keeps (its Run record and paging entry): {per_run:.0f} bytes.",
     ]
     body = "\n".join(lines)
     print(f"{machine()}\n\n{body}")

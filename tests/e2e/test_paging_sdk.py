@@ -140,3 +140,76 @@ def test_official_sdk_sweep_of_many_runs_is_paged_exactly(tmp_path):
     assert tiny["page_ins"] >= SWEEP_TINY
     assert smollm2["resident_runs"] == 2  # 400 MiB / ~182 MB a run
     assert smollm2["page_ins"] >= SWEEP_SMOLLM2
+
+
+# ---------------------------------------------------------------- restarts
+
+
+def _step(client, i: int, step: int, optim: bool = True) -> float:
+    """Run i's forward_backward at `step` (then its optim_step): its loss."""
+    from tinker import types
+
+    tokens = sweep_tokens(i, step)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * 16},
+    )
+    loss = client.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"]
+    if optim:
+        client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    return loss
+
+
+@pytest.mark.timeout(600)
+def test_runs_go_on_with_their_old_clients_after_a_restart(tmp_path):
+    """Official SDK, one run resident at a time: after a clean shutdown every run goes on
+    with its old TrainingClient (pending gradients, Adam moments and step counts
+    included) exactly as a run never restarted; after a kill -9 the runs paged out and
+    untouched since go on too, and the one in use at the crash is refused with a 404
+    naming create_training_client_from_state_with_optimizer."""
+    import tinker
+
+    # Each run: (seed, then its steps: (step, with optim_step)), in one order for both.
+    plan = [(0, 0, True), (1, 0, True), (2, 0, False)]  # run 2 keeps pending gradients
+    after_clean = [(0, 1, True), (1, 1, True), (2, 1, True)]  # run 2's step 1 sums both
+    after_kill = [(0, 2, True), (1, 2, True)]
+    control = Engine(data_dir=tmp_path / "control", config=UNLIMITED)
+    ids = [control.create_model(TINY, LoraConfig(rank=4, seed=i)) for i in range(3)]
+
+    def control_step(i: int, step: int, optim: bool) -> float:
+        out = control.forward_backward(ids[i], [make_datum(sweep_tokens(i, step))], "cross_entropy")
+        if optim:
+            control.optim_step(ids[i], AdamParams(learning_rate=1e-2))
+        return out.metrics["loss:sum"]
+
+    expected = [control_step(*s) for s in plan + after_clean + after_kill]
+    server = ServerProcess(tmp_path / "server", "--max-resident-runs", "1")
+    try:
+        sdk = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
+        clients = [sdk.create_lora_training_client(TINY, rank=4, seed=i).result() for i in range(3)]
+        losses = [_step(clients[i], i, step, optim) for i, step, optim in plan]
+        server.stop()  # SIGTERM: a clean shutdown pages every run out and keeps the files
+        server.start()
+        losses += [_step(clients[i], i, step, optim) for i, step, optim in after_clean]
+        server.stop(kill=True)  # run 2 is resident (in use): its state was in memory only
+        server.start()
+        losses += [_step(clients[i], i, step, optim) for i, step, optim in after_kill]
+        assert losses == pytest.approx(expected, abs=1e-6, rel=0)
+        with pytest.raises(tinker.NotFoundError) as lost:
+            _step(clients[2], 2, 2)
+        assert "create_training_client_from_state_with_optimizer" in str(lost.value)
+        paths = [clients[i].save_state("after").result().path for i in (0, 1)]
+    finally:
+        server.stop()
+    from safetensors.torch import load_file
+
+    for i, path in zip((0, 1), paths):
+        run_id, _, name = path.removeprefix("tinker://").partition("/weights/")
+        root = tmp_path / "server" / "checkpoints" / run_id / "weights" / name
+        saved = load_file(root / WEIGHTS)
+        run = control.run(ids[i])
+        with run.base.lock, run.attached():
+            weights = adapter_state_dict(run)
+        assert saved.keys() == weights.keys()
+        for key, value in weights.items():
+            assert (saved[key] - value).abs().max().item() <= 1e-6, key

@@ -13,6 +13,26 @@ from tinkerd.engine.sampling.backend import SAMPLER_BACKENDS
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
+def _suspend_at_shutdown(app: Any, service: Any) -> Any:
+    """`app`, which at a clean shutdown (SIGTERM, Ctrl-C) finishes the work in hand and
+    pages every run out to disk for the next server on the data dir to take back
+    (`Service.close(suspend=True)`). In the app's lifespan: uvicorn raises the signal
+    again once the app has shut down, so after `uvicorn.run` would be too late."""
+    import asyncio
+    import contextlib
+
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any):
+        async with inner(app) as state:
+            yield state
+        await asyncio.to_thread(service.close, True)
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
 def _serve(args: argparse.Namespace) -> int:
     import ipaddress
     from pathlib import Path
@@ -67,7 +87,8 @@ def _serve(args: argparse.Namespace) -> int:
             f"({len(keys)} API key(s); data in {server.service.store.path})",
             flush=True,
         )
-        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+        app = _suspend_at_shutdown(create_app(server), server.service)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
     world = int(os.environ.get("WORLD_SIZE", args.nproc))
     if world > 1:

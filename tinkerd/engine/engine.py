@@ -10,6 +10,7 @@ rank's engine computes its share of every batch (`tinkerd.engine.distributed`).
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import threading
@@ -34,7 +35,15 @@ from tinkerd.engine.checkpoints import (
 from tinkerd.engine.compute import Limits, LossRequest, Member, loss_pass
 from tinkerd.engine.memory import bounded_heap, default_budget, parse_bytes
 from tinkerd.engine.models import BaseModel, BaseModelRegistry, parse_model_specs
-from tinkerd.engine.paging import MAX_RESIDENT_RUNS, PagingConfig, ResidentSet, spill_dir
+from tinkerd.engine.paging import (
+    MAX_RESIDENT_RUNS,
+    PagingConfig,
+    ResidentSet,
+    leftover_pages,
+    read_header,
+    remove_leftovers,
+    spill_dir,
+)
 from tinkerd.engine.parallel import SingleProcess
 from tinkerd.engine.sampler_weights import MAX_SNAPSHOTS, SamplerVersions, SamplerWeights
 from tinkerd.engine.sampling.backend import SamplerFactory
@@ -60,6 +69,8 @@ from tinkerd.types import (
 
 __all__ = ["Engine", "EngineConfig", "LossRequest", "SamplerWeights"]
 
+log = logging.getLogger("tinkerd.engine")
+
 RANK_OPS = (
     "create_model",
     "create_model_from_state",
@@ -68,6 +79,8 @@ RANK_OPS = (
     "run_losses",
     "forward_backward_custom",
     "optim_step",
+    "suspend_runs",
+    "restore_runs",
 )
 """The operations that change runs: every data-parallel rank applies them, in rank 0's
 order (`Engine._everywhere`); everything else (sampling, saves, reads) is rank 0's alone."""
@@ -267,7 +280,7 @@ class Engine:
         with self._lock:
             if base.name not in self._pagers:
                 if self._spill_dir is None:
-                    self._spill_dir = spill_dir(self.data_dir)
+                    self._spill_dir = spill_dir(self.data_dir, self.parallel.rank)
                 self._pagers[base.name] = ResidentSet(base, self.paging, self._spill_dir)
             return self._pagers[base.name]
 
@@ -275,6 +288,43 @@ class Engine:
         """Page `runs` (of one base) in, if they are not resident, for a change to them."""
         if runs:
             self.pager(runs[0].base).use(list(runs))
+
+    def suspend_runs(self) -> None:
+        """A clean shutdown: every run of every base paged to disk and kept there, for
+        the next server on this data dir (`restore_runs`). The engine serves no more."""
+        self._everywhere("suspend_runs")
+
+    def _suspend_runs(self) -> None:
+        with self._lock:
+            pagers = list(self._pagers.values())
+        for pager in pagers:
+            pager.suspend()
+
+    def restore_runs(self, wanted: list[str]) -> list[str]:
+        """Take back the runs in `wanted` that an earlier server on this data dir left
+        paged to disk (their page files, whole); the rest of its files are removed.
+        Returns the model_ids taken back (docs/multi-tenant.md, "Restarts")."""
+        return self._everywhere("restore_runs", sorted(wanted))
+
+    def _restore_runs(self, wanted: list[str]) -> list[str]:
+        rank, taken, keep = self.parallel.rank, [], set(wanted)
+        left = leftover_pages(self.data_dir, rank)
+        for path in left:
+            try:
+                header = read_header(path)
+                model_id = header["model_id"]
+                if model_id not in keep or model_id in self._runs:
+                    continue
+                run = self.pager(self._load_base(header["base_model"])).adopt(header, path)
+            except (ValueError, KeyError, InvalidRequestError, NotFoundError) as e:
+                log.warning("paged run %s not taken back: %s", path.name, e)  # not whole
+                continue
+            with self._lock:
+                self._runs[model_id] = run
+            taken.append(model_id)
+        moved = {self._runs[m].pager.entries[m].path for m in taken}
+        remove_leftovers(self.data_dir, rank, [p for p in left if p not in moved], self._spill_dir)
+        return taken
 
     def paging_stats(self) -> dict[str, dict[str, float]]:
         """Per base model: resident and paged runs, page-ins and their time

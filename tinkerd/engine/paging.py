@@ -8,23 +8,30 @@ LoRA layer when the active adapter changes), so a base keeps at most
 `PagingConfig.resident_bytes` of runs and `PagingConfig.max_resident_runs` runs resident.
 A run that is not resident is *paged*: its adapter is taken out of the `PeftModel` the
 way PEFT's `delete_adapter` takes it (every LoRA layer's per-adapter entries, and its
-config), but the pieces are kept, with the run's very Parameters and optimizer, and its
-tensors (weights, pending gradients, AdamW moments or Dimuon momentum) are kept
+config), and its tensors (weights, pending gradients, AdamW moments or Dimuon momentum)
+go
 
-- in host memory (`host`: moved off a GPU; on a CPU nothing moves), up to
+- to host memory (`host`: moved off a GPU; on a CPU nothing moves), up to
   `PagingConfig.host_bytes` (by default only on a GPU machine: on a CPU host memory
-  *is* the device's);
-- beyond that on disk (`disk`), one `torch.save` file per run under
-  `<data_dir>/paged/<pid>/`, the tensors freed (the Parameters stay, emptied).
+  *is* the device's), the adapter's pieces kept with the run's very Parameters and
+  optimizer;
+- beyond that to disk (`disk`), one self-describing file per run under
+  `<data_dir>/paged/r<rank>-<pid>/` (`write_page`), and the run keeps nothing else: its
+  modules, Parameters and optimizer are dropped (`_shelve`), so a run on disk costs
+  memory only its `Run` record (~2.4 KB).
 
 `ResidentSet.use(runs)` makes runs resident before a pass, an optimizer step or a load,
-paging others out first. Page-in puts the pieces back where they were and the very
-tensors (or those read from the file, which `torch.save` stores exactly) back into the
-same Parameters, optimizer state keyed by them: no arithmetic, no initialisation, no
-random draw, so paging never changes a result, and costs a file read and a few dict
-operations per LoRA layer. A run has no RNG state of its own (LoRA dropout is 0;
-sampling seeds are per request), so there is none to keep; its step counts live on the
-`Run` and its optimizer, which stay.
+paging others out first. A host page-in puts the pieces back where they were and the
+very tensors back into the same Parameters; a disk page-in copies the emptied modules
+of the first run of that LoRA shape that went to disk (its shape's template) and puts
+the file's bytes into the copy's Parameters and a fresh optimizer's state, by position
+(`_unshelve`). No arithmetic, no initialisation, no random draw: paging never changes a
+result. A run has no RNG state of its own (LoRA dropout is 0; sampling seeds are per
+request), so there is none to keep; its step counts live on the `Run` and in the file.
+
+A page file is deleted when its run is paged in, before the run can change: a file that
+exists is its run's latest state. So runs outlive a restart (`suspend` at a clean
+shutdown, `adopt` at the next start: docs/multi-tenant.md).
 
 Eviction: least recently used, with a per-owner share. The owner of a run is the
 session its model_id names (`<session>:train:<n>`; embedded runs share one owner): it
@@ -48,7 +55,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import hashlib
+import json
 import logging
 import os
 import re
@@ -66,7 +75,7 @@ import torch
 from torch import Tensor
 
 from tinkerd.engine.memory import _mem_available, parse_bytes
-from tinkerd.engine.optimizers import Dimuon
+from tinkerd.engine.optimizers import Dimuon, make_optimizer
 
 log = logging.getLogger("tinkerd.paging")
 
@@ -88,6 +97,8 @@ GRANULE = 256 << 20
 """`auto` budgets are rounded down to this, so that ranks on alike machines agree."""
 MIN_FREE_DISK = 1 << 30
 """Bytes of disk left free: a page-out that would leave less keeps the run in memory."""
+SPARE_PIECES = 4
+"""Sets of emptied adapter pieces kept per LoRA shape for reuse (`_Shape.spare`)."""
 SPILL_DIR = "paged"
 """Under the data dir: one file per run paged to disk."""
 
@@ -139,10 +150,29 @@ class _Entry:
     pieces: dict[tuple[Any, str], Any] | None = None
     """While paged: the adapter's entries of each LoRA layer, by (layer, attribute)."""
     path: Path | None = None
-    """While on disk: the file holding its tensors' bytes, end to end."""
-    layout: Any = None
-    """While on disk: the state with each tensor replaced by its `_Slot` in the file."""
+    """While on disk: the file holding its state (`_write_page`)."""
     last_use: int = 0
+
+
+@dataclass
+class _Shape:
+    """What the shelved runs of one LoRA shape share (`ResidentSet._shelve`): the PEFT
+    config and the adapter's per-layer pieces, emptied, copied for each page-in."""
+
+    config: Any
+    pieces: dict[tuple[Any, str], Any]
+    order: list[tuple[tuple[Any, str], str]]
+    """Where each of a run's `params` is: (its piece, its name in the piece; "" for a
+    piece that is the Parameter itself)."""
+    spare: list[dict[tuple[Any, str], Any]] = field(default_factory=list)
+    """Emptied pieces of runs gone to disk since, up to SPARE_PIECES, taken by the next
+    page-ins before the template is copied (a copy costs more than the file's read)."""
+
+
+def _shape_key(run: Run) -> tuple:
+    """Runs alike in this have alike adapters on one base (the seed only sets values)."""
+    lora = run.lora
+    return (lora.rank, lora.train_attn, lora.train_mlp, lora.train_unembed)
 
 
 @dataclass
@@ -178,6 +208,7 @@ class ResidentSet:
         self.stats = PagingStats()
         self._clock = 0
         self._layer_list: list[Any] | None = None
+        self._shapes: dict[tuple, _Shape] = {}  # templates of shelved runs' modules
         self._lock = threading.Lock()  # the counters, read by the metrics thread
 
     # ---------------------------------------------------------------- membership
@@ -268,6 +299,7 @@ class ResidentSet:
                 self._detach(entry)
                 if where == "disk":
                     _take_state(run)  # the file still holds this state: free it again
+                    self._shelve(entry)
                 else:
                     _move_state(run, lambda t: t.to("cpu"))
 
@@ -372,26 +404,77 @@ class ResidentSet:
         return sum(e.size for e in self.host.values())
 
     def _to_disk(self, entry: _Entry) -> None:
-        """Write the run's tensors to its file (atomically: a crash leaves the old file or
-        none) and free them (the run's tensors become empty until its page-in)."""
+        """Write the run's state to its file (atomically: a crash leaves the old file or
+        none) and free it: its tensors, and its adapter's modules, Parameters and
+        optimizer too (`_shelve`), so that a run on disk costs memory only its `Run`."""
         self.spill_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spill_dir / (_safe(entry.run.model_id) + ".bin")
-        tmp = path.with_suffix(".tmp")
-        parts: list[Tensor] = []
-        entry.layout = _pack(_take_state(entry.run), parts)
-        with open(tmp, "wb") as f:
-            for part in parts:
-                f.write(memoryview(part.numpy()))
-        os.replace(tmp, path)
+        path = self.spill_dir / (_safe(entry.run.model_id) + PAGE_SUFFIX)
+        run = entry.run
+        write_page(path, run, _take_state(run), run.optimizer)
+        self._shelve(entry)
         entry.path, entry.where = path, "disk"
         with self._lock:
             self.stats.disk_writes += 1
 
     def _from_disk(self, entry: _Entry) -> None:
-        """The run's tensors from its file: one read (and one copy to a GPU), each
-        tensor a view of that buffer."""
-        buffer = torch.from_numpy(np.fromfile(entry.path, dtype=np.uint8)).to(self.device)
-        _put_state(entry.run, _unpack(entry.layout, buffer))
+        """The run's state from its file: one read (and one copy to a GPU), each tensor
+        a view of that buffer, into a copy of its shape's modules (`_unshelve`)."""
+        header, buffer = read_page(entry.path, self.device)
+        self._unshelve(entry)
+        _put_state(entry.run, _unpack(header["layout"], buffer))
+        entry.run.optimizer.steps = header["optimizer_steps"]
+        if header["optimizer_rank"] is not None:
+            entry.run.optimizer.rank = header["optimizer_rank"]
+
+    def _shelve(self, entry: _Entry) -> None:
+        """Drop a detached run's modules, Parameters and optimizer (emptied, the state in
+        its file). The first run of each LoRA shape leaves its emptied modules as the
+        shape's template, which `_unshelve` copies; a run whose Parameters are not all
+        in its modules (no such adapter is known) keeps its own."""
+        run, key = entry.run, _shape_key(entry.run)
+        if key not in self._shapes:
+            found = {}
+            for spot, piece in entry.pieces.items():
+                if isinstance(piece, torch.nn.Parameter):
+                    found[id(piece)] = (spot, "")
+                elif isinstance(piece, torch.nn.Module):
+                    found.update({id(p): (spot, n) for n, p in piece.named_parameters()})
+            order = [found.get(id(p)) for p in run.params]
+            if None in order:
+                return
+            self._shapes[key] = _Shape(entry.config, entry.pieces, order)
+        elif len(self._shapes[key].spare) < SPARE_PIECES:
+            self._shapes[key].spare.append(entry.pieces)
+        run.params, run.optimizer = [], None
+        entry.pieces = entry.config = None
+
+    def _unshelve(self, entry: _Entry) -> None:
+        """Give a shelved run modules and Parameters (empty until `_put_state`): a spare
+        set of its shape's, else a copy of the template (nothing initialised, no random
+        draw), and a fresh optimizer. A run restored after a restart whose shape has
+        none yet gets its adapter made by PEFT, as at creation."""
+        run = entry.run
+        if run.optimizer is not None:
+            return  # never shelved: it kept its own
+        shape = self._shapes.get(_shape_key(run))
+        if shape is None:
+            from tinkerd.engine.adapters import create_run
+
+            made = create_run(self.base, run.model_id, run.lora, run.optimizer_config)
+            run.params, run.optimizer = made.params, made.optimizer
+            entry.config = self.base.peft_model.peft_config[run.model_id]
+            self._layer_list = None  # PEFT may have wrapped modules for it
+            self._detach(entry)
+            _take_state(run)
+            return
+        pieces = shape.spare.pop() if shape.spare else None
+        pieces = pieces or {spot: copy.deepcopy(piece) for spot, piece in shape.pieces.items()}
+        run.params = [
+            pieces[spot] if not name else pieces[spot].get_parameter(name)
+            for spot, name in shape.order
+        ]
+        run.optimizer = make_optimizer(run.optimizer_config.type, run.params, run.lora.rank)
+        entry.pieces, entry.config = pieces, copy.deepcopy(shape.config)
 
     @property
     def device(self) -> torch.device:
@@ -435,6 +518,43 @@ class ResidentSet:
         entry.pieces = None
         self.base.adapters.add(name)
         _repoint_active(self.base)
+
+    # ---------------------------------------------------------------- restarts
+
+    def suspend(self) -> None:
+        """At a clean shutdown: every run to disk, and the files kept at exit, so that the
+        next server on this data dir takes them back (`adopt`)."""
+        with self.base.lock:
+            for model_id, entry in list(self.resident.items()):
+                self._detach(entry)
+                del self.resident[model_id]
+                self._to_disk(entry)
+            for model_id, entry in list(self.host.items()):
+                del self.host[model_id]
+                self._to_disk(entry)
+            _KEPT.add(self.spill_dir)
+
+    def adopt(self, header: dict, path: Path) -> Run:
+        """Take back a run an earlier process left on disk (`header` read from `path` by
+        `read_page`): its file moves into this process's directory and the run is
+        registered as paged to disk, made resident on its first use."""
+        from tinkerd.engine.adapters import Run
+        from tinkerd.types import LoraConfig, optimizer_config_from
+
+        with self.base.lock:
+            optimizer = optimizer_config_from(header["optimizer_config"])
+            lora = LoraConfig.model_validate(header["lora"])
+            run = Run(header["model_id"], self.base, lora, [], None, optimizer, header["step"])
+            run.pager = self
+            weights = sum(s["slot"][1] for s in _slots(header["layout"]["weights"]))
+            moments = 1 if optimizer.type == "dimuon" else 2
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            mine = self.spill_dir / path.name
+            os.replace(path, mine)
+            entry = _Entry(run, None, weights * (2 + moments), owner_of(run.model_id))
+            entry.where, entry.path = "disk", mine
+            self.entries[run.model_id] = entry
+            return run
 
     # ---------------------------------------------------------------- metrics
 
@@ -493,47 +613,110 @@ def _move_state(run: Run, move: Callable[[Tensor], Tensor]) -> None:
         state[p] = {k: v if k == "step" else move(v) for k, v in state[p].items()}
 
 
-@dataclass(frozen=True)
-class _Slot:
-    """A tensor's place in a paged run's file: bytes [offset, offset + size)."""
-
-    offset: int
-    size: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
 ALIGN = 64  # every tensor starts at a multiple of this in the file (any dtype may view it)
+PAGE_MAGIC = b"TKDPAGE1"
+PAGE_SUFFIX = ".page"
+PAGE_VERSION = 1
 
 
 def _pack(value: Any, parts: list[Tensor], at: list[int] | None = None) -> Any:
-    """`value` (dicts, lists, tensors, numbers) with each tensor replaced by its `_Slot`;
-    the tensors' bytes (CPU, padded to ALIGN) appended to `parts` in file order."""
+    """`value` (dicts, lists, tensors, numbers) with each tensor replaced by its slot in
+    the file, `{"slot": [offset, bytes, shape, dtype]}`; the tensors' bytes (CPU, padded
+    to ALIGN) appended to `parts` in file order."""
     at = [0] if at is None else at
     if isinstance(value, Tensor):
         data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        slot = _Slot(at[0], data.numel(), tuple(value.shape), value.dtype)
+        slot = [at[0], data.numel(), list(value.shape), str(value.dtype).removeprefix("torch.")]
         pad = -data.numel() % ALIGN
         parts += [data, torch.zeros(pad, dtype=torch.uint8)] if pad else [data]
         at[0] += data.numel() + pad
-        return slot
+        return {"slot": slot}
     if isinstance(value, dict):
-        return {k: _pack(v, parts, at) for k, v in value.items()}
+        return {str(k): _pack(v, parts, at) for k, v in value.items()}
     if isinstance(value, list):
         return [_pack(v, parts, at) for v in value]
     return value
 
 
 def _unpack(layout: Any, buffer: Tensor) -> Any:
-    """`_pack`'s inverse: each `_Slot` becomes a view of `buffer` (the file's bytes)."""
-    if isinstance(layout, _Slot):
-        data = buffer[layout.offset : layout.offset + layout.size]
-        return data.view(layout.dtype).reshape(layout.shape)
+    """`_pack`'s inverse: each slot becomes a view of `buffer` (the file's tensor bytes)."""
+    if isinstance(layout, dict) and "slot" in layout:
+        offset, size, shape, dtype = layout["slot"]
+        return buffer[offset : offset + size].view(getattr(torch, dtype)).reshape(shape)
     if isinstance(layout, dict):
         return {k: _unpack(v, buffer) for k, v in layout.items()}
     if isinstance(layout, list):
         return [_unpack(v, buffer) for v in layout]
     return layout
+
+
+def write_page(path: Path, run: Run, state: dict[str, Any], optimizer: Any) -> None:
+    """A paged run's file: PAGE_MAGIC, the header's length (8 bytes, little-endian),
+    the header (JSON: what the run is and the layout of its tensors), padding to ALIGN,
+    the tensors' bytes. Self-describing, so that a restarted server can take the run
+    back (`read_page`). Written to a temporary file and renamed: a crash leaves the old
+    file or none, never half of one."""
+    parts: list[Tensor] = []
+    header = {
+        "version": PAGE_VERSION,
+        "model_id": run.model_id,
+        "base_model": run.base.name,
+        "lora": run.lora.model_dump(mode="json"),
+        "optimizer_config": run.optimizer_config.model_dump(mode="json"),
+        "step": run.step,
+        "optimizer_steps": optimizer.steps,
+        "optimizer_rank": getattr(optimizer, "rank", None),  # Dimuon's
+        "layout": _pack(state, parts),
+    }
+    head = json.dumps(header).encode()
+    head += b" " * (-(len(head) + 16) % ALIGN)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(PAGE_MAGIC + len(head).to_bytes(8, "little") + head)
+        for part in parts:
+            f.write(memoryview(part.numpy()))
+    os.replace(tmp, path)
+
+
+def read_page(path: Path, device: torch.device | str = "cpu") -> tuple[dict, Tensor]:
+    """A paged run's file (written by this process, or checked by `read_header`): its
+    header, and its tensor bytes as one uint8 tensor on `device`."""
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if raw.size < 16 or raw[:8].tobytes() != PAGE_MAGIC:
+        raise ValueError(f"{path} is not a paged run")
+    length = int.from_bytes(raw[8:16].tobytes(), "little")
+    header = json.loads(raw[16 : 16 + length].tobytes())
+    return header, torch.from_numpy(raw[16 + length :]).to(device)
+
+
+def read_header(path: Path) -> dict:
+    """A paged run's header alone (what it is; `read_page` checks its tensors' bytes).
+    ValueError if the file is not one, or not whole."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(16)
+            if len(start) < 16 or start[:8] != PAGE_MAGIC:
+                raise ValueError(f"{path} is not a paged run")
+            length = int.from_bytes(start[8:], "little")
+            header = json.loads(f.read(length))
+            size = os.fstat(f.fileno()).st_size - 16 - length
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    end = max((s["slot"][0] + s["slot"][1] for s in _slots(header["layout"])), default=0)
+    if header.get("version") != PAGE_VERSION or size < end:
+        raise ValueError(f"{path} is truncated or of another version")
+    return header
+
+
+def _slots(layout: Any) -> Iterator[dict]:
+    if isinstance(layout, dict) and "slot" in layout:
+        yield layout
+    elif isinstance(layout, dict | list):
+        for v in layout.values() if isinstance(layout, dict) else layout:
+            yield from _slots(v)
 
 
 def _take_state(run: Run) -> dict[str, Any]:
@@ -561,21 +744,54 @@ def _put_state(run: Run, saved: dict[str, Any]) -> None:
     if isinstance(run.optimizer, Dimuon):
         run.optimizer.momentum = {int(i): m for i, m in saved["momentum"].items()}
         return
-    for i, state in saved["adam"].items():
+    for i, state in saved["adam"].items():  # AdamW's `step` stays on the CPU, as torch keeps it
+        state = {k: v.cpu() if k == "step" else v for k, v in state.items()}
         run.optimizer.state[run.params[int(i)]] = state
 
 
-def spill_dir(data_dir: Path) -> Path:
-    """This process's directory for runs paged to disk, `<data_dir>/paged/<pid>`, made
-    empty; the directories of processes that are gone are removed (their paged runs
-    died with them: docs/multi-tenant.md). Removed again when this process exits."""
-    root = Path(data_dir) / SPILL_DIR
-    for old in root.glob("*") if root.is_dir() else []:
-        if not old.name.isdigit() or not _alive(int(old.name)) or int(old.name) == os.getpid():
-            shutil.rmtree(old, ignore_errors=True)
-    mine = root / str(os.getpid())
-    atexit.register(shutil.rmtree, mine, True)
+_KEPT: set[Path] = set()
+"""Spill directories to leave in place at exit (`ResidentSet.suspend`: a clean shutdown
+of a server whose runs a restart takes back)."""
+
+
+def spill_dir(data_dir: Path, rank: int = 0) -> Path:
+    """This process's directory for runs paged to disk, `<data_dir>/paged/r<rank>-<pid>`.
+    Removed when this process exits, unless kept (`ResidentSet.suspend`). What earlier
+    processes left (in this directory too, if one had this pid: a container restarted)
+    is `leftover_pages`'s: a restarted server takes those runs back
+    (`Engine.restore_runs`, docs/multi-tenant.md) and removes the rest."""
+    mine = Path(data_dir) / SPILL_DIR / f"r{rank}-{os.getpid()}"
+    atexit.register(_remove_unless_kept, mine)
     return mine
+
+
+def _remove_unless_kept(path: Path) -> None:
+    if path not in _KEPT:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def leftover_pages(data_dir: Path, rank: int = 0) -> list[Path]:
+    """The page files this rank's earlier processes left under `<data_dir>/paged/` (those
+    no longer running, or of this very pid: a container restarted), oldest first."""
+    root = Path(data_dir) / SPILL_DIR
+    found = []
+    for old in sorted(root.glob(f"r{rank}-*")) if root.is_dir() else []:
+        pid = old.name.partition("-")[2]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            found += sorted(old.glob("*" + PAGE_SUFFIX), key=lambda p: p.stat().st_mtime)
+    return found
+
+
+def remove_leftovers(data_dir: Path, rank: int, pages: list[Path], keep: Path | None) -> None:
+    """Remove `pages` (`leftover_pages` not taken back) and the directories of this
+    rank's processes that are gone, all but `keep` (this process's)."""
+    for page in pages:
+        page.unlink(missing_ok=True)
+    root = Path(data_dir) / SPILL_DIR
+    for old in root.glob(f"r{rank}-*") if root.is_dir() else []:
+        pid = old.name.partition("-")[2]
+        if old != keep and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

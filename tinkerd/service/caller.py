@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 def _gone(model_id: str, status: str | None) -> str:
     """What a 404 says about a run of the caller that is listed but not loaded."""
     why = {
-        "lost": "the server restarted since it was created, and a run's weights and "
-        "optimizer state live in memory only",
+        "lost": "the server restarted since it was created, and this run's latest state "
+        "was in memory only (it was in use when the server stopped without a clean "
+        "shutdown, or a request of it was cut off), so it cannot go on unambiguously",
         "expired": "its session missed heartbeats and expired",
         "finished": "its session was closed",
         "unloaded": "it was unloaded",

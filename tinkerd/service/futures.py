@@ -34,6 +34,10 @@ alone scaled with the runs a key may hold (up to `max_runs_per_key`, 2048: 128 r
 each, ~7 GiB of 4-row results), and with each result's size."""
 
 
+RESUMED = 0
+"""A gate's `next_seq` until its run's first request after a restart (`resume`)."""
+
+
 class _SeqGate:
     """Releases a run's requests in seq_id order, starting at 1."""
 
@@ -45,6 +49,12 @@ class _SeqGate:
         self.released: set[int] = set()  # seq_ids used up without work
         self.stalled_since: float | None = None
         self.tenant: Any = None  # the API key whose run this is
+
+    def start_at(self, seq_id: int) -> None:
+        """A run taken back after a restart (`RequestQueue.resume`) starts its order at
+        the first seq_id that comes: its client goes on from where it was, not from 1."""
+        if self.next_seq == RESUMED:
+            self.next_seq = seq_id
 
     def advance(self, skip_gap: bool = False) -> None:
         """Start every request whose turn has come; with `skip_gap`, jump missing seq_ids."""
@@ -110,6 +120,8 @@ class RequestQueue:
                 if model_id and seq_id
                 else None
             )
+            if gate:
+                gate.start_at(seq_id)
             if gate and seq_id in gate.futures:
                 return gate.futures[seq_id]
             unblocks = gate is not None and seq_id == gate.next_seq and bool(gate.waiting)
@@ -242,12 +254,20 @@ class RequestQueue:
         with contextlib.suppress(InvalidStateError):  # the caller cancelled it meanwhile
             result.set_exception(error) if error is not None else result.set_result(value)
 
+    def resume(self, model_id: str) -> None:
+        """`model_id` is a run a restarted server took back: its client's seq_ids go on
+        from where they were, so the first one to come starts its order (a request of
+        the old server that never came is not waited for)."""
+        with self._lock:
+            self._gates.setdefault(model_id, _SeqGate(self.clock)).next_seq = RESUMED
+
     def release(self, model_id: str, seq_id: int | None) -> None:
         """Use up a seq_id whose request was rejected, so later ones are not held back."""
         if not seq_id:
             return
         with self._lock:
             gate = self._gates.setdefault(model_id, _SeqGate(self.clock))
+            gate.start_at(seq_id)
             if seq_id >= gate.next_seq:
                 gate.released.add(seq_id)
                 gate.advance()

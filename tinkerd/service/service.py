@@ -81,9 +81,13 @@ class Service:
         )
         self.local_runs: dict[str, str] = {}  # model_id: base model, of owner None
         if recover:
+            # Runs an earlier server left paged to disk go on (docs/multi-tenant.md).
+            restored = engine.restore_runs(self.store.restorable_runs())
             self.store.fail_unfinished(
-                "the server restarted before this request finished", self._saved_since
+                "the server restarted before this request finished", self._saved_since, restored
             )
+            for model_id in restored:
+                self.queue.resume(model_id)
             self.sessions.start_expiry()
 
     @functools.cached_property
@@ -115,11 +119,15 @@ class Service:
                 service = _services[engine] = cls(engine, config=config, recover=False)
             return service
 
-    def close(self) -> None:
+    def close(self, suspend: bool = False) -> None:
+        """Stop; with `suspend` (a server's clean shutdown), once the work in hand is done,
+        page every run out to disk for the next server on this data dir to take back."""
         self.telemetry.stop()
         if "sessions" in vars(self):
             self.sessions.stop()
         self.scheduler.shutdown(wait=True)
+        if suspend:
+            self.engine.suspend_runs()
 
     # ---------------------------------------------------------------- requests
 

@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,13 +89,28 @@ class Store:
         with self._lock:
             self._db.close()
 
+    def restorable_runs(self) -> list[str]:
+        """At start-up, before `fail_unfinished`: the runs that were active when the
+        server stopped, in a session still open, with no request of theirs in flight
+        (whose effect a client could not tell): those a restart may take back."""
+        busy = {m for (m,) in self._exec("SELECT model_id FROM futures WHERE status='pending'")}
+        rows = self._exec(
+            "SELECT r.model_id FROM runs r JOIN sessions s ON r.session_id=s.session_id "
+            "WHERE r.status='active' AND s.finished IS NULL"
+        )
+        return [model_id for (model_id,) in rows if model_id not in busy]
+
     def fail_unfinished(
-        self, reason: str, saved: Callable[[str, float], bool] = lambda path, since: False
+        self,
+        reason: str,
+        saved: Callable[[str, float], bool] = lambda path, since: False,
+        restored: Collection[str] = (),
     ) -> int:
         """At start-up: requests in flight when the server stopped can never finish. A
         save whose checkpoint is complete on disk (`saved(tinker_path, request created)`:
         written after the request came) did finish, only its answer was not recorded:
-        it is answered as done, so a retry never meets "already exists"."""
+        it is answered as done, so a retry never meets "already exists". Active runs are
+        `lost`, except those `restored` (taken back from their page files)."""
         body = json.dumps({"error": reason, "category": "server"}).encode()
         with self._lock:
             saves = self._db.execute(
@@ -117,6 +132,9 @@ class Store:
                 (body, self.clock()),
             )
             self._db.execute("UPDATE runs SET status='lost' WHERE status='active'")
+            self._db.executemany(
+                "UPDATE runs SET status='active' WHERE model_id=?", [(m,) for m in restored]
+            )
             return cursor.rowcount
 
     # ---------------------------------------------------------------- sessions

@@ -59,12 +59,15 @@ def test_paged_runs_train_exactly_as_runs_never_paged(tmp_path, dimuon):
     assert stats["resident_runs"] == 2 and stats["disk_runs"] == 4
     assert stats["page_ins"] >= 16  # every run, every step, paged in at least twice
     assert control.paging_stats()[TINY]["page_ins"] == 0
-    # A paged run's tensors are on disk, not in memory, and its adapter left the base.
+    # A paged run's state is on disk, not in memory: its adapter left the base, and it
+    # holds no modules, Parameters nor optimizer of its own (its shape's template does).
     base = paged.run(ids[0]).base
     assert len(base.peft_model.peft_config) == 2
     cold = [paged.run(m) for m in ids if m not in base.adapters]
-    assert cold and all(p.numel() == 0 for run in cold for p in run.params)
-    assert len(list((tmp_path / "paged" / "paged").glob("*/*.bin"))) == 4
+    assert len(cold) == 4 and all(run.params == [] and run.optimizer is None for run in cold)
+    pager = paged.pager(base)
+    assert len(pager._shapes) == 1 and all(pager.entries[r.model_id].pieces is None for r in cold)
+    assert len(list((tmp_path / "paged" / "paged").glob("*/*.page"))) == 4
 
 
 def test_a_packed_pass_pages_in_what_it_packs_a_budget_at_a_time(tmp_path):
@@ -114,7 +117,7 @@ def test_saving_or_sampling_a_paged_run_borrows_it(tmp_path):
 def test_unloading_a_paged_run_deletes_its_file(tmp_path):
     engine = Engine(data_dir=tmp_path, config=EngineConfig(max_resident_runs=1))
     first, second = (engine.create_model(TINY, LoraConfig(rank=4, seed=k)) for k in (1, 2))
-    files = list((tmp_path / "paged").glob("*/*.bin"))
+    files = list((tmp_path / "paged").glob("*/*.page"))
     assert len(files) == 1  # `first`, paged out to make room for `second`
     engine.unload_model(first)
     assert not files[0].exists()
@@ -151,3 +154,40 @@ def test_host_memory_tier_keeps_paged_runs_off_disk(tmp_path):
     assert all(torch.equal(host_final[m][n], final[m][n]) for m in ids for n in final[m])
     stats = engine.paging_stats()[TINY]
     assert stats["host_runs"] == 2 and stats["disk_writes"] == 0
+
+
+def test_a_restarted_engine_takes_back_runs_left_on_disk(tmp_path):
+    """`suspend_runs` (a clean shutdown) pages every run out and keeps the files; a new
+    engine on the data dir takes back the runs it is asked for, bit for bit (pending
+    gradients, AdamW moments and step counts), lazily, and removes the other files; a
+    file cut short is not taken back."""
+    adam = AdamParams(learning_rate=1e-2)
+    control = Engine(data_dir=tmp_path / "control", config=UNLIMITED)
+    first = Engine(data_dir=tmp_path / "served", config=EngineConfig(max_resident_runs=1))
+    ids = [f"s:train:{k}" for k in range(4)]
+    for engine in (control, first):
+        for k, model_id in enumerate(ids):
+            engine.create_model(TINY, LoraConfig(rank=4, seed=k), model_id)
+            engine.forward_backward(model_id, data(k, 0), "cross_entropy")
+            engine.optim_step(model_id, adam)
+            engine.forward_backward(model_id, data(k, 1), "cross_entropy")  # pending
+    first.suspend_runs()
+    pages = sorted((tmp_path / "served" / "paged").glob("*/*.page"))
+    assert len(pages) == 4 and first.paging_stats()[TINY]["resident_runs"] == 0
+    cut = next(p for p in pages if p.name.startswith("s_train_2"))
+    cut.write_bytes(cut.read_bytes()[:-100])  # as a crash mid-write would, were it not atomic
+    second = Engine(data_dir=tmp_path / "served", config=EngineConfig(max_resident_runs=1))
+    assert sorted(second.restore_runs(ids[1:])) == [ids[1], ids[3]]  # 0 not asked, 2 cut
+    assert sorted(p.name for p in (tmp_path / "served" / "paged").glob("*/*.page")) == sorted(
+        p.name for p in pages if p.name.startswith(("s_train_1", "s_train_3"))
+    )
+    assert second.paging_stats()[TINY]["disk_runs"] == 2  # nothing read until used
+    for k in (1, 3):
+        out = second.optim_step(ids[k], adam)
+        expected = control.optim_step(ids[k], adam)
+        assert out.metrics == expected.metrics  # the step count and grad norm went on
+        got = second.forward_backward(ids[k], data(k, 2), "cross_entropy")
+        want = control.forward_backward(ids[k], data(k, 2), "cross_entropy")
+        assert got.metrics["loss:sum"] == want.metrics["loss:sum"]
+        restored, never = weights(second, ids[k]), weights(control, ids[k])
+        assert all(torch.equal(restored[n], v) for n, v in never.items())

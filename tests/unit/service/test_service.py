@@ -72,3 +72,29 @@ def test_importing_tinkerd_imports_no_engine_server_service_or_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_run_taken_back_after_a_restart_orders_its_requests_from_its_first_seq_id():
+    """A restarted server's run goes on with its client's seq_ids (not from 1): the first
+    one to come starts its order, later ones still wait their turn."""
+    from concurrent.futures import Future
+
+    from tinkerd.service.futures import RequestQueue
+
+    queue = RequestQueue(scheduler=None, gap_timeout=3600)
+    ran = []
+
+    def work(n: int):
+        def start() -> Future:
+            ran.append(n)
+            done: Future = Future()
+            done.set_result(n)
+            return done
+
+        return start
+
+    queue.submit(None, work(7), "fresh", 7)  # a new run's order starts at 1: this waits
+    queue.resume("back")
+    for seq_id in (8, 10, 9):
+        queue.submit(None, work(seq_id), "back", seq_id)
+    assert ran == [8, 9, 10]
