@@ -66,8 +66,11 @@ class Sampler:
     ):
         self.base = base
         self.max_batch_rows = max_batch_rows
-        # decode steps straight from the weights where the architecture allows (Llama)
-        self._fast = FastDecoder.build(base.model) if fast_decode else None
+        # decode steps straight from the weights where the architecture allows
+        self._fast = FastDecoder.build(base.model)
+        self.fast_decode = fast_decode
+        """Whether decode steps take the fast path where the model allows (`FastDecoder`);
+        read when a batch changes."""
         self.kv_budget: int | None = None
         """Bytes the batch's KV cache may take (None: no bound but the rows)."""
         self.kv_per_token = kv_bytes_per_token(base.model)
@@ -310,8 +313,11 @@ class Sampler:
         extra, deltas = forward_inputs(self.base.vision, ids, images, mask)
         if self.base.vision is not None and deltas is None:
             deltas = torch.zeros(len(jobs), dtype=torch.long)
+        # the fast path's cache keeps every token (sliding windows are its masks), so
+        # that rows can join and leave any model's batch
+        cache = kv_cache.plain() if self._fast_on() else None
         logits, cache = self._forward(
-            ids, mask, positions, [j.spec.adapter for j in jobs], None, 0 if keep_all else 1, extra
+            ids, mask, positions, [j.spec.adapter for j in jobs], cache, 0 if keep_all else 1, extra
         )
         logits = logits.float()
         for i, job in enumerate(jobs):
@@ -407,7 +413,7 @@ class Sampler:
         worked out once per batch change."""
         plan, lora, fast = self._fast_lora
         if plan is not self._plan:
-            lora, fast = None, self._fast is not None and kv_cache.mergeable(self._cache)
+            lora, fast = None, self._fast_on() and kv_cache.mergeable(self._cache)
             if fast:
                 adapters = [r.job.spec.adapter for r in self._rows]
                 with self.base.lock:
@@ -415,6 +421,9 @@ class Sampler:
                 fast = lora is not None
             self._fast_lora = (self._plan, lora, fast)
         return lora, fast
+
+    def _fast_on(self) -> bool:
+        return self._fast is not None and self.fast_decode
 
     def _retire(self, alive: list[int]) -> None:
         """Keep only the rows at indices `alive` (and their cache rows)."""
