@@ -100,8 +100,8 @@ def test_sampler_logprobs_equal_the_trainers_on_the_fast_path(family, monkeypatc
 
 def test_families_the_fast_path_leaves_to_the_hf_forward():
     from transformers import (
-        Gemma3TextConfig,
         Gemma3ForCausalLM,
+        Gemma3TextConfig,
         GPT2Config,
         GPT2LMHeadModel,
         LlamaConfig,
