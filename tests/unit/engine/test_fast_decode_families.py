@@ -43,12 +43,18 @@ PROMPTS = [[256, *b"a longer prompt"], [256, 7], [256, *b"mid len"]]
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def family(request, tmp_path_factory):
-    """(engine, model name) of a tiny random model of the family, weights spread wider
-    than their init (std 0.05) so that attention, windows and soft-caps shape the output."""
+    """(engine, model name, model_type) of a tiny random model of the family, weights spread wider
+    than their init (std 0.05), biases and norm weights random too (init makes them
+    constant), so that each part shapes the output."""
     path = tmp_path_factory.mktemp(request.param)
     write_tiny_family(path, request.param, initializer_range=0.05, **CONFIGS[request.param])
     engine = Engine(extra_models=[str(path)], data_dir=tmp_path_factory.mktemp("data"))
-    return engine, str(path)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, p in engine.base_model(str(path)).model.named_parameters():
+            if key.endswith("bias") or "norm" in key:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return engine, str(path), request.param
 
 
 def trainer_logprobs(engine: Engine, model_id: str, prompt: list[int], tokens: list[int]):
@@ -56,13 +62,10 @@ def trainer_logprobs(engine: Engine, model_id: str, prompt: list[int], tokens: l
     return out.loss_fn_outputs[0]["logprobs"].to_torch()[len(prompt) - 1 :]
 
 
-def test_sampler_logprobs_equal_the_trainers_on_the_fast_path(family, monkeypatch):
+def check_against_the_trainer(engine: Engine, name: str) -> int:
     """Concurrent requests on two adapters with nonzero B (one with train_unembed) and on
-    the bare base, prompts of 2-16 tokens, 20 new tokens each: every step decoded by
-    `FastDecoder`, every logprob the trainer's for that token within 1e-4 (fp32)."""
-    engine, name = family
-    base = engine.base_model(name)
-    assert unsupported_reason(base.model) is None
+    the bare base, prompts of 2-16 tokens, 20 new tokens each: every logprob is the
+    trainer's for that token within 1e-4 (fp32). Returns how many steps `FastDecoder` ran."""
     gen = torch.Generator().manual_seed(0)
     runs = []
     for seed, unembed in [(1, False), (2, True)]:
@@ -75,11 +78,9 @@ def test_sampler_logprobs_equal_the_trainers_on_the_fast_path(family, monkeypatc
     weights = [engine.save_weights_for_sampler(r) for r in runs]
     weights.append(engine.sampler_for(base_model=name))
     owners = [*runs, plain]
-
+    asks = [(w, o, p, i) for i, p in enumerate(PROMPTS) for w, o in zip(weights, owners)]
     steps = []
     step = FastDecoder.step
-    monkeypatch.setattr(FastDecoder, "step", lambda self, *a: steps.append(1) or step(self, *a))
-    asks = [(w, o, p, i) for i, p in enumerate(PROMPTS) for w, o in zip(weights, owners)]
 
     def sample_all():
         futures = [
@@ -88,14 +89,32 @@ def test_sampler_logprobs_equal_the_trainers_on_the_fast_path(family, monkeypatc
         ]
         return [f.result(timeout=120).sequences[0] for f in futures]
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # one thread holds the OMP team
-        sequences = pool.submit(sample_all).result()
-    assert len(steps) >= 19  # every step after the first token came through the fast path
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FastDecoder, "step", lambda self, *a: steps.append(1) or step(self, *a))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # one thread runs torch ops
+            sequences = pool.submit(sample_all).result()
     for (_, owner, prompt, _), seq in zip(asks, sequences):
         expected = trainer_logprobs(engine, owner, prompt, seq.tokens)
         torch.testing.assert_close(torch.tensor(seq.logprobs), expected, atol=1e-4, rtol=0)
     # the adapters mattered: the same prompt and seed gave another sequence on the base
     assert sequences[0].tokens != sequences[2].tokens
+    return len(steps)
+
+
+def test_sampler_logprobs_equal_the_trainers_on_the_fast_path(family):
+    engine, name, _ = family
+    assert unsupported_reason(engine.base_model(name).model) is None
+    assert check_against_the_trainer(engine, name) >= 19  # every step after the first
+
+
+def test_the_hf_forward_on_the_fast_paths_cache(family, monkeypatch):
+    """A batch the fast path cannot take (as with a DoRA adapter) decodes through the HF
+    forward on the cache the fast path made: every token's keys, windows as masks."""
+    engine, name, model_type = family
+    if "sliding_window" not in CONFIGS[model_type]:
+        pytest.skip("no sliding window")
+    monkeypatch.setattr(FastDecoder, "plan", lambda self, *args: None)
+    assert check_against_the_trainer(engine, name) == 0
 
 
 def test_families_the_fast_path_leaves_to_the_hf_forward():
