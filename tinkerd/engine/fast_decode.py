@@ -13,8 +13,9 @@ the sampler's cache in place, and each row's LoRA adapter applied as one extra l
 product per projection (`tinkerd.engine.lora.stacked_projection`).
 
 These families share one decoder layer up to the differences that `Family` lists; the
-norms, the embedding and the MLP activation are the model's own modules, so Gemma's
-(1 + w) RMSNorm, its scaled embeddings and GELU-tanh need no code here. A sliding window
+embedding and the MLP activation are the model's own modules (Gemma's scaled embeddings
+and GELU-tanh need no code here), and RMSNorm is computed here in either form
+(`_rms_norm`: a module call costs as much as the norm at decode sizes). A sliding window
 is applied as a mask over the sampler's cache, which keeps every token
 (`kv_cache.plain`).
 
@@ -43,6 +44,8 @@ MAX_FUSED_BYTES = 1 << 30  # larger models multiply q/k/v and gate/up separately
 class Family:
     """How an architecture's decoder differs from Llama's, as far as decoding goes."""
 
+    norm_plus_one: bool = False
+    """RMSNorm scales by (1 + w), in float32 before the cast (Gemma), not by w after it."""
     qk_norm: bool = False
     """RMSNorm (`self_attn.q_norm`/`k_norm`) over each head's query and key before RoPE."""
     mlp_norm: str = "post_attention_layernorm"
@@ -60,6 +63,7 @@ class Family:
 
 
 _GEMMA = dict(
+    norm_plus_one=True,
     mlp_norm="pre_feedforward_layernorm",
     post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
     logit_softcap=True,
@@ -69,7 +73,7 @@ FAMILIES = {
     "mistral": Family(window_from_config=True),
     "qwen2": Family(),
     "qwen3": Family(qk_norm=True),
-    "gemma": Family(),
+    "gemma": Family(norm_plus_one=True),
     "gemma2": Family(**_GEMMA, attn_softcap=True),
     # Gemma 3 keeps attn_logit_softcapping in its config but transformers never applies it
     "gemma3_text": Family(**_GEMMA, qk_norm=True, rope_by_layer_type=True),
@@ -109,10 +113,13 @@ def unsupported_reason(model: nn.Module) -> str | None:
     names = ["input_layernorm", family.mlp_norm, *(family.post_norms or ())]
     for layer in inner.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if not all(hasattr(layer, n) for n in names) or not hasattr(mlp, "act_fn"):
-            return "a decoder layer without the expected norms or MLP"
-        if family.qk_norm and not hasattr(attn, "q_norm"):
-            return "no q/k norms"
+        norms = [getattr(layer, n, None) for n in names]
+        if family.qk_norm:
+            norms += [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
+        if not all(type(n).__name__.endswith("RMSNorm") for n in norms):
+            return "a decoder layer without the expected RMSNorms"
+        if not hasattr(mlp, "act_fn"):
+            return "an MLP without act_fn"
     for rope_type in _rope_types(rotary):
         if "dynamic" in rope_type or rope_type == "longrope":
             return f"rope type {rope_type!r} depends on the sequence length"
@@ -158,6 +165,9 @@ class FastDecoder:
             for layer in self.layers
         ]
         self.logit_softcap = config.final_logit_softcapping if family.logit_softcap else None
+        act = self.layers[0].mlp.act_fn
+        # the model's activation module, but SiLU's function: a call costs as much as the op
+        self.act = F.silu if type(act).__name__ in ("SiLU", "SiLUActivation") else act
         self._rope: dict[str | None, Tensor] = {}  # [positions, 2, head_dim]: cos, signed sin
         self._fused: list[tuple[Linear, Linear]] = []  # per layer: qkv, gate_up
         self._fused_from: list = []  # (data_ptr, version) of each tensor fused
@@ -246,9 +256,12 @@ class FastDecoder:
         rows = tokens.shape[0]
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         q_end, k_end = heads * dim, (heads + kv_heads) * dim
-        family = self.family
-        length = int(positions.max()) + 1
-        rope = {k: self.rope_table(k, length)[positions, :, None] for k in set(self.rope_of)}
+        family, plus_one = self.family, self.family.norm_plus_one
+        length = mask.shape[1]  # > every position: a row's position counts its real tokens
+        # per table: cos, sin `[rows, 1, dim]`
+        rope = {
+            k: self.rope_table(k, length)[positions, :, None].unbind(1) for k in set(self.rope_of)
+        }
         x = self.model.model.embed_tokens(tokens)  # [rows, hidden]
         # additive attention mask [rows, 1, 1, len]: 0 to attend, -inf for padding
         bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
@@ -260,13 +273,14 @@ class FastDecoder:
             adapted = lora[i] if lora else no_lora
             qkv_proj, gate_up_proj = self._fused[i]
             attn, mlp = layer.self_attn, layer.mlp
-            h = layer.input_layernorm(x)
+            h = _rms_norm(x, layer.input_layernorm, plus_one)
             qkv = _project(h, qkv_proj, adapted.get("qkv"))
             qk = qkv[:, :k_end].view(rows, heads + kv_heads, dim)
             if family.qk_norm:
                 q, k = qk[:, :heads], qk[:, heads:]
-                qk = torch.cat([attn.q_norm(q), attn.k_norm(k)], 1)
-            cos, sin = rope[self.rope_of[i]].unbind(1)  # [rows, 1, dim] each
+                q, k = _rms_norm(q, attn.q_norm, plus_one), _rms_norm(k, attn.k_norm, plus_one)
+                qk = torch.cat([q, k], 1)
+            cos, sin = rope[self.rope_of[i]]
             # rotate_half(x) * sin == (x with its halves swapped) * sin with first half negated
             swapped = qk.view(rows, -1, 2, dim // 2).flip(2).view(rows, -1, dim)
             qk = qk * cos + swapped * sin
@@ -285,24 +299,37 @@ class FastDecoder:
             down_proj = [(_weight(mlp.down_proj), _bias(mlp.down_proj))]
             if family.post_norms:  # normed sublayer outputs, then the residual adds
                 after_attn, after_mlp = (getattr(layer, n) for n in family.post_norms)
-                x = x + after_attn(_project(out.view(rows, q_end), o_proj, adapted.get("o")))
+                y = _project(out.view(rows, q_end), o_proj, adapted.get("o"))
+                x = x + _rms_norm(y, after_attn, plus_one)
             else:
                 x = _project(out.view(rows, q_end), o_proj, adapted.get("o"), x)
-            h = getattr(layer, family.mlp_norm)(x)
+            h = _rms_norm(x, getattr(layer, family.mlp_norm), plus_one)
             gate_up = _project(h, gate_up_proj, adapted.get("gate_up"))
             half = gate_up.shape[1] // 2
-            act = mlp.act_fn(gate_up[:, :half]).mul_(gate_up[:, half:])
+            act = self.act(gate_up[:, :half]).mul_(gate_up[:, half:])
             if family.post_norms:
-                x = x + after_mlp(_project(act, down_proj, adapted.get("down")))
+                y = _project(act, down_proj, adapted.get("down"))
+                x = x + _rms_norm(y, after_mlp, plus_one)
             else:
                 x = _project(act, down_proj, adapted.get("down"), x)
-        x = self.model.model.norm(x)
+        x = _rms_norm(x, self.model.model.norm, plus_one)
         head = lora[-1].get("lm_head") if lora else None
         lm_head = self.model.lm_head
         logits = _project(x, [(_weight(lm_head), _bias(lm_head))], head)
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
+
+
+def _rms_norm(x: Tensor, norm: nn.Module, plus_one: bool) -> Tensor:
+    """transformers' RMSNorm `norm` over x's last dim: in float32, then Llama's `w *
+    normed.to(dtype)` or (plus_one) Gemma's `(normed * (1 + w)).to(dtype)`."""
+    eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True).add_(eps))
+    if plus_one:
+        return (h * (1.0 + norm.weight.float())).to(x.dtype)
+    return norm.weight * h.to(x.dtype)
 
 
 def _linear(modules: list[nn.Module], fuse: bool) -> Linear:
