@@ -1,12 +1,13 @@
-"""The fast decode path beyond Llama: on tiny random Qwen2, Qwen3, Mistral and Gemma 1-3
-models, the sampler's logprobs (decoded by `FastDecoder`, not the HF forward) equal the
-trainer's for the same tokens, on the bare base and through LoRA adapters in one batch.
+"""The fast decode path beyond tinkerd/tiny: on tiny random Llama (with biases), Qwen2,
+Qwen3, Mistral and Gemma 1-3 models, the sampler's logprobs (decoded by `FastDecoder`,
+not the HF forward) equal the trainer's for the same tokens, on the bare base and through
+LoRA adapters in one batch.
 
 Each config turns on what its family does differently, at sizes where it matters: a
-sliding window (6 tokens) shorter than the sequences, Qwen2's q/k/v biases, Qwen3's and
-Gemma 3's q/k norms, Gemma's (1 + w) norms, sandwich norms, scaled and tied embeddings,
-GELU-tanh, query_pre_attn_scalar, Gemma 2's attention and logit soft-capping (small caps,
-so that tanh bends), Gemma 3's local and global rotary bases."""
+sliding window (6 tokens) shorter than the sequences, Llama's and Qwen2's biases, Qwen3's
+and Gemma 3's q/k norms, Gemma's (1 + w) norms, sandwich norms, scaled and tied
+embeddings, GELU-tanh, query_pre_attn_scalar, Gemma 2's attention and logit soft-capping
+(small caps, so that tanh bends), Gemma 3's local and global rotary bases."""
 
 import concurrent.futures
 
@@ -22,6 +23,7 @@ from tinkerd.types import LoraConfig, SamplingParams
 WINDOW = 6
 GEMMA = dict(tie_word_embeddings=True, query_pre_attn_scalar=24, sliding_window=WINDOW)
 CONFIGS = {
+    "llama": dict(attention_bias=True, mlp_bias=True),  # tinkerd/tiny has none
     # layers 2 and 3 slide (Qwen2 slides from max_window_layers on)
     "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2),
     "qwen3": dict(rms_norm_eps=1e-6),
