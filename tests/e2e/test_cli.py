@@ -120,6 +120,10 @@ def test_cli_on_a_local_data_dir(engine, capsys, tmp_path, monkeypatch):
         capsys, "export", path, "--merged", str(tmp_path / "m"), "--data-dir", data_dir
     )
     assert code == 1 and "not an empty directory" in err
+    code, out, _ = cli(
+        capsys, "export", path, "--untied-base", str(tmp_path / "b"), "--data-dir", data_dir
+    )
+    assert code == 0 and "no tied lm_head" in out and (tmp_path / "b" / "config.json").exists()
     code, _, _ = cli(capsys, "checkpoints", "delete", path, "--data-dir", data_dir)
     assert code == 0
     code, out, _ = cli(capsys, "checkpoints", "list", "--run", run, "--data-dir", data_dir)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -379,12 +380,8 @@ def packed_passes(monkeypatch, active_seconds: float, victim: bool) -> list[tupl
     scheduler = Scheduler(max_pass_tokens=1000)
     passes: list[tuple] = []
 
-    def run_many(payloads):
-        passes.append(tuple(payloads))
-        return payloads
-
     def work(name):
-        return Batchable(group="fb", tokens=10, payload=name, run_many=run_many)
+        return Batchable(group="fb", tokens=10, payload=name, run_many=record(passes))
 
     with lane_held(scheduler, "lane"):
         for step in range(2):
@@ -410,8 +407,69 @@ def test_a_key_alone_still_packs_all_its_runs(monkeypatch):
     """Packing's throughput for one key's many runs is kept: alone (or once the other
     tenant has been quiet for ACTIVE_SECONDS) its runs fill a pass."""
     assert [len(p) for p in packed_passes(monkeypatch, 60.0, victim=False)] == [6, 6]
-    passes = packed_passes(monkeypatch, 0.0, victim=True)  # B no longer counts as active
+    monkeypatch.setattr(scheduler_module, "ACTIVE_SECONDS", 0.05)
+    scheduler, passes = Scheduler(max_pass_tokens=1000), []
+    scheduler.submit_keyed("lane", "b", Batchable("fb", 10, "b", record(passes)), "B").result()
+    time.sleep(0.1)  # B is quiet (nothing queued, its last work done) for ACTIVE_SECONDS
+    with lane_held(scheduler, "lane"):
+        for k in range(6):
+            work = Batchable(group="fb", tokens=10, payload=f"a{k}", run_many=record(passes))
+            scheduler.submit_keyed("lane", f"a{k}", work, tenant="A")
+    scheduler.shutdown()
+    assert [len(p) for p in passes] == [1, 6], passes
+    passes = packed_passes(monkeypatch, 0.0, victim=True)  # 0: shares off, as before
     assert [len(p) for p in passes][:1] == [7], passes
+
+
+def test_a_victim_whose_request_waits_long_stays_active(monkeypatch):
+    """On a loaded machine the victim's request waited in the queue longer than
+    ACTIVE_SECONDS; its tenant then lapsed, the flood packed every run into the pass
+    and the victim rode (and next waited behind) a pass of 7 here, of 31 under the
+    audit's flood: 11-13 s steps. A tenant with work queued stays active."""
+    monkeypatch.setattr(scheduler_module, "ACTIVE_SECONDS", 0.05)
+    scheduler, passes = Scheduler(max_pass_tokens=1000), []
+
+    def work(name):
+        return Batchable(group="fb", tokens=10, payload=name, run_many=record(passes))
+
+    with lane_held(scheduler, "lane"):
+        for k in range(6):
+            scheduler.submit_keyed("lane", f"a{k}", work(f"a{k}"), tenant="A")
+        scheduler.submit_keyed("lane", "b", work("b"), tenant="B")
+        time.sleep(0.2)  # both queued longer than ACTIVE_SECONDS
+    scheduler.shutdown()
+    assert passes[0] == ("a0", "b"), passes
+
+
+def test_a_victim_whose_pass_ran_long_stays_active(monkeypatch):
+    """The same after the victim's own pass took longer than ACTIVE_SECONDS: it counts
+    as active from when its work finished (its client is reading the result), so the
+    flood's next pass is still one request, not all six runs'."""
+    monkeypatch.setattr(scheduler_module, "ACTIVE_SECONDS", 0.15)
+    scheduler, passes = Scheduler(max_pass_tokens=1000), []
+
+    def slow(payloads):
+        time.sleep(0.3)
+        return record(passes)(payloads)
+
+    b = scheduler.submit_keyed("lane", "b", Batchable("fb", 10, "b", run_many=slow), tenant="B")
+    time.sleep(0.05)  # b's pass is running
+    for k in range(6):
+        work = Batchable(group="fb", tokens=10, payload=f"a{k}", run_many=record(passes))
+        scheduler.submit_keyed("lane", f"a{k}", work, tenant="A")
+    b.result()
+    scheduler.shutdown()
+    assert [len(p) for p in passes][:2] == [1, 1], passes
+
+
+def record(passes: list) -> Callable[[list], list]:
+    """A `run_many` that appends each pass's payloads to `passes`."""
+
+    def run_many(payloads):
+        passes.append(tuple(payloads))
+        return payloads
+
+    return run_many
 
 
 # ---------------------------------------------------------------- item 8: smaller items
@@ -481,6 +539,27 @@ def test_a_run_holds_a_bounded_number_of_finished_results():
     held = len(queue._gates["run"].futures)
     assert held <= 160, held  # DEDUP_WINDOW (128) and a batch before pruning
     assert queue.submit("lane", lambda: b"again", "run", 590) is futures[589]  # a re-send
+    queue.scheduler.shutdown()
+
+
+def test_results_remembered_for_re_sends_are_bounded_across_runs(monkeypatch):
+    """The per-run window alone let a key's many runs (up to 2048) each hold 128 results
+    (~7 GiB of small forward_backwards). All runs together now hold at most
+    DEDUP_TOKENS of finished results (the oldest go first), and the newest still dedupe."""
+    from tinkerd.service import futures as futures_module
+
+    monkeypatch.setattr(futures_module, "DEDUP_TOKENS", 100)
+    queue = futures_module.RequestQueue(Scheduler())
+    done = []
+    for run in range(10):
+        work = Batchable("fb", 30, run, run_many=lambda payloads: payloads)
+        done.append(queue.submit("lane", work, f"run{run}", 1))
+        done[-1].result()
+    queue.submit("lane", lambda: None, "other", 1).result()  # the last callback has run
+    held = [run for run in range(10) if queue._gates[f"run{run}"].futures]
+    assert held == [7, 8, 9], held  # 3 x 30 tokens (and 1 of "other") fit in 100
+    resent = Batchable("fb", 30, 9, run_many=lambda payloads: payloads)
+    assert queue.submit("lane", resent, "run9", 1) is done[9]
     queue.scheduler.shutdown()
 
 

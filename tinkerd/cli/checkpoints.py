@@ -157,15 +157,16 @@ def _checkpoints_publish(args: argparse.Namespace, client: Any) -> int:
 
 
 def _export(args: argparse.Namespace, client: Any) -> int:
-    """Download the checkpoint (checked), then fold its LoRA into the base model: the one
-    `--base` names, else the source its base's served name maps to under `--model` (as
-    `serve --model NAME=SOURCE` mapped it), else that name itself."""
-    from tinkerd.engine.checkpoints import CheckpointStore, export_merged
+    """Download the checkpoint (checked), then fold its LoRA into the base model (`--merged`)
+    or write that base with its `lm_head` untied (`--untied-base`, for PEFT tools that call
+    `tie_weights()`); the base is the one `--base` names, else the source its base's served
+    name maps to under `--model` (as `serve --model NAME=SOURCE` mapped it), else that name."""
+    from tinkerd.engine.checkpoints import CheckpointStore, export_merged, export_untied_base
     from tinkerd.engine.models import parse_model_specs, resolve_model_path
     from tinkerd.errors import InvalidRequestError
     from tinkerd.paths import parse_tinker_path
 
-    out = Path(args.merged)
+    out = Path(args.merged or args.untied_base)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidRequestError(f"{out} exists and is not an empty directory")
     try:
@@ -178,14 +179,21 @@ def _export(args: argparse.Namespace, client: Any) -> int:
         info = CheckpointStore(Path(tmp), recover=False).get(model_id, kind, name)
         source = args.base or mapping.get(info.base_model, info.base_model)
         try:
-            export_merged(resolve_model_path(source), info, out)
+            if args.merged:
+                export_merged(resolve_model_path(source), info, out)
+            else:
+                tied = export_untied_base(resolve_model_path(source), out)
         except (OSError, ValueError) as e:
             raise InvalidRequestError(
                 f"cannot load base model {source!r} ({e}); if the server served it under "
                 f"another name, pass --model {info.base_model}=SOURCE as serve had, or "
                 "--base SOURCE"
             ) from None
-    print(f"{args.path} merged into {source} -> {out} (Hugging Face format)")
+    if args.merged:
+        print(f"{args.path} merged into {source} -> {out} (Hugging Face format)")
+    else:
+        how = "lm_head untied from the embeddings" if tied else "it had no tied lm_head"
+        print(f"base {source} of {args.path} -> {out} ({how}); load the adapter onto it")
     return 0
 
 
@@ -228,10 +236,20 @@ def register(sub: argparse._SubParsersAction) -> dict[str, argparse._SubParsersA
     publish.add_argument("--undo", action="store_true", help="unpublish")
 
     export = command(
-        sub, "export", _export, "write a checkpoint merged into its base model (Hugging Face)"
+        sub,
+        "export",
+        _export,
+        "write a checkpoint merged into its base, or the base untied (HF format)",
     )
     export.add_argument("path", metavar="TINKER_PATH")
-    export.add_argument("--merged", required=True, metavar="OUT", help="directory to create")
+    out = export.add_mutually_exclusive_group(required=True)
+    out.add_argument("--merged", metavar="OUT", help="directory to create: base + LoRA merged")
+    out.add_argument(
+        "--untied-base",
+        metavar="OUT",
+        help="directory to create: the base with lm_head untied, onto which PEFT tools that "
+        "call tie_weights() (lm-eval hf --peft) load a train_unembed adapter of a tied base",
+    )
     export.add_argument(
         "--base",
         metavar="SOURCE",

@@ -406,22 +406,61 @@ def export_merged(base_model_dir: Path | str, info: CheckpointInfo, out_dir: Pat
     (`AutoModelForImageTextToText` for a vision-language model, whose image processor
     is written too: its vision tower is the base's, untouched)."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
-    from tinkerd.engine.vision import auto_model_class, is_vision_config
+    from tinkerd.engine.vision import auto_model_class
 
     for filename in (WEIGHTS_FILE, CONFIG_FILE):
         read_verified(info.path, filename)
     model = auto_model_class(base_model_dir).from_pretrained(base_model_dir, dtype=torch.float32)
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if info.train_unembed and head is not None and head.weight is embed.weight:
+    if info.train_unembed:
         # A tied lm_head: merging its LoRA into the shared matrix would change the input
-        # embeddings too, which the adapter never does. Give lm_head its own copy.
-        head.weight = torch.nn.Parameter(embed.weight.detach().clone())
-        model.config.tie_word_embeddings = False
-        model.config.get_text_config().tie_word_embeddings = False
+        # embeddings too, which the adapter never does.
+        untie_head(model)
     merged = PeftModel.from_pretrained(model, str(info.path)).merge_and_unload()
-    merged.save_pretrained(out_dir)
+    _save_with_processors(merged, base_model_dir, out_dir)
+
+
+def export_untied_base(base_model_dir: Path | str, out_dir: Path) -> bool:
+    """Write a checkpoint's base model (float32, with its tokenizer) with `lm_head` untied
+    from the input embeddings: its own copy of the matrix and `tie_word_embeddings=False`.
+
+    Why: a run with `train_unembed=True` on a tied base (SmolLM2) adapts `lm_head` alone,
+    and PEFT wraps that module. Tools that call `model.tie_weights()` after
+    `PeftModel.from_pretrained` (lm-eval's `hf --peft`) then fail with "attribute 'weight'
+    already exists", whatever form the adapter takes (a LoRA on `lm_head`,
+    `ensure_weight_tying`, `modules_to_save`, `target_parameters`: all wrap it).
+    On this untied base `tie_weights()` ties nothing and the adapter loads unchanged,
+    giving the run's logits. Returns whether the base was tied (else it is written as is)."""
+    from tinkerd.engine.vision import auto_model_class
+
+    model = auto_model_class(base_model_dir).from_pretrained(base_model_dir, dtype=torch.float32)
+    tied = untie_head(model)
+    _save_with_processors(model, base_model_dir, out_dir)
+    return tied
+
+
+def untie_head(model: torch.nn.Module) -> bool:
+    """Give a tied `lm_head` its own copy of the embedding matrix and record it in the
+    config; returns whether it was tied."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is not embed.weight:
+        return False
+    head.weight = torch.nn.Parameter(embed.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    model.config.get_text_config().tie_word_embeddings = False
+    return True
+
+
+def _save_with_processors(
+    model: torch.nn.Module, base_model_dir: Path | str, out_dir: Path
+) -> None:
+    """Save `model` and the base's tokenizer (and image processor for a vision-language
+    model) as a Hugging Face model directory."""
+    from transformers import AutoTokenizer
+
+    from tinkerd.engine.vision import is_vision_config
+
+    model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(base_model_dir).save_pretrained(out_dir)
     if is_vision_config(model.config):
         from transformers import AutoImageProcessor

@@ -14,6 +14,7 @@ import contextlib
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
@@ -26,6 +27,11 @@ DEDUP_WINDOW = 128
 """seq_ids remembered per run for re-sent requests (a re-send comes within a few
 requests). Each holds its result: a forward_backward of 4 rows of 37 tokens is ~27 KiB,
 so 1024 (pruned at 2048) let a key's 30 runs hold over a GiB under a flood."""
+DEDUP_TOKENS = 1 << 19
+"""Padded tokens of the finished results remembered for re-sends, all runs together
+(~190 bytes a token as Python lists: ~100 MiB); the oldest go first. The per-run window
+alone scaled with the runs a key may hold (up to `max_runs_per_key`, 2048: 128 results
+each, ~7 GiB of 4-row results), and with each result's size."""
 
 
 class _SeqGate:
@@ -81,6 +87,9 @@ class RequestQueue:
         # Reentrant: work that finishes at once calls back into the queue from `submit`.
         self._lock = threading.RLock()
         self._ran: weakref.WeakKeyDictionary[Future, Ran] = weakref.WeakKeyDictionary()
+        # Finished remembered results, oldest first: (model_id, seq_id) -> padded tokens.
+        self._remembered: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._remembered_tokens = 0
 
     def submit(
         self,
@@ -131,12 +140,28 @@ class RequestQueue:
                 start()
             else:
                 gate.futures[seq_id] = result
+                tokens = work.tokens if isinstance(work, Batchable) else 1
+                result.add_done_callback(lambda _: self._remember(model_id, seq_id, tokens))
                 gate.waiting[seq_id] = start
                 gate.tenant = tenant
                 gate.advance()
                 if gate.stalled_since is not None and self._take_unnamed(tenant):
                     gate.advance(skip_gap=True)
             return result
+
+    def _remember(self, model_id: str, seq_id: int, tokens: int) -> None:
+        """Count a finished result against `DEDUP_TOKENS`; forget the oldest beyond it (a
+        finished request's seq_id is behind its gate, so a forgotten one is never lost
+        work, only no longer recognised as a re-send, as past the per-run window)."""
+        with self._lock:
+            self._remembered[(model_id, seq_id)] = tokens
+            self._remembered_tokens += tokens
+            while self._remembered_tokens > DEDUP_TOKENS and len(self._remembered) > 1:
+                (old_model, old_seq), old_tokens = self._remembered.popitem(last=False)
+                self._remembered_tokens -= old_tokens
+                gate = self._gates.get(old_model)
+                if gate is not None:
+                    gate.futures.pop(old_seq, None)
 
     def ran(self, future: Future) -> Ran | None:
         """How the work of a future `submit` returned ran (its pass, or its sampling),

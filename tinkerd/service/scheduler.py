@@ -16,10 +16,11 @@ one pass per round.
 heads of the other keys that are Batchable of the same `group` join it, while the pass
 stays within `MAX_PASS_TOKENS` (the first always runs, however large). They join in
 rounds, each tenant adding one head (its next key's) per round, and a pass gets another
-round only while every tenant active in the last `ACTIVE_SECONDS` still adds one: so a
-pass holds as many requests of a tenant with 30 runs as of one with a single run, and
-another tenant's step never rides (nor waits behind) a pass 30 times its size, while a
-tenant alone, or many tenants with a run each, pack as fully as the token limit allows.
+round only while every active tenant (work queued, or queued or finished in the last
+`ACTIVE_SECONDS`) still adds one: so a pass holds as many requests of a tenant with 30
+runs as of one with a single run, and another tenant's step never rides (nor waits
+behind) a pass 30 times its size, while a tenant alone, or many tenants with a run each,
+pack as fully as the token limit allows.
 Their `run_many` then runs them all in one call: one batched pass over the base model.
 The caller gets a `concurrent.futures.Future` at once and never waits on the engine.
 """
@@ -42,8 +43,14 @@ T = TypeVar("T")
 log = logging.getLogger("tinkerd.scheduler")
 MAX_PASS_TOKENS = 8192  # padded tokens one packed pass may hold (bounds its activations)
 ACTIVE_SECONDS = 2.0
-"""A tenant that queued Batchable work this recently limits how much another packs in one
-pass (see above): between its requests (its client reading a result) it is still active."""
+"""A tenant with Batchable work queued, or whose Batchable work was queued or finished this
+recently, limits how much another packs in one pass (see above): between its requests (its
+client reading a result) it is still active. Counted from when its work last *finished*,
+not only when it was queued: on a loaded machine a request can wait longer than this, and
+its tenant must not lapse meanwhile (the flood then packed fully, the victim's next request
+waited behind a pass 30 times its size, which made it wait longer still: 7-16 s steps).
+0 turns the shares off: every key's heads pack, as before issue 23 (benchmarks/fair_pass.py
+compares the two)."""
 
 
 @dataclass
@@ -116,10 +123,10 @@ class _Lane:
             self.cond.notify()
         return future
 
-    def _take(self) -> list[tuple[Hashable, _Item]]:
-        """The next pass: the head of the next key of the tenant whose turn it is, and
-        packable heads of other keys. Every key served goes to the back of its tenant's
-        turn order, every tenant served to the back of the tenants'."""
+    def _take(self) -> list[tuple[Hashable, Hashable, _Item]]:
+        """The next pass, as (tenant, key, item): the head of the next key of the tenant
+        whose turn it is, and packable heads of other keys. Every key served goes to the
+        back of its tenant's turn order, every tenant served to the back of the tenants'."""
         tenant, queues = next(iter(self.tenants.items()))
         key, queue = next(iter(queues.items()))
         taken = [(tenant, key, queue.popleft())]
@@ -135,7 +142,7 @@ class _Lane:
             qs = self.tenants.pop(t)
             if qs:
                 self.tenants[t] = qs  # to the back of the tenants' turn order
-        return [(k, item) for _, k, item in taken]
+        return taken
 
     def _pack(
         self, first: Batchable, tenant: Hashable, key: Hashable
@@ -143,7 +150,8 @@ class _Lane:
         """Heads of other keys that join `first`'s pass, in rounds (see above)."""
         now = time.monotonic()
         for t in [t for t, when in self.active.items() if now - when > ACTIVE_SECONDS]:
-            del self.active[t]
+            if t not in self.tenants or ACTIVE_SECONDS <= 0:  # queued: active however long
+                del self.active[t]
         # Each tenant's packable heads, in its keys' turn order; the turn's key is used.
         heads = {
             t: deque(
@@ -184,8 +192,12 @@ class _Lane:
                 if not self.tenants:
                     return  # closed and drained
                 taken = self._take()
-            self.log.append(tuple(k for k, _ in taken))
-            _run(taken, self.name, self.on_pass)
+            self.log.append(tuple(k for _, k, _ in taken))
+            _run([(k, item) for _, k, item in taken], self.name, self.on_pass)
+            with self.cond:  # its client now reads the result: still active (see above)
+                now = time.monotonic()
+                for t in {t for t, _, (work, _) in taken if isinstance(work, Batchable)}:
+                    self.active[t] = now
             # After every pass, not only when idle: a lane kept busy by a flood never idles,
             # and its heap then grew with every pass (the hook rate-limits itself).
             if self.on_idle is not None:

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from tinkerd.engine.checkpoints import (
     CorruptCheckpointError,
     adapter_state_dict,
     export_merged,
+    export_untied_base,
     load_adapter_weights,
     load_optimizer_state,
     parse_tinker_path,
@@ -472,9 +474,8 @@ def test_export_merged_is_a_plain_transformers_model(engine, new_run, store, bat
     assert generated.shape == (1, prompt.shape[1] + 5)
 
 
-def test_export_merged_unties_a_tied_lm_head(engine, new_run, store, batch, tmp_path):
-    """With lm_head tied to the input embeddings, merging lm_head's LoRA into the shared
-    matrix would change the embeddings too: the export gives lm_head its own copy."""
+def tied_tiny(tmp_path) -> Path:
+    """`tinkerd/tiny` with lm_head tied to the input embeddings (as SmolLM2's), saved."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tied = tmp_path / "tied-tiny"
@@ -483,6 +484,15 @@ def test_export_merged_unties_a_tied_lm_head(engine, new_run, store, batch, tmp_
     model.tie_weights()  # lm_head.weight is now embed_tokens.weight
     model.save_pretrained(tied)
     AutoTokenizer.from_pretrained(tiny_model_dir()).save_pretrained(tied)
+    return tied
+
+
+def test_export_merged_unties_a_tied_lm_head(engine, new_run, store, batch, tmp_path):
+    """With lm_head tied to the input embeddings, merging lm_head's LoRA into the shared
+    matrix would change the embeddings too: the export gives lm_head its own copy."""
+    from transformers import AutoModelForCausalLM
+
+    tied = tied_tiny(tmp_path)
     run = new_run(base=str(tied))
     embed, head = run.base.model.get_input_embeddings(), run.base.model.get_output_embeddings()
     assert head.weight is embed.weight
@@ -497,3 +507,43 @@ def test_export_merged_unties_a_tied_lm_head(engine, new_run, store, batch, tmp_
         got = merged(input_ids=torch.tensor([tokens])).logits[0]
     atol = 1e-4 if run.base.model.dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got, run_logits(run, tokens), atol=atol, rtol=0)
+
+
+def test_unembed_adapter_of_a_tied_base_loads_in_peft_tools_that_tie_weights(
+    engine, new_run, store, batch, tmp_path
+):
+    """A train_unembed run on a base whose lm_head is tied to its input embeddings (as
+    SmolLM2's): PEFT wraps lm_head, and `tie_weights()` (lm-eval `hf --peft`) then fails
+    on the tied base. On the base `export_untied_base` writes, the saved adapter loads,
+    survives `tie_weights()` and gives the run's logprobs; the input embeddings stay the
+    base's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tied_dir = tied_tiny(tmp_path)
+    run = new_run(base=str(tied_dir), train_unembed=True, train_mlp=False)
+    train(engine, run, batch, 2)
+    info = store.save(run, "sampler_weights", "tied", with_optimizer=False)
+    expected = logprobs(engine, run, batch)
+
+    tied = AutoModelForCausalLM.from_pretrained(tied_dir)
+    with pytest.raises(KeyError, match="already exists"):  # what lm-eval met
+        PeftModel.from_pretrained(tied, info.path).tie_weights()
+
+    assert export_untied_base(tied_dir, tmp_path / "untied")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "untied")
+    model = PeftModel.from_pretrained(model, info.path).eval()
+    model.tie_weights()
+    untied = AutoModelForCausalLM.from_pretrained(tmp_path / "untied")  # no adapter
+    embed = AutoModelForCausalLM.from_pretrained(tied_dir).get_input_embeddings().weight
+    assert torch.equal(model.get_input_embeddings().weight, embed)
+    atol = 1e-4 if run.base.model.dtype == torch.float32 else 5e-2
+    for datum, want in zip(batch, expected):
+        tokens = torch.tensor([datum.model_input.to_ints()])
+        targets = datum.loss_fn_inputs["target_tokens"].to_torch()[:, None]
+        with torch.no_grad():
+            got = model(input_ids=tokens).logits[0].log_softmax(-1).gather(-1, targets)[:, 0]
+            base = untied(input_ids=tokens).logits[0].log_softmax(-1).gather(-1, targets)[:, 0]
+        torch.testing.assert_close(got, want, atol=atol, rtol=0)
+        assert (got - base).abs().max() > 1e-3  # the adapter's lm_head LoRA is in play
+    assert not export_untied_base(tiny_model_dir(), tmp_path / "tiny")  # untied: as is
