@@ -8,7 +8,9 @@ is measured as one request with `num_samples=N` (against HF on that prompt repea
 times) and as N concurrent requests of one sample each (against HF on the N prompts),
 and the latter again through a LoRA adapter (tinkerd sampler weights saved from a run;
 HF on a PeftModel holding a copy of the same adapter). A bare forward loop (the model's
-forward passes alone, greedy, no sampling) shows what any sampler must spend.
+forward passes alone, greedy, no sampling) shows what any sampler must spend. tinkerd is
+measured twice: its decode steps on the fast path (`tinkerd.engine.fast_decode`, where the
+architecture has one) and on the HF forward (the same sampler with `fast_decode` off).
 Throughput is generated tokens over wall time, prefill included. Timing alternates
 between the three in rounds, so that machine drift hits all alike; the median is reported.
 
@@ -18,7 +20,11 @@ such thread, and once a process has more team threads than cores it stops spin-w
 which makes small ops about twice as slow for every thread there. The cost of that for
 tinkerd (as when a training lane runs beside the sampler) is measured separately.
 
-    python benchmarks/sampling.py [--model tinkerd/tiny] [--sizes 1 8 32] [--max-tokens 128]
+    python benchmarks/sampling.py [--model tinkerd/tiny | --family qwen3] [--sizes 1 8 32]
+        [--max-tokens 128]
+
+`--family` decodes a random model of that architecture with tinkerd/tiny's sizes and byte
+tokenizer (`tinkerd.engine.tiny.write_tiny_family`; FAMILY_CONFIGS sets what it needs).
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ import argparse
 import inspect
 import io
 import multiprocessing
+import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -44,9 +52,24 @@ from _report import machine, record  # noqa: E402
 from tinkerd.engine import Engine  # noqa: E402
 from tinkerd.engine.adapters import snapshot_weights  # noqa: E402
 from tinkerd.engine.models import resolve_model_path  # noqa: E402
+from tinkerd.engine.tiny import write_tiny_family  # noqa: E402
 from tinkerd.types import AdamParams, Datum, LoraConfig, ModelInput, SamplingParams  # noqa: E402
 
 Decode = Callable[[], int]  # runs one decode, returns how many tokens it generated
+FAMILY_CONFIGS = {
+    "qwen3": {},
+    # Gemma 3's shape: 3 local layers (a 64-token window: sequences reach 160) per global
+    # one, their own rope bases, a logit soft-cap; Gemma 2: softcaps and every other layer
+    "gemma3_text": dict(
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        sliding_window=64,
+        query_pre_attn_scalar=32,
+        tie_word_embeddings=True,
+        final_logit_softcapping=30.0,
+    ),
+    "gemma2": dict(sliding_window=64, query_pre_attn_scalar=32, tie_word_embeddings=True),
+}
+"""--family: config fields besides tinkerd/tiny's sizes (and the transformers defaults)."""
 
 
 @dataclass
@@ -210,6 +233,15 @@ def hf_worker(
         conn.send(tokens_per_second(decoders[i][name], cases[i].sequences * t))
 
 
+def fast_decode(engine: Engine, base, on: bool) -> None:
+    """Switch the base's sampler (made by the first request) to the fast path or off it."""
+    engine.samplers.samplers[base.name].fast_decode = on
+
+
+def fast_name(base) -> str:
+    return f"model_type {base.model.config.model_type}"
+
+
 def setup_tinkerd(args, prompts: list[list[int]]) -> dict:
     """The engine, its sampler weights, and a copy of the LoRA adapter for HF."""
     engine = Engine()
@@ -254,8 +286,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA rows")
     parser.add_argument("--no-record", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--family", choices=sorted(FAMILY_CONFIGS), help="a random model")
     args = parser.parse_args()
     t = args.max_tokens
+    if args.family:
+        args.model = tempfile.mkdtemp(prefix=f"tiny-{args.family}-")
+        write_tiny_family(Path(args.model), args.family, **FAMILY_CONFIGS[args.family])
 
     # all setup compute on a thread that then exits, taking its OpenMP team with it: the
     # sampler's thread is left the only one here that runs torch ops
@@ -298,12 +334,18 @@ def main() -> None:
     assert conn.recv() == "ready"
 
     def measure(i: int, name: str) -> float:
-        if name == "tinkerd":
-            return tokens_per_second(ours[i], cases[i].sequences * t)
+        if name.startswith("tinkerd"):
+            if name == "tinkerd-hf":
+                fast_decode(engine, base, False)
+            try:
+                return tokens_per_second(ours[i], cases[i].sequences * t)
+            finally:
+                fast_decode(engine, base, True)
         conn.send((i, name))
         return conn.recv()
 
-    names = ("bare", "hf", "tinkerd")
+    names = ("bare", "hf", "tinkerd", "tinkerd-hf")
+    load_before = os.getloadavg()[0]
     for i in range(len(cases)):  # warm up
         for name in names:
             measure(i, name)
@@ -323,14 +365,14 @@ def main() -> None:
 
     rows = [
         "| sequences | workload | bare forward loop tok/s | HF generate tok/s | tinkerd tok/s "
-        "| tinkerd / HF |",
-        "|---|---|---|---|---|---|",
+        "| tinkerd / HF | tinkerd on the HF forward tok/s | fast path / HF forward |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for i, c in enumerate(cases):
-        bare, hf, tinkerd = (statistics.median(rates[i, name]) for name in names)
+        bare, hf, tinkerd, on_hf = (statistics.median(rates[i, name]) for name in names)
         rows.append(
             f"| {c.sequences} | {c.label} | {bare:,.0f} | {hf:,.0f} | {tinkerd:,.0f} "
-            f"| {tinkerd / hf:.2f} |"
+            f"| {tinkerd / hf:.2f} | {on_hf:,.0f} | {tinkerd / on_hf:.2f} |"
         )
     alone = statistics.median(rates[big, "tinkerd"])
     second = (
@@ -340,8 +382,12 @@ def main() -> None:
         "the process's thread count, for better or worse depending on the machine."
     )
     steps = engine.sampler_stats(args.model)
+    load = f" (load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)"
     print(f"machine: {machine()}")
-    print(f"model {args.model}, {t} new tokens per sequence, prompts of 16-32 tokens")
+    model = f"a random {args.family} of tinkerd/tiny's sizes" if args.family else args.model
+    fast = engine.samplers.samplers[base.name]._fast is not None
+    print(f"model {model}, {t} new tokens per sequence, prompts of 16-32 tokens")
+    print(f"fast decode path: {'yes' if fast else 'no'} ({fast_name(base)}){load}")
     most_rows, most_requests = max(r for r, _ in steps), max(j for _, j in steps)
     print(f"largest tinkerd batch: {most_rows} rows of {most_requests} requests")
     print("\n".join(rows))
@@ -355,9 +401,18 @@ def main() -> None:
             f"trains. LoRA rows: sampler weights saved from a rank-{args.rank} run, against "
             "an HF PeftModel holding a copy of that adapter."
         )
+        source = f"--family {args.family}" if args.family else f"--model {args.model}"
+        title = args.family or ("" if args.model == "tinkerd/tiny" else args.model)
+        on_hf = (
+            "The last two columns: the same sampler with its decode steps on the HF forward "
+            "instead of the fast path (`fast_decode` off), alternating with it in each round."
+            if fast
+            else f"{fast_name(base)} has no fast decode path: both tinkerd columns run the "
+            "HF forward."
+        )
         record(
-            "sampling" if args.model == "tinkerd/tiny" else f"sampling ({args.model})",
-            f"`python benchmarks/sampling.py --model {args.model} --max-tokens {t}{flags}`: "
+            f"sampling ({title})" if title else "sampling",
+            f"`python benchmarks/sampling.py {source} --max-tokens {t}{flags}`{load}: "
             f"generated tokens/s, prefill included, median of {args.rounds} rounds; every "
             f"sequence makes {t} tokens (no early stop) after a prompt of 16-32 random "
             "tokens; temperature 1, no top-k/top-p. HF is `model.generate(do_sample=True)` "
@@ -369,7 +424,7 @@ def main() -> None:
             "bare loop run in a helper process, tinkerd in the benchmark's own, each with "
             "one thread that runs torch ops: with more, PyTorch's OpenMP runtime (libgomp) "
             "stops spin-waiting in every thread of the process, which the last line "
-            "measures.\n\n" + "\n".join(rows) + "\n\n" + second,
+            f"measures. {on_hf}\n\n" + "\n".join(rows) + "\n\n" + second,
         )
 
 

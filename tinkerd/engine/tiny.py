@@ -126,5 +126,19 @@ def write_seeded_llama(out: Path, config: dict, tokenizer, name: str, version: i
     (out / "tinkerd.json").write_text(json.dumps({"name": name, "version": version}))
 
 
+def write_tiny_family(out: Path, model_type: str, **config) -> None:
+    """tinkerd/tiny's sizes and byte tokenizer on another architecture (`model_type`:
+    qwen3, gemma3_text, ...), random from seed 0, saved in HF format to `out`; `config`
+    overrides config fields. For tests and benchmarks of architecture-specific code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {**TINY_CONFIG, "head_dim": TINY_CONFIG["hidden_size"] // 8, **config}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
+    model.save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
+
+
 def _write_tiny_model(out: Path) -> None:
     write_seeded_llama(out, TINY_CONFIG, build_tokenizer(), TINY_MODEL_NAME, TINY_VERSION)

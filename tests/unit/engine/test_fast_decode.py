@@ -39,19 +39,8 @@ def left_pad(prompts, rows_of):
     return ids, mask
 
 
-def test_supports_llama_only(engine):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
+def test_tiny_is_supported(engine):
     assert unsupported_reason(engine.base_model(TINY).model) is None
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    assert "gpt2" in unsupported_reason(gpt2) and FastDecoder.build(gpt2) is None
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, vocab_size=64)
-    small.update(num_attention_heads=2, num_key_value_heads=1)
-    biased = LlamaForCausalLM(LlamaConfig(**small, attention_bias=True))
-    assert "bias" in unsupported_reason(biased)
-    scaling = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
-    dynamic = LlamaForCausalLM(LlamaConfig(**small, rope_parameters=scaling))
-    assert "dynamic" in unsupported_reason(dynamic)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -84,7 +73,7 @@ def test_step_logits_equal_the_hf_forward(engine, adapters, fused, monkeypatch):
         _, fast_cache = hf(ids, mask, positions)
         grow_in_place(fast_cache)  # as the sampler's cache: appends in place
         lora = fast.plan(row_adapters, base.device)
-        assert isinstance(fast._fused[0][0], torch.Tensor) == fused
+        assert (len(fast._fused[0][0]) == 1) == fused  # one (weight, bias) for q, k, v
         position = positions[:, -1]
         for _ in range(6):
             tokens = logits.argmax(-1)
@@ -126,7 +115,7 @@ def test_seeded_sampling_matches_the_hf_path(engine, adapters):
     results = {}
     for fast in (True, False):
         sampler = Sampler(base, fast_decode=fast)
-        assert (sampler._fast is not None) == fast
+        assert sampler._fast_on() == fast
         try:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 results[fast] = pool.submit(run, sampler, specs).result()

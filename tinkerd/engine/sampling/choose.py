@@ -126,15 +126,6 @@ def filter_top_k_top_p(scores: Tensor, ks: Tensor | None, ps: Tensor | None) -> 
     return scores
 
 
-def prompt_logprobs(
-    prompt: list[int], logits: Tensor, k: int
-) -> tuple[list[float | None], list | None]:
-    """(each prompt token's logprob, None for the first; its top-k (token, logprob) pairs
-    if k, else None) from the prefill logits `[len(prompt), vocab]`."""
-    picked, pairs = next_token_logprobs(logits[:-1], prompt[1:], k)  # i predicts i + 1
-    return [None, *picked], None if pairs is None else [None, *pairs]
-
-
 def next_token_logprobs(
     logits: Tensor, targets: list[int], k: int
 ) -> tuple[list[float], list | None]:

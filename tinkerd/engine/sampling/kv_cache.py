@@ -67,6 +67,15 @@ def _with_room(states: Tensor, room: int) -> Tensor:
     return buffer
 
 
+def plain():
+    """An empty transformers cache of plain dynamic layers: every token's keys and values,
+    also in a sliding-window layer (where the model's own cache keeps only the window, and
+    rows could not be merged)."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
 def grow_in_place(cache) -> None:
     """Make the cache's plain dynamic layers GrowingLayers, keeping their contents."""
     plain, growing = _growing_layer()

@@ -88,8 +88,11 @@ class Sampler:
     ):
         self.base = base
         self.max_batch_rows = max_batch_rows
-        # decode steps straight from the weights where the architecture allows (Llama)
-        self._fast = FastDecoder.build(base.model) if fast_decode else None
+        # decode steps straight from the weights where the architecture allows
+        self._fast = FastDecoder.build(base.model)
+        self.fast_decode = fast_decode
+        """Whether decode steps take the fast path where the model allows (`FastDecoder`);
+        read when a batch changes."""
         self.kv_budget: int | None = None
         """Bytes the sampler may take: the batch's KV cache and a prefill's working memory
         (None: no bound but the rows)."""
@@ -501,7 +504,9 @@ class Sampler:
         picked: dict[int, tuple[list, list]] = {
             i: ([None], [None]) for i, j in enumerate(jobs) if j.spec.prompt_logprobs
         }
-        cache = None
+        # the fast path's cache keeps every token (sliding windows are its masks), so
+        # that rows can join and leave any model's batch
+        cache = kv_cache.plain() if self._fast_on() else None
         for start in range(0, width, chunk):
             end = min(width, start + chunk)
             logits, cache = self._forward(
@@ -606,7 +611,7 @@ class Sampler:
         worked out once per batch change."""
         plan, lora, fast = self._fast_lora
         if plan is not self._plan:
-            lora, fast = None, self._fast is not None and kv_cache.mergeable(self._cache)
+            lora, fast = None, self._fast_on() and kv_cache.mergeable(self._cache)
             if fast:
                 adapters = [r.job.spec.adapter for r in self._rows]
                 with self.base.lock:
@@ -614,6 +619,9 @@ class Sampler:
                 fast = lora is not None
             self._fast_lora = (self._plan, lora, fast)
         return lora, fast
+
+    def _fast_on(self) -> bool:
+        return self._fast is not None and self.fast_decode
 
     def _retire(self, alive: list[int]) -> None:
         """Keep only the rows at indices `alive` (and their cache rows)."""
