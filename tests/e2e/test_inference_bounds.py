@@ -16,7 +16,7 @@ import openai
 import pytest
 from helpers import KEYS, TINY, free_port
 
-from tinkerd.engine.sampling.sampler import PREFILL_SHARE, Sampler
+from tinkerd.engine.sampling.sampler import HEAP_SHARE, PREFILL_SHARE, Sampler
 from tinkerd.engine.sampling.spec import make_spec
 from tinkerd.engine.tiny_chat import TINY_CHAT_MODEL_NAME
 from tinkerd.errors import InvalidRequestError, QueueFullError
@@ -504,7 +504,7 @@ def test_the_batch_kv_cache_stays_within_the_sampling_budget(engine):
     params = SamplingParams(max_tokens=40, stop=[], seed=0)
     prompt = [BOS, *b"budget"]
     one_row = sampler.kv_bytes(1, len(prompt) + 40)
-    sampler.kv_budget = int(3 * one_row / 0.8 / (1 - PREFILL_SHARE))  # 3 rows fill it
+    sampler.kv_budget = int(3 * one_row / 0.8 / (1 - PREFILL_SHARE - HEAP_SHARE))  # 3 rows
     try:
         with pytest.raises(InvalidRequestError, match="--sampling-memory-budget"):
             sampler.submit(make_spec(base, prompt, 5, params))

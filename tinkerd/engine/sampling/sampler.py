@@ -36,7 +36,8 @@ With a `kv_budget` (bytes: the sampling memory budget), the sampler's memory sta
 within it. `PREFILL_SHARE` of it is the working memory of a prefill forward
 (activations, attention scores, logits: `prefill_bytes`): the new prompts are prefilled
 in groups of rows and, where a group's prompts are long, in chunks of tokens (each chunk
-attends to the cache the earlier ones made), sized to fit. The rest holds the KV cache
+attends to the cache the earlier ones made), sized to fit. `HEAP_SHARE` is left for freed prefill blocks that the heap keeps. The
+rest holds the KV cache
 of the batch and of its parked rows: at most rows x the longest row's prompt + max_tokens
 columns (columns that are padding in every row are cropped), plus the growing buffer's
 quarter of spare room (`kv_cache`); requests join while that bound fits in `FILL` of it
@@ -73,6 +74,10 @@ from tinkerd.types import SampledSequence, SampleResponse
 MAX_BATCH_ROWS = 256  # sequences decoded together; more requests wait for a free row
 FILL = 0.8  # of the KV budget that requests fill; the rest is for newcomer tenants
 PREFILL_SHARE = 0.25  # of the sampling budget: a prefill forward's working memory
+# and as much again for what the allocator keeps of freed prefill blocks: the heap keeps
+# blocks under its mmap threshold (engine/memory.py), which the KV cache's growing
+# tensors reuse only in part (64 x 2,000-token prompts, tiny: 1.19x the budget without it)
+HEAP_SHARE = 0.25
 MIN_CHUNK = 16  # fewest prompt tokens a prefill forward takes per row (unless shorter)
 LATENCY_ROWS_CPU = 8  # rows a batch keeps to while a light tenant is active (CPU)
 LINGER = 1.0  # seconds a light tenant counts as active after its last request
@@ -174,7 +179,9 @@ class Sampler:
     @property
     def cache_budget(self) -> int | None:
         """Bytes of the budget for KV cache (the batch's and its parked rows')."""
-        return None if self.kv_budget is None else self.kv_budget - self.prefill_budget
+        if self.kv_budget is None:
+            return None
+        return self.kv_budget - self.prefill_budget - int(self.kv_budget * HEAP_SHARE)
 
     def check(self, spec: SampleSpec) -> None:
         """Refuse (InvalidRequestError, 400) a request that could never fit the budget."""
