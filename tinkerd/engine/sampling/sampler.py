@@ -36,12 +36,12 @@ With a `kv_budget` (bytes: the sampling memory budget), the sampler's memory sta
 within it. `PREFILL_SHARE` of it is the working memory of a prefill forward
 (activations, attention scores, logits: `prefill_bytes`): the new prompts are prefilled
 in groups of rows and, where a group's prompts are long, in chunks of tokens (each chunk
-attends to the cache the earlier ones made), sized to fit. `HEAP_SHARE` is left for freed prefill blocks that the heap keeps. The
-rest holds the KV cache
-of the batch and of its parked rows: at most rows x the longest row's prompt + max_tokens
-columns (columns that are padding in every row are cropped), plus the growing buffer's
-quarter of spare room (`kv_cache`); requests join while that bound fits in `FILL` of it
-(a newcomer tenant: all of it), and a request that could never fit is refused when it is
+attends to the cache the earlier ones made), sized to fit. `HEAP_SHARE` is left for
+freed prefill blocks that the heap keeps. The rest holds the KV cache of the batch and
+of its parked rows: at most rows x the longest row's prompt + max_tokens columns
+(columns that are padding in every row are cropped), plus the growing buffer's quarter
+of spare room (`kv_cache`); requests join while that bound fits in `FILL` of it (a
+newcomer tenant: all of it), and a request that could never fit is refused when it is
 submitted (`check`).
 """
 
