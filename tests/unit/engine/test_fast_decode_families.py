@@ -103,20 +103,16 @@ def check_against_the_trainer(engine: Engine, name: str) -> int:
     return len(steps)
 
 
-def test_sampler_logprobs_equal_the_trainers_on_the_fast_path(family):
-    engine, name, _ = family
+def test_sampler_logprobs_equal_the_trainers_on_the_fast_path(family, monkeypatch):
+    """The fast path's logprobs are the trainer's. Where the family slides a window, a
+    batch the fast path cannot take (as with a DoRA adapter) also decodes right through
+    the HF forward on the cache the fast path made (every token's keys, windows as masks)."""
+    engine, name, model_type = family
     assert unsupported_reason(engine.base_model(name).model) is None
     assert check_against_the_trainer(engine, name) >= 19  # every step after the first
-
-
-def test_the_hf_forward_on_the_fast_paths_cache(family, monkeypatch):
-    """A batch the fast path cannot take (as with a DoRA adapter) decodes through the HF
-    forward on the cache the fast path made: every token's keys, windows as masks."""
-    engine, name, model_type = family
-    if "sliding_window" not in CONFIGS[model_type]:
-        pytest.skip("no sliding window")
-    monkeypatch.setattr(FastDecoder, "plan", lambda self, *args: None)
-    assert check_against_the_trainer(engine, name) == 0
+    if "sliding_window" in CONFIGS[model_type]:
+        monkeypatch.setattr(FastDecoder, "plan", lambda self, *args: None)
+        assert check_against_the_trainer(engine, name) == 0
 
 
 def test_families_the_fast_path_leaves_to_the_hf_forward():
