@@ -37,6 +37,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from tinkerd.threads import compute
 from tinkerd.timing import Ran, resolving
 
 T = TypeVar("T")
@@ -230,10 +231,11 @@ def _run(
         return
     start, wall = time.perf_counter(), time.time()
     try:
-        if isinstance(live[0][0], Batchable):
-            results = live[0][0].run_many([w.payload for w, _ in live])
-        else:
-            results = [live[0][0]()]
+        with compute():  # intra-op threads sized to the free cores (tinkerd.threads)
+            if isinstance(live[0][0], Batchable):
+                results = live[0][0].run_many([w.payload for w, _ in live])
+            else:
+                results = [live[0][0]()]
     except BaseException as e:  # noqa: BLE001 -- every failure reaches its callers
         results = [e] * len(live)
     seconds = time.perf_counter() - start

@@ -68,6 +68,7 @@ from tinkerd.engine.sampling.jobs import Job, Parked, Row
 from tinkerd.engine.sampling.spec import SampleSpec
 from tinkerd.engine.vision import decode_positions, forward_inputs
 from tinkerd.errors import InvalidRequestError
+from tinkerd.threads import compute
 from tinkerd.timing import Ran, resolving
 from tinkerd.types import SampledSequence, SampleResponse
 
@@ -252,13 +253,14 @@ class Sampler:
                     new = self._take_pending()
                 jobs = new + list(dict.fromkeys(r.job for r in self._rows))
                 try:
-                    if new:
-                        self._admit(new)
-                        if any(j.future.cancelled() for j in new):  # while prefilling
-                            with self._cond:
-                                self._cancelled = True
-                    if self._rows:
-                        self._step()
+                    with compute():  # intra-op threads sized to the free cores
+                        if new:
+                            self._admit(new)
+                            if any(j.future.cancelled() for j in new):  # while prefilling
+                                with self._cond:
+                                    self._cancelled = True
+                        if self._rows:
+                            self._step()
                 except Exception as e:  # a failed step fails its requests, not the sampler
                     self._reset()
                     for job in jobs:
