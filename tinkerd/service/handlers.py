@@ -39,7 +39,7 @@ from tinkerd.requests import (
 )
 from tinkerd.service.access import check_age_recipients, check_ttl
 from tinkerd.service.caller import LocalCaller
-from tinkerd.service.scheduler import loss_work
+from tinkerd.service.scheduler import FollowUp, loss_work
 from tinkerd.types import (
     CreateModelResponse,
     CreateSamplingSessionResponse,
@@ -221,7 +221,8 @@ def optim_step(service: Service, caller: LocalCaller, req: OptimStepRequest) -> 
     def work() -> OptimStepResponse:
         return service.engine.optim_step(req.model_id, params)
 
-    return service.run_work(caller, req, caller.recorded(service, req.model_id, "optim_step", work))
+    recorded = caller.recorded(service, req.model_id, "optim_step", work)
+    return service.run_work(caller, req, FollowUp(recorded))  # right after its pass
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -22,6 +22,10 @@ runs as of one with a single run, and another tenant's step never rides (nor wai
 behind) a pass 30 times its size, while a tenant alone, or many tenants with a run each,
 pack as fully as the token limit allows.
 Their `run_many` then runs them all in one call: one batched pass over the base model.
+Two more rules keep another tenant's step near its time alone under a flood: a
+`FollowUp` (an optim_step) queued behind a pass of its key runs right after that pass;
+and while another tenant was seen lately but is idle now, a pass holds no more than
+`QUANTUM_SECONDS` of work by the lane's recent speed.
 The caller gets a `concurrent.futures.Future` at once and never waits on the engine.
 """
 
@@ -52,6 +56,13 @@ its tenant must not lapse meanwhile (the flood then packed fully, the victim's n
 waited behind a pass 30 times its size, which made it wait longer still: 7-16 s steps).
 0 turns the shares off: every key's heads pack, as before issue 23 (benchmarks/fair_pass.py
 compares the two)."""
+RECENT_SECONDS = 60.0
+QUANTUM_SECONDS = 0.2
+"""While another tenant has queued Batchable work in the last `RECENT_SECONDS` but is not
+active now (a researcher sampling between training steps), a pass holds what the lane's
+recent passes say takes at most `QUANTUM_SECONDS` (at least one request): the other
+tenant's next request then waits behind a short pass, not a full one (issue 23: 12x its
+step alone after 3 s idle). A tenant alone packs up to the token limit."""
 
 
 @dataclass
@@ -70,6 +81,20 @@ class Batchable:
     """Called in the lane with this payload's result and the pass's seconds, once it
     succeeded and before its future resolves (e.g. to record metrics); its errors are
     logged, never the request's."""
+
+
+class FollowUp:
+    """Quick work that completes its key's previous pass (an optim_step after its
+    forward_backward): if it is queued when that pass ends, it runs right after it,
+    before other keys' turns, rather than wait behind another tenant's pass. A training
+    step is forward_backward + optim_step, and an optimizer step over a run's LoRA
+    tensors takes milliseconds."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self) -> Any:
+        return self.fn()
 
 
 def loss_work(engine: Any, request: Any, backward: bool) -> Batchable:
@@ -107,6 +132,8 @@ class _Lane:
         self.max_pass_tokens = max_pass_tokens
         self.log = log
         self.active: dict[Hashable, float] = {}  # tenant: when it last queued work
+        self.recent: dict[Hashable, float] = {}  # the same, kept for RECENT_SECONDS
+        self.seconds_per_token: float | None = None  # of recent passes (QUANTUM_SECONDS)
         self.thread = threading.Thread(target=self._loop, name=f"tinkerd-lane-{name}", daemon=True)
         self.thread.start()
 
@@ -120,7 +147,7 @@ class _Lane:
             queues = self.tenants.setdefault(tenant, OrderedDict())
             queues.setdefault(key, deque()).append((work, future))
             if isinstance(work, Batchable):
-                self.active[tenant] = time.monotonic()
+                self.active[tenant] = self.recent[tenant] = time.monotonic()
             self.cond.notify()
         return future
 
@@ -170,20 +197,29 @@ class _Lane:
         # request must not wait behind a big pass).
         fewest = (len(heads.get(t, ())) + (t == tenant) for t in self.active)
         rounds = max(1, min(fewest, default=len(self.tenants) + sum(map(len, heads.values()))))
-        taken, tokens = [], first.tokens
+        taken, tokens, limit = [], first.tokens, self._limit(tenant, now)
         for round in range(rounds):
             for t, left in heads.items():
                 if round == 0 and t == tenant:
                     continue  # its first head is `first`
                 while left:  # its next key whose head fits
                     k, q = left.popleft()
-                    if tokens + q[0][0].tokens <= self.max_pass_tokens:
+                    if tokens + q[0][0].tokens <= limit:
                         taken.append((t, k, q.popleft()))
                         tokens += taken[-1][2][0].tokens
                         break
             if not any(heads.values()):
                 break
         return taken
+
+    def _limit(self, tenant: Hashable, now: float) -> int:
+        """Tokens a pass started by `tenant` may hold (QUANTUM_SECONDS)."""
+        for t in [t for t, when in self.recent.items() if now - when > RECENT_SECONDS]:
+            del self.recent[t]
+        idle = any(t != tenant and t not in self.active for t in self.recent)
+        if not idle or not self.seconds_per_token or ACTIVE_SECONDS <= 0:
+            return self.max_pass_tokens
+        return min(self.max_pass_tokens, int(QUANTUM_SECONDS / self.seconds_per_token))
 
     def _loop(self) -> None:
         while True:
@@ -194,11 +230,18 @@ class _Lane:
                     return  # closed and drained
                 taken = self._take()
             self.log.append(tuple(k for _, k, _ in taken))
-            _run([(k, item) for _, k, item in taken], self.name, self.on_pass)
+            ran = _run([(k, item) for _, k, item in taken], self.name, self.on_pass)
             with self.cond:  # its client now reads the result: still active (see above)
                 now = time.monotonic()
                 for t in {t for t, _, (work, _) in taken if isinstance(work, Batchable)}:
                     self.active[t] = now
+                if ran is not None and ran.tokens:
+                    rate = (ran.end - ran.start) / ran.tokens
+                    old = self.seconds_per_token
+                    self.seconds_per_token = rate if old is None else 0.7 * old + 0.3 * rate
+                follow = self._follow_ups(taken)
+            for key, item in follow:
+                _run([(key, item)], self.name, self.on_pass)
             # After every pass, not only when idle: a lane kept busy by a flood never idles,
             # and its heap then grew with every pass (the hook rate-limits itself).
             if self.on_idle is not None:
@@ -206,6 +249,22 @@ class _Lane:
                     self.on_idle()
                 except Exception:  # noqa: BLE001 -- housekeeping never stops a lane
                     log.exception("idle hook of a lane failed")
+
+    def _follow_ups(
+        self, taken: list[tuple[Hashable, Hashable, _Item]]
+    ) -> list[tuple[Hashable, _Item]]:
+        """The FollowUp heads of the keys a Batchable pass served, taken off their queues
+        to run now (`FollowUp`)."""
+        follow = []
+        for t, k, (work, _) in taken:
+            queue = self.tenants.get(t, {}).get(k)
+            if isinstance(work, Batchable) and queue and isinstance(queue[0][0], FollowUp):
+                follow.append((k, queue.popleft()))
+                if not queue:
+                    del self.tenants[t][k]
+                    if not self.tenants[t]:
+                        del self.tenants[t]
+        return follow
 
     def close(self, cancel: bool) -> None:
         with self.cond:
@@ -221,14 +280,15 @@ class _Lane:
 
 def _run(
     taken: list[tuple[Hashable, _Item]], lane: str, on_pass: Callable[[Ran], Any] | None
-) -> None:
+) -> Ran | None:
     """Run one pass and resolve its futures, telling their callbacks how it ran
-    (`tinkerd.timing`) and `on_pass` (metrics) what it was."""
+    (`tinkerd.timing`) and `on_pass` (metrics) what it was; returns that (None: all
+    cancelled)."""
     items = [item for _, item in taken]
     futures = [f for _, f in items if f.set_running_or_notify_cancel()]
     live = [(w, f) for w, f in items if f in futures]
     if not live:
-        return
+        return None
     start, wall = time.perf_counter(), time.time()
     try:
         with compute():  # intra-op threads sized to the free cores (tinkerd.threads)
@@ -258,6 +318,7 @@ def _run(
                 except Exception:  # noqa: BLE001 -- bookkeeping must never strand a caller
                     log.exception("after-hook of a finished request failed")
             future.set_result(result)
+    return ran
 
 
 class Scheduler:
