@@ -68,7 +68,12 @@ def sweep(data_dir: Path, n_tiny: int, n_smollm2: int, budget=SWEEP_BUDGET) -> S
     plan = [(TINY, 8, k) for k in range(n_tiny)] + [
         (SMOLLM2_ALIAS, 32, k) for k in range(n_smollm2)
     ]
-    server = ServerProcess(data_dir / "server", "--model", SMOLLM2_ALIAS, *budget)
+    # Equal to 1e-6 means bit for bit (a loss of ~170 in float32 is 1.5e-5 per ulp), and a
+    # sum's rounding depends on how many threads share it: the server keeps torch's thread
+    # count, as the control engine in this process does, rather than sizing it to the cores
+    # free at each pass (tinkerd/threads.py).
+    fixed = {"TINKERD_FIXED_THREADS": "1"}
+    server = ServerProcess(data_dir / "server", "--model", SMOLLM2_ALIAS, *budget, env=fixed)
     sdk = tinker.ServiceClient(base_url=server.url, api_key=KEYS[0])
     adam = types.AdamParams(learning_rate=1e-2)
     started = time.perf_counter()
