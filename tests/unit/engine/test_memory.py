@@ -238,5 +238,7 @@ def test_a_roomy_budget_reuses_freed_activations():
     assert mmap_threshold(64 << 20) == mmap_threshold(1) == 256 << 10
     assert mmap_threshold(1 << 40) == 32 << 20
     roomy, tight = page_faults(None), page_faults(8 << 20)
-    assert roomy * 4096 < 20 << 20, roomy  # under 20 MB of pages touched afresh
-    assert tight > 3 * roomy, (tight, roomy)
+    # measured on a 2-core Xeon: roomy 1.7k-6.9k faults (glibc's arenas and trimming
+    # vary from process to process), tight 55k-56k
+    assert roomy * 4096 < 32 << 20, roomy  # under 32 MB of pages touched afresh
+    assert tight > 5 * roomy, (tight, roomy)
