@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, record  # noqa: E402
+from train_overhead import bare_peft_step_fn, make_batch  # noqa: E402
 
 from tinkerd import AdamParams, Datum, ModelInput, ServiceClient  # noqa: E402
 from tinkerd.client.transport import InProcessTransport  # noqa: E402
@@ -234,20 +235,34 @@ def mfu(engine: Engine, model: str, args) -> dict[str, float]:
         engine.forward_backward(model_id, data, "cross_entropy")
         engine.optim_step(model_id, ADAM)
 
-    step()
-    times = []
+    # The ceiling on this machine: a bare PyTorch + PEFT loop's same step (same adapter
+    # shape, summed cross-entropy, AdamW), alternating with tinkerd's in every round.
+    tokens = make_batch(vocab, args.mfu_batch, args.mfu_seq)
+    dtype = next(engine.base_model(model).model.parameters()).dtype
+    bare = bare_peft_step_fn(model, tokens, args.rank, ADAM.learning_rate, args.device, dtype)
+    times: dict[str, list[float]] = {"tinkerd": [], "bare": []}
+    step(), bare()
     for _ in range(args.rounds):
-        sync(args.device)
-        start = time.perf_counter()
-        step()
-        sync(args.device)
-        times.append(time.perf_counter() - start)
+        for name, fn in (("tinkerd", step), ("bare", bare)):
+            sync(args.device)
+            start = time.perf_counter()
+            fn()
+            sync(args.device)
+            times[name].append(time.perf_counter() - start)
     flops = step_flops(engine, model, model_id, args.mfu_batch, args.mfu_seq)
     engine.unload_model(model_id)
     cuda = args.device.startswith("cuda")
     peak = matmul_peak(args.device, torch.bfloat16 if cuda else torch.float32, args.peak_n)
-    achieved = flops / statistics.median(times)
-    return {"flops": flops, "achieved": achieved, "peak": peak, "mfu": achieved / peak}
+    achieved = flops / statistics.median(times["tinkerd"])
+    bare_achieved = flops / statistics.median(times["bare"])
+    return {
+        "flops": flops,
+        "achieved": achieved,
+        "peak": peak,
+        "mfu": achieved / peak,
+        "bare_achieved": bare_achieved,
+        "bare_mfu": bare_achieved / peak,
+    }
 
 
 # ---------------------------------------------------------------- main
@@ -328,7 +343,9 @@ MFU, one run's training step (forward_backward + optim_step), {args.mfu_batch} x
 {args.mfu_seq} tokens: {m["flops"] / 1e9:,.1f} GFLOP per step (4 N T for the frozen base's \
 matmuls, attention, 6 N T for the adapter) at {m["achieved"] / 1e9:,.1f} GFLOP/s, against a \
 measured torch.matmul peak of {m["peak"] / 1e9:,.1f} GFLOP/s ({args.peak_n}^3, \
-{"bf16" if args.device.startswith("cuda") else "fp32"}): **MFU {m["mfu"]:.0%}**.
+{"bf16" if args.device.startswith("cuda") else "fp32"}): **MFU {m["mfu"]:.0%}**. The \
+same step in a bare PyTorch + PEFT loop (timed alternately): {m["bare_achieved"] / 1e9:,.1f} \
+GFLOP/s, MFU {m["bare_mfu"]:.0%} (tinkerd / bare {m["achieved"] / m["bare_achieved"]:.2f}).
 """
     print(body)
     if not args.no_record:

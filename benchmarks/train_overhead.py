@@ -38,17 +38,25 @@ def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, min(vocab, 256), (batch, seq + 1), generator=gen)
 
 
-def bare_peft_step_fn(model_name: str, tokens: torch.Tensor, rank: int, lr: float):
+def bare_peft_step_fn(
+    model_name: str,
+    tokens: torch.Tensor,
+    rank: int,
+    lr: float,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_name))
+    path = resolve_model_path(model_name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval().requires_grad_(False)
     targets = list(classify_linears(model))
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=LORA_ALPHA, target_modules=targets))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    inputs, labels = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
 
     def step() -> float:
         logits = model(input_ids=inputs).logits
