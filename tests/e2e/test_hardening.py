@@ -408,15 +408,8 @@ def test_a_key_alone_still_packs_all_its_runs(monkeypatch):
     tenant has been quiet for ACTIVE_SECONDS) its runs fill a pass."""
     assert [len(p) for p in packed_passes(monkeypatch, 60.0, victim=False)] == [6, 6]
     monkeypatch.setattr(scheduler_module, "ACTIVE_SECONDS", 0.05)
-    scheduler, passes = Scheduler(max_pass_tokens=1000), []
-    scheduler.submit_keyed("lane", "b", Batchable("fb", 10, "b", record(passes)), "B").result()
-    time.sleep(0.1)  # B is quiet (nothing queued, its last work done) for ACTIVE_SECONDS
-    with lane_held(scheduler, "lane"):
-        for k in range(6):
-            work = Batchable(group="fb", tokens=10, payload=f"a{k}", run_many=record(passes))
-            scheduler.submit_keyed("lane", f"a{k}", work, tenant="A")
-    scheduler.shutdown()
-    assert [len(p) for p in passes] == [1, 6], passes
+    passes = []  # B is quiet (nothing queued, its last work done) for ACTIVE_SECONDS
+    assert [len(p) for p in flood_after_a_pause(passes, record(passes))] == [1, 6], passes
     passes = packed_passes(monkeypatch, 0.0, victim=True)  # 0: shares off, as before
     assert [len(p) for p in passes][:1] == [7], passes
 
@@ -489,31 +482,32 @@ def test_a_victim_idle_for_a_while_waits_behind_a_short_pass_only(monkeypatch):
     full pass (12x its step alone after 3 s idle under a 30-run flood)."""
     monkeypatch.setattr(scheduler_module, "ACTIVE_SECONDS", 0.05)
     monkeypatch.setattr(scheduler_module, "QUANTUM_SECONDS", 0.2)
-    scheduler, passes = Scheduler(max_pass_tokens=1000), []
+    passes: list = []
 
     def slow(payloads):  # 10 tokens in ~0.045 s: the lane measures ~0.0045 s a token
         time.sleep(0.045)
         return record(passes)(payloads)
 
-    scheduler.submit_keyed("lane", "b", Batchable("fb", 10, "b", slow), "B").result()
-    time.sleep(0.1)  # B lapsed from active
-    with lane_held(scheduler, "lane"):
-        for k in range(6):
-            work = Batchable(group="fb", tokens=10, payload=f"a{k}", run_many=record(passes))
-            scheduler.submit_keyed("lane", f"a{k}", work, tenant="A")
-    scheduler.shutdown()
-    sizes = [len(p) for p in passes]  # 0.2 s / ~0.0045 s: ~44 tokens, 4 requests
+    sizes = [len(p) for p in flood_after_a_pause(passes, slow)]  # B lapsed from active
+    # 0.2 s / ~0.0045 s a token: ~44 tokens, 4 requests a pass
     assert sizes[0] == 1 and 2 <= sizes[1] <= 5 and sum(sizes) == 7, passes
     monkeypatch.setattr(scheduler_module, "RECENT_SECONDS", 0.05)  # B long gone: all six
-    scheduler, passes = Scheduler(max_pass_tokens=1000), []
-    scheduler.submit_keyed("lane", "b", Batchable("fb", 10, "b", slow), "B").result()
+    passes.clear()
+    assert [len(p) for p in flood_after_a_pause(passes, slow)] == [1, 6], passes
+
+
+def flood_after_a_pause(passes: list, run_b: Callable[[list], list]) -> list:
+    """Tenant B's one request (run by `run_b`), a 0.1 s pause, then tenant A's six queued
+    at once; returns `passes` once all ran (each pass's payloads, in order)."""
+    scheduler = Scheduler(max_pass_tokens=1000)
+    scheduler.submit_keyed("lane", "b", Batchable("fb", 10, "b", run_b), "B").result()
     time.sleep(0.1)
     with lane_held(scheduler, "lane"):
         for k in range(6):
             work = Batchable(group="fb", tokens=10, payload=f"a{k}", run_many=record(passes))
             scheduler.submit_keyed("lane", f"a{k}", work, tenant="A")
     scheduler.shutdown()
-    assert [len(p) for p in passes] == [1, 6], passes
+    return passes
 
 
 def record(passes: list) -> Callable[[list], list]:
