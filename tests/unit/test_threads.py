@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -117,3 +118,57 @@ def test_a_lane_pass_runs_with_the_threads_the_share_gives(monkeypatch) -> None:
         t.join()
     finally:
         scheduler.shutdown()
+
+
+def test_compute_threads_taking_turns_each_get_every_core() -> None:
+    """An RL loop samples, then trains: a sampler that has finished its rows no longer
+    counts, so the training pass right after gets every free core (it got half while a
+    thread counted for 0.5 s after leaving). A sampler with rows left counts between its
+    steps; a thread that ended, or failed inside, does not."""
+    share = CpuShare(most=2, cpus={0, 1})
+    share.last = (time.monotonic() + 3600, *share.last[1:])  # no reading during the test
+    rows_left = [True]
+
+    def sampler_step() -> None:
+        with share.compute(stay=lambda: rows_left[0]):
+            pass
+
+    def run(fn) -> threading.Thread:
+        t = threading.Thread(target=fn)
+        t.start()
+        return t
+
+    gate = threading.Event()
+    alive = run(lambda: (sampler_step(), gate.wait(30)))
+    while alive.is_alive() and not share.busy:
+        time.sleep(0.001)
+    with share.compute() as got:  # between two of its decode steps
+        assert got == 1
+    rows_left[0] = False
+    gate.set()
+    alive.join()
+    with share.compute() as got:  # it ended while counted: gone
+        assert got == 2
+
+    gate.clear()
+    done = run(lambda: (sampler_step(), gate.wait(30)))  # its last step: no rows left
+    time.sleep(0.05)
+    with share.compute() as got:
+        assert got == 2
+    gate.set()
+    done.join()
+
+    rows_left[0] = True
+
+    def failing_step() -> None:
+        with contextlib.suppress(RuntimeError), share.compute(stay=lambda: rows_left[0]):
+            raise RuntimeError("a failed step resets the batch")
+        gate.wait(30)
+
+    gate.clear()
+    failed = run(failing_step)
+    time.sleep(0.05)
+    with share.compute() as got:
+        assert got == 2
+    gate.set()
+    failed.join()

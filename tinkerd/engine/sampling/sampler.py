@@ -253,7 +253,9 @@ class Sampler:
                     new = self._take_pending()
                 jobs = new + list(dict.fromkeys(r.job for r in self._rows))
                 try:
-                    with compute():  # intra-op threads sized to the free cores
+                    # intra-op threads sized to the free cores; while rows are left, the
+                    # next step follows at once (tinkerd.threads)
+                    with compute(stay=lambda: bool(self._rows or self._parked or self._pending)):
                         if new:
                             self._admit(new)
                             if any(j.future.cancelled() for j in new):  # while prefilling
