@@ -108,7 +108,8 @@ class Limits:
             return self
         longest = max((n for m in members for n in m.request.batch.lengths), default=1)
         shape = memory.ModelShape.of(base.model)
-        p = memory.plan(shape, self.memory_budget_bytes, longest, backward)
+        cpu = str(base.device or "cpu").startswith("cpu")
+        p = memory.plan(shape, self.memory_budget_bytes, longest, backward, cpu)
         return Limits(
             self.micro_batch_tokens or p.micro_batch_tokens,
             self.logits_chunk_tokens or p.logits_chunk_tokens,

@@ -60,6 +60,11 @@ STATE_COPIES = 4
 LOGITS_SHARE = 8
 """A logits chunk's work (the head's logits where chunked, the float32 upcast,
 log-softmax and gradients) gets 1/LOGITS_SHARE of the budget."""
+CPU_MICRO_BATCH_BYTES = 1 << 30
+"""On a CPU, a micro-batch's estimated activations stay under this even where the budget
+allows more (a row is never split): a pass over a few GB of fresh activations runs
+slower than the same work in ~1 GB pieces that reuse the memory freed before them
+(SmolLM2, 4 x 512: one micro-batch 16.9 s, four of a row 12.0 s; docs/benchmarks.md)."""
 DEFAULT_FRACTION = 0.25
 """Default budget: this fraction of the memory available when the engine starts."""
 
@@ -123,14 +128,20 @@ class ModelShape:
         return self.layers * layer + output
 
 
-def plan(shape: ModelShape, budget: int, longest_row: int, backward: bool) -> Plan:
+def plan(
+    shape: ModelShape, budget: int, longest_row: int, backward: bool, cpu: bool = False
+) -> Plan:
     """The micro-batch size, logits chunk and checkpointing for a pass whose longest row
-    has `longest_row` tokens, within `budget` bytes of activations. A row too long for
-    the budget even with checkpointing is still one micro-batch (rows are never split)."""
+    has `longest_row` tokens, within `budget` bytes of activations (and, on a `cpu`, of
+    `CPU_MICRO_BATCH_BYTES` a micro-batch). A row too long for the budget even with
+    checkpointing is still one micro-batch (rows are never split)."""
     chunk = max(1, budget // LOGITS_SHARE // shape.window_bytes())
     rest = budget - chunk * shape.window_bytes()  # a window spans rows: up to `chunk`
     plain = max(1, rest // shape.token_bytes(backward, checkpoint=False))
     if not backward or plain >= max(longest_row, MIN_MICRO_BATCH_TOKENS):
+        if cpu:
+            piece = CPU_MICRO_BATCH_BYTES // shape.token_bytes(backward, checkpoint=False)
+            plain = min(plain, max(piece, longest_row))
         return Plan(plain, chunk, checkpoint=False)
     return Plan(max(1, rest // shape.token_bytes(True, checkpoint=True)), chunk, checkpoint=True)
 

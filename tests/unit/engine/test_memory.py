@@ -14,6 +14,7 @@ from test_compute import RL, SFT, assert_same, grads, same_grad
 from tinkerd.engine import Engine, EngineConfig
 from tinkerd.engine.compute import micro_batches
 from tinkerd.engine.memory import (
+    CPU_MICRO_BATCH_BYTES,
     ModelShape,
     checkpointed_layers,
     mmap_threshold,
@@ -43,6 +44,19 @@ def test_plan_turns_checkpointing_on_only_when_the_budget_needs_it():
     assert tight.checkpoint and 1024 <= tight.micro_batch_tokens < 4096
     assert not plan(shape, 1536 << 20, longest_row=1024, backward=False).checkpoint
     assert tight.logits_chunk_tokens * 12 * shape.vocab <= (1536 << 20) // 8
+
+
+def test_on_a_cpu_a_roomy_budget_still_runs_about_a_gib_a_micro_batch():
+    """A few GB of fresh activations in one micro-batch ran slower than ~1 GB pieces
+    (SmolLM2 4 x 512 on 2 cores: 128-152 tok/s one micro-batch, 175-200 a row each)."""
+    smollm2 = ModelShape(hidden=576, layers=30, vocab=49152, element_bytes=4, chunked_output=True)
+    gpu, cpu = (plan(smollm2, 8 << 30, 512, True, cpu=c) for c in (False, True))
+    assert gpu.micro_batch_tokens >= 2048 and not gpu.checkpoint
+    assert cpu.micro_batch_tokens == 512 and not cpu.checkpoint  # a row: never split
+    assert cpu.logits_chunk_tokens == gpu.logits_chunk_tokens
+    small = ModelShape(hidden=64, layers=2, vocab=320, element_bytes=4)
+    piece = plan(small, 8 << 30, 64, True, cpu=True).micro_batch_tokens
+    assert piece == CPU_MICRO_BATCH_BYTES // small.token_bytes(True, checkpoint=False)
 
 
 def test_checkpointed_layers_keep_less_for_the_backward(engine):
