@@ -238,7 +238,7 @@ def mfu(engine: Engine, model: str, args) -> dict[str, float]:
     # The ceiling on this machine: a bare PyTorch + PEFT loop's same step (same adapter
     # shape, summed cross-entropy, AdamW), alternating with tinkerd's in every round.
     tokens = make_batch(vocab, args.mfu_batch, args.mfu_seq)
-    dtype = next(engine.base_model(model).model.parameters()).dtype
+    dtype = engine.base_model(model).dtype
     bare = bare_peft_step_fn(model, tokens, args.rank, ADAM.learning_rate, args.device, dtype)
     times: dict[str, list[float]] = {"tinkerd": [], "bare": []}
     step(), bare()

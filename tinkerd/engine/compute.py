@@ -108,7 +108,7 @@ class Limits:
             return self
         longest = max((n for m in members for n in m.request.batch.lengths), default=1)
         shape = memory.ModelShape.of(base.model)
-        cpu = str(base.device or "cpu").startswith("cpu")
+        cpu = base.device.type == "cpu"
         p = memory.plan(shape, self.memory_budget_bytes, longest, backward, cpu)
         return Limits(
             self.micro_batch_tokens or p.micro_batch_tokens,

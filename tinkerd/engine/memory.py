@@ -137,11 +137,11 @@ def plan(
     checkpointing is still one micro-batch (rows are never split)."""
     chunk = max(1, budget // LOGITS_SHARE // shape.window_bytes())
     rest = budget - chunk * shape.window_bytes()  # a window spans rows: up to `chunk`
-    plain = max(1, rest // shape.token_bytes(backward, checkpoint=False))
+    per_token = shape.token_bytes(backward, checkpoint=False)
+    plain = max(1, rest // per_token)
     if not backward or plain >= max(longest_row, MIN_MICRO_BATCH_TOKENS):
         if cpu:
-            piece = CPU_MICRO_BATCH_BYTES // shape.token_bytes(backward, checkpoint=False)
-            plain = min(plain, max(piece, longest_row))
+            plain = min(plain, max(CPU_MICRO_BATCH_BYTES // per_token, longest_row))
         return Plan(plain, chunk, checkpoint=False)
     return Plan(max(1, rest // shape.token_bytes(True, checkpoint=True)), chunk, checkpoint=True)
 
