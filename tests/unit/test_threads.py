@@ -151,8 +151,9 @@ def test_compute_threads_taking_turns_each_get_every_core() -> None:
         assert got == 2
 
     gate.clear()
-    done = run(lambda: (sampler_step(), gate.wait(30)))  # its last step: no rows left
-    time.sleep(0.05)
+    stepped = threading.Event()
+    done = run(lambda: (sampler_step(), stepped.set(), gate.wait(30)))  # last step: no rows
+    assert stepped.wait(30)
     with share.compute() as got:
         assert got == 2
     gate.set()
@@ -163,11 +164,13 @@ def test_compute_threads_taking_turns_each_get_every_core() -> None:
     def failing_step() -> None:
         with contextlib.suppress(RuntimeError), share.compute(stay=lambda: rows_left[0]):
             raise RuntimeError("a failed step resets the batch")
+        stepped.set()
         gate.wait(30)
 
     gate.clear()
+    stepped.clear()
     failed = run(failing_step)
-    time.sleep(0.05)
+    assert stepped.wait(30)
     with share.compute() as got:
         assert got == 2
     gate.set()
